@@ -1,0 +1,243 @@
+"""Usage, audit and alert events: typed models, their subjects and streams, and a publisher.
+
+Schema is versioned (`schema_version`); consumers ignore fields they do not know.
+The publisher never blocks a request: events go into a bounded buffer and a background
+task publishes them to JetStream with `Nats-Msg-Id` = event id, so a retry after a lost
+ack is deduplicated by the stream. While JetStream is unreachable events wait in the
+buffer; only when it is full is the oldest dropped, and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import deque
+from dataclasses import replace
+from datetime import timedelta
+from typing import Any, Literal
+
+from nats.js import JetStreamContext
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
+from prometheus_client import Counter, Gauge
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared.bus import ensure_stream
+from shared.telemetry import inject_context
+
+__all__ = [
+    "ALERTS_STREAM",
+    "AUDIT_STREAM",
+    "USAGE_STREAM",
+    "AlertEvent",
+    "AuditEvent",
+    "Event",
+    "EventPublisher",
+    "UsageEvent",
+]
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+EVENTS_PUBLISHED = Counter(
+    "keyveil_events_published_total", "Events acknowledged by JetStream", ["stream"]
+)
+EVENTS_DROPPED = Counter(
+    "keyveil_events_dropped_total", "Events dropped because the buffer was full", ["stream"]
+)
+EVENTS_BUFFERED = Gauge("keyveil_events_buffered", "Events waiting to be published")
+
+
+def _new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Event(BaseModel):
+    """Fields every event carries."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    event_id: str = Field(default_factory=_new_id)
+    schema_version: int = SCHEMA_VERSION
+    ts: float = Field(default_factory=time.time)
+    service: str
+    type: str
+
+    subject_prefix: str = Field(default="", exclude=True)
+
+    @property
+    def subject(self) -> str:
+        return f"{self.subject_prefix}.{self.service}"
+
+
+class UsageEvent(Event):
+    """What happened at an edge: an issuance, a proxied call, a denial, a limit hit."""
+
+    subject_prefix: str = Field(default="keyveil.usage", exclude=True)
+
+    outcome: Literal["ok", "denied", "error"] = "ok"
+    reason: str | None = None
+    status: int | None = None
+    client_ip: str | None = None
+    country: str | None = None
+    token_id: str | None = None
+    session_id: str | None = None
+    key_id: str | None = None
+    mode: str | None = None
+    path: str | None = None
+    model: str | None = None
+    latency_ms: float | None = None
+    upstream_latency_ms: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+
+
+class AuditEvent(Event):
+    """A security-relevant action: who (service identity) did what to which key, and the outcome."""
+
+    subject_prefix: str = Field(default="keyveil.audit", exclude=True)
+
+    actor: str
+    outcome: Literal["success", "denied", "failure"] = "success"
+    key_id: str | None = None
+    key_version: int | None = None
+    provider: str | None = None
+    environment: str | None = None
+    detail: dict[str, Any] = Field(default_factory=dict)
+
+
+class AlertEvent(Event):
+    """An anomaly the auditor raised."""
+
+    subject_prefix: str = Field(default="keyveil.alerts", exclude=True)
+
+    severity: Literal["info", "warning", "critical"] = "warning"
+    summary: str
+    labels: dict[str, str] = Field(default_factory=dict)
+
+    @property
+    def subject(self) -> str:
+        return f"{self.subject_prefix}.{self.type}"
+
+
+def _stream(name: str, subject: str, *, max_age_days: int, append_only: bool) -> StreamConfig:
+    return StreamConfig(
+        name=name,
+        subjects=[subject],
+        retention=RetentionPolicy.LIMITS,
+        storage=StorageType.FILE,
+        max_age=timedelta(days=max_age_days).total_seconds(),
+        discard=DiscardPolicy.OLD,
+        duplicate_window=120.0,
+        deny_delete=append_only,
+        deny_purge=append_only,
+    )
+
+
+USAGE_STREAM = _stream("KEYVEIL_USAGE", "keyveil.usage.>", max_age_days=14, append_only=False)
+AUDIT_STREAM = _stream("KEYVEIL_AUDIT", "keyveil.audit.>", max_age_days=400, append_only=True)
+ALERTS_STREAM = _stream("KEYVEIL_ALERTS", "keyveil.alerts.>", max_age_days=90, append_only=False)
+STREAMS = (USAGE_STREAM, AUDIT_STREAM, ALERTS_STREAM)
+_STREAM_OF = {
+    "keyveil.usage": USAGE_STREAM,
+    "keyveil.audit": AUDIT_STREAM,
+    "keyveil.alerts": ALERTS_STREAM,
+}
+
+
+class EventPublisher:
+    """Buffers events and publishes them to JetStream in the background."""
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        *,
+        max_buffer: int = 10_000,
+        publish_timeout_s: float = 2.0,
+        num_replicas: int = 1,
+    ) -> None:
+        self._js = js
+        self._buffer: deque[Event] = deque()
+        self._max_buffer = max_buffer
+        self._timeout = publish_timeout_s
+        self._replicas = num_replicas
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._ready: set[str] = set()
+
+    def emit(self, event: Event) -> None:
+        """Queue an event; never blocks and never raises."""
+        if len(self._buffer) >= self._max_buffer:
+            dropped = self._buffer.popleft()
+            EVENTS_DROPPED.labels(_STREAM_OF[dropped.subject_prefix].name).inc()
+        self._buffer.append(event)
+        EVENTS_BUFFERED.set(len(self._buffer))
+        self._wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="event-publisher")
+
+    @property
+    def pending(self) -> int:
+        return len(self._buffer)
+
+    async def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until the buffer is empty (or `timeout`); True when everything was published."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._buffer and loop.time() < deadline:
+            self._wake.set()
+            await asyncio.sleep(0.02)
+        return not self._buffer
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Publish what is buffered (bounded by `timeout`), then stop the background task."""
+        await self.flush(timeout)
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._buffer:
+            log.warning("%d events not published at shutdown", len(self._buffer))
+
+    async def _run(self) -> None:
+        backoff = 0.1
+        while True:
+            if not self._buffer:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch = [self._buffer.popleft() for _ in range(min(64, len(self._buffer)))]
+            results = await asyncio.gather(
+                *(self._publish(event) for event in batch), return_exceptions=True
+            )
+            failed = [event for event, result in zip(batch, results, strict=True) if result]
+            for event in reversed(failed):
+                self._buffer.appendleft(event)
+            EVENTS_BUFFERED.set(len(self._buffer))
+            if failed:
+                reason = next(type(r).__name__ for r in results if r)
+                log.warning("%d events not published (%s); will retry", len(failed), reason)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+            else:
+                backoff = 0.1
+
+    async def _publish(self, event: Event) -> None:
+        """Publish one event, creating its stream on first use; raises on failure."""
+        stream = _STREAM_OF[event.subject_prefix]
+        if stream.name not in self._ready:
+            await ensure_stream(self._js, replace(stream, num_replicas=self._replicas))
+            self._ready.add(stream.name or "")
+        headers = dict(inject_context({"Nats-Msg-Id": event.event_id}))
+        await self._js.publish(
+            event.subject,
+            event.model_dump_json().encode(),
+            timeout=self._timeout,
+            headers=headers,
+        )
+        EVENTS_PUBLISHED.labels(stream.name).inc()

@@ -1,0 +1,211 @@
+"""The HTTP edge every service shares: health, readiness, metrics, errors, client IP.
+
+Every error leaves as `{"error": {"code", "message"}}` with a stable code; nothing
+from the request is echoed and no stack trace is ever sent.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from shared.errors import ApiError, ConfigError, PayloadTooLargeError
+from shared.settings import CommonSettings, load_settings
+
+__all__ = [
+    "IpNetwork",
+    "ReadinessCheck",
+    "add_edge_routes",
+    "client_ip",
+    "error_response",
+    "install_error_handlers",
+    "parse_networks",
+    "read_body_capped",
+    "run_service",
+    "settings_or_exit",
+]
+
+log = logging.getLogger(__name__)
+
+S = TypeVar("S", bound=CommonSettings)
+
+ReadinessCheck = Callable[[], Awaitable[bool]]
+IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_STATUS_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    406: "not_acceptable",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+    429: "rate_limited",
+}
+
+
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"code": code, "message": message}},
+        status_code=status,
+        headers=headers,
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Map every failure to a JSON error with a stable code."""
+
+    async def api_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ApiError)
+        return error_response(exc.status, exc.code, exc.message, exc.headers)
+
+    async def validation_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        # Name the fields and the rule; never echo the input.
+        problems = [
+            f"{'.'.join(str(p) for p in err.get('loc', ()) if p != 'body') or 'body'}: "
+            f"{err.get('msg', 'invalid')}"
+            for err in exc.errors()[:5]
+        ]
+        return error_response(400, "invalid_request", "; ".join(problems) or "invalid request")
+
+    async def http_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        code = _STATUS_CODES.get(exc.status_code, "http_error")
+        message = exc.detail if isinstance(exc.detail, str) else code
+        return error_response(exc.status_code, code, message, dict(exc.headers or {}))
+
+    async def unexpected(_: Request, exc: Exception) -> Response:
+        log.error("unhandled %s", type(exc).__name__, exc_info=exc)
+        return error_response(500, "internal_error", "internal error")
+
+    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected)
+
+
+def _metrics_payload() -> bytes:
+    multiproc_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if multiproc_dir:
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return generate_latest(registry)
+    return generate_latest()
+
+
+def add_edge_routes(app: FastAPI, checks: dict[str, ReadinessCheck]) -> None:
+    """`/healthz` (alive), `/readyz` (every dependency answers) and `/metrics`."""
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz() -> Response:
+        results: dict[str, bool] = {}
+        for name, check in checks.items():
+            try:
+                results[name] = await check()
+            except Exception:  # a failing probe means "not ready", whatever it raised
+                results[name] = False
+        ready = all(results.values())
+        return JSONResponse(
+            {"status": "ready" if ready else "not_ready", "checks": results},
+            status_code=200 if ready else 503,
+        )
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(_metrics_payload(), media_type=CONTENT_TYPE_LATEST)
+
+
+def parse_networks(values: Sequence[str]) -> list[IpNetwork]:
+    return [ipaddress.ip_network(v, strict=False) for v in values]
+
+
+def client_ip(peer: str | None, forwarded_for: str | None, trusted: Sequence[IpNetwork]) -> str:
+    """The client address: the socket peer, unless it is a trusted proxy.
+
+    Behind trusted proxies, walk X-Forwarded-For from the right, skipping trusted
+    hops; the first untrusted address is the client. A spoofed header from an
+    untrusted peer is ignored entirely.
+    """
+    if not peer:
+        return "unknown"
+    if not trusted or not forwarded_for or not _is_trusted(peer, trusted):
+        return peer
+    hops = [h.strip() for h in forwarded_for.split(",") if h.strip()]
+    for hop in reversed(hops):
+        try:
+            ipaddress.ip_address(hop)
+        except ValueError:
+            return peer  # garbage in the chain: trust nothing from it
+        if not _is_trusted(hop, trusted):
+            return hop
+    return hops[0] if hops else peer
+
+
+def _is_trusted(address: str, trusted: Sequence[IpNetwork]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in net for net in trusted)
+
+
+async def read_body_capped(request: Request, limit: int) -> bytes:
+    """Read the body, refusing with 413 as soon as it exceeds `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLargeError(f"body exceeds {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLargeError(f"body exceeds {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def settings_or_exit(model: type[S], **overrides: Any) -> S:
+    """Build settings or exit with status 2 and a message naming each bad variable."""
+    try:
+        return load_settings(model, **overrides)
+    except ConfigError as exc:
+        print(f"keyveil: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def run_service(app: FastAPI, settings: CommonSettings) -> None:
+    """Serve `app` until SIGTERM/SIGINT; uvicorn then runs the lifespan shutdown (drain)."""
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        proxy_headers=False,  # client_ip() applies TRUSTED_PROXIES itself
+        timeout_graceful_shutdown=10,
+        loop="uvloop",
+        http="httptools",
+    )

@@ -1,0 +1,132 @@
+"""Settings shared by every service, and the rules that refuse a bad configuration.
+
+Settings are built once in a service's `main()` (never at import) and passed in.
+A violation raises `ConfigError` naming the variable and the rule, never the value.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from enum import StrEnum
+from typing import Annotated, Any, TypeVar
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from shared.errors import ConfigError
+
+__all__ = [
+    "CommaList",
+    "CommonSettings",
+    "Environment",
+    "check_secret_strength",
+    "env_name",
+    "load_settings",
+    "split_commas",
+]
+
+MIN_SECRET_LENGTH = 32
+MIN_SECRET_ENTROPY_BITS = 128.0
+_PLACEHOLDERS = ("changeme", "change-me", "change_me", "your-", "example", "placeholder", "xxxx")
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+class Environment(StrEnum):
+    development = "development"
+    staging = "staging"
+    production = "production"
+
+
+CommaList = Annotated[list[str], NoDecode]
+"""A list read from a comma-separated environment variable."""
+
+
+def secret_entropy_bits(value: str) -> float:
+    """Shannon entropy of the string's characters times its length (an upper bound)."""
+    counts = Counter(value)
+    per_char = -sum((n / len(value)) * math.log2(n / len(value)) for n in counts.values())
+    return per_char * len(value)
+
+
+def check_secret_strength(value: str) -> str | None:
+    """The rule a secret breaks, or None when it is long, varied and not a placeholder."""
+    if len(value) < MIN_SECRET_LENGTH:
+        return f"must be at least {MIN_SECRET_LENGTH} characters"
+    lowered = value.lower()
+    if any(marker in lowered for marker in _PLACEHOLDERS):
+        return "looks like a placeholder"
+    if len(set(value)) < 12 or secret_entropy_bits(value) < MIN_SECRET_ENTROPY_BITS:
+        return "has too little entropy (use `keyveil env template` or secrets.token_urlsafe(32))"
+    return None
+
+
+class CommonSettings(BaseSettings):
+    """What every service reads: where it listens, the bus, the environment."""
+
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+
+    node_env: Environment = Field(
+        default=Environment.development,
+        validation_alias=AliasChoices("NODE_ENV", "APP_ENV"),
+    )
+    host: str = Field(default="127.0.0.1", validation_alias="KEYVEIL_HOST")
+    port: int = Field(default=8080, ge=0, le=65535, validation_alias="KEYVEIL_PORT")
+    nats_url: str = Field(default="nats://127.0.0.1:4222", validation_alias="NATS_URL")
+    nats_user: str | None = Field(default=None, validation_alias="NATS_USER")
+    nats_password: SecretStr | None = Field(default=None, validation_alias="NATS_PASSWORD")
+    nats_request_timeout_s: float = Field(
+        default=2.0, gt=0, le=30, validation_alias="NATS_REQUEST_TIMEOUT_S"
+    )
+    log_level: str = Field(default="INFO", validation_alias="LOG_LEVEL")
+    log_format: str = Field(default="json", pattern="^(json|text)$", validation_alias="LOG_FORMAT")
+
+    @field_validator("node_env", mode="before")
+    @classmethod
+    def _normalise_env(cls, value: Any) -> Any:
+        aliases = {"dev": "development", "prod": "production", "test": "development"}
+        if isinstance(value, str):
+            return aliases.get(value.strip().lower(), value.strip().lower())
+        return value
+
+    @property
+    def is_production(self) -> bool:
+        return self.node_env is Environment.production
+
+
+def env_name(model: type[BaseSettings], field: str) -> str:
+    """The environment variable a field is read from."""
+    info = model.model_fields.get(field)
+    if info is None:
+        return field.upper()
+    alias = info.validation_alias
+    if isinstance(alias, str):
+        return alias
+    if isinstance(alias, AliasChoices):
+        first = alias.choices[0]
+        return first if isinstance(first, str) else field.upper()
+    return field.upper()
+
+
+def load_settings(model: type[S], **overrides: Any) -> S:
+    """Build `model` from the environment, turning validation errors into a `ConfigError`.
+
+    pydantic's own messages include the offending input; we keep only names and rules.
+    """
+    try:
+        return model(**overrides)
+    except ValidationError as exc:
+        problems: list[tuple[str, str]] = []
+        for error in exc.errors(include_input=False, include_url=False):
+            field = str(error["loc"][0]) if error["loc"] else "?"
+            rule = error["msg"].removeprefix("Value error, ")
+            problems.append((env_name(model, field), rule))
+        raise ConfigError(problems) from None
+
+
+def split_commas(value: Any) -> Any:
+    """Field validator body for `CommaList` fields: "a, b" -> ["a", "b"]."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
