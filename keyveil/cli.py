@@ -23,7 +23,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMANDS:
         importlib.import_module(f"keyveil.commands.{name}").register(sub)
+    _accept_state_dir_everywhere(parser)
     return parser
+
+
+def _accept_state_dir_everywhere(parser: argparse.ArgumentParser) -> None:
+    """Let `--state-dir` follow any sub-command too (`keyveil up --state-dir X`)."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                if "--state-dir" not in child._option_string_actions:
+                    child.add_argument(
+                        "--state-dir", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+                    )
+                _accept_state_dir_everywhere(child)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,409 @@
+"""`keyveil up`: the whole system on one machine, in the foreground, with real servers.
+
+It starts nats-server (JetStream, per-service users from deploy/nats/auth.conf) and a
+Redis-compatible server unless NATS_URL / REDIS_URL are given, the four services as
+separate processes (plus proxy replicas and the fake upstream when asked), restarts
+any process that dies, and writes `stack.json` so tests and operator commands find
+everything. Each service receives only the secrets it needs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from keyveil.servers import ServerProcess, free_port, start_nats, start_redis, wait_for_port
+
+__all__ = ["StackOptions", "run_stack"]
+
+log = logging.getLogger("keyveil.up")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+NATS_AUTH_CONF = REPO_ROOT / "deploy" / "nats" / "auth.conf"
+NATS_USERS = ("token", "proxy", "keymanager", "auditor", "operator")
+# Variables only some services may see; everything else in the environment passes through.
+_PRIVATE_VARIABLES = (
+    "OPENAI_API_KEY",
+    "KEY_ENCRYPTION_SECRET",
+    "KEY_ENCRYPTION_SECRET_PREVIOUS",
+    "PROXY_SIGNING_KEY",
+    "PROXY_SIGNING_KEY_PREVIOUS",
+    "NATS_USER",
+    "NATS_PASSWORD",
+    "KEYVEIL_PORT",
+)
+_RESTART_BACKOFF_MAX_S = 10.0
+
+
+@dataclass
+class StackOptions:
+    state_dir: Path
+    demo: bool = False
+    fake_upstream: bool = False
+    proxy_replicas: int = 1
+    base_port: int = 8080
+    ready_timeout_s: float = 90.0
+
+
+@dataclass
+class Managed:
+    """A child process `keyveil up` keeps alive."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    log_path: Path
+    port: int
+    process: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    next_start: float = 0.0
+    started_at: float = 0.0
+    server: ServerProcess | None = None  # set for NATS / Redis, restarted via their argv
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        with self.log_path.open("ab") as out:
+            self.process = subprocess.Popen(  # noqa: S603 - argv built here, no shell
+                self.argv,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=REPO_ROOT,
+                start_new_session=True,  # Ctrl-C reaches us; we stop children in order
+            )
+        self.started_at = time.monotonic()
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if not self.alive():
+            return
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(5)
+
+
+@dataclass
+class Stack:
+    options: StackOptions
+    children: list[Managed] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+    stopping: bool = False
+    ready: bool = False
+
+    # --- secrets ---------------------------------------------------------------------
+
+    def _state_file(self, name: str, make: Mapping[str, str]) -> dict[str, str]:
+        """Load a 0600 JSON file of generated secrets, creating it on first use."""
+        path = self.options.state_dir / name
+        if path.exists():
+            data: dict[str, str] = json.loads(path.read_text())
+            if set(make) <= set(data):
+                return data
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            json.dump(dict(make), out)
+        os.chmod(path, 0o600)
+        return dict(make)
+
+    def development_secrets(self, production: bool) -> dict[str, str]:
+        """KEY_ENCRYPTION_SECRET / PROXY_SIGNING_KEY from the environment, else generated."""
+        wanted = ("KEY_ENCRYPTION_SECRET", "PROXY_SIGNING_KEY")
+        given = {name: os.environ[name] for name in wanted if os.environ.get(name)}
+        missing = [name for name in wanted if name not in given]
+        if missing and production:
+            raise SystemExit(f"keyveil up: {', '.join(missing)} must be set in production")
+        if missing:
+            generated = self._state_file(
+                "dev-secrets.json", {name: secrets.token_urlsafe(32) for name in wanted}
+            )
+            given.update({name: generated[name] for name in missing})
+            print(f"keyveil up: generated development {', '.join(missing)} (dev-secrets.json)")
+        for name in ("KEY_ENCRYPTION_SECRET_PREVIOUS", "PROXY_SIGNING_KEY_PREVIOUS"):
+            if os.environ.get(name):
+                given[name] = os.environ[name]
+        return given
+
+    # --- infrastructure --------------------------------------------------------------
+
+    def start_nats(self) -> tuple[str, dict[str, str] | None]:
+        """NATS_URL as given, or a local nats-server with one user per service."""
+        if os.environ.get("NATS_URL"):
+            return os.environ["NATS_URL"], None
+        passwords = self._state_file(
+            "nats-passwords.json", {user: secrets.token_urlsafe(24) for user in NATS_USERS}
+        )
+        shutil.copyfile(NATS_AUTH_CONF, self.options.state_dir / "auth.conf")
+        config = self.options.state_dir / "nats.conf"
+        config.write_text('include "auth.conf"\n')
+        # nats-server parses a referenced variable as a config value: quote it as a string.
+        env = {f"KEYVEIL_NATS_PASSWORD_{u.upper()}": f'"{p}"' for u, p in passwords.items()}
+        server = start_nats(self.options.state_dir, config=config, env=env)
+        self._adopt(server)
+        credential = self.options.state_dir / "operator-credential.json"
+        self._write_private(
+            credential, {"url": server.url, "user": "operator", "password": passwords["operator"]}
+        )
+        self.info["operator_credential"] = str(credential)
+        return server.url, passwords
+
+    def start_redis(self) -> str:
+        if os.environ.get("REDIS_URL"):
+            return os.environ["REDIS_URL"]
+        server = start_redis(self.options.state_dir)
+        self._adopt(server)
+        return server.url
+
+    def _adopt(self, server: ServerProcess) -> None:
+        """Supervise a server we started like any other child."""
+        managed = Managed(
+            name=server.name,
+            argv=server.argv,
+            env={**os.environ, **server.env},
+            log_path=server.log_path,
+            port=server.port,
+            process=server.process,
+            server=server,
+        )
+        managed.started_at = time.monotonic()
+        self.children.append(managed)
+
+    def _write_private(self, path: Path, data: Mapping[str, Any]) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            json.dump(dict(data), out, indent=2)
+
+    # --- services --------------------------------------------------------------------
+
+    def _port(self, offset: int) -> int:
+        return free_port() if self.options.base_port == 0 else self.options.base_port + offset
+
+    def _service(
+        self, name: str, module: str, port: int, env: Mapping[str, str], logs: Path
+    ) -> Managed:
+        child_env = {k: v for k, v in os.environ.items() if k not in _PRIVATE_VARIABLES}
+        child_env.update(env)
+        child_env["KEYVEIL_PORT"] = str(port)
+        child_env.setdefault("PYTHONUNBUFFERED", "1")
+        return Managed(
+            name=name,
+            argv=[sys.executable, "-m", module],
+            env=child_env,
+            log_path=logs / f"{name}.log",
+            port=port,
+        )
+
+    def plan(self) -> None:
+        """Start the infrastructure and decide every service's environment."""
+        opts = self.options
+        opts.state_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(opts.state_dir, 0o700)
+        logs = opts.state_dir / "logs"
+        logs.mkdir(exist_ok=True)
+        production = os.environ.get("NODE_ENV", os.environ.get("APP_ENV", "")) in (
+            "production",
+            "prod",
+        )
+        keys = self.development_secrets(production)
+        nats_url, passwords = self.start_nats()
+        redis_url = self.start_redis()
+
+        provider_key = os.environ.get("OPENAI_API_KEY", "")
+        base_url = os.environ.get("OPENAI_BASE_URL", "https://api.openai.com/v1")
+        demo = opts.demo
+        if opts.fake_upstream:
+            fake_port = self._port(10)
+            fake = Managed(
+                name="fake-upstream",
+                argv=[
+                    sys.executable,
+                    "-m",
+                    "shared.testing.fake_upstream",
+                    "--port",
+                    str(fake_port),
+                ],
+                env=dict(os.environ),
+                log_path=logs / "fake-upstream.log",
+                port=fake_port,
+            )
+            fake.start()
+            wait_for_port(fake_port, process=fake.process)
+            self.children.append(fake)
+            base_url = f"{fake.url}/v1"
+            self.info["fake_upstream_url"] = fake.url
+            if not provider_key:
+                provider_key = f"sk-keyveil-dev-{secrets.token_urlsafe(24)}"
+                print("keyveil up: using a generated development key against the fake upstream")
+        elif not provider_key and not demo:
+            demo = True
+            print("keyveil up: OPENAI_API_KEY is not set, so running in DEMO mode (no upstream)")
+
+        token_port, keymanager_port, auditor_port = self._port(0), self._port(2), self._port(3)
+        proxy_ports = [self._port(1)] + [self._port(20 + i) for i in range(1, opts.proxy_replicas)]
+        proxy_url = f"http://127.0.0.1:{proxy_ports[0]}"
+        origins = os.environ.get(
+            "ALLOWED_ORIGINS", f"http://localhost:{token_port},http://127.0.0.1:{token_port}"
+        )
+
+        def nats_env(user: str) -> dict[str, str]:
+            env = {"NATS_URL": nats_url}
+            if passwords is not None:
+                env.update(NATS_USER=user, NATS_PASSWORD=passwords[user])
+            return env
+
+        edge = {
+            "REDIS_URL": redis_url,
+            "OPENAI_BASE_URL": base_url,
+            "ALLOWED_ORIGINS": origins,
+            "VOICE_AGENT_DEMO_MODE": "true" if demo else "false",
+            "PROXY_SIGNING_KEY": keys["PROXY_SIGNING_KEY"],
+            **{k: v for k, v in keys.items() if k == "PROXY_SIGNING_KEY_PREVIOUS"},
+        }
+        keymanager_env = {
+            **nats_env("keymanager"),
+            "KEY_ENCRYPTION_SECRET": keys["KEY_ENCRYPTION_SECRET"],
+            **{k: v for k, v in keys.items() if k == "KEY_ENCRYPTION_SECRET_PREVIOUS"},
+        }
+        if provider_key:
+            keymanager_env["OPENAI_API_KEY"] = provider_key
+        self.children.append(
+            self._service(
+                "keymanager", "services.keymanager", keymanager_port, keymanager_env, logs
+            )
+        )
+        self.children.append(
+            self._service(
+                "token",
+                "services.token",
+                token_port,
+                {**nats_env("token"), **edge, "PROXY_PUBLIC_URL": proxy_url},
+                logs,
+            )
+        )
+        for i, port in enumerate(proxy_ports):
+            name = "proxy" if i == 0 else f"proxy-{i + 1}"
+            self.children.append(
+                self._service(name, "services.proxy", port, {**nats_env("proxy"), **edge}, logs)
+            )
+        self.children.append(
+            self._service("auditor", "services.auditor", auditor_port, nats_env("auditor"), logs)
+        )
+        self.info.update(
+            state_dir=str(opts.state_dir.resolve()),
+            token_url=f"http://127.0.0.1:{token_port}",
+            proxy_url=proxy_url,
+            proxy_urls=[f"http://127.0.0.1:{p}" for p in proxy_ports],
+            keymanager_url=f"http://127.0.0.1:{keymanager_port}",
+            auditor_url=f"http://127.0.0.1:{auditor_port}",
+            nats_url=nats_url,
+            redis_url=redis_url,
+            openai_base_url=base_url,
+            demo=demo,
+        )
+
+    def write_stack_json(self) -> None:
+        services = [c for c in self.children if c.server is None and c.name != "fake-upstream"]
+        self.info.update(
+            ready=self.ready,
+            metrics_urls={c.name: f"{c.url}/metrics" for c in services},
+            pids={c.name: c.process.pid for c in self.children if c.process},
+            logs={c.name: str(c.log_path) for c in self.children},
+            restarts={c.name: c.restarts for c in self.children},
+            supervisor_pid=os.getpid(),
+        )
+        path = self.options.state_dir / "stack.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.info, indent=2))
+        tmp.replace(path)
+
+    def wait_ready(self) -> bool:
+        deadline = time.monotonic() + self.options.ready_timeout_s
+        pending = [c for c in self.children if c.server is None and c.name != "fake-upstream"]
+        with httpx.Client(timeout=1.0) as client:
+            while pending and time.monotonic() < deadline and not self.stopping:
+                self.supervise_once()
+                for child in list(pending):
+                    try:
+                        if client.get(f"{child.url}/readyz").status_code == 200:
+                            pending.remove(child)
+                    except httpx.HTTPError:
+                        pass
+                time.sleep(0.2)
+        for child in pending:
+            print(f"keyveil up: {child.name} is not ready; see {child.log_path}")
+        return not pending
+
+    def supervise_once(self) -> None:
+        """Restart any child that died, with a backoff that resets after a healthy spell."""
+        now = time.monotonic()
+        for child in self.children:
+            if child.alive() or self.stopping:
+                continue
+            if child.next_start == 0.0:
+                code = child.process.returncode if child.process else None
+                healthy_for = now - child.started_at
+                backoff = 0.5 if healthy_for > 30 else min(2.0**child.restarts, 10.0)
+                child.next_start = now + backoff
+                print(f"keyveil up: {child.name} exited ({code}); restarting in {backoff:.1f}s")
+            elif now >= child.next_start:
+                child.restarts += 1
+                child.next_start = 0.0
+                child.start()
+                self.write_stack_json()
+
+    def stop_all(self) -> None:
+        self.stopping = True
+        # Services first (they drain NATS and flush events), then the servers.
+        for child in reversed([c for c in self.children if c.server is None]):
+            child.stop()
+        for child in [c for c in self.children if c.server is not None]:
+            child.stop()
+
+
+def run_stack(options: StackOptions) -> int:
+    stack = Stack(options)
+
+    def request_stop(signum: int, _frame: object) -> None:
+        stack.stopping = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    try:
+        stack.plan()
+        for child in stack.children:
+            if not child.alive():
+                child.start()
+        stack.write_stack_json()
+        stack.ready = ready = stack.wait_ready()
+        stack.write_stack_json()
+        print(json.dumps({k: stack.info[k] for k in ("token_url", "proxy_urls", "demo")}))
+        print("keyveil up: " + ("ready" if ready else "started, not all ready") + "; Ctrl-C stops")
+        while not stack.stopping:
+            stack.supervise_once()
+            time.sleep(0.2)
+    finally:
+        print("keyveil up: stopping")
+        stack.stop_all()
+        (options.state_dir / "stack.json").unlink(missing_ok=True)
+    return 0
