@@ -1,0 +1,450 @@
+"""Distributed admission control: GCRA rate limits, replay nonces, revocations, IP blocks.
+
+Every replica asks Redis, in one round trip (one Lua script), whether a request may
+pass: refuse if the client IP is blocked, if the token id is revoked, if the nonce
+was seen before, else apply every rate-limit layer atomically. A refused layer
+consumes nothing, so N replicas enforce one limit, not N.
+
+GCRA (generic cell rate algorithm) with `limit` per `period_s` and a burst of
+`limit`: emission interval T = period/limit, and the stored "theoretical arrival
+time" (TAT) moves T forward per admitted request; a request is refused while
+TAT + T - now > period. Time comes from Redis (`TIME`), so replicas need no clock sync.
+
+When Redis is unreachable each layer follows its `FailureMode`: `closed` refuses
+(callers answer 503), `open` admits, `local` applies the same GCRA in process.
+The Redis client must have socket timeouts (`redis_client`), so nothing hangs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any, Final
+
+import redis.asyncio as aioredis
+import redis.exceptions
+from prometheus_client import Counter
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from shared.tokens import revoked_key
+
+__all__ = [
+    "Admission",
+    "Decision",
+    "FailureMode",
+    "Limit",
+    "LocalGcra",
+    "block_key",
+    "nonce_key",
+    "rate_key",
+    "redis_client",
+    "strikes_key",
+]
+
+log = logging.getLogger(__name__)
+
+DECISIONS = Counter(
+    "keyveil_ratelimit_decisions_total",
+    "Admission decisions per layer (result: allowed|limited|blocked|unavailable)",
+    ["service", "layer", "result"],
+)
+BACKEND_ERRORS = Counter(
+    "keyveil_ratelimit_backend_errors_total",
+    "Admission checks that could not reach Redis",
+    ["service"],
+)
+
+_US: Final = 1_000_000
+# Refusal codes returned by the Lua script, in the order the checks run.
+_OK, _LIMITED, _REPLAY, _REVOKED, _BLOCKED = 0, 1, 2, 3, 4
+_REASONS: Final = {
+    _OK: "ok",
+    _LIMITED: "rate_limited",
+    _REPLAY: "replay",
+    _REVOKED: "revoked",
+    _BLOCKED: "blocked",
+}
+# Metric layer names for the checks that are not rate-limit layers.
+_CHECK_LAYERS: Final = {_REPLAY: "nonce", _REVOKED: "revocation", _BLOCKED: "block"}
+_REDIS_TROUBLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+
+# KEYS: block, revoked ("" when unused), nonce ("" when unused), then one per layer.
+# ARGV: nonce_ttl_ms, then (period_us, limit) per layer.
+# Returns {code, layer_index (1-based, 0 = none), remaining, reset_after_us, retry_after_us}.
+_ADMIT_LUA: Final = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  local ttl = redis.call('PTTL', KEYS[1])
+  if ttl < 0 then ttl = 0 end
+  return {4, 0, 0, ttl * 1000, ttl * 1000}
+end
+if KEYS[2] ~= '' and redis.call('EXISTS', KEYS[2]) == 1 then
+  return {3, 0, 0, 0, 0}
+end
+if KEYS[3] ~= '' and redis.call('EXISTS', KEYS[3]) == 1 then
+  return {2, 0, 0, 0, 0}
+end
+local n = #KEYS - 3
+local new_tats = {}
+local best, best_remaining, best_reset = 0, -1, 0
+for i = 1, n do
+  local period = tonumber(ARGV[2 * i])
+  local limit = tonumber(ARGV[2 * i + 1])
+  local interval = period / limit
+  local tat = tonumber(redis.call('GET', KEYS[3 + i]) or '0')
+  if tat < now then tat = now end
+  local new_tat = tat + interval
+  local allow_at = new_tat - period
+  if now < allow_at then
+    return {1, i, 0, math.floor(tat - now), math.ceil(allow_at - now)}
+  end
+  new_tats[i] = new_tat
+  local remaining = math.floor((period - (new_tat - now)) / interval + 1e-6)
+  if best_remaining < 0 or remaining < best_remaining then
+    best, best_remaining, best_reset = i, remaining, math.ceil(new_tat - now)
+  end
+end
+for i = 1, n do
+  local ttl_ms = math.ceil((new_tats[i] - now) / 1000)
+  redis.call('SET', KEYS[3 + i], string.format('%.17g', new_tats[i]), 'PX', ttl_ms)
+end
+if KEYS[3] ~= '' then
+  redis.call('SET', KEYS[3], '1', 'PX', tonumber(ARGV[1]))
+end
+if best_remaining < 0 then best_remaining = 0 end
+return {0, best, best_remaining, best_reset, 0}
+"""
+
+# KEYS: strikes, block. ARGV: threshold, window_ms, block_ms. Returns 1 when this strike blocked.
+_STRIKE_LUA: Final = """
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+local count = redis.call('INCR', KEYS[1])
+if count == 1 then redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2])) end
+if count >= tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[2], '1', 'PX', tonumber(ARGV[3]))
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0
+"""
+
+
+def rate_key(layer: str, subject: str) -> str:
+    return f"kv:rl:{layer}:{subject}"
+
+
+def nonce_key(nonce: str) -> str:
+    """`nonce` is whatever must be unique, e.g. f"{keyid}:{nonce}"."""
+    return f"kv:nonce:{nonce}"
+
+
+def block_key(client_ip: str) -> str:
+    return f"kv:block:{client_ip}"
+
+
+def strikes_key(client_ip: str) -> str:
+    return f"kv:strikes:{client_ip}"
+
+
+def redis_client(url: str, timeout_s: float = 0.5) -> aioredis.Redis:
+    """A Redis client that cannot hang: socket and connect timeouts, one quick retry.
+
+    The single retry lets a pooled connection that died with a restarted server be
+    replaced transparently; anything more would multiply the worst-case latency.
+    """
+    client: aioredis.Redis = aioredis.Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 1),
+        health_check_interval=0,
+    )
+    return client
+
+
+@dataclass(frozen=True)
+class Limit:
+    """`limit` requests per `period_s` for `subject` (an IP, a token id) in `layer`."""
+
+    layer: str
+    subject: str
+    limit: int
+    period_s: float
+
+    def __post_init__(self) -> None:
+        if self.limit < 1 or self.period_s <= 0:
+            raise ValueError("a limit needs limit >= 1 and period_s > 0")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The answer to one admission check, with the headers a response should carry."""
+
+    allowed: bool
+    reason: str  # ok | rate_limited | replay | revoked | blocked | unavailable
+    layer: str | None = None
+    limit: int | None = None
+    remaining: int | None = None
+    reset_after_s: float = 0.0
+    retry_after_s: float = 0.0
+    window_s: float | None = None
+
+    def headers(self) -> dict[str, str]:
+        """IETF httpapi RateLimit-Policy / RateLimit, and Retry-After when refused."""
+        out: dict[str, str] = {}
+        if self.layer is not None and self.limit is not None and self.window_s is not None:
+            out["RateLimit-Policy"] = f'"{self.layer}";q={self.limit};w={math.ceil(self.window_s)}'
+            out["RateLimit"] = (
+                f'"{self.layer}";r={self.remaining or 0};t={math.ceil(self.reset_after_s)}'
+            )
+        if not self.allowed and self.reason in ("rate_limited", "blocked", "unavailable"):
+            out["Retry-After"] = str(max(1, math.ceil(self.retry_after_s)))
+        return out
+
+
+class FailureMode(StrEnum):
+    """What a layer does while Redis is unreachable."""
+
+    closed = "closed"
+    open = "open"
+    local = "local"
+
+
+class LocalGcra:
+    """The same GCRA in process: the `local` fallback, and the arithmetic in plain sight."""
+
+    def __init__(
+        self, *, max_entries: int = 100_000, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._tats: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self._max = max_entries
+        self._clock = clock
+
+    def check(self, limits: Sequence[Limit]) -> Decision:
+        """All-or-nothing over `limits`, like the Redis script."""
+        now = self._clock()
+        updates: list[tuple[tuple[str, str], float]] = []
+        best: Decision | None = None
+        for item in limits:
+            interval = item.period_s / item.limit
+            tat = max(self._tats.get((item.layer, item.subject), now), now)
+            new_tat = tat + interval
+            allow_at = new_tat - item.period_s
+            if now < allow_at:
+                return Decision(
+                    allowed=False,
+                    reason="rate_limited",
+                    layer=item.layer,
+                    limit=item.limit,
+                    remaining=0,
+                    reset_after_s=tat - now,
+                    retry_after_s=allow_at - now,
+                    window_s=item.period_s,
+                )
+            remaining = math.floor((item.period_s - (new_tat - now)) / interval + 1e-6)
+            updates.append(((item.layer, item.subject), new_tat))
+            if best is None or remaining < (best.remaining or 0):
+                best = Decision(
+                    allowed=True,
+                    reason="ok",
+                    layer=item.layer,
+                    limit=item.limit,
+                    remaining=remaining,
+                    reset_after_s=new_tat - now,
+                    window_s=item.period_s,
+                )
+        for key, new_tat in updates:
+            self._tats[key] = new_tat
+            self._tats.move_to_end(key)
+        while len(self._tats) > self._max:
+            self._tats.popitem(last=False)
+        return best or Decision(allowed=True, reason="ok")
+
+
+class _LocalNonces:
+    """Seen nonces while Redis is away, so a fallback does not reopen replays."""
+
+    def __init__(self, max_entries: int = 100_000) -> None:
+        self._seen: OrderedDict[str, float] = OrderedDict()
+        self._max = max_entries
+
+    def first_use(self, nonce: str, ttl_s: int) -> bool:
+        now = time.monotonic()
+        expiry = self._seen.get(nonce)
+        if expiry is not None and expiry > now:
+            return False
+        self._seen[nonce] = now + max(ttl_s, 1)
+        self._seen.move_to_end(nonce)
+        while len(self._seen) > self._max:
+            self._seen.popitem(last=False)
+        return True
+
+
+class Admission:
+    """One admission check per request, shared by every replica through Redis."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        *,
+        service: str,
+        failure_modes: Mapping[str, FailureMode] | None = None,
+        block_after_strikes: int = 20,
+        strike_window_s: float = 60,
+        block_for_s: float = 300,
+        deadline_s: float | None = None,
+    ) -> None:
+        self._redis = redis
+        self._service = service
+        self._modes = dict(failure_modes or {})
+        self._block_after = block_after_strikes
+        self._strike_window_ms = max(1, int(strike_window_s * 1000))
+        self._block_ms = max(1, int(block_for_s * 1000))
+        self._admit = redis.register_script(_ADMIT_LUA)
+        self._strike = redis.register_script(_STRIKE_LUA)
+        self._local = LocalGcra()
+        self._local_nonces = _LocalNonces()
+        self._degraded = False
+        # Belt and braces over the socket timeouts: a check never outlives this.
+        if deadline_s is None:
+            kwargs = redis.connection_pool.connection_kwargs
+            socket_timeout = kwargs.get("socket_timeout") or 5.0
+            deadline_s = 2 * float(socket_timeout) + 0.5
+        self._deadline_s = deadline_s
+
+    @property
+    def degraded(self) -> bool:
+        """True while the last Redis call failed."""
+        return self._degraded
+
+    def mode_for(self, layer: str) -> FailureMode:
+        return self._modes.get(layer, FailureMode.closed)
+
+    async def check(
+        self,
+        *,
+        limits: Sequence[Limit],
+        client_ip: str,
+        nonce: str | None = None,
+        nonce_ttl_s: int = 0,
+        revoked_token_id: str | None = None,
+    ) -> Decision:
+        keys = [
+            block_key(client_ip),
+            revoked_key(revoked_token_id) if revoked_token_id else "",
+            nonce_key(nonce) if nonce else "",
+            *(rate_key(item.layer, item.subject) for item in limits),
+        ]
+        args: list[int] = [max(1, nonce_ttl_s) * 1000]
+        for item in limits:
+            args += [max(1, round(item.period_s * _US)), item.limit]
+        try:
+            async with asyncio.timeout(self._deadline_s):
+                raw: Any = await self._admit(keys=keys, args=args)
+        except (*_REDIS_TROUBLE, TimeoutError) as exc:
+            return self._fallback(limits, nonce, nonce_ttl_s, exc)
+        self._recovered()
+        return self._decision(raw, limits)
+
+    async def strike(self, client_ip: str, reason: str) -> bool:
+        """Count an auth failure or limit hit; True when this strike blocked `client_ip`."""
+        try:
+            async with asyncio.timeout(self._deadline_s):
+                blocked = await self._strike(
+                    keys=[strikes_key(client_ip), block_key(client_ip)],
+                    args=[self._block_after, self._strike_window_ms, self._block_ms],
+                )
+        except (*_REDIS_TROUBLE, TimeoutError) as exc:
+            BACKEND_ERRORS.labels(self._service).inc()
+            log.warning("strike not recorded, redis unreachable (%s)", type(exc).__name__)
+            return False
+        if blocked:
+            log.warning(
+                "client blocked after repeated failures",
+                extra={"fields": {"reason": reason, "block_for_s": self._block_ms / 1000}},
+            )
+            return True
+        return False
+
+    def _decision(self, raw: Any, limits: Sequence[Limit]) -> Decision:
+        code, index, remaining, reset_us, retry_us = (int(v) for v in raw)
+        if code in _CHECK_LAYERS:
+            DECISIONS.labels(self._service, _CHECK_LAYERS[code], "blocked").inc()
+            return Decision(
+                allowed=False,
+                reason=_REASONS[code],
+                reset_after_s=reset_us / _US,
+                retry_after_s=retry_us / _US,
+            )
+        item = limits[index - 1] if index else None
+        if code == _LIMITED:
+            assert item is not None
+            DECISIONS.labels(self._service, item.layer, "limited").inc()
+        else:
+            for each in limits:
+                DECISIONS.labels(self._service, each.layer, "allowed").inc()
+        return Decision(
+            allowed=code == _OK,
+            reason=_REASONS[code],
+            layer=item.layer if item else None,
+            limit=item.limit if item else None,
+            remaining=remaining if item else None,
+            reset_after_s=reset_us / _US,
+            retry_after_s=retry_us / _US,
+            window_s=item.period_s if item else None,
+        )
+
+    def _fallback(
+        self,
+        limits: Sequence[Limit],
+        nonce: str | None,
+        nonce_ttl_s: int,
+        exc: BaseException,
+    ) -> Decision:
+        BACKEND_ERRORS.labels(self._service).inc()
+        modes = {item.layer: self.mode_for(item.layer) for item in limits}
+        if not self._degraded:
+            self._degraded = True
+            log.error(
+                "rate limiting backend unreachable (%s); layers fall back to %s",
+                type(exc).__name__,
+                ", ".join(f"{layer}={mode}" for layer, mode in modes.items()) or "closed",
+                extra={"fields": {"service": self._service}},
+            )
+        closed = [item for item in limits if modes[item.layer] is FailureMode.closed]
+        if closed or not limits:
+            for item in closed or limits:
+                DECISIONS.labels(self._service, item.layer, "unavailable").inc()
+            return Decision(
+                allowed=False,
+                reason="unavailable",
+                layer=closed[0].layer if closed else None,
+                retry_after_s=1.0,
+            )
+        if nonce and not self._local_nonces.first_use(nonce, nonce_ttl_s):
+            DECISIONS.labels(self._service, "nonce", "blocked").inc()
+            return Decision(allowed=False, reason="replay")
+        local = [item for item in limits if modes[item.layer] is FailureMode.local]
+        decision = self._local.check(local) if local else Decision(allowed=True, reason="ok")
+        if not decision.allowed:
+            DECISIONS.labels(self._service, decision.layer or "local", "limited").inc()
+            return decision
+        for item in limits:
+            DECISIONS.labels(self._service, item.layer, "allowed").inc()
+        return decision
+
+    def _recovered(self) -> None:
+        if self._degraded:
+            self._degraded = False
+            log.warning(
+                "rate limiting backend reachable again",
+                extra={"fields": {"service": self._service}},
+            )
