@@ -168,6 +168,7 @@ class EventPublisher:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._ready: set[str] = set()
+        self._in_flight = 0
 
     def emit(self, event: Event) -> None:
         """Queue an event; never blocks and never raises."""
@@ -183,16 +184,17 @@ class EventPublisher:
 
     @property
     def pending(self) -> int:
-        return len(self._buffer)
+        """Events not yet acknowledged by JetStream (buffered or in flight)."""
+        return len(self._buffer) + self._in_flight
 
     async def flush(self, timeout: float = 5.0) -> bool:
         """Wait until the buffer is empty (or `timeout`); True when everything was published."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while self._buffer and loop.time() < deadline:
+        while self.pending and loop.time() < deadline:
             self._wake.set()
             await asyncio.sleep(0.02)
-        return not self._buffer
+        return not self.pending
 
     async def close(self, timeout: float = 5.0) -> None:
         """Publish what is buffered (bounded by `timeout`), then stop the background task."""
@@ -201,8 +203,8 @@ class EventPublisher:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        if self._buffer:
-            log.warning("%d events not published at shutdown", len(self._buffer))
+        if self.pending:
+            log.warning("%d events not published at shutdown", self.pending)
 
     async def _run(self) -> None:
         backoff = 0.1
@@ -212,9 +214,11 @@ class EventPublisher:
                 await self._wake.wait()
                 continue
             batch = [self._buffer.popleft() for _ in range(min(64, len(self._buffer)))]
+            self._in_flight = len(batch)
             results = await asyncio.gather(
                 *(self._publish(event) for event in batch), return_exceptions=True
             )
+            self._in_flight = 0
             failed = [event for event, result in zip(batch, results, strict=True) if result]
             for event in reversed(failed):
                 self._buffer.appendleft(event)
