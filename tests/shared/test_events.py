@@ -48,7 +48,8 @@ async def test_events_are_published_with_their_subject_and_deduplicated(nc: NATS
     audit_msg = await nc.jetstream().get_last_msg("KEYVEIL_AUDIT", "keyveil.audit.harness")
     assert AuditEvent.model_validate_json(audit_msg.data).event_id == audit.event_id
     info = await nc.jetstream().stream_info("KEYVEIL_AUDIT")
-    assert info.config.deny_delete and info.config.deny_purge
+    assert info.config.deny_delete
+    assert info.config.deny_purge
 
 
 async def test_events_wait_out_a_nats_outage(tmp_path: Path) -> None:
