@@ -22,6 +22,7 @@ __all__ = [
     "nats_binary",
     "redis_binary",
     "start_nats",
+    "start_nats_cluster",
     "start_redis",
     "wait_for_port",
 ]
@@ -142,6 +143,40 @@ def start_nats(
     )
     server.start()
     return server
+
+
+def start_nats_cluster(state_dir: Path, *, nodes: int = 3) -> list[ServerProcess]:
+    """A JetStream cluster of `nodes` nats-servers routed on loopback (for R3 streams)."""
+    client_ports = [free_port() for _ in range(nodes)]
+    route_ports = [free_port() for _ in range(nodes)]
+    routes = ",".join(f"nats://127.0.0.1:{p}" for p in route_ports)
+    servers: list[ServerProcess] = []
+    for i in range(nodes):
+        name = f"nats-{i + 1}"
+        store = state_dir / f"{name}-jetstream"
+        store.mkdir(parents=True, exist_ok=True)
+        argv = [
+            nats_binary(),
+            "-a", "127.0.0.1",
+            "-p", str(client_ports[i]),
+            "-js", "-sd", str(store),
+            "-n", name,
+            "--cluster_name", "keyveil",
+            "--cluster", f"nats://127.0.0.1:{route_ports[i]}",
+            "--routes", routes,
+        ]  # fmt: skip
+        servers.append(
+            ServerProcess(
+                name=name,
+                url=f"nats://127.0.0.1:{client_ports[i]}",
+                port=client_ports[i],
+                argv=argv,
+                log_path=state_dir / f"{name}.log",
+            )
+        )
+    for server in servers:
+        server.start()
+    return servers
 
 
 def start_redis(state_dir: Path, *, port: int | None = None, name: str = "redis") -> ServerProcess:

@@ -1,0 +1,106 @@
+"""Multi-node rehearsal: a 3-node JetStream cluster (R3 streams) loses a node mid-traffic.
+
+Events are published through the same EventPublisher every service uses and read by a
+durable pull consumer like the auditor's; every event must arrive exactly once by id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+
+import nats
+import nats.errors
+import nats.js.errors
+import pytest
+from nats.js.api import AckPolicy, ConsumerConfig
+
+from keyveil.servers import start_nats_cluster
+from shared.events import EventPublisher, UsageEvent
+
+pytestmark = pytest.mark.slow
+
+TOTAL = 300
+KILL_AT = 100
+
+
+async def _wait_for_meta_leader(nc: nats.aio.client.Client, timeout: float = 30.0) -> None:
+    js = nc.jetstream()
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        try:
+            await js.account_info()
+            return
+        except (nats.js.errors.Error, nats.errors.Error):
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.25)
+
+
+async def test_no_event_lost_when_a_node_dies(tmp_path: Path) -> None:
+    servers = start_nats_cluster(tmp_path, nodes=3)
+    urls = [s.url for s in servers]
+    options = {"servers": urls, "max_reconnect_attempts": -1, "reconnect_time_wait": 0.2}
+    publisher_nc = await nats.connect(**options)
+    consumer_nc = await nats.connect(**options)
+    try:
+        await _wait_for_meta_leader(publisher_nc)
+        publisher = EventPublisher(publisher_nc.jetstream(), num_replicas=3, publish_timeout_s=1)
+        publisher.start()
+        first = UsageEvent(service="cluster", type="proxy.request")
+        publisher.emit(first)
+        assert await publisher.flush(30)
+
+        js = consumer_nc.jetstream()
+        info = await js.stream_info("KEYVEIL_USAGE")
+        assert info.config.num_replicas == 3
+        consumer = await js.pull_subscribe(
+            "keyveil.usage.cluster",
+            durable="rehearsal",
+            config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=5, num_replicas=3),
+        )
+        received: set[str] = set()
+        deliveries = 0
+
+        async def consume() -> None:
+            nonlocal deliveries
+            while True:
+                try:
+                    msgs = await consumer.fetch(50, timeout=1)
+                except (nats.errors.TimeoutError, nats.js.errors.Error, nats.errors.Error):
+                    continue
+                for msg in msgs:
+                    deliveries += 1
+                    received.add(UsageEvent.model_validate_json(msg.data).event_id)
+                    with contextlib.suppress(nats.errors.Error):
+                        await msg.ack()
+
+        reader = asyncio.create_task(consume())
+        sent = {first.event_id}
+        for i in range(1, TOTAL):
+            if i == KILL_AT:
+                servers[0].kill()  # a member (possibly the leader) of every R3 group dies
+            event = UsageEvent(service="cluster", type="proxy.request")
+            sent.add(event.event_id)
+            publisher.emit(event)
+            await asyncio.sleep(0.005)
+        assert await publisher.flush(45), f"{publisher.pending} events never acknowledged"
+
+        deadline = asyncio.get_running_loop().time() + 45
+        while received != sent and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.2)
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+        await publisher.close(1)
+
+        assert received == sent, f"lost {len(sent - received)} of {len(sent)} events"
+        state = (await js.stream_info("KEYVEIL_USAGE")).state
+        assert state.messages == TOTAL  # retries were deduplicated by Nats-Msg-Id
+    finally:
+        for nc in (publisher_nc, consumer_nc):
+            with contextlib.suppress(Exception):
+                await nc.close()
+        for server in servers:
+            server.stop()
