@@ -1,0 +1,162 @@
+"""The auditor process: two durable consumers, the ledger, alerts, and the edge routes.
+
+HTTP serves only /healthz, /readyz and /metrics; the work happens in the consumer tasks.
+Replicas: the ledger is safe with any number of writers (expected-last-sequence), and
+ids are de-duplicated per replica. Detector windows, however, live in memory, so
+several replicas sharing one durable consumer would each see part of the traffic and
+count less; run one replica (the Deployment uses `replicas: 1` and `Recreate`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI
+from nats.aio.client import Client as NATS
+
+from services.auditor.alerts import AlertSink, WebhookSender
+from services.auditor.auditor import Auditor
+from services.auditor.consumers import DurableConsumer
+from services.auditor.detectors import Detectors
+from services.auditor.ledger import Ledger
+from services.auditor.settings import Settings
+from shared import bus
+from shared.events import AUDIT_STREAM, USAGE_STREAM, AuditEvent, EventPublisher, UsageEvent
+from shared.httpedge import add_edge_routes, install_error_handlers
+from shared.telemetry import redactor
+
+__all__ = ["AUDIT_DURABLE", "USAGE_DURABLE", "AuditorRuntime", "create_app"]
+
+log = logging.getLogger(__name__)
+
+USAGE_DURABLE = "auditor-usage"
+AUDIT_DURABLE = "auditor-audit"
+
+
+@dataclass
+class AuditorRuntime:
+    """What the lifespan started; kept on `app.state.runtime` for readiness and tests."""
+
+    nc: NATS
+    auditor: Auditor
+    consumers: list[DurableConsumer[UsageEvent] | DurableConsumer[AuditEvent]]
+    publisher: EventPublisher
+    webhook: WebhookSender | None
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+async def start_runtime(settings: Settings) -> AuditorRuntime:
+    nc = await bus.connect(settings, name="auditor")
+    js = nc.jetstream()
+    publisher = EventPublisher(js, num_replicas=settings.stream_replicas)
+    publisher.start()
+    webhook = None
+    if settings.alert_webhook_url is not None:
+        webhook = WebhookSender(
+            settings.alert_webhook_url.get_secret_value(),
+            fmt=settings.alert_webhook_format,
+            attempts=settings.alert_webhook_attempts,
+            backoff_s=settings.alert_webhook_backoff_s,
+        )
+        webhook.start()
+    sink = AlertSink(publisher, webhook, webhook_min_severity=settings.alert_webhook_min_severity)
+    ledger = None
+    if settings.ledger_enabled:
+        ledger = Ledger(js, instance=f"{socket.gethostname()}:{os.getpid()}")
+    auditor = Auditor(Detectors(settings), sink, ledger)
+    common = {
+        "ack_wait_s": settings.ack_wait_s,
+        "max_deliver": settings.max_deliver,
+        "batch": settings.fetch_batch,
+        "seen_capacity": settings.dedupe_window,
+    }
+    usage: DurableConsumer[UsageEvent] = DurableConsumer(
+        js,
+        stream=USAGE_STREAM,
+        durable=USAGE_DURABLE,
+        model=UsageEvent,
+        handler=auditor.on_usage,
+        **common,  # type: ignore[arg-type]
+    )
+    audit: DurableConsumer[AuditEvent] = DurableConsumer(
+        js,
+        stream=AUDIT_STREAM,
+        durable=AUDIT_DURABLE,
+        model=AuditEvent,
+        handler=auditor.on_audit,
+        **common,  # type: ignore[arg-type]
+    )
+    runtime = AuditorRuntime(nc, auditor, [usage, audit], publisher, webhook)
+    if ledger is not None:
+        await _ensure_ledger(ledger, runtime.stop)
+    for consumer in runtime.consumers:
+        runtime.tasks.append(
+            asyncio.create_task(consumer.run(runtime.stop), name=f"consume-{consumer.durable}")
+        )
+    return runtime
+
+
+async def _ensure_ledger(ledger: Ledger, stop: asyncio.Event) -> None:
+    # Audit events must not be consumed before their ledger exists; keep trying.
+    delay = 0.2
+    while not stop.is_set():
+        try:
+            await ledger.ensure()
+            return
+        except Exception as exc:  # any bus failure: wait and retry, readiness stays false
+            log.warning("cannot create the audit ledger yet (%s)", type(exc).__name__)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+async def stop_runtime(runtime: AuditorRuntime) -> None:
+    runtime.stop.set()
+    for task in runtime.tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            try:
+                await asyncio.wait_for(task, 10)
+            except TimeoutError:
+                log.warning("consumer %s did not stop in time", task.get_name())
+    await runtime.publisher.close()
+    if runtime.webhook is not None:
+        await runtime.webhook.close()
+    with contextlib.suppress(Exception):
+        await runtime.nc.drain()
+
+
+def create_app(settings: Settings) -> FastAPI:
+    redactor.register(
+        settings.nats_password.get_secret_value() if settings.nats_password else None,
+        settings.alert_webhook_url.get_secret_value() if settings.alert_webhook_url else None,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime = await start_runtime(settings)
+        app.state.runtime = runtime
+        try:
+            yield
+        finally:
+            await stop_runtime(runtime)
+
+    app = FastAPI(title="keyveil auditor", lifespan=lifespan, docs_url=None, redoc_url=None)
+    install_error_handlers(app)
+
+    async def nats_ready() -> bool:
+        runtime: AuditorRuntime | None = getattr(app.state, "runtime", None)
+        return runtime is not None and runtime.nc.is_connected
+
+    async def consumers_ready() -> bool:
+        runtime: AuditorRuntime | None = getattr(app.state, "runtime", None)
+        return runtime is not None and all(c.bound for c in runtime.consumers)
+
+    add_edge_routes(app, {"nats": nats_ready, "consumers": consumers_ready})
+    return app

@@ -1,0 +1,330 @@
+"""Anomaly detectors: each turns a stream of events into findings, with a cooldown.
+
+Detectors are pure (no I/O, event time only) so they can be unit-tested and replayed.
+Which events count as what:
+
+- auth failure: a `UsageEvent` with outcome "denied" and an authentication reason
+  (`AUTH_REASONS`); rate-limit and block decisions are not authentication failures;
+- token issuance: a "token.issued" event (or any successful token-service event with
+  a mode);
+- proxy request: a proxy event that was not refused at the door (outcome ok/error);
+  an error is outcome "error" or a 5xx status;
+- replay: reason "replay"; tampering: reason "signature" / "digest" / "tampered";
+- rotation overdue: an `AuditEvent` of type "rotation_due" from the key-manager.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from services.auditor.baselines import (
+    Baseline,
+    BoundedMap,
+    Cooldown,
+    RatioWindow,
+    WindowCounter,
+)
+from services.auditor.settings import Settings
+from shared.events import AuditEvent, UsageEvent
+
+__all__ = ["ALERT_TYPES", "AUTH_REASONS", "Detectors", "Finding"]
+
+Severity = Literal["info", "warning", "critical"]
+
+AUTH_REASONS = frozenset(
+    {
+        "signature",
+        "digest",
+        "replay",
+        "expired",
+        "scope",
+        "revoked",
+        "origin",
+        "invalid_token",
+        "token",
+        "unauthorized",
+        "forbidden",
+        "tampered",
+        "missing_token",
+        "missing_signature",
+    }
+)
+REPLAY_REASONS = frozenset({"replay", "nonce_reused"})
+TAMPER_REASONS = frozenset({"signature", "digest", "tampered", "bad_signature"})
+TOKEN_ISSUED_TYPES = frozenset({"token.issued", "token.issue"})
+ROTATION_DUE_TYPES = frozenset({"rotation_due", "key.rotation_due", "keymanager.rotation_due"})
+
+ALERT_TYPES = (
+    "auth_failure_burst",
+    "token_rate_ip",
+    "token_rate_spike",
+    "proxy_error_rate",
+    "usage_spike_key",
+    "usage_spike_subject",
+    "replay_attempts",
+    "tampering_attempts",
+    "geo_token_countries",
+    "geo_new_country",
+    "rotation_overdue",
+)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A detector's verdict before cooldown: what, how bad, about whom."""
+
+    type: str
+    severity: Severity
+    subject: str
+    summary: str
+    ts: float
+    labels: dict[str, str] = field(default_factory=dict)
+    cooldown_s: float | None = None
+
+
+def _country(value: str | None) -> str | None:
+    if not value:
+        return None
+    code = value.strip().upper()
+    # "XX"/"ZZ" mean unknown at most ingresses; they prove nothing about a location.
+    if len(code) != 2 or not code.isalpha() or code in ("XX", "ZZ"):
+        return None
+    return code
+
+
+class Detectors:
+    """All detectors, fed event by event; `observe_*` returns the findings that passed cooldown."""
+
+    def __init__(self, settings: Settings) -> None:
+        s = settings
+        self.settings = s
+        cap = s.max_tracked
+        self.cooldown = Cooldown(cap)
+        self.auth_failures = WindowCounter(s.auth_failure_window_s, s.auth_failure_threshold, cap)
+        self.token_per_ip = WindowCounter(s.token_window_s, s.token_ip_threshold, cap)
+        self.token_overall = self._baseline(min_count=s.token_rate_min_count)
+        self.proxy_errors = RatioWindow(s.proxy_error_window_s)
+        self.key_usage: BoundedMap[Baseline] = BoundedMap(cap)
+        self.subject_usage: BoundedMap[Baseline] = BoundedMap(cap)
+        self.replays = WindowCounter(s.replay_window_s, s.replay_threshold, cap)
+        self.tampering = WindowCounter(s.replay_window_s, s.tamper_threshold, cap)
+        self.token_countries: BoundedMap[dict[str, float]] = BoundedMap(cap)
+        self.key_countries: BoundedMap[dict[str, int]] = BoundedMap(cap)
+
+    def _baseline(self, *, min_count: int) -> Baseline:
+        s = self.settings
+        return Baseline(
+            bucket_s=s.baseline_bucket_s,
+            alpha=s.baseline_alpha,
+            warmup=s.baseline_warmup_buckets,
+            z_threshold=s.spike_z,
+            min_count=min_count,
+            cold_ceiling=min_count * 10,
+        )
+
+    # -- entry points --------------------------------------------------------------------
+
+    def observe_usage(self, event: UsageEvent) -> list[Finding]:
+        findings: list[Finding] = []
+        if event.outcome == "denied":
+            findings.extend(self._denied(event))
+        elif event.type in TOKEN_ISSUED_TYPES or (
+            event.service == "token" and event.outcome == "ok" and event.mode is not None
+        ):
+            findings.extend(self._token_issued(event))
+        elif event.service == "proxy":
+            findings.extend(self._proxy_request(event))
+        findings.extend(self._geography(event))
+        return self._pass_cooldown(findings)
+
+    def observe_audit(self, event: AuditEvent) -> list[Finding]:
+        findings: list[Finding] = []
+        if event.type in ROTATION_DUE_TYPES:
+            key = event.key_id or "unknown"
+            env = event.environment or "unknown"
+            age = event.detail.get("age_days")
+            summary = f"key {key} ({event.provider or 'provider'}, {env}) is overdue for rotation"
+            if isinstance(age, int | float):
+                summary += f": {age:g} days old"
+            findings.append(
+                Finding(
+                    "rotation_overdue",
+                    "warning",
+                    f"{key}:{env}",
+                    summary,
+                    event.ts,
+                    {"key_id": key, "environment": env, "provider": event.provider or ""},
+                    cooldown_s=self.settings.rotation_cooldown_s,
+                )
+            )
+        return self._pass_cooldown(findings)
+
+    # -- detectors -----------------------------------------------------------------------
+
+    def _denied(self, event: UsageEvent) -> Iterable[Finding]:
+        reason = (event.reason or "").lower()
+        ip = event.client_ip or "unknown"
+        s = self.settings
+        if reason in AUTH_REASONS or reason.startswith("invalid_"):
+            count = self.auth_failures.add(ip, event.ts)
+            if count >= s.auth_failure_threshold:
+                yield Finding(
+                    "auth_failure_burst",
+                    "warning",
+                    ip,
+                    f"{count} failed authentications from {ip} within "
+                    f"{s.auth_failure_window_s:g}s (last reason: {reason})",
+                    event.ts,
+                    {"client_ip": ip, "reason": reason, "service": event.service},
+                )
+        who = f"token:{event.token_id}" if event.token_id else f"ip:{ip}"
+        if reason in REPLAY_REASONS:
+            count = self.replays.add(who, event.ts)
+            if count >= s.replay_threshold:
+                yield Finding(
+                    "replay_attempts",
+                    "critical",
+                    who,
+                    f"{count} replayed requests for {who} within {s.replay_window_s:g}s",
+                    event.ts,
+                    self._who_labels(event),
+                )
+        if reason in TAMPER_REASONS:
+            count = self.tampering.add(who, event.ts)
+            if count >= s.tamper_threshold:
+                yield Finding(
+                    "tampering_attempts",
+                    "critical",
+                    who,
+                    f"{count} requests with a bad {reason} for {who} within {s.replay_window_s:g}s",
+                    event.ts,
+                    {**self._who_labels(event), "reason": reason},
+                )
+
+    def _token_issued(self, event: UsageEvent) -> Iterable[Finding]:
+        s = self.settings
+        ip = event.client_ip or "unknown"
+        count = self.token_per_ip.add(ip, event.ts)
+        if count >= s.token_ip_threshold:
+            yield Finding(
+                "token_rate_ip",
+                "warning",
+                ip,
+                f"{count} tokens issued to {ip} within {s.token_window_s:g}s",
+                event.ts,
+                {"client_ip": ip},
+            )
+        verdict = self.token_overall.add(event.ts)
+        if verdict.spike:
+            baseline = self.token_overall.stats.mean
+            yield Finding(
+                "token_rate_spike",
+                "warning",
+                "overall",
+                f"{verdict.count:g} tokens issued in the current {s.baseline_bucket_s:g}s "
+                f"bucket against a baseline of {baseline:.1f}",
+                event.ts,
+                {"count": f"{verdict.count:g}", "baseline": f"{baseline:.1f}"},
+            )
+
+    def _proxy_request(self, event: UsageEvent) -> Iterable[Finding]:
+        s = self.settings
+        bad = event.outcome == "error" or (event.status or 0) >= 500
+        ratio = self.proxy_errors.add(event.ts, bad=bad)
+        if self.proxy_errors.total >= s.proxy_error_min_requests and ratio >= s.proxy_error_ratio:
+            yield Finding(
+                "proxy_error_rate",
+                "critical",
+                "proxy",
+                f"{ratio:.0%} of {self.proxy_errors.total} proxied requests failed within "
+                f"{s.proxy_error_window_s:g}s",
+                event.ts,
+                {"ratio": f"{ratio:.3f}", "requests": str(self.proxy_errors.total)},
+            )
+        for kind, ident, table in (
+            ("usage_spike_key", event.key_id, self.key_usage),
+            ("usage_spike_subject", event.token_id or event.session_id, self.subject_usage),
+        ):
+            if not ident:
+                continue
+            baseline = table.get(ident)
+            if baseline is None:
+                baseline = self._baseline(min_count=s.spike_min_count)
+                table.put(ident, baseline)
+            verdict = baseline.add(event.ts)
+            if verdict.spike:
+                label = "key_id" if kind == "usage_spike_key" else "token_id"
+                yield Finding(
+                    kind,
+                    "warning",
+                    ident,
+                    f"{verdict.count:g} requests for {label} {ident} in the current "
+                    f"{s.baseline_bucket_s:g}s bucket against a baseline of "
+                    f"{baseline.stats.mean:.1f}",
+                    event.ts,
+                    {label: ident, "count": f"{verdict.count:g}"},
+                )
+
+    def _geography(self, event: UsageEvent) -> Iterable[Finding]:
+        country = _country(event.country)
+        if country is None or event.outcome == "denied":
+            return
+        s = self.settings
+        if event.token_id:
+            seen = self.token_countries.get(event.token_id)
+            if seen is None:
+                seen = {}
+                self.token_countries.put(event.token_id, seen)
+            seen[country] = event.ts
+            recent = sorted(c for c, t in seen.items() if event.ts - t <= s.geo_token_window_s)
+            if len(recent) > 1:
+                yield Finding(
+                    "geo_token_countries",
+                    "critical",
+                    event.token_id,
+                    f"token {event.token_id} used from {', '.join(recent)} within "
+                    f"{s.geo_token_window_s:g}s",
+                    event.ts,
+                    {"token_id": event.token_id, "countries": ",".join(recent)},
+                )
+        if event.key_id:
+            counts = self.key_countries.get(event.key_id)
+            if counts is None:
+                counts = {}
+                self.key_countries.put(event.key_id, counts)
+            learned = sum(counts.values()) >= s.geo_key_warmup_events
+            if learned and country not in counts:
+                yield Finding(
+                    "geo_new_country",
+                    "warning",
+                    f"{event.key_id}:{country}",
+                    f"key {event.key_id} used from a new country {country} "
+                    f"(known: {', '.join(sorted(counts))})",
+                    event.ts,
+                    {"key_id": event.key_id, "country": country},
+                )
+            if len(counts) < 250 or country in counts:
+                counts[country] = counts.get(country, 0) + 1
+
+    # -- helpers -------------------------------------------------------------------------
+
+    @staticmethod
+    def _who_labels(event: UsageEvent) -> dict[str, str]:
+        labels = {"client_ip": event.client_ip or "unknown", "service": event.service}
+        if event.token_id:
+            labels["token_id"] = event.token_id
+        return labels
+
+    def _pass_cooldown(self, findings: list[Finding]) -> list[Finding]:
+        passed = []
+        for finding in findings:
+            cooldown = (
+                finding.cooldown_s
+                if finding.cooldown_s is not None
+                else self.settings.alert_cooldown_s
+            )
+            if self.cooldown.allow(f"{finding.type}|{finding.subject}", finding.ts, cooldown):
+                passed.append(finding)
+        return passed
