@@ -103,7 +103,8 @@ for i = 1, n do
   if tat < now then tat = now end
   local new_tat = tat + interval
   local allow_at = new_tat - period
-  if now < allow_at then
+  -- 1 us of slack: period/limit is rarely exact, and a full burst must still fit.
+  if now < allow_at - 1 then
     return {1, i, 0, math.floor(tat - now), math.ceil(allow_at - now)}
   end
   new_tats[i] = new_tat
@@ -238,7 +239,7 @@ class LocalGcra:
             tat = max(self._tats.get((item.layer, item.subject), now), now)
             new_tat = tat + interval
             allow_at = new_tat - item.period_s
-            if now < allow_at:
+            if now < allow_at - 1e-6:  # the script's 1 us of float slack
                 return Decision(
                     allowed=False,
                     reason="rate_limited",
