@@ -1,0 +1,1 @@
+"""The token service: the front door that hands browsers short-lived credentials."""

@@ -1,0 +1,412 @@
+"""HTTP edge of the token service: thin views over issuance, admission and revocation."""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import httpx
+import redis.asyncio as aioredis
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from nats.aio.client import Client as NATS
+
+from services.token.issuance import Issued, TokenIssuer
+from services.token.metrics import (
+    AUTH_FAILURES,
+    ISSUANCE_LATENCY,
+    LEGACY_REQUESTS,
+    TOKENS_ISSUED,
+    mode_label,
+)
+from services.token.models import parse_token_request
+from services.token.origins import OriginPolicy
+from services.token.realtime import RealtimeMinter, SessionPolicy
+from services.token.revocation import Revoker
+from services.token.settings import Settings
+from shared import bus
+from shared.errors import ApiError, RateLimitedError, UnavailableError
+from shared.events import AuditEvent, EventPublisher, UsageEvent
+from shared.httpedge import (
+    IpNetwork,
+    add_edge_routes,
+    client_ip,
+    install_error_handlers,
+    parse_networks,
+    read_body_capped,
+)
+from shared.leases import LeaseClient
+from shared.ratelimit import Admission, Decision, Limit, redis_client
+from shared.telemetry import redactor
+from shared.tokens import TokenKeyring
+
+__all__ = ["SECURE_TOKEN_PATH", "TokenService", "create_app"]
+
+log = logging.getLogger(__name__)
+
+SECURE_TOKEN_PATH = "/api/voice-agent/secure-token"  # noqa: S105 - a path
+LEGACY_TOKEN_PATH = "/api/voice-agent/token"  # noqa: S105 - a path
+ISSUE_LAYER = "token_ip"
+_ISSUE_METHODS = ("POST",)
+_ISSUE_HEADERS = ("Content-Type",)
+_REVOKE_METHODS = ("DELETE",)
+_REVOKE_HEADERS = ("Authorization", "Content-Digest", "Signature", "Signature-Input")
+_NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
+
+# Error codes as the auditor's detectors name reasons (services/auditor/detectors.py).
+_REASONS = {
+    "origin_forbidden": "origin",
+    "origin_required": "origin",
+    "token_invalid": "invalid_token",
+    "token_expired": "expired",
+    "missing_token": "missing_token",
+    "token_mismatch": "forbidden",
+    "replay": "replay",
+}
+
+
+def _reason(code: str) -> str:
+    if code.startswith("signature_"):
+        return "signature"
+    if code.startswith("digest_"):
+        return "digest"
+    return _REASONS.get(code, code)
+
+
+@dataclass
+class TokenService:
+    """Everything a request needs, built once in the lifespan."""
+
+    settings: Settings
+    nc: NATS
+    redis: aioredis.Redis
+    events: EventPublisher
+    admission: Admission
+    issuer: TokenIssuer
+    revoker: Revoker
+    origins: OriginPolicy
+    trusted: list[IpNetwork]
+
+    def client_ip(self, request: Request) -> str:
+        peer = request.client.host if request.client else None
+        return client_ip(peer, request.headers.get("x-forwarded-for"), self.trusted)
+
+    def legacy_headers(self) -> dict[str, str]:
+        return {
+            "Deprecation": f"@{self.settings.legacy_deprecated_at}",
+            "Sunset": email.utils.formatdate(self.settings.legacy_sunset_at, usegmt=True),
+            "Link": f'<{SECURE_TOKEN_PATH}>; rel="successor-version"',
+        }
+
+    async def issue(self, request: Request, *, legacy: bool) -> Response:
+        started = time.perf_counter()
+        origin = request.headers.get("origin")
+        ip = self.client_ip(request)
+        extra = {**self.origins.response_headers(origin), **_NO_STORE}
+        if legacy:
+            LEGACY_REQUESTS.inc()
+            extra.update(self.legacy_headers())
+        mode: str | None = None
+        try:
+            self.origins.check(origin, required=True)
+            decision = await self.admission.check(
+                limits=[Limit(ISSUE_LAYER, ip, self.settings.rate_limit_per_minute, 60.0)],
+                client_ip=ip,
+            )
+            if not decision.allowed:
+                raise await self._refusal(decision, ip)
+            body = await read_body_capped(request, self.settings.max_body_bytes)
+            wanted = parse_token_request(body)
+            mode = wanted.mode
+            issued = await self.issuer.issue(wanted, origin=origin)
+        except ApiError as exc:
+            self._count_failure(exc, mode=mode, ip=ip, path=request.url.path, started=started)
+            exc.headers.update(extra)
+            raise
+        self._count_success(issued, ip=ip, path=request.url.path, started=started)
+        return JSONResponse(issued.body, headers={**decision.headers(), **extra})
+
+    async def revoke(self, request: Request, token_id: str) -> Response:
+        started = time.perf_counter()
+        origin = request.headers.get("origin")
+        ip = self.client_ip(request)
+        extra = {**self.origins.response_headers(origin), **_NO_STORE}
+        try:
+            self.origins.check(origin, required=False)
+            body = await read_body_capped(request, self.settings.max_body_bytes)
+            claims = await self.revoker.revoke_signed(
+                token_id=token_id,
+                method=request.method,
+                path=request.url.path,
+                query=request.url.query,
+                authority=request.headers.get("host", ""),
+                headers={k.lower(): v for k, v in request.headers.items()},
+                body=body,
+                client_ip=ip,
+            )
+        except ApiError as exc:
+            reason = _reason(exc.code)
+            if exc.status in (401, 403) and reason != "origin":
+                AUTH_FAILURES.labels("token", reason).inc()
+                if await self.admission.strike(ip, reason):
+                    self._blocked_event(ip)
+            self.events.emit(
+                UsageEvent(
+                    service="token",
+                    type="token.revoke_denied",
+                    outcome="denied" if exc.status < 500 else "error",
+                    reason=reason,
+                    status=exc.status,
+                    client_ip=ip,
+                    token_id=token_id if exc.code == "replay" else None,
+                    path=request.url.path,
+                    latency_ms=(time.perf_counter() - started) * 1000,
+                )
+            )
+            exc.headers.update(extra)
+            raise
+        self.events.emit(
+            AuditEvent(
+                service="token",
+                type="token.revoked",
+                actor="token-holder",
+                detail={"token_id": token_id, "session_id": claims.sid, "via": "signed_delete"},
+            )
+        )
+        self.events.emit(
+            UsageEvent(
+                service="token",
+                type="token.revoked",
+                client_ip=ip,
+                token_id=token_id,
+                session_id=claims.sid,
+                path=request.url.path,
+                status=200,
+                latency_ms=(time.perf_counter() - started) * 1000,
+            )
+        )
+        return JSONResponse(
+            {"revoked": True, "token_id": token_id, "expires_at": claims.exp}, headers=extra
+        )
+
+    def preflight(
+        self, request: Request, *, methods: tuple[str, ...], headers: tuple[str, ...]
+    ) -> Response:
+        answer = self.origins.preflight(
+            request.headers.get("origin"),
+            request.headers.get("access-control-request-method"),
+            methods=methods,
+            headers=headers,
+        )
+        return Response(status_code=204, headers=answer)
+
+    async def _refusal(self, decision: Decision, ip: str) -> ApiError:
+        if decision.reason == "unavailable":
+            return UnavailableError(
+                "rate limiting is unavailable; try again shortly",
+                code="rate_limit_unavailable",
+                headers=decision.headers(),
+            )
+        if decision.reason == "blocked":
+            return RateLimitedError(
+                "this client is temporarily blocked", code="blocked", headers=decision.headers()
+            )
+        if await self.admission.strike(ip, "rate_limited"):
+            self._blocked_event(ip)
+        return RateLimitedError(
+            "too many token requests", code="rate_limited", headers=decision.headers()
+        )
+
+    def _blocked_event(self, ip: str) -> None:
+        self.events.emit(
+            UsageEvent(
+                service="token",
+                type="ip.blocked",
+                outcome="denied",
+                reason="blocked",
+                client_ip=ip,
+            )
+        )
+
+    def _count_success(self, issued: Issued, *, ip: str, path: str, started: float) -> None:
+        elapsed = time.perf_counter() - started
+        TOKENS_ISSUED.labels(issued.mode, "ok").inc()
+        ISSUANCE_LATENCY.labels(issued.mode).observe(elapsed)
+        self.events.emit(
+            UsageEvent(
+                service="token",
+                type="token.issued",
+                outcome="ok",
+                reason=issued.fallback_reason,
+                status=200,
+                client_ip=ip,
+                token_id=issued.token_id,
+                session_id=issued.session_id,
+                mode=issued.mode,
+                path=path,
+                latency_ms=elapsed * 1000,
+            )
+        )
+
+    def _count_failure(
+        self, exc: ApiError, *, mode: str | None, ip: str, path: str, started: float
+    ) -> None:
+        elapsed = time.perf_counter() - started
+        result: Literal["denied", "error"] = "error" if exc.status >= 500 else "denied"
+        label = mode_label(mode)
+        TOKENS_ISSUED.labels(label, result).inc()
+        ISSUANCE_LATENCY.labels(label).observe(elapsed)
+        if result == "error":
+            log.warning(
+                "token request failed",
+                extra={"fields": {"code": exc.code, "status": exc.status, "mode": label}},
+            )
+        self.events.emit(
+            UsageEvent(
+                service="token",
+                type="token.denied" if result == "denied" else "token.error",
+                outcome=result,
+                reason=_reason(exc.code),
+                status=exc.status,
+                client_ip=ip,
+                mode=mode,
+                path=path,
+                latency_ms=elapsed * 1000,
+            )
+        )
+
+
+def _service(request: Request) -> TokenService:
+    service: TokenService = request.app.state.service
+    return service
+
+
+Service = Annotated[TokenService, Depends(_service)]
+
+
+def create_app(settings: Settings) -> FastAPI:
+    state: dict[str, Any] = {"nats_connected": False}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        redactor.register(*settings.secrets())
+
+        def on_state(connected: bool) -> None:
+            state["nats_connected"] = connected
+
+        store = redis_client(settings.redis_url, settings.redis_timeout_s)
+        nc = await bus.connect(settings, name="token", on_state=on_state)
+        events = EventPublisher(nc.jetstream())
+        events.start()
+        leases = LeaseClient(
+            nc,
+            requester="token",
+            environment=settings.node_env.value,
+            timeout_s=settings.nats_request_timeout_s,
+        )
+        await leases.start()
+        http = httpx.AsyncClient(
+            timeout=httpx.Timeout(settings.upstream_timeout_s),
+            limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
+            follow_redirects=False,
+        )
+        keyring = TokenKeyring(
+            settings.proxy_signing_key.get_secret_value(), settings.previous_signing_keys
+        )
+        admission = Admission(
+            store,
+            service="token",
+            failure_modes={ISSUE_LAYER: settings.rate_limit_failure_mode},
+            block_after_strikes=settings.block_after_strikes,
+            strike_window_s=settings.strike_window_s,
+            block_for_s=settings.block_for_s,
+        )
+        app.state.service = TokenService(
+            settings=settings,
+            nc=nc,
+            redis=store,
+            events=events,
+            admission=admission,
+            issuer=TokenIssuer(
+                keyring=keyring,
+                minter=RealtimeMinter(
+                    http=http,
+                    leases=leases,
+                    base_url=settings.openai_base_url,
+                    duration_s=settings.token_duration_s,
+                ),
+                policy=SessionPolicy(
+                    models=settings.realtime_models, voices=settings.realtime_voices
+                ),
+                duration_s=settings.token_duration_s,
+                proxy_url=settings.proxy_public_url,
+                scopes=settings.proxy_scopes,
+                demo_mode=settings.demo_mode,
+            ),
+            revoker=Revoker(
+                redis_client=store,
+                keyring=keyring,
+                admission=admission,
+                window_s=settings.signature_window_s,
+            ),
+            origins=OriginPolicy(settings.allowed_origins),
+            trusted=parse_networks(settings.trusted_proxies),
+        )
+        log.info(
+            "token service ready",
+            extra={"fields": {"demo_mode": settings.demo_mode, "env": settings.node_env.value}},
+        )
+        try:
+            yield
+        finally:
+            await events.close()
+            await leases.stop()
+            await http.aclose()
+            await nc.drain()
+            await store.aclose()
+
+    app = FastAPI(
+        title="keyveil token service",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    install_error_handlers(app)
+
+    async def nats_ready() -> bool:
+        return bool(state["nats_connected"])
+
+    async def redis_ready() -> bool:
+        service: TokenService = app.state.service
+        return bool(await service.redis.ping())
+
+    add_edge_routes(app, {"nats": nats_ready, "redis": redis_ready})
+
+    @app.post(SECURE_TOKEN_PATH)
+    async def secure_token(request: Request, service: Service) -> Response:
+        return await service.issue(request, legacy=False)
+
+    @app.post(LEGACY_TOKEN_PATH)
+    async def legacy_token(request: Request, service: Service) -> Response:
+        return await service.issue(request, legacy=True)
+
+    @app.options(SECURE_TOKEN_PATH)
+    @app.options(LEGACY_TOKEN_PATH)
+    async def token_preflight(request: Request, service: Service) -> Response:
+        return service.preflight(request, methods=_ISSUE_METHODS, headers=_ISSUE_HEADERS)
+
+    @app.delete(SECURE_TOKEN_PATH + "/{token_id}")
+    async def revoke_token(token_id: str, request: Request, service: Service) -> Response:
+        return await service.revoke(request, token_id)
+
+    @app.options(SECURE_TOKEN_PATH + "/{token_id}")
+    async def revoke_preflight(request: Request, service: Service) -> Response:
+        return service.preflight(request, methods=_REVOKE_METHODS, headers=_REVOKE_HEADERS)
+
+    return app
