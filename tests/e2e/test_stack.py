@@ -21,7 +21,7 @@ import pytest
 
 from shared.crypto import b64url_decode
 from shared.signing import sign_request
-from tests.e2e.conftest import ORIGIN, Stack
+from tests.stack import ORIGIN, Stack
 from tests.support import TEST_PROVIDER_KEY
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

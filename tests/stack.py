@@ -1,0 +1,103 @@
+"""Run the whole system the way `keyveil up` runs it, for end-to-end and proof suites."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.support import REPO, TEST_PROVIDER_KEY
+
+ORIGIN = "http://localhost:5173"
+_INHERITED_SECRETS = ("OPENAI_", "NATS_", "REDIS_", "KEY_ENCRYPTION", "PROXY_SIGNING")
+
+
+class Stack:
+    """A running `keyveil up` and what its stack.json says."""
+
+    def __init__(self, state_dir: Path, process: subprocess.Popen[bytes]) -> None:
+        self.state_dir = state_dir
+        self.process = process
+
+    @property
+    def info(self) -> dict[str, Any]:
+        data: dict[str, Any] = json.loads((self.state_dir / "stack.json").read_text())
+        return data
+
+    def url(self, name: str) -> str:
+        return str(self.info[f"{name}_url"])
+
+    def pid(self, name: str) -> int:
+        return int(self.info["pids"][name])
+
+    def log(self, name: str) -> str:
+        return Path(self.info["logs"][name]).read_text(errors="replace")
+
+    def wait_ready(self, name: str, *, timeout: float = 30.0, old_pid: int | None = None) -> float:
+        """Seconds until `name` (restarted, when `old_pid` is given) answers /readyz."""
+        started = time.monotonic()
+        deadline = started + timeout
+        while time.monotonic() < deadline:
+            try:
+                if old_pid is None or self.pid(name) != old_pid:
+                    url = self.info["metrics_urls"][name].removesuffix("/metrics")
+                    if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                        return time.monotonic() - started
+            except (httpx.HTTPError, KeyError, ValueError, OSError):
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"{name} not ready within {timeout}s")
+
+
+@contextmanager
+def running_stack(
+    state_dir: Path,
+    *,
+    args: Sequence[str] = ("--fake-upstream",),
+    env: Mapping[str, str] | None = None,
+    timeout: float = 120.0,
+) -> Iterator[Stack]:
+    """`keyveil up --base-port 0 --state-dir D <args>` until ready; Ctrl-C on exit."""
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith(_INHERITED_SECRETS)}
+    child_env.update(
+        OPENAI_API_KEY=TEST_PROVIDER_KEY, ALLOWED_ORIGINS=ORIGIN, NODE_ENV="development"
+    )
+    child_env.update(env or {})
+    argv = [sys.executable, "-m", "keyveil.cli", "up", "--base-port", "0"]
+    argv += ["--state-dir", str(state_dir), *args]
+    with (state_dir / "up.log").open("wb") as log:
+        process = subprocess.Popen(  # noqa: S603
+            argv, env=child_env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT
+        )
+    stack = Stack(state_dir, process)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError((state_dir / "up.log").read_text())
+            try:
+                if stack.info.get("ready"):
+                    break
+            except (FileNotFoundError, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                tail = (state_dir / "up.log").read_text()[-4000:]
+                raise TimeoutError(f"keyveil up not ready:\n{tail}")
+            time.sleep(0.2)
+        yield stack
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
