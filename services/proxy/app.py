@@ -1,0 +1,204 @@
+"""The proxy's HTTP edge: wiring, lifespan, CORS, and the allowlisted proxy paths.
+
+The proxy paths bypass FastAPI's router and go straight to `ProxyHandler` (an ASGI
+callable): routing, dependency injection and pydantic would cost more than every
+check the proxy makes. Health, readiness and metrics are ordinary FastAPI routes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+
+import orjson
+from fastapi import FastAPI
+from nats.aio.client import Client as NATS
+from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from shared import bus
+from shared.errors import ApiError
+from shared.events import EventPublisher
+from shared.httpedge import add_edge_routes, install_error_handlers, parse_networks
+from shared.leases import LeaseClient
+from shared.ratelimit import Admission, redis_client
+from shared.telemetry import redactor
+from shared.tokens import TokenKeyring
+
+from .access import TokenCache
+from .cache import ResponseCache
+from .handler import ProxyHandler
+from .routes import PREFIX
+from .settings import Settings
+from .upstream import Forwarder, KeySource
+
+__all__ = ["CORS_ALLOWED_HEADERS", "CORS_EXPOSED_HEADERS", "create_app"]
+
+log = logging.getLogger(__name__)
+
+CORS_ALLOWED_HEADERS = [
+    "Authorization",
+    "Content-Type",
+    "Content-Digest",
+    "Signature",
+    "Signature-Input",
+    "X-Keyveil-Cache",
+]
+CORS_EXPOSED_HEADERS = ["RateLimit", "RateLimit-Policy", "Retry-After", "X-Keyveil-Cache"]
+_NOT_READY = orjson.dumps(
+    {"error": {"code": "not_ready", "message": "the proxy is starting or stopping"}}
+)
+_INTERNAL = orjson.dumps({"error": {"code": "internal_error", "message": "internal error"}})
+
+
+@dataclass
+class _Live:
+    handler: ProxyHandler | None = None
+
+
+class _ProxyPaths:
+    """Sends the proxy prefix to the handler and everything else to FastAPI."""
+
+    def __init__(self, app: ASGIApp, live: _Live) -> None:
+        self.app = app
+        self.live = live
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(PREFIX):
+            await self.app(scope, receive, send)
+            return
+        handler = self.live.handler
+        if handler is None:
+            await _send_json(send, 503, _NOT_READY)
+            return
+        try:
+            await handler(scope, receive, send)
+        except ApiError:
+            raise
+        except Exception as exc:  # never a traceback or a 500 page to the client
+            log.error("unhandled %s in the proxy path", type(exc).__name__, exc_info=exc)
+            with contextlib.suppress(Exception):
+                await _send_json(send, 500, _INTERNAL)
+
+
+async def _send_json(send: Send, status: int, body: bytes) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def create_app(settings: Settings, *, keys: KeySource | None = None) -> FastAPI:
+    """The proxy app. `keys` replaces the key-manager lease client (benchmarks only)."""
+    redactor.register(*settings.secret_values())
+    live = _Live()
+    state = {"nats": False}
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            redis = redis_client(settings.redis_url, settings.redis_timeout_s)
+            stack.push_async_callback(redis.aclose)
+
+            def on_state(connected: bool) -> None:
+                state["nats"] = connected
+
+            nc: NATS = await bus.connect(settings, name="proxy", on_state=on_state)
+            stack.push_async_callback(nc.drain)
+            publisher = EventPublisher(nc.jetstream())
+            publisher.start()
+            stack.push_async_callback(publisher.close)
+            key_source = keys
+            if key_source is None:
+                leases = LeaseClient(nc, requester="proxy", environment=settings.lease_environment)
+                await leases.start()
+                stack.push_async_callback(leases.stop)
+                key_source = leases
+            forwarder: Forwarder | None = None
+            if not settings.demo_mode:
+                forwarder = Forwarder(
+                    base_url=settings.openai_base_url,
+                    keys=key_source,
+                    connect_timeout_s=settings.upstream_connect_timeout_s,
+                    read_timeout_s=settings.upstream_read_timeout_s,
+                    max_connections=settings.upstream_max_connections,
+                )
+                stack.push_async_callback(forwarder.aclose)
+            previous = settings.proxy_signing_key_previous
+            keyring = TokenKeyring(
+                settings.proxy_signing_key.get_secret_value(),
+                [previous.get_secret_value()] if previous is not None else [],
+            )
+            handler = ProxyHandler(
+                settings=settings,
+                tokens=TokenCache(keyring, settings.token_cache_size),
+                admission=Admission(redis, service="proxy"),
+                forwarder=forwarder,
+                cache=ResponseCache(
+                    redis,
+                    ttl_s=settings.cache_ttl_s,
+                    max_entry_bytes=settings.cache_max_entry_bytes,
+                )
+                if settings.cache_max_entry_bytes
+                else None,
+                publisher=publisher,
+                trusted_proxies=parse_networks(settings.trusted_proxies),
+            )
+            stack.push_async_callback(handler.drain)
+            app.state.redis = redis
+            app.state.nats = nc
+            if forwarder is not None:
+                # Warm the lease cache so the first request does not pay for it.
+                warm = asyncio.create_task(_warm(key_source))
+                stack.callback(warm.cancel)
+            live.handler = handler
+            try:
+                yield
+            finally:
+                live.handler = None
+
+    app = FastAPI(
+        title="keyveil proxy",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    install_error_handlers(app)
+
+    async def nats_ready() -> bool:
+        return bool(state["nats"])
+
+    async def redis_ready() -> bool:
+        return bool(await app.state.redis.ping())
+
+    add_edge_routes(app, {"nats": nats_ready, "redis": redis_ready})
+    app.add_middleware(_ProxyPaths, live=live)
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=settings.allowed_origins,
+        allow_methods=["POST"],
+        allow_headers=CORS_ALLOWED_HEADERS,
+        expose_headers=CORS_EXPOSED_HEADERS,
+        allow_credentials=False,
+        max_age=600,
+    )
+    return app
+
+
+async def _warm(keys: KeySource) -> None:
+    try:
+        await keys.authorization()
+    except ApiError as exc:
+        log.warning("key lease not available yet (%s)", exc.code)

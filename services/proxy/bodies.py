@@ -1,0 +1,199 @@
+"""Request bodies: read under a size cap, hashed as they arrive, checked before use.
+
+JSON bodies are small and held in memory. Uploads (speech to text) are spooled to a
+temporary file past 1 MiB, so a 25 MB upload never sits whole in memory, and they go
+upstream only after the digest matched and the form was seen to carry a file: a
+tampered or malformed upload never reaches the provider.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import IO, Any
+
+import orjson
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from shared.errors import ApiError, BadRequestError, PayloadTooLargeError
+from shared.signing import ExpectedDigest
+
+__all__ = [
+    "JsonBody",
+    "UnsupportedMediaTypeError",
+    "Upload",
+    "read_json",
+    "spool_multipart",
+]
+
+_SPOOL_IN_MEMORY = 1024 * 1024
+_UPLOAD_CHUNK = 256 * 1024
+
+
+class UnsupportedMediaTypeError(ApiError):
+    status = 415
+    default_code = "unsupported_media_type"
+
+
+def _check_declared_length(content_length: str | None, limit: int) -> None:
+    if content_length is not None and content_length.isdigit() and int(content_length) > limit:
+        raise PayloadTooLargeError(f"body exceeds {limit} bytes")
+
+
+@dataclass(frozen=True)
+class JsonBody:
+    raw: bytes
+    payload: dict[str, Any]
+
+    @property
+    def model(self) -> str | None:
+        model = self.payload.get("model")
+        return model if isinstance(model, str) else None
+
+
+async def read_json(
+    chunks: AsyncIterator[bytes],
+    *,
+    content_type: str | None,
+    content_length: str | None,
+    digest: ExpectedDigest,
+    limit: int,
+) -> JsonBody:
+    if content_type is None or not content_type.lower().startswith("application/json"):
+        raise UnsupportedMediaTypeError("Content-Type must be application/json")
+    _check_declared_length(content_length, limit)
+    hasher = digest.new_hasher()
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLargeError(f"body exceeds {limit} bytes")
+        hasher.update(chunk)
+        parts.append(chunk)
+    digest.check(hasher.digest())
+    raw = b"".join(parts)
+    try:
+        payload = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise BadRequestError("body is not valid JSON", code="invalid_json") from None
+    if not isinstance(payload, dict):
+        raise BadRequestError("body must be a JSON object", code="invalid_json")
+    return JsonBody(raw, payload)
+
+
+@dataclass
+class _FormScan:
+    """Names the multipart parts as they stream past (no part data is kept)."""
+
+    header_field: bytearray = field(default_factory=bytearray)
+    header_value: bytearray = field(default_factory=bytearray)
+    disposition: bytes = b""
+    has_file: bool = False
+    model: bytearray | None = None
+    in_model: bool = False
+
+    def on_part_begin(self) -> None:
+        self.disposition = b""
+        self.in_model = False
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self.header_field += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self.header_value += data[start:end]
+
+    def on_header_end(self) -> None:
+        if bytes(self.header_field).lower() == b"content-disposition":
+            self.disposition = bytes(self.header_value)
+        self.header_field.clear()
+        self.header_value.clear()
+
+    def on_headers_finished(self) -> None:
+        _, options = parse_options_header(self.disposition)
+        name = options.get(b"name")
+        if name == b"file" and b"filename" in options:
+            self.has_file = True
+        elif name == b"model":
+            self.model = bytearray()
+            self.in_model = True
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if self.in_model and self.model is not None and len(self.model) < 256:
+            self.model += data[start:end]
+
+
+@dataclass
+class Upload:
+    """A spooled multipart body, ready to stream upstream."""
+
+    file: IO[bytes]
+    size: int
+    content_type: str
+    model: str | None
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        self.file.seek(0)
+        while chunk := self.file.read(_UPLOAD_CHUNK):
+            yield chunk
+
+    def close(self) -> None:
+        self.file.close()
+
+
+async def spool_multipart(
+    chunks: AsyncIterator[bytes],
+    *,
+    content_type: str | None,
+    content_length: str | None,
+    digest: ExpectedDigest,
+    limit: int,
+) -> Upload:
+    kind, options = parse_options_header(content_type or "")
+    boundary = options.get(b"boundary")
+    if kind != b"multipart/form-data" or not boundary:
+        raise UnsupportedMediaTypeError("Content-Type must be multipart/form-data with a boundary")
+    _check_declared_length(content_length, limit)
+    scan = _FormScan()
+    parser = MultipartParser(
+        boundary,
+        {
+            "on_part_begin": scan.on_part_begin,
+            "on_header_field": scan.on_header_field,
+            "on_header_value": scan.on_header_value,
+            "on_header_end": scan.on_header_end,
+            "on_headers_finished": scan.on_headers_finished,
+            "on_part_data": scan.on_part_data,
+        },
+    )
+    hasher = digest.new_hasher()
+    spool = tempfile.SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY)  # noqa: SIM115 - closed by Upload
+    size = 0
+    try:
+        async for chunk in chunks:
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLargeError(f"body exceeds {limit} bytes")
+            hasher.update(chunk)
+            spool.write(chunk)
+            try:
+                parser.write(chunk)
+            except Exception:  # python-multipart raises its own and ValueErrors
+                raise BadRequestError(
+                    "malformed multipart body", code="invalid_multipart"
+                ) from None
+        digest.check(hasher.digest())
+        if not scan.has_file:
+            raise BadRequestError("the form needs a file part", code="file_missing")
+        if not scan.model:
+            raise BadRequestError("the form needs a model field", code="model_missing")
+    except BaseException:
+        spool.close()
+        raise
+    return Upload(
+        file=spool,
+        size=size,
+        content_type=content_type or "",
+        model=bytes(scan.model).decode("utf-8", "replace").strip(),
+    )

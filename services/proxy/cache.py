@@ -1,0 +1,66 @@
+"""Opt-in response cache for deterministic requests (e.g. the same text to speech).
+
+Entries are per token subject (`sid`), keyed by a hash of the canonical request, with
+a TTL and a size cap. The cache is an optimisation, never a security decision: a
+Redis failure is a miss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from .metrics import CACHE
+from .routes import Route
+
+__all__ = ["OPT_IN_HEADER", "CachedAnswer", "ResponseCache"]
+
+log = logging.getLogger(__name__)
+
+OPT_IN_HEADER = "x-keyveil-cache"
+_TROUBLE = (redis.exceptions.RedisError, OSError, TimeoutError)
+
+CachedAnswer = tuple[str, bytes]
+
+
+class ResponseCache:
+    def __init__(self, redis: aioredis.Redis, *, ttl_s: int, max_entry_bytes: int) -> None:
+        self._redis = redis
+        self._ttl_s = ttl_s
+        self.max_entry_bytes = max_entry_bytes
+
+    @staticmethod
+    def key(*, sid: str, route: Route, payload: dict[str, Any]) -> str:
+        canonical = orjson.dumps(payload, option=orjson.OPT_SORT_KEYS)
+        digest = hashlib.sha256(route.endpoint.encode() + b"\0" + canonical).hexdigest()
+        sid_hash = hashlib.sha256(sid.encode()).hexdigest()[:32]
+        return f"kv:cache:{sid_hash}:{digest}"
+
+    async def get(self, key: str) -> CachedAnswer | None:
+        try:
+            raw = await self._redis.get(key)
+        except _TROUBLE as exc:
+            log.warning("response cache unavailable (%s)", type(exc).__name__)
+            CACHE.labels("miss").inc()
+            return None
+        if not isinstance(raw, bytes) or b"\n" not in raw:
+            CACHE.labels("miss").inc()
+            return None
+        CACHE.labels("hit").inc()
+        content_type, _, body = raw.partition(b"\n")
+        return content_type.decode("latin-1"), body
+
+    async def put(self, key: str, content_type: str, body: bytes) -> None:
+        if len(body) > self.max_entry_bytes or "\n" in content_type:
+            return
+        try:
+            await self._redis.set(
+                key, content_type.encode("latin-1") + b"\n" + body, ex=self._ttl_s
+            )
+        except _TROUBLE as exc:
+            log.warning("response cache not written (%s)", type(exc).__name__)
