@@ -75,7 +75,7 @@ def running_stack(
     argv = [sys.executable, "-m", "keyveil.cli", "up", "--base-port", "0"]
     argv += ["--state-dir", str(state_dir), *args]
     with (state_dir / "up.log").open("wb") as log:
-        process = subprocess.Popen(  # noqa: S603
+        process = subprocess.Popen(
             argv, env=child_env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT
         )
     stack = Stack(state_dir, process)

@@ -79,7 +79,7 @@ class ServiceProcess:
         env["KEYVEIL_PORT"] = str(self.port)
         env.setdefault("LOG_LEVEL", "INFO")
         with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(  # noqa: S603
+            self.process = subprocess.Popen(
                 [sys.executable, "-m", f"services.{self.name}"],
                 env=env,
                 stdout=log,
