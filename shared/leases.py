@@ -1,6 +1,7 @@
 """Key leases over NATS: the contract, and the requester's sealed-lease cache.
 
-A token or proxy instance makes an X25519 key pair at start-up (never persisted),
+A token or proxy instance makes an HPKE key pair at start-up (never persisted;
+X25519, or the hybrid ML-KEM-768 + X25519 with `kem=Kem.mlkem768_x25519`),
 asks `keyveil.km.lease` for a key, and gets it back sealed to that public key.
 The cache keeps the sealed lease until it expires; the plaintext exists only for
 the moment a caller builds an upstream Authorization header.
@@ -13,15 +14,13 @@ import logging
 import time
 import uuid
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from pydantic import BaseModel, ConfigDict
 
 from shared import bus
-from shared.crypto import Kem, SealError, b64url_decode, b64url_encode, open_sealed
+from shared.crypto import Kem, RequesterKeyPair, SealError, b64url_decode, b64url_encode
 from shared.errors import BusError, UnavailableError
 
 __all__ = [
@@ -101,12 +100,11 @@ class LeaseClient:
         requester: str,
         environment: str,
         timeout_s: float = 2.0,
+        kem: Kem = Kem.x25519,
     ) -> None:
         self._nc = nc
-        self._private_key = X25519PrivateKey.generate()
-        public = self._private_key.public_key().public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw
-        )
+        self._keypair = RequesterKeyPair(kem)
+        public = self._keypair.public_bytes
         self._environment = environment
         self._requester = requester
         self.instance_id = uuid.uuid4().hex
@@ -143,6 +141,7 @@ class LeaseClient:
                 requester=self._requester,
                 instance_id=self.instance_id,
                 public_key=self._public_key,
+                kem=self._keypair.kem,
                 provider=provider,
                 environment=self._environment,
             )
@@ -162,13 +161,8 @@ class LeaseClient:
         """`Bearer <key>` for one upstream request, and the lease it came from."""
         request, reply = await self.lease(provider)
         try:
-            key = open_sealed(
-                b64url_decode(reply.sealed),
-                self._private_key,
-                info=reply.info_for(request),
-                kem=request.kem,
-            )
-        except SealError:
+            key = self._keypair.open(b64url_decode(reply.sealed), info=reply.info_for(request))
+        except (SealError, ValueError):
             self._cache.pop(provider, None)
             raise UnavailableError(
                 "key lease could not be opened", code="key_unavailable"

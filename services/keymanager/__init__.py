@@ -1,0 +1,1 @@
+"""The key-manager: the only holder of provider keys (encrypted at rest), leasing them sealed."""

@@ -1,0 +1,219 @@
+"""The key-manager process: NATS handlers for leases and admin, and a metrics-only HTTP edge.
+
+`KeyManager` owns the running parts (connection, store, handlers, policy loop) so tests
+can run one in-process; `create_app` wraps it in a FastAPI lifespan for `__main__`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from types import TracebackType
+
+from fastapi import FastAPI
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from services.keymanager.admin import AdminDesk
+from services.keymanager.keys import SERVICE, KeyPolicy, KeyService
+from services.keymanager.leasing import LeaseDesk
+from services.keymanager.settings import Settings
+from services.keymanager.store import KeyStore
+from shared.bus import connect, traced_handler
+from shared.crypto import KekRing
+from shared.events import EventPublisher
+from shared.httpedge import add_edge_routes, install_error_handlers
+from shared.keyadmin import ADMIN_PREFIX
+from shared.leases import KEYMANAGER_QUEUE, LEASE_SUBJECT, ROTATED_SUBJECT, RotatedNotice
+from shared.telemetry import inject_context, redactor
+
+__all__ = ["KeyManager", "create_app"]
+
+log = logging.getLogger(__name__)
+
+_MAX_IN_FLIGHT = 256
+
+
+class KeyManager:
+    """One key-manager replica: start it, serve, stop it (drains and flushes)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        redactor.register(*settings.secrets())
+        self.keyring = KekRing.from_secrets(
+            settings.key_encryption_secret.get_secret_value(),
+            settings.key_encryption_secret_previous.get_secret_value()
+            if settings.key_encryption_secret_previous
+            else None,
+        )
+        self._nc: NATS | None = None
+        self._connected = False
+        self._events: EventPublisher | None = None
+        self._keys: KeyService | None = None
+        self._subscriptions: list[Subscription] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(_MAX_IN_FLIGHT)
+        self._policy_task: asyncio.Task[None] | None = None
+
+    @property
+    def keys(self) -> KeyService:
+        if self._keys is None:
+            raise RuntimeError("KeyManager.start() was not awaited")
+        return self._keys
+
+    @property
+    def nc(self) -> NATS:
+        if self._nc is None:
+            raise RuntimeError("KeyManager.start() was not awaited")
+        return self._nc
+
+    async def start(self) -> None:
+        settings = self.settings
+        self._nc = await connect(settings, name=SERVICE, on_state=self._on_state)
+        js = self._nc.jetstream(timeout=settings.nats_request_timeout_s)
+        self._events = EventPublisher(js, num_replicas=settings.kv_replicas)
+        self._events.start()
+        store = KeyStore(
+            js,
+            bucket=settings.kv_bucket,
+            replicas=settings.kv_replicas,
+            history=settings.kv_history,
+        )
+        await store.open()
+        self._keys = KeyService(
+            store=store,
+            keyring=self.keyring,
+            events=self._events,
+            policy=KeyPolicy(
+                rotation_grace_s=settings.rotation_grace_s,
+                max_key_age_s=settings.max_key_age_s,
+                rotation_due_interval_s=settings.rotation_due_interval_s,
+            ),
+            notify=self._publish_notice,
+        )
+        await self._keys.refresh()
+        if settings.openai_api_key is not None:
+            await self._keys.bootstrap(
+                settings.openai_api_key.get_secret_value().encode(),
+                provider="openai",
+                environment=settings.node_env.value,
+            )
+        leases = LeaseDesk(keys=self._keys, settings=settings)
+        admin = AdminDesk(keys=self._keys, keyring=self.keyring, settings=settings)
+        self._subscriptions = [
+            await self._nc.subscribe(
+                LEASE_SUBJECT,
+                queue=KEYMANAGER_QUEUE,
+                cb=self._concurrent(traced_handler(__name__, "km.lease", leases.handle)),
+            ),
+            await self._nc.subscribe(
+                f"{ADMIN_PREFIX}.*",
+                queue=KEYMANAGER_QUEUE,
+                cb=self._concurrent(traced_handler(__name__, "km.admin", admin.handle)),
+            ),
+        ]
+        await self._nc.flush()
+        self._policy_task = asyncio.create_task(self._policy_loop(), name="key-policy")
+        log.info(
+            "key manager serving %s (KEK %s)", settings.node_env.value, self.keyring.current.kek_id
+        )
+
+    async def stop(self) -> None:
+        if self._policy_task is not None:
+            self._policy_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._policy_task
+        for subscription in self._subscriptions:
+            with contextlib.suppress(Exception):
+                await subscription.unsubscribe()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=10)
+        if self._events is not None:
+            await self._events.close()
+        if self._nc is not None and not self._nc.is_closed:
+            with contextlib.suppress(Exception):
+                await self._nc.drain()
+
+    async def __aenter__(self) -> KeyManager:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def ready(self) -> bool:
+        return self._connected and self._keys is not None
+
+    @property
+    def events(self) -> EventPublisher:
+        if self._events is None:
+            raise RuntimeError("KeyManager.start() was not awaited")
+        return self._events
+
+    def _on_state(self, connected: bool) -> None:
+        self._connected = connected
+
+    def _concurrent(
+        self, handler: Callable[[Msg], Awaitable[None]]
+    ) -> Callable[[Msg], Awaitable[None]]:
+        """Answer requests concurrently (bounded), not one at a time per subscription."""
+
+        async def run(msg: Msg) -> None:
+            async with self._slots:
+                await handler(msg)
+
+        async def spawn(msg: Msg) -> None:
+            task = asyncio.create_task(run(msg))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        return spawn
+
+    async def _publish_notice(self, notice: RotatedNotice) -> None:
+        try:
+            await self.nc.publish(
+                ROTATED_SUBJECT, notice.model_dump_json().encode(), headers=dict(inject_context({}))
+            )
+        except Exception as exc:  # requesters still expire their leases on their own
+            log.warning("rotated notice not published: %s", type(exc).__name__)
+
+    async def _policy_loop(self) -> None:
+        while True:
+            try:
+                await self.keys.enforce_policy()
+            except Exception as exc:  # NATS may be down for a while; try again next round
+                log.warning("key policy round failed: %s", type(exc).__name__)
+            await asyncio.sleep(self.settings.policy_interval_s)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    manager = KeyManager(settings)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await manager.start()
+        try:
+            yield
+        finally:
+            await manager.stop()
+
+    app = FastAPI(
+        title="keyveil key-manager",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.manager = manager
+    install_error_handlers(app)
+    add_edge_routes(app, {"nats": manager.ready})
+    return app

@@ -1,0 +1,161 @@
+"""Lease requests on `keyveil.km.lease`: check who asks, then seal the key to them.
+
+A refusal is a typed error reply (`{"error": {"code", "message"}}`), never a crash;
+every answer is counted and audited, with the requester's service identity as actor.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+from nats.aio.msg import Msg
+from pydantic import ValidationError
+
+from services.keymanager import metrics
+from services.keymanager.keys import KeyService
+from services.keymanager.settings import Settings
+from shared.bus import parse_request, reply_error, reply_model
+from shared.crypto import SealError, b64url_decode, b64url_encode, seal_for_requester
+from shared.errors import ApiError, BadRequestError, ForbiddenError
+from shared.keyadmin import PROVIDER_PATTERN, KeyStatus
+from shared.leases import LeaseReply, LeaseRequest
+
+__all__ = ["LeaseDesk", "inbox_owner"]
+
+log = logging.getLogger(__name__)
+
+_IDENTITY = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+_PROVIDER = re.compile(PROVIDER_PATTERN)
+_MAX_REQUEST_BYTES = 8192
+
+
+def inbox_owner(reply: str | None) -> str | None:
+    """The NATS user a reply subject belongs to (`_INBOX_<user>.…`), if it is user-scoped."""
+    if not reply or not reply.startswith("_INBOX_"):
+        return None
+    return reply[len("_INBOX_") :].split(".", 1)[0] or None
+
+
+class LeaseDesk:
+    def __init__(self, *, keys: KeyService, settings: Settings) -> None:
+        self._keys = keys
+        self._settings = settings
+        self._allowed = frozenset(settings.allowed_requesters)
+
+    async def handle(self, msg: Msg) -> None:
+        started = time.perf_counter()
+        actor = "unknown"
+        try:
+            request = self._parse(msg)
+            actor = request.requester if _IDENTITY.match(request.requester) else "unknown"
+            self._authorise(request, msg.reply)
+            reply = await self._grant(request)
+        except ApiError as exc:
+            refused = isinstance(exc, BadRequestError | ForbiddenError)
+            result = "denied" if refused else "error"
+            self._count(actor, result)
+            self._keys.audit(
+                "lease_denied" if refused else "lease_failed",
+                actor=actor,
+                outcome="denied" if refused else "failure",
+                key_id=getattr(exc, "key_id", None),
+                reason=exc.code,
+            )
+            await reply_error(msg, exc.code, exc.message)
+            return
+        except Exception as exc:  # a lease request must never take the service down
+            log.error("lease request failed: %s", type(exc).__name__, exc_info=exc)
+            self._count(actor, "error")
+            self._keys.audit("lease_failed", actor=actor, outcome="failure", reason="internal")
+            await reply_error(msg, "internal_error", "the key manager could not answer")
+            return
+        finally:
+            metrics.LEASE_SECONDS.observe(time.perf_counter() - started)
+        await reply_model(msg, reply)
+        self._count(actor, "granted")
+
+    def _parse(self, msg: Msg) -> LeaseRequest:
+        if len(msg.data) > _MAX_REQUEST_BYTES:
+            raise BadRequestError("lease request too large", code="malformed_request")
+        try:
+            return parse_request(msg, LeaseRequest)
+        except ValidationError as exc:
+            fields = sorted({str(e["loc"][0]) for e in exc.errors() if e["loc"]})
+            detail = f" ({', '.join(fields)})" if fields else ""
+            raise BadRequestError(
+                f"malformed lease request{detail}", code="malformed_request"
+            ) from None
+
+    def _authorise(self, request: LeaseRequest, reply: str | None) -> None:
+        if not reply:
+            raise BadRequestError("a lease is a request: no reply subject", code="no_reply")
+        if request.requester not in self._allowed:
+            raise ForbiddenError("requester is not allowed to lease keys", code="requester_denied")
+        owner = inbox_owner(reply)
+        if owner is not None and owner != request.requester:
+            raise ForbiddenError(
+                "requester does not match the reply inbox", code="requester_mismatch"
+            )
+        if owner is None and self._settings.scoped_inbox_required:
+            raise ForbiddenError("reply inbox is not user-scoped", code="unscoped_inbox")
+        if request.environment != self._settings.node_env.value:
+            raise ForbiddenError(
+                f"this key manager serves {self._settings.node_env.value} only",
+                code="environment_mismatch",
+            )
+        if not _PROVIDER.match(request.provider):
+            raise BadRequestError("unknown provider", code="malformed_request")
+        if request.kem not in self._settings.kems:
+            raise BadRequestError(
+                f"KEM {request.kem.value} is not allowed here", code="kem_not_allowed"
+            )
+
+    async def _grant(self, request: LeaseRequest) -> LeaseReply:
+        try:
+            public_key = b64url_decode(request.public_key)
+        except ValueError:
+            raise BadRequestError(
+                "public key is not base64url", code="invalid_public_key"
+            ) from None
+        record = await self._keys.leasable(request.provider, request.environment)
+        expires_at = time.time() + self._settings.lease_ttl_s
+        if record.status is KeyStatus.retiring and record.retire_at is not None:
+            expires_at = min(expires_at, record.retire_at)
+        shell = LeaseReply(
+            lease_id=uuid.uuid4().hex,
+            key_id=record.key_id,
+            version=record.version,
+            provider=record.provider,
+            environment=record.environment,
+            expires_at=round(expires_at, 3),
+            sealed="",
+        )
+        plaintext = self._keys.decrypt(record, actor=request.requester)
+        try:
+            sealed = seal_for_requester(
+                plaintext, public_key, info=shell.info_for(request), kem=request.kem
+            )
+        except SealError:
+            raise BadRequestError(
+                f"not a valid {request.kem.value} public key", code="invalid_public_key"
+            ) from None
+        finally:
+            del plaintext
+        self._keys.audit(
+            "lease_granted",
+            actor=request.requester,
+            record=record,
+            lease_id=shell.lease_id,
+            expires_at=shell.expires_at,
+            kem=request.kem.value,
+            instance_id=request.instance_id[:64],
+        )
+        return shell.model_copy(update={"sealed": b64url_encode(sealed)})
+
+    def _count(self, actor: str, result: str) -> None:
+        metrics.LEASES.labels(result).inc()
+        requester = actor if actor in self._allowed else "other"
+        metrics.REQUESTER_LEASES.labels(requester, result).inc()

@@ -1,0 +1,176 @@
+"""Key administration over NATS: one typed request and reply per `keyveil.km.admin.<op>`.
+
+The operator CLI and the key-manager both import these. A provider key never crosses
+the bus in the clear: the CLI first asks `intake` for the key-manager's intake public
+key (derived from KEY_ENCRYPTION_SECRET, so every replica holds it), then sends the key
+HPKE-sealed to it, bound by `intake_info` to the operation and its target.
+Replies never carry key material: only id, version, status, times, fingerprint and
+the last four characters.
+"""
+
+from __future__ import annotations
+
+import time
+from enum import StrEnum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from shared.crypto import Kem
+
+__all__ = [
+    "ADMIN_PREFIX",
+    "ADMIN_SUBJECTS",
+    "ENVIRONMENT_PATTERN",
+    "KEY_ID_PATTERN",
+    "PROVIDER_PATTERN",
+    "AddKeyRequest",
+    "AdminOp",
+    "IntakeReply",
+    "IntakeRequest",
+    "KeyInfo",
+    "KeyListReply",
+    "KeyMutationReply",
+    "KeyStatus",
+    "ListKeysRequest",
+    "RevokeKeyRequest",
+    "RewrapReply",
+    "RewrapRequest",
+    "RotateKeyRequest",
+    "SealedSecret",
+    "ShowKeyRequest",
+    "admin_subject",
+    "intake_info",
+]
+
+ADMIN_PREFIX = "keyveil.km.admin"
+PROVIDER_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,31}$"
+ENVIRONMENT_PATTERN = r"^(development|staging|production)$"
+KEY_ID_PATTERN = r"^key_[0-9a-f]{16}$"
+
+
+class AdminOp(StrEnum):
+    intake = "intake"
+    add = "add"
+    list = "list"
+    show = "show"
+    rotate = "rotate"
+    revoke = "revoke"
+    rewrap = "rewrap"
+
+
+def admin_subject(op: AdminOp) -> str:
+    return f"{ADMIN_PREFIX}.{op.value}"
+
+
+ADMIN_SUBJECTS = {op: admin_subject(op) for op in AdminOp}
+
+
+class KeyStatus(StrEnum):
+    active = "active"
+    retiring = "retiring"  # superseded; still served during the grace period
+    retired = "retired"  # grace period over; never served again
+    revoked = "revoked"  # stopped at once by an operator
+
+
+def intake_info(op: AdminOp, *, target: str, nonce: str) -> bytes:
+    """HPKE info for a sealed key: it opens only for this operation on this target.
+
+    The target of `add` is `<provider>/<environment>`; of `rotate`, the key id.
+    """
+    return "|".join(("keyveil-intake-v1", op.value, target, nonce)).encode()
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    actor: str = Field(default="operator", pattern=r"^[A-Za-z0-9_.@:-]{1,64}$")
+
+
+class SealedSecret(BaseModel):
+    """A provider key sealed to the intake key (X25519 HPKE), never the key itself."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kek_id: str = Field(max_length=64)
+    nonce: str = Field(pattern=r"^[A-Za-z0-9_-]{16,64}$")
+    sealed: str = Field(max_length=16_384)
+    kem: Kem = Kem.x25519
+
+
+class IntakeRequest(_Request):
+    pass
+
+
+class IntakeReply(BaseModel):
+    kek_id: str
+    kem: Kem
+    public_key: str
+
+
+class AddKeyRequest(_Request):
+    provider: str = Field(default="openai", pattern=PROVIDER_PATTERN)
+    environment: str = Field(pattern=ENVIRONMENT_PATTERN)
+    secret: SealedSecret
+
+
+class ListKeysRequest(_Request):
+    provider: str | None = Field(default=None, pattern=PROVIDER_PATTERN)
+    environment: str | None = Field(default=None, pattern=ENVIRONMENT_PATTERN)
+    include_retired: bool = False
+
+
+class ShowKeyRequest(_Request):
+    key_id: str = Field(pattern=KEY_ID_PATTERN)
+
+
+class RotateKeyRequest(_Request):
+    key_id: str = Field(pattern=KEY_ID_PATTERN)
+    secret: SealedSecret
+    grace_s: int | None = Field(default=None, ge=0, le=30 * 86_400)
+
+
+class RevokeKeyRequest(_Request):
+    key_id: str = Field(pattern=KEY_ID_PATTERN)
+    version: int | None = Field(default=None, ge=1, description="None: every live version")
+
+
+class RewrapRequest(_Request):
+    pass
+
+
+class KeyInfo(BaseModel):
+    """What an operator may see about one key version: never the key."""
+
+    key_id: str
+    provider: str
+    environment: str
+    version: int
+    status: KeyStatus
+    created_at: float
+    rotated_at: float | None = None
+    retire_at: float | None = None
+    revoked_at: float | None = None
+    expires_at: float
+    fingerprint: str
+    last4: str
+    kek_id: str
+
+    def age_s(self, now: float | None = None) -> float:
+        return max(0.0, (now or time.time()) - self.created_at)
+
+
+class KeyListReply(BaseModel):
+    keys: list[KeyInfo]
+
+
+class KeyMutationReply(BaseModel):
+    """The versions an operation changed, newest first."""
+
+    changed: list[KeyInfo]
+
+
+class RewrapReply(BaseModel):
+    kek_id: str
+    rewrapped: int
+    already_current: int
+    failed: list[str] = Field(default_factory=list, description="key ids that did not open")
