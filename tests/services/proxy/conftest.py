@@ -231,7 +231,8 @@ def multipart(file_bytes: bytes | None, *, model: str | None = "whisper-1") -> t
     parts: list[bytes] = []
     if model is not None:
         parts.append(
-            f'--{boundary}\r\nContent-Disposition: form-data; name="model"\r\n\r\n{model}\r\n'.encode()
+            f"--{boundary}\r\nContent-Disposition: form-data; "
+            f'name="model"\r\n\r\n{model}\r\n'.encode()
         )
     if file_bytes is not None:
         parts.append(

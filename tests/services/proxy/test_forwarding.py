@@ -8,7 +8,7 @@ import time
 import orjson
 from nats.aio.client import Client as NATS
 
-from shared.leases import ROTATED_SUBJECT
+from shared.leases import ROTATED_SUBJECT, RotatedNotice
 from tests.support import TEST_PROVIDER_KEY, FakeUpstream, ServiceProcess
 
 from .conftest import CHAT, SPEECH, STT, Browser, LeaseResponder, chat_body, multipart
@@ -135,7 +135,13 @@ async def test_key_manager_unreachable_is_503(
     await lease_responder.pause()
     try:
         # A rotation notice drops the proxy's cached lease; no responder is left.
-        notice = b'{"provider":"openai","environment":"development","key_id":"k","version":2,"status":"active"}'
+        notice = (
+            RotatedNotice(
+                provider="openai", environment="development", key_id="k", version=2, status="active"
+            )
+            .model_dump_json()
+            .encode()
+        )
         await lease_responder.publish(ROTATED_SUBJECT, notice)
         response = None
         for _ in range(40):
