@@ -114,8 +114,12 @@ def load_settings(model: type[S], **overrides: Any) -> S:
 
     pydantic's own messages include the offending input; we keep only names and rules.
     """
+    import os
+
+    from shared.sealedconfig import open_environment  # `enc:v1:` values (keyveil env encrypt)
+
     try:
-        return model(**overrides)
+        return model(**{**open_environment(os.environ), **overrides})
     except ValidationError as exc:
         problems: list[tuple[str, str]] = []
         for error in exc.errors(include_input=False, include_url=False):
