@@ -1,9 +1,4 @@
-"""Token service fixtures: a private NATS with a lease responder, and the app in process.
-
-Until services/keymanager can run, realtime leases come from a tiny responder that
-seals the test provider key exactly as the key-manager does (HPKE to the requester's
-public key, bound to the lease metadata).
-"""
+"""Token service fixtures: a private NATS with the real key-manager, and the app in process."""
 
 from __future__ import annotations
 
@@ -20,56 +15,20 @@ import nats
 import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 
 from keyveil.servers import ServerProcess, start_nats
 from services.token.app import create_app
 from services.token.settings import Settings
-from shared.crypto import b64url_decode, b64url_encode, seal_for_requester
-from shared.leases import KEYMANAGER_QUEUE, LEASE_SUBJECT, LeaseReply, LeaseRequest
 from shared.settings import load_settings
-from tests.support import TEST_PROVIDER_KEY, TEST_PROXY_SIGNING_KEY, FakeUpstream
+from tests.support import (
+    TEST_KEY_ENCRYPTION_SECRET,
+    TEST_PROVIDER_KEY,
+    TEST_PROXY_SIGNING_KEY,
+    FakeUpstream,
+    ServiceProcess,
+)
 
 ORIGIN = "https://app.example.test"
-
-
-class LeaseResponder:
-    """Answers `keyveil.km.lease` with the test provider key sealed to the requester."""
-
-    def __init__(self, nc: NATS) -> None:
-        self._nc = nc
-        self._sub: Subscription | None = None
-        self.requests = 0
-
-    async def start(self) -> None:
-        self._sub = await self._nc.subscribe(LEASE_SUBJECT, queue=KEYMANAGER_QUEUE, cb=self._on)
-
-    async def stop(self) -> None:
-        if self._sub is not None:
-            await self._sub.unsubscribe()
-            self._sub = None
-        await self._nc.flush()
-
-    async def _on(self, msg: Msg) -> None:
-        self.requests += 1
-        request = LeaseRequest.model_validate_json(msg.data)
-        reply = LeaseReply(
-            lease_id=uuid.uuid4().hex,
-            key_id="test-key",
-            version=1,
-            provider=request.provider,
-            environment=request.environment,
-            expires_at=round(time.time() + 300, 3),
-            sealed="",
-        )
-        sealed = seal_for_requester(
-            TEST_PROVIDER_KEY.encode(),
-            b64url_decode(request.public_key),
-            info=reply.info_for(request),
-            kem=request.kem,
-        )
-        final = reply.model_copy(update={"sealed": b64url_encode(sealed)})
-        await msg.respond(final.model_dump_json().encode())
 
 
 @pytest.fixture(scope="module")
@@ -87,11 +46,22 @@ async def bus(private_nats: ServerProcess) -> AsyncIterator[NATS]:
 
 
 @pytest.fixture(scope="module")
-async def leases(bus: NATS) -> AsyncIterator[LeaseResponder]:
-    responder = LeaseResponder(bus)
-    await responder.start()
-    yield responder
-    await responder.stop()
+def key_manager(
+    private_nats: ServerProcess, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServiceProcess]:
+    """The real key-manager process, bootstrapped with the test provider key."""
+    process = ServiceProcess(
+        "keymanager",
+        {
+            "NATS_URL": private_nats.url,
+            "KEY_ENCRYPTION_SECRET": TEST_KEY_ENCRYPTION_SECRET,
+            "OPENAI_API_KEY": TEST_PROVIDER_KEY,
+        },
+        tmp_path_factory.mktemp("token-km") / "keymanager.log",
+    )
+    process.start()
+    yield process
+    process.stop()
 
 
 def token_settings(*, nats_url: str, redis_url: str, upstream: str, **overrides: Any) -> Settings:
@@ -119,7 +89,7 @@ def token_app(
     private_nats: ServerProcess,
     redis_url: str,
     fake_upstream: FakeUpstream,
-    leases: LeaseResponder,
+    key_manager: ServiceProcess,
 ) -> AppFactory:
     """`async with token_app(**settings) as client:` runs the app's lifespan in process."""
 
