@@ -370,13 +370,11 @@ def verify_request(
     has_body = body is not None and len(body) > 0
     digest_needed = require_digest if require_digest is not None else has_body
     digest_field = headers.get("content-digest")
+    if digest_field is None and ("content-digest" in names or digest_needed):
+        raise DigestError("a request with a body needs a Content-Digest", code="digest_missing")
     if digest_needed and "content-digest" not in names:
-        raise (
-            DigestError("a request with a body needs a Content-Digest", code="digest_missing")
-            if digest_field is None
-            else SignatureFormatError(
-                "the signature must cover content-digest", code="signature_incomplete"
-            )
+        raise SignatureFormatError(
+            "the signature must cover content-digest", code="signature_incomplete"
         )
 
     derived = _derived_values(
