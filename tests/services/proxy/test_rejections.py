@@ -128,7 +128,7 @@ CASES = {
                 b.token(origin=None), CHAT, chat_body(), origin="https://evil.example.com"
             ),
         ),
-    ),  # fmt: skip
+    ),
     "no signature": Case(401, "signature_missing", _without("Signature")),
     "no signature-input": Case(401, "signature_missing", _without("Signature-Input")),
     "malformed signature-input": Case(
