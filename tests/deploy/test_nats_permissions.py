@@ -46,6 +46,13 @@ STREAMS = {
     "KEYVEIL_ALERTS": StreamConfig(
         name="KEYVEIL_ALERTS", subjects=["keyveil.alerts.>"], storage=StorageType.FILE
     ),
+    "KEYVEIL_AUDIT_LEDGER": StreamConfig(
+        name="KEYVEIL_AUDIT_LEDGER",
+        subjects=["keyveil.ledger.audit"],
+        storage=StorageType.FILE,
+        deny_delete=True,
+        deny_purge=True,
+    ),
 }
 
 
@@ -175,6 +182,7 @@ async def ensure_streams(connect: Connect) -> None:
     for name in ("KEYVEIL_USAGE", "KEYVEIL_AUDIT"):
         await token.nc.jetstream().add_stream(STREAMS[name])
     await auditor.nc.jetstream().add_stream(STREAMS["KEYVEIL_ALERTS"])
+    await auditor.nc.jetstream().add_stream(STREAMS["KEYVEIL_AUDIT_LEDGER"])
 
 
 async def stream_count(connect: Connect, stream: str) -> int:
@@ -373,8 +381,10 @@ async def test_publishers_write_their_own_usage_and_audit_events(
         ("proxy", "keyveil.usage.token", "KEYVEIL_USAGE"),  # forging another service
         ("token", "keyveil.audit.keymanager", "KEYVEIL_AUDIT"),
         ("auditor", "keyveil.audit.auditor", "KEYVEIL_AUDIT"),
-        ("operator", "keyveil.audit.operator", "KEYVEIL_AUDIT"),
+        ("operator", "keyveil.audit.keymanager", "KEYVEIL_AUDIT"),
         ("token", "keyveil.alerts.spike", "KEYVEIL_ALERTS"),
+        ("operator", "keyveil.ledger.audit", "KEYVEIL_AUDIT_LEDGER"),
+        ("keymanager", "keyveil.ledger.audit", "KEYVEIL_AUDIT_LEDGER"),
     ],
 )
 async def test_no_one_forges_events(connect: Connect, user: str, subject: str, stream: str) -> None:
@@ -465,6 +475,30 @@ async def test_auditor_cannot_make_other_consumers(connect: Connect) -> None:
     assert len(await auditor.violations()) == 2
 
 
+async def test_auditor_ensures_the_streams_it_consumes(connect: Connect) -> None:
+    auditor = await connect("auditor")
+    js = auditor.nc.jetstream()
+
+    for name in ("KEYVEIL_USAGE", "KEYVEIL_AUDIT", "KEYVEIL_ALERTS"):
+        await js.add_stream(STREAMS[name])
+
+    assert await auditor.violations() == []
+
+
+async def test_auditor_chains_the_audit_ledger(connect: Connect) -> None:
+    await ensure_streams(connect)
+    auditor = await connect("auditor")
+    js = auditor.nc.jetstream()
+    record = secrets.token_hex(8).encode()
+
+    ack = await js.publish("keyveil.ledger.audit", record, timeout=2)
+    head = await js.get_msg("KEYVEIL_AUDIT_LEDGER", seq=ack.seq)
+
+    assert ack.stream == "KEYVEIL_AUDIT_LEDGER"
+    assert head.data == record
+    assert await auditor.violations() == []
+
+
 async def test_auditor_publishes_alerts(connect: Connect) -> None:
     await ensure_streams(connect)
     auditor = await connect("auditor")
@@ -493,6 +527,29 @@ async def test_operator_tails_audit_with_an_ephemeral_consumer(connect: Connect)
     await sub.unsubscribe()
 
     assert event in received
+    assert await operator.violations() == []
+
+
+async def test_operator_reads_the_ledger_and_audits_its_own_actions(connect: Connect) -> None:
+    await ensure_streams(connect)
+    auditor = await connect("auditor")
+    record = secrets.token_hex(8).encode()
+    await auditor.nc.jetstream().publish("keyveil.ledger.audit", record, timeout=2)
+    operator = await connect("operator")
+    js = operator.nc.jetstream()
+
+    info = await js.stream_info("KEYVEIL_AUDIT_LEDGER")
+    sub = await js.subscribe(
+        "keyveil.ledger.audit", stream="KEYVEIL_AUDIT_LEDGER", ordered_consumer=True
+    )
+    received: list[bytes] = []
+    while len(received) < info.state.messages:
+        received.append((await sub.next_msg(timeout=2)).data)
+    await sub.unsubscribe()
+    ack = await js.publish("keyveil.audit.operator", b"{}", stream="KEYVEIL_AUDIT", timeout=2)
+
+    assert record in received
+    assert ack.stream == "KEYVEIL_AUDIT"
     assert await operator.violations() == []
 
 
