@@ -1,0 +1,121 @@
+"""Proxy-token issuance throughput and latency, rate limiting on, against real processes.
+
+Starts a private nats-server and Redis, the fake upstream is not needed (proxy mode
+makes no upstream call), and N token service processes; then drives
+POST /api/voice-agent/secure-token {"mode": "proxy"} with C concurrent clients, each
+request from its own client IP (X-Forwarded-For via a trusted loopback proxy), so
+every request pays the full Redis admission round trip and none is refused.
+
+    .venv/bin/python benchmarks/token_bench.py --requests 3000 --concurrency 32 --replicas 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from keyveil.servers import start_nats, start_redis  # noqa: E402
+from tests.support import TEST_PROXY_SIGNING_KEY, ServiceProcess  # noqa: E402
+
+ORIGIN = "https://bench.example"
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    index = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
+    return sorted_values[index]
+
+
+async def _drive(urls: list[str], total: int, concurrency: int) -> tuple[float, list[float], int]:
+    latencies: list[float] = []
+    failures = 0
+    counter = iter(range(total))
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+
+    async with httpx.AsyncClient(timeout=10, limits=limits) as client:
+
+        async def worker() -> None:
+            nonlocal failures
+            for n in counter:
+                headers = {
+                    "Origin": ORIGIN,
+                    "X-Forwarded-For": f"10.{n // 65536 % 256}.{n // 256 % 256}.{n % 256}",
+                }
+                started = time.perf_counter()
+                answer = await client.post(
+                    f"{urls[n % len(urls)]}/api/voice-agent/secure-token",
+                    json={"mode": "proxy"},
+                    headers=headers,
+                )
+                latencies.append(time.perf_counter() - started)
+                if answer.status_code != 200:
+                    failures += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - started
+    return elapsed, latencies, failures
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--replicas", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=200)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="keyveil-bench-") as tmp:
+        state = Path(tmp)
+        nats_server = start_nats(state)
+        redis_server = start_redis(state)
+        env = {
+            "NATS_URL": nats_server.url,
+            "REDIS_URL": redis_server.url,
+            "PROXY_SIGNING_KEY": TEST_PROXY_SIGNING_KEY,
+            "ALLOWED_ORIGINS": ORIGIN,
+            "TRUSTED_PROXIES": "127.0.0.1/32",
+            "VOICE_AGENT_RATE_LIMIT": "10",
+            "LOG_LEVEL": "WARNING",
+        }
+        replicas = [
+            ServiceProcess("token", env, state / f"token-{i}.log").start(wait_ready=False)
+            for i in range(args.replicas)
+        ]
+        try:
+            for replica in replicas:
+                replica.wait_ready(timeout=60)
+            urls = [r.url for r in replicas]
+            asyncio.run(_drive(urls, args.warmup, args.concurrency))
+            elapsed, latencies, failures = asyncio.run(
+                _drive(urls, args.requests, args.concurrency)
+            )
+        finally:
+            for replica in replicas:
+                replica.stop()
+            redis_server.stop()
+            nats_server.stop()
+
+    ordered = sorted(latencies)
+    print(
+        f"proxy-token issuance, rate limiting on (Redis GCRA per client IP), "
+        f"{args.replicas} replica(s), concurrency {args.concurrency}"
+    )
+    print(f"requests     {len(latencies)} ({failures} not 200)")
+    print(f"tokens/s     {(len(latencies) - failures) / elapsed:.0f}")
+    print(f"p50 latency  {_percentile(ordered, 0.50) * 1000:.2f} ms")
+    print(f"p99 latency  {_percentile(ordered, 0.99) * 1000:.2f} ms")
+    print(f"mean         {statistics.fmean(ordered) * 1000:.2f} ms")
+    return 0 if failures == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
