@@ -23,8 +23,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from keyveil.servers import start_nats, start_redis  # noqa: E402
-from tests.support import TEST_PROXY_SIGNING_KEY, ServiceProcess  # noqa: E402
+from keyveil.servers import start_nats, start_redis
+from tests.support import TEST_PROXY_SIGNING_KEY, ServiceProcess
 
 ORIGIN = "https://bench.example"
 
