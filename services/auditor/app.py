@@ -119,12 +119,14 @@ async def _ensure_ledger(ledger: Ledger, stop: asyncio.Event) -> None:
 
 async def stop_runtime(runtime: AuditorRuntime) -> None:
     runtime.stop.set()
-    for task in runtime.tasks:
-        with contextlib.suppress(asyncio.CancelledError):
-            try:
-                await asyncio.wait_for(task, 10)
-            except TimeoutError:
-                log.warning("consumer %s did not stop in time", task.get_name())
+    if runtime.tasks:
+        done, pending = await asyncio.wait(runtime.tasks, timeout=10)
+        for task in pending:
+            log.warning("%s did not stop in time; cancelling", task.get_name())
+            task.cancel()
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                log.error("%s ended with %r", task.get_name(), task.exception())
     await runtime.publisher.close()
     if runtime.webhook is not None:
         await runtime.webhook.close()

@@ -133,7 +133,7 @@ class DurableConsumer(Generic[E]):
             while not stop.is_set():
                 try:
                     msgs = await sub.fetch(self._batch, timeout=1.0)
-                except nats.errors.TimeoutError:
+                except (nats.errors.TimeoutError, TimeoutError):  # fetch raises either
                     continue
                 except (nats.errors.Error, nats.js.errors.Error) as exc:
                     log.warning("fetch from %s failed (%s)", self.stream_name, type(exc).__name__)
@@ -145,6 +145,10 @@ class DurableConsumer(Generic[E]):
                     PENDING.labels(self.stream_name).set(msgs[-1].metadata.num_pending)
         finally:
             self.bound = False
+            # A pull subscription left open would hold the connection's drain for its
+            # whole timeout; the durable consumer itself stays on the server.
+            with contextlib.suppress(nats.errors.Error, nats.js.errors.Error):
+                await sub.unsubscribe()
 
     async def _bind(self, stop: asyncio.Event) -> JetStreamContext.PullSubscription | None:
         delay = 0.2

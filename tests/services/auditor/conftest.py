@@ -3,10 +3,13 @@ server-wide state, so tests must not share them through the session server."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import nats
+import nats.errors
+import nats.js.errors
 import pytest
 from nats.aio.client import Client as NATS
 
@@ -14,8 +17,20 @@ from keyveil.servers import ServerProcess, start_nats
 
 
 @pytest.fixture
-def private_nats(tmp_path: Path) -> Iterator[ServerProcess]:
+async def private_nats(tmp_path: Path) -> AsyncIterator[ServerProcess]:
     server = start_nats(tmp_path)
+    # The port opens a moment before JetStream answers; wait for the API, not the socket.
+    client = await nats.connect(server.url)
+    try:
+        async with asyncio.timeout(10):
+            while True:
+                try:
+                    await client.jetstream().account_info()
+                    break
+                except (nats.errors.Error, nats.js.errors.Error, TimeoutError):
+                    await asyncio.sleep(0.05)
+    finally:
+        await client.close()
     yield server
     server.stop()
 
