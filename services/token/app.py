@@ -16,6 +16,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from nats.aio.client import Client as NATS
 
+from services.token.demo import demo_router
 from services.token.issuance import Issued, TokenIssuer
 from services.token.metrics import (
     AUTH_FAILURES,
@@ -387,6 +388,9 @@ def create_app(settings: Settings) -> FastAPI:
         return bool(await service.redis.ping())
 
     add_edge_routes(app, {"nats": nats_ready, "redis": redis_ready})
+    demo = demo_router(settings)  # the browser demo page: development or demo mode only
+    if demo is not None:
+        app.include_router(demo)
 
     @app.post(SECURE_TOKEN_PATH)
     async def secure_token(request: Request, service: Service) -> Response:
