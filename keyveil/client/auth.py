@@ -83,6 +83,7 @@ class KeyveilAuth(httpx.Auth):
         self.origin = origin if origin is not None else tokens.origin
 
     def sync_auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response]:
+        request.read()  # the digest covers the exact bytes sent (multipart streams too)
         token = self.tokens.get_sync()
         sign_proxy_request(request, token, origin=self.origin)
         response = yield request
@@ -97,6 +98,7 @@ class KeyveilAuth(httpx.Auth):
     async def async_auth_flow(
         self, request: httpx.Request
     ) -> AsyncGenerator[httpx.Request, httpx.Response]:
+        await request.aread()
         token = await self.tokens.get()
         sign_proxy_request(request, token, origin=self.origin)
         response = yield request
