@@ -34,9 +34,11 @@ def _chat(model: str, stream: bool) -> Response:
 
     async def events() -> AsyncIterator[bytes]:
         for word in ("This", " is", " a", " keyveil", " demo", " answer."):
-            chunk = {**base, "object": "chat.completion.chunk", "choices": [
-                {"index": 0, "delta": {"content": word}}
-            ]}  # fmt: skip
+            chunk = {
+                **base,
+                "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": {"content": word}}],
+            }
             yield b"data: " + orjson.dumps(chunk) + b"\n\n"
         yield b"data: [DONE]\n\n"
 
@@ -48,5 +50,7 @@ def demo_response(route: Route, *, model: str | None, stream: bool) -> Response:
         return _chat(model or "demo", stream)
     if route.endpoint == "audio_speech":
         return Response(_AUDIO, media_type="audio/mpeg")
-    return Response(orjson.dumps({"text": "This is a keyveil demo transcription."}),
-                    media_type="application/json")  # fmt: skip
+    return Response(
+        orjson.dumps({"text": "This is a keyveil demo transcription."}),
+        media_type="application/json",
+    )

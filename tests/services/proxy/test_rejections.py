@@ -34,10 +34,12 @@ def _headers(browser: Browser, **kw: Any) -> dict[str, str]:
     return browser.signed_headers(browser.token(), CHAT, chat_body(), **kw)
 
 
-async def _post(browser: Browser, headers: dict[str, str], body: bytes | None = None,
-                path: str = CHAT) -> httpx.Response:  # fmt: skip
-    return await browser.http.post(path, content=chat_body() if body is None else body,
-                                   headers=headers)  # fmt: skip
+async def _post(
+    browser: Browser, headers: dict[str, str], body: bytes | None = None, path: str = CHAT
+) -> httpx.Response:
+    return await browser.http.post(
+        path, content=chat_body() if body is None else body, headers=headers
+    )
 
 
 def _without(name: str) -> Callable[[Browser], Any]:
