@@ -33,7 +33,7 @@ log = logging.getLogger("keyveil.up")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NATS_AUTH_CONF = REPO_ROOT / "deploy" / "nats" / "auth.conf"
-NATS_USERS = ("token", "proxy", "keymanager", "auditor", "operator")
+NATS_USERS = ("token", "proxy", "keymanager", "auditor", "operator", "observer")
 # Variables only some services may see; everything else in the environment passes through.
 _PRIVATE_VARIABLES = (
     "OPENAI_API_KEY",
@@ -161,11 +161,12 @@ class Stack:
         env = {f"KEYVEIL_NATS_PASSWORD_{u.upper()}": f'"{p}"' for u, p in passwords.items()}
         server = start_nats(self.options.state_dir, config=config, env=env)
         self._adopt(server)
-        credential = self.options.state_dir / "operator-credential.json"
-        self._write_private(
-            credential, {"url": server.url, "user": "operator", "password": passwords["operator"]}
-        )
-        self.info["operator_credential"] = str(credential)
+        for user in ("operator", "observer"):
+            credential = self.options.state_dir / f"{user}-credential.json"
+            self._write_private(
+                credential, {"url": server.url, "user": user, "password": passwords[user]}
+            )
+            self.info[f"{user}_credential"] = str(credential)
         return server.url, passwords
 
     def start_redis(self) -> str:

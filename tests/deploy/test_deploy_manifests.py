@@ -178,7 +178,7 @@ def test_nats_values_three_nodes_jetstream_and_our_users() -> None:
     assert jetstream["fileStore"]["pvc"]["enabled"]
     assert values["config"]["merge"]["$include"] == "./auth.conf"
     env = values["container"]["env"]
-    for user in ("token", "proxy", "keymanager", "auditor", "operator"):
+    for user in ("token", "proxy", "keymanager", "auditor", "operator", "observer"):
         ref = env[f"KEYVEIL_NATS_PASSWORD_{user.upper()}"]["valueFrom"]["secretKeyRef"]
         assert ref == {"name": "keyveil-nats", "key": user}
 
@@ -195,7 +195,7 @@ def test_auth_conf_passwords_are_environment_references() -> None:
     passwords = re.findall(r"^\s*password:\s*(\S+)", text, flags=re.MULTILINE)
     assert passwords == [
         f"$KEYVEIL_NATS_PASSWORD_{u}"
-        for u in ("TOKEN", "PROXY", "KEYMANAGER", "AUDITOR", "OPERATOR")
+        for u in ("TOKEN", "PROXY", "KEYMANAGER", "AUDITOR", "OPERATOR", "OBSERVER")
     ]
 
 

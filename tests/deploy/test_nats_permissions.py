@@ -29,7 +29,7 @@ from nats.js.api import StorageType, StreamConfig
 
 REPO = Path(__file__).resolve().parents[2]
 AUTH_CONF = REPO / "deploy" / "nats" / "auth.conf"
-USERS = ("token", "proxy", "keymanager", "auditor", "operator")
+USERS = ("token", "proxy", "keymanager", "auditor", "operator", "observer")
 DENIED = 0.5  # seconds to wait for something that must not happen
 
 STREAMS = {
@@ -612,3 +612,28 @@ async def test_no_one_else_reads_or_writes_the_key_bucket(connect: Connect, user
 
     assert watcher.messages == []
     assert len(await session.violations()) == 4
+
+
+# --- the observer: hears everything, says nothing -----------------------------------------
+
+
+async def test_observer_hears_every_subject_but_cannot_publish(connect: Connect) -> None:
+    await lease_responder(await connect("keymanager"))
+    observer = await connect("observer")
+    heard = Collector()
+    await observer.nc.subscribe(">", cb=heard.add)
+    await observer.nc.flush()
+    proxy = await connect("proxy")
+
+    await proxy.nc.request("keyveil.km.lease", b"{}", timeout=2)
+    await asyncio.sleep(0.1)
+    subjects = {m.subject for m in heard.messages}
+    assert "keyveil.km.lease" in subjects
+    assert any(s.startswith("_INBOX_proxy.") for s in subjects)  # the (sealed) reply too
+    assert await observer.violations() == []
+
+    with pytest.raises(nats.errors.Error):
+        await observer.nc.request("keyveil.km.lease", b"{}", timeout=DENIED)
+    await observer.nc.publish("keyveil.km.admin.rotate", b"{}")
+    await asyncio.sleep(DENIED)
+    assert len(await observer.violations()) == 2
