@@ -101,3 +101,39 @@ def running_stack(
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(10)
+
+
+def issue_token(stack: Stack, mode: str = "proxy", **extra: Any) -> httpx.Response:
+    return httpx.post(
+        f"{stack.url('token')}/api/voice-agent/secure-token",
+        json={"mode": mode, **extra},
+        headers={"Origin": ORIGIN},
+        timeout=10,
+    )
+
+
+def signed_headers(
+    token: Mapping[str, Any],
+    *,
+    method: str,
+    path: str,
+    body: bytes | None,
+    authority: str,
+    content_type: str | None = "application/json",
+) -> dict[str, str]:
+    """Everything a browser sends the proxy: bearer token, RFC 9421 signature, Origin."""
+    from shared.crypto import b64url_decode
+    from shared.signing import sign_request
+
+    headers = sign_request(
+        method=method,
+        path=path,
+        key=b64url_decode(str(token["signing_key"])),
+        keyid=str(token["token_id"]),
+        body=body,
+        authority=authority,
+    )
+    headers.update({"Authorization": f"Bearer {token['token']}", "Origin": ORIGIN})
+    if content_type:
+        headers["Content-Type"] = content_type
+    return headers

@@ -19,9 +19,7 @@ import httpx
 import nats
 import pytest
 
-from shared.crypto import b64url_decode
-from shared.signing import sign_request
-from tests.stack import ORIGIN, Stack
+from tests.stack import ORIGIN, Stack, issue_token, signed_headers
 from tests.support import TEST_PROVIDER_KEY
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -30,40 +28,20 @@ CHAT_PATH = "/api/voice-agent/proxy/v1/chat/completions"
 
 
 def issue_proxy_token(stack: Stack) -> dict[str, Any]:
-    answer = httpx.post(
-        f"{stack.url('token')}/api/voice-agent/secure-token",
-        json={"mode": "proxy"},
-        headers={"Origin": ORIGIN},
-        timeout=10,
-    )
+    answer = issue_token(stack)
     assert answer.status_code == 200, answer.text
     token = answer.json()
     assert token["mode"] == "proxy"
     return dict(token)
 
 
-def signed_chat(
-    stack: Stack, token: dict[str, Any], proxy_url: str | None = None
-) -> httpx.Response:
+def signed_chat(stack: Stack, token: dict[str, Any]) -> httpx.Response:
     body = json.dumps(
         {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
     ).encode()
-    target = proxy_url or stack.url("proxy")
-    key = b64url_decode(token["signing_key"])
-    headers = sign_request(
-        method="POST",
-        path=CHAT_PATH,
-        key=key,
-        keyid=token["token_id"],
-        body=body,
-        authority=urlsplit(target).netloc,
-    )
-    headers.update(
-        {
-            "Authorization": f"Bearer {token['token']}",
-            "Content-Type": "application/json",
-            "Origin": ORIGIN,
-        }
+    target = stack.url("proxy")
+    headers = signed_headers(
+        token, method="POST", path=CHAT_PATH, body=body, authority=urlsplit(target).netloc
     )
     return httpx.post(f"{target}{CHAT_PATH}", content=body, headers=headers, timeout=15)
 

@@ -24,10 +24,8 @@ import nats.errors
 import pytest
 import redis
 
-from shared.crypto import b64url_decode
 from shared.events import UsageEvent
-from shared.signing import sign_request
-from tests.stack import ORIGIN, Stack, running_stack
+from tests.stack import Stack, issue_token, running_stack, signed_headers
 
 pytestmark = pytest.mark.slow
 
@@ -54,11 +52,7 @@ class Traffic:
     def token(self, client: httpx.Client) -> dict[str, str]:
         while not self.stop.is_set():
             try:
-                answer = client.post(
-                    f"{self.stack.url('token')}/api/voice-agent/secure-token",
-                    json={"mode": "proxy"},
-                    headers={"Origin": ORIGIN},
-                )
+                answer = issue_token(self.stack)
                 if answer.status_code == 200:
                     return dict(answer.json())
             except httpx.HTTPError:
@@ -71,20 +65,12 @@ class Traffic:
             token = self.token(client)
             proxy = self.stack.url("proxy")
             while not self.stop.is_set():
-                headers = sign_request(
+                headers = signed_headers(
+                    token,
                     method="POST",
                     path=CHAT_PATH,
-                    key=b64url_decode(token["signing_key"]),
-                    keyid=token["token_id"],
                     body=BODY.encode(),
                     authority=urlsplit(proxy).netloc,
-                )
-                headers.update(
-                    {
-                        "Authorization": f"Bearer {token['token']}",
-                        "Content-Type": "application/json",
-                        "Origin": ORIGIN,
-                    }
                 )
                 started = time.monotonic()
                 try:
