@@ -10,12 +10,16 @@ the last four characters.
 
 from __future__ import annotations
 
+import secrets
 import time
 from enum import StrEnum
+from typing import TypeVar
 
+from nats.aio.client import Client as NATS
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.crypto import Kem
+from shared import bus
+from shared.crypto import Kem, b64url_decode, b64url_encode, seal_for_requester
 
 __all__ = [
     "ADMIN_PREFIX",
@@ -27,6 +31,7 @@ __all__ = [
     "AdminOp",
     "IntakeReply",
     "IntakeRequest",
+    "KeyAdminClient",
     "KeyInfo",
     "KeyListReply",
     "KeyMutationReply",
@@ -174,3 +179,73 @@ class RewrapReply(BaseModel):
     rewrapped: int
     already_current: int
     failed: list[str] = Field(default_factory=list, description="key ids that did not open")
+
+
+R = TypeVar("R", bound=BaseModel)
+
+
+class KeyAdminClient:
+    """The operator's side of the admin subjects; a key given to it leaves only sealed."""
+
+    def __init__(self, nc: NATS, *, actor: str = "operator", timeout_s: float = 10.0) -> None:
+        self._nc = nc
+        self._actor = actor
+        self._timeout = timeout_s
+
+    async def _call(self, op: AdminOp, request: BaseModel, reply_type: type[R]) -> R:
+        return await bus.request(
+            self._nc, admin_subject(op), request, reply_type, timeout=self._timeout
+        )
+
+    async def _seal(self, op: AdminOp, target: str, secret: bytes) -> SealedSecret:
+        intake = await self._call(AdminOp.intake, IntakeRequest(actor=self._actor), IntakeReply)
+        nonce = secrets.token_urlsafe(18)
+        sealed = seal_for_requester(
+            secret,
+            b64url_decode(intake.public_key),
+            info=intake_info(op, target=target, nonce=nonce),
+            kem=intake.kem,
+        )
+        return SealedSecret(
+            kek_id=intake.kek_id, nonce=nonce, sealed=b64url_encode(sealed), kem=intake.kem
+        )
+
+    async def add(self, secret: bytes, *, environment: str, provider: str = "openai") -> KeyInfo:
+        sealed = await self._seal(AdminOp.add, f"{provider}/{environment}", secret)
+        request = AddKeyRequest(
+            actor=self._actor, provider=provider, environment=environment, secret=sealed
+        )
+        return (await self._call(AdminOp.add, request, KeyMutationReply)).changed[0]
+
+    async def rotate(
+        self, key_id: str, secret: bytes, *, grace_s: int | None = None
+    ) -> list[KeyInfo]:
+        sealed = await self._seal(AdminOp.rotate, key_id, secret)
+        request = RotateKeyRequest(actor=self._actor, key_id=key_id, secret=sealed, grace_s=grace_s)
+        return (await self._call(AdminOp.rotate, request, KeyMutationReply)).changed
+
+    async def revoke(self, key_id: str, *, version: int | None = None) -> list[KeyInfo]:
+        request = RevokeKeyRequest(actor=self._actor, key_id=key_id, version=version)
+        return (await self._call(AdminOp.revoke, request, KeyMutationReply)).changed
+
+    async def rewrap(self) -> RewrapReply:
+        return await self._call(AdminOp.rewrap, RewrapRequest(actor=self._actor), RewrapReply)
+
+    async def list_keys(
+        self,
+        *,
+        provider: str | None = None,
+        environment: str | None = None,
+        include_retired: bool = False,
+    ) -> list[KeyInfo]:
+        request = ListKeysRequest(
+            actor=self._actor,
+            provider=provider,
+            environment=environment,
+            include_retired=include_retired,
+        )
+        return (await self._call(AdminOp.list, request, KeyListReply)).keys
+
+    async def show(self, key_id: str) -> list[KeyInfo]:
+        request = ShowKeyRequest(actor=self._actor, key_id=key_id)
+        return (await self._call(AdminOp.show, request, KeyListReply)).keys

@@ -58,6 +58,7 @@ class KeyManager:
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(_MAX_IN_FLIGHT)
         self._policy_task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
 
     @property
     def keys(self) -> KeyService:
@@ -123,10 +124,9 @@ class KeyManager:
         )
 
     async def stop(self) -> None:
+        self._stopping.set()
         if self._policy_task is not None:
-            self._policy_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._policy_task
+            await self._policy_task
         for subscription in self._subscriptions:
             with contextlib.suppress(Exception):
                 await subscription.unsubscribe()
@@ -187,12 +187,13 @@ class KeyManager:
             log.warning("rotated notice not published: %s", type(exc).__name__)
 
     async def _policy_loop(self) -> None:
-        while True:
+        while not self._stopping.is_set():
             try:
                 await self.keys.enforce_policy()
             except Exception as exc:  # NATS may be down for a while; try again next round
                 log.warning("key policy round failed: %s", type(exc).__name__)
-            await asyncio.sleep(self.settings.policy_interval_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self.settings.policy_interval_s)
 
 
 def create_app(settings: Settings) -> FastAPI:

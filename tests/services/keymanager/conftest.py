@@ -1,0 +1,119 @@
+"""Key-manager fixtures: in-process replicas on the session NATS, and a bus sniffer.
+
+The sniffer subscribes to `>` for the whole session; after every test it must not have
+seen any provider key used by the tests, raw or base64-encoded.
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import nats
+import pytest
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from services.keymanager.app import KeyManager
+from services.keymanager.settings import Settings
+from shared.settings import load_settings
+from tests.support import TEST_KEY_ENCRYPTION_SECRET, TEST_PROVIDER_KEY
+
+PROVIDER_KEYS: set[str] = {TEST_PROVIDER_KEY}
+
+
+def new_provider_key() -> str:
+    """A fresh provider-shaped key, registered with the sniffer."""
+    key = f"sk-test-{secrets.token_urlsafe(30)}"
+    PROVIDER_KEYS.add(key)
+    return key
+
+
+def _forms(key: str) -> set[bytes]:
+    raw = key.encode()
+    forms = {raw}
+    for offset in range(3):  # base64 of the key at every alignment inside a larger blob
+        chunk = raw[offset:]
+        for encode in (base64.b64encode, base64.urlsafe_b64encode):
+            text = encode(chunk).rstrip(b"=")
+            forms.add(text[4:-4])
+    forms.add(raw.hex().encode())
+    return forms
+
+
+class Sniffer:
+    def __init__(self) -> None:
+        self.seen: list[bytes] = []
+        self.subjects: set[str] = set()
+
+    async def on_message(self, msg: Msg) -> None:
+        self.subjects.add(msg.subject)
+        headers = "".join(f"{k}:{v}" for k, v in (msg.headers or {}).items())
+        self.seen.append(msg.subject.encode() + headers.encode() + msg.data)
+
+    def leaks(self) -> list[str]:
+        found = []
+        for key in PROVIDER_KEYS:
+            forms = _forms(key)
+            for blob in self.seen:
+                if any(form in blob for form in forms):
+                    found.append(key[:7] + "…")
+                    break
+        return found
+
+
+@pytest.fixture(scope="session")
+async def sniffer(nats_url: str) -> AsyncIterator[Sniffer]:
+    sniffer = Sniffer()
+    client = await nats.connect(nats_url, name="sniffer")
+    await client.subscribe(">", cb=sniffer.on_message, pending_msgs_limit=1_000_000,
+                           pending_bytes_limit=1 << 30)  # fmt: skip
+    yield sniffer
+    await client.drain()
+
+
+@pytest.fixture(autouse=True)
+async def no_key_on_the_bus(sniffer: Sniffer, nc: NATS) -> AsyncIterator[None]:
+    yield
+    await nc.flush()
+    assert sniffer.leaks() == [], "a provider key crossed the bus"
+
+
+def make_settings(nats_url: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "NATS_URL": nats_url,
+        "KEY_ENCRYPTION_SECRET": TEST_KEY_ENCRYPTION_SECRET,
+        "KEYMANAGER_KV_BUCKET": f"KEYS_{uuid.uuid4().hex[:12]}",
+        "KEYMANAGER_POLICY_INTERVAL_S": 3600,
+        "KEYMANAGER_ROTATION_GRACE_S": 60,
+        "NODE_ENV": "development",
+    }
+    values.update(overrides)
+    return load_settings(Settings, **values)
+
+
+KeyManagerFactory = Callable[..., Awaitable[KeyManager]]
+
+
+@pytest.fixture
+async def start_keymanager(nats_url: str) -> AsyncIterator[KeyManagerFactory]:
+    """Start in-process replicas; each call may share a bucket (pass KEYMANAGER_KV_BUCKET)."""
+    started: list[KeyManager] = []
+
+    async def start(settings: Settings | None = None, **overrides: Any) -> KeyManager:
+        manager = KeyManager(settings or make_settings(nats_url, **overrides))
+        await manager.start()
+        started.append(manager)
+        return manager
+
+    yield start
+    for manager in reversed(started):
+        await manager.stop()
+
+
+@pytest.fixture
+async def keymanager(start_keymanager: KeyManagerFactory) -> KeyManager:
+    return await start_keymanager()
