@@ -168,13 +168,20 @@ class EventPublisher:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._ready: set[str] = set()
+        # Trace context captured when an event is emitted (the request's span), since the
+        # background publishing task runs outside that request's context.
+        self._trace: dict[str, dict[str, str]] = {}
         self._in_flight = 0
 
     def emit(self, event: Event) -> None:
         """Queue an event; never blocks and never raises."""
         if len(self._buffer) >= self._max_buffer:
             dropped = self._buffer.popleft()
+            self._trace.pop(dropped.event_id, None)
             EVENTS_DROPPED.labels(_STREAM_OF[dropped.subject_prefix].name).inc()
+        carrier = dict(inject_context({}))
+        if carrier:
+            self._trace[event.event_id] = carrier
         self._buffer.append(event)
         EVENTS_BUFFERED.set(len(self._buffer))
         self._wake.set()
@@ -237,11 +244,12 @@ class EventPublisher:
         if stream.name not in self._ready:
             await ensure_stream(self._js, replace(stream, num_replicas=self._replicas))
             self._ready.add(stream.name or "")
-        headers = dict(inject_context({"Nats-Msg-Id": event.event_id}))
+        headers = {**self._trace.get(event.event_id, {}), "Nats-Msg-Id": event.event_id}
         await self._js.publish(
             event.subject,
             event.model_dump_json().encode(),
             timeout=self._timeout,
             headers=headers,
         )
+        self._trace.pop(event.event_id, None)
         EVENTS_PUBLISHED.labels(stream.name).inc()
