@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -57,6 +58,7 @@ class SecureAPIClient:
         timeout_s: float = 60.0,
         transport: httpx.AsyncBaseTransport | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
     ) -> None:
         self.origin = origin
@@ -75,6 +77,7 @@ class SecureAPIClient:
             retry=self.retry,
             timeout_s=timeout_s,
             transport=transport,
+            clock=clock,
             sleep=sleep,
             rng=self._rng,
         )

@@ -173,6 +173,10 @@ class TokenSource:
             return None
         return token
 
+    def adopt(self, token: Token, mode: str = "proxy") -> None:
+        """Use `token` (e.g. one another client already holds) until it nears expiry."""
+        self._cache[mode] = token
+
     def invalidate(self, token: Token | None = None, mode: str = "proxy") -> None:
         """Forget the cached token (only `token`, if given and still the cached one)."""
         if token is None or self._cache.get(mode) is token:

@@ -62,7 +62,7 @@ def test_cache_serves_until_the_margin_and_invalidate_forgets() -> None:
     now = [100.0]
     source = TokenSource("http://token", clock=lambda: now[0])
     token = Token.from_answer(ANSWER, server_now=1_000_000, obtained_at=100.0)
-    source._cache["proxy"] = token
+    source.adopt(token)
     assert source.cached() is token
     now[0] = 100.0 + 280
     assert source.cached() is None
