@@ -1,0 +1,49 @@
+"""Start-up refuses a weak KEY_ENCRYPTION_SECRET; policy defaults follow NODE_ENV."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.keymanager.settings import Settings
+from shared.errors import ConfigError
+from shared.settings import load_settings
+from tests.support import TEST_KEY_ENCRYPTION_SECRET
+
+
+@pytest.mark.parametrize(
+    ("secret", "rule"),
+    [
+        ("short-secret-Ab3", "at least 32"),
+        ("ab" * 20, "entropy"),
+        ("changeme-" + TEST_KEY_ENCRYPTION_SECRET, "placeholder"),
+    ],
+)
+def test_weak_kek_secrets_are_refused(secret: str, rule: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(Settings, KEY_ENCRYPTION_SECRET=secret)
+    assert caught.value.problems[0][0] == "KEY_ENCRYPTION_SECRET"
+    assert rule in caught.value.problems[0][1]
+    assert secret not in str(caught.value)
+
+
+def test_missing_kek_is_named() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(Settings)
+    assert ("KEY_ENCRYPTION_SECRET", "Field required") in caught.value.problems
+
+
+def test_defaults_per_environment() -> None:
+    prod = load_settings(Settings, KEY_ENCRYPTION_SECRET=TEST_KEY_ENCRYPTION_SECRET,
+                         NODE_ENV="production")  # fmt: skip
+    dev = load_settings(Settings, KEY_ENCRYPTION_SECRET=TEST_KEY_ENCRYPTION_SECRET)
+    assert prod.port == dev.port == 8082
+    assert prod.max_key_age_s == 7 * 86_400
+    assert prod.scoped_inbox_required and not dev.scoped_inbox_required
+    assert dev.allowed_requesters == ["token", "proxy"]
+
+
+def test_unknown_kem_is_refused() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(Settings, KEY_ENCRYPTION_SECRET=TEST_KEY_ENCRYPTION_SECRET,
+                      KEYMANAGER_LEASE_KEMS="x25519,rsa")  # fmt: skip
+    assert caught.value.problems[0][0] == "KEYMANAGER_LEASE_KEMS"
