@@ -3,6 +3,7 @@ keyveil_<service>_ with units, and no label value is an IP, a token, a JWT or a 
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import math
 import re
@@ -175,3 +176,42 @@ def test_every_service_exposes_well_named_bounded_metrics(
     for service in stack.values():
         assert TEST_PROVIDER_KEY not in service.log()
         assert TEST_PROXY_SIGNING_KEY not in service.log()
+
+
+async def test_multiprocess_metrics_mode(tmp_path: Path) -> None:
+    """With PROMETHEUS_MULTIPROC_DIR set (uvicorn workers > 1), /metrics aggregates the
+    per-process files rather than one worker's registry."""
+    import nats
+
+    from shared.events import EventPublisher, UsageEvent
+
+    prom_dir = tmp_path / "prom"
+    prom_dir.mkdir()
+    nats_server = start_nats(tmp_path)
+    auditor = ServiceProcess(
+        "auditor",
+        env={"NATS_URL": nats_server.url, "PROMETHEUS_MULTIPROC_DIR": str(prom_dir)},
+        log_path=tmp_path / "auditor.log",
+    )
+    try:
+        auditor.start(timeout=40)
+        nc = await nats.connect(nats_server.url)
+        publisher = EventPublisher(nc.jetstream())
+        publisher.start()
+        for _ in range(5):
+            publisher.emit(UsageEvent(service="proxy", type="proxy.request", status=200))
+        assert await publisher.flush(10)
+        await publisher.close()
+        await nc.close()
+        async with httpx.AsyncClient() as client:
+            for _ in range(200):
+                text = (await client.get(f"{auditor.url}/metrics")).text
+                if 'keyveil_auditor_events_processed_total{stream="KEYVEIL_USAGE"} 5.0' in text:
+                    break
+                await asyncio.sleep(0.05)
+        assert 'keyveil_auditor_events_processed_total{stream="KEYVEIL_USAGE"} 5.0' in text
+        assert any(p.suffix == ".db" for p in prom_dir.iterdir())
+        assert check_exposition("auditor", text) == []
+    finally:
+        auditor.stop()
+        nats_server.stop()
