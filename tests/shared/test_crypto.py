@@ -30,7 +30,8 @@ def test_envelope_round_trip_uses_fresh_data_key_and_nonce() -> None:
     kek = Kek(SECRET_A)
     one = seal_envelope(KEY, kek=kek, associated_data=AD)
     two = seal_envelope(KEY, kek=kek, associated_data=AD)
-    assert one.ciphertext != two.ciphertext and one.wrapped_key != two.wrapped_key
+    assert one.ciphertext != two.ciphertext
+    assert one.wrapped_key != two.wrapped_key
     assert KEY not in one.ciphertext
     assert len(one.ciphertext) == 12 + len(KEY) + 16
     assert open_envelope(one, keyring=KekRing(kek), associated_data=AD) == KEY
@@ -74,12 +75,14 @@ def test_rewrap_moves_the_data_key_and_keeps_the_ciphertext() -> None:
 
 def test_kek_ids_are_stable_distinct_and_do_not_leak() -> None:
     assert Kek(SECRET_A).kek_id == Kek(SECRET_A).kek_id != Kek(SECRET_B).kek_id
-    assert SECRET_A not in repr(Kek(SECRET_A)) and SECRET_A not in Kek(SECRET_A).kek_id
+    assert SECRET_A not in repr(Kek(SECRET_A))
+    assert SECRET_A not in Kek(SECRET_A).kek_id
 
 
 def test_fingerprint_is_keyed_not_a_bare_hash() -> None:
     a, b = Kek(SECRET_A).fingerprint(KEY), Kek(SECRET_B).fingerprint(KEY)
-    assert a != b and a == Kek(SECRET_A).fingerprint(KEY)
+    assert a != b
+    assert a == Kek(SECRET_A).fingerprint(KEY)
     assert a.removeprefix("hs256:") not in hashlib.sha256(KEY).hexdigest()
 
 

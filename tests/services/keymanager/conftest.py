@@ -69,8 +69,9 @@ class Sniffer:
 async def sniffer(nats_url: str) -> AsyncIterator[Sniffer]:
     sniffer = Sniffer()
     client = await nats.connect(nats_url, name="sniffer")
-    await client.subscribe(">", cb=sniffer.on_message, pending_msgs_limit=1_000_000,
-                           pending_bytes_limit=1 << 30)  # fmt: skip
+    await client.subscribe(
+        ">", cb=sniffer.on_message, pending_msgs_limit=1_000_000, pending_bytes_limit=1 << 30
+    )
     yield sniffer
     await client.drain()
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 
 import pytest
@@ -48,8 +47,7 @@ async def test_stored_key_is_leased_sealed_and_opened_by_the_requester(
 async def test_hybrid_post_quantum_kem_lease(nc: NATS, keymanager: KeyManager) -> None:
     key = new_provider_key()
     await KeyAdminClient(nc).add(key.encode(), environment="development")
-    client = LeaseClient(nc, requester="token", environment="development",
-                         kem=Kem.mlkem768_x25519)  # fmt: skip
+    client = LeaseClient(nc, requester="token", environment="development", kem=Kem.mlkem768_x25519)
     header, _ = await client.authorization()
     assert header == f"Bearer {key}"
 
@@ -58,8 +56,12 @@ async def test_lease_is_bound_to_its_metadata(nc: NATS, keymanager: KeyManager) 
     key = new_provider_key()
     await KeyAdminClient(nc).add(key.encode(), environment="development")
     pair = RequesterKeyPair()
-    request = LeaseRequest(requester="proxy", instance_id="i-1", environment="development",
-                           public_key=b64url_encode(pair.public_bytes))  # fmt: skip
+    request = LeaseRequest(
+        requester="proxy",
+        instance_id="i-1",
+        environment="development",
+        public_key=b64url_encode(pair.public_bytes),
+    )
     reply = await bus.request(nc, LEASE_SUBJECT, request, LeaseReply, timeout=5)
     from shared.crypto import SealError, b64url_decode
 
@@ -91,8 +93,12 @@ async def test_malformed_requests_get_typed_errors(
 
 async def _lease_error(nc: NATS, **fields: object) -> str:
     pair = RequesterKeyPair()
-    base: dict[str, object] = {"requester": "proxy", "instance_id": "i", "environment":
-                               "development", "public_key": b64url_encode(pair.public_bytes)}  # fmt: skip
+    base: dict[str, object] = {
+        "requester": "proxy",
+        "instance_id": "i",
+        "environment": "development",
+        "public_key": b64url_encode(pair.public_bytes),
+    }
     base.update(fields)
     answer = await nc.request(LEASE_SUBJECT, json.dumps(base).encode(), timeout=5)
     body = json.loads(answer.data)
@@ -151,7 +157,7 @@ async def test_audit_events_name_the_actor_and_carry_no_key(
         while True:
             msg = await sub.next_msg(timeout=1)
             events.append(json.loads(msg.data))
-    except asyncio.TimeoutError:
+    except TimeoutError:
         pass
     finally:
         await sub.unsubscribe()

@@ -34,7 +34,9 @@ async def test_bootstrap_import_edge_routes_and_no_key_in_logs(
     service = ServiceProcess("keymanager", _env(nats_url, bucket), tmp_path / "km.log")
     await asyncio.to_thread(service.start)
     try:
-        header, reply = await LeaseClient(nc, requester="proxy", environment="development").authorization()
+        header, reply = await LeaseClient(
+            nc, requester="proxy", environment="development"
+        ).authorization()
         assert header == f"Bearer {TEST_PROVIDER_KEY}"
         async with httpx.AsyncClient(base_url=service.url) as http:
             assert (await http.get("/healthz")).status_code == 200
@@ -47,7 +49,8 @@ async def test_bootstrap_import_edge_routes_and_no_key_in_logs(
         await asyncio.to_thread(service.stop)
     log = service.log()
     assert f"imported as {reply.key_id} v1" in log
-    assert TEST_PROVIDER_KEY not in log and TEST_KEY_ENCRYPTION_SECRET not in log
+    assert TEST_PROVIDER_KEY not in log
+    assert TEST_KEY_ENCRYPTION_SECRET not in log
 
     # A second start finds the fingerprint and imports nothing.
     again = ServiceProcess("keymanager", _env(nats_url, bucket), tmp_path / "km2.log")
@@ -61,7 +64,9 @@ async def test_bootstrap_import_edge_routes_and_no_key_in_logs(
 
 
 def test_weak_kek_refuses_to_start(tmp_path: Path, nats_url: str) -> None:
-    env = _env(nats_url, "KEYS_x") | {"KEY_ENCRYPTION_SECRET": "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"}
+    env = _env(nats_url, "KEYS_x") | {
+        "KEY_ENCRYPTION_SECRET": "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+    }
     service = ServiceProcess("keymanager", env, tmp_path / "weak.log").start(wait_ready=False)
     assert service.process is not None
     assert service.process.wait(30) == 2
@@ -72,7 +77,9 @@ def test_weak_kek_refuses_to_start(tmp_path: Path, nats_url: str) -> None:
 async def test_survives_a_nats_restart(tmp_path: Path) -> None:
     port = free_port()
     server: ServerProcess = start_nats(tmp_path, port=port, name="private")
-    env = _env(server.url, "KEYVEIL_KEYS") | {"OPENAI_API_KEY": "sk-test-restart-" + uuid.uuid4().hex}
+    env = _env(server.url, "KEYVEIL_KEYS") | {
+        "OPENAI_API_KEY": "sk-test-restart-" + uuid.uuid4().hex
+    }
     service = ServiceProcess("keymanager", env, tmp_path / "km.log")
     client: NATS | None = None
     try:
@@ -87,13 +94,14 @@ async def test_survives_a_nats_restart(tmp_path: Path) -> None:
             try:
                 again, reply_after = await leases.authorization()
                 break
-            except Exception:  # noqa: BLE001 - reconnecting; retried below
+            except Exception:
                 await asyncio.sleep(0.2)
         else:
             raise AssertionError(f"no lease after the restart:\n{service.log()[-2000:]}")
         assert again == first
         assert reply_after.key_id == reply.key_id  # the record came back from disk
-        assert service.process is not None and service.process.poll() is None
+        assert service.process is not None
+        assert service.process.poll() is None
     finally:
         if client is not None:
             await client.close()

@@ -40,7 +40,7 @@ async def test_rotation_under_concurrent_leases_loses_none(
         for _ in range(400):
             try:
                 header, _ = await client.authorization()
-            except BaseException as exc:  # noqa: BLE001 - counted, asserted below
+            except BaseException as exc:
                 failures.append(exc)
                 continue
             seen.add(header)
@@ -68,7 +68,9 @@ async def test_rotation_under_concurrent_leases_loses_none(
     assert retiring.retire_at is not None
     assert retiring.retire_at == pytest.approx(time.time() + 60, abs=5)
     # A fresh lease after the rotation is the new version.
-    header, reply = await LeaseClient(nc, requester="proxy", environment="development").authorization()
+    header, reply = await LeaseClient(
+        nc, requester="proxy", environment="development"
+    ).authorization()
     assert (header, reply.version) == (f"Bearer {new}", 2)
 
 
@@ -83,7 +85,8 @@ async def test_rotated_notice_drops_cached_leases(nc: NATS, keymanager: KeyManag
         assert (await client.authorization())[0] == f"Bearer {old}"
         await admin.rotate(info.key_id, new.encode())
         notice = json.loads((await notices.next_msg(timeout=5)).data)
-        assert notice["key_id"] == info.key_id and notice["version"] == 2
+        assert notice["key_id"] == info.key_id
+        assert notice["version"] == 2
         await nc.flush()
         await asyncio.sleep(0)  # let the client's own subscription callback run
         for _ in range(50):
@@ -106,7 +109,9 @@ async def test_retiring_version_is_served_in_grace_then_retired(
     await admin.rotate(info.key_id, new.encode(), grace_s=1)
     # The new version is revoked (a bad key): the retiring one keeps working in its grace.
     await admin.revoke(info.key_id, version=2)
-    header, reply = await LeaseClient(nc, requester="proxy", environment="development").authorization()
+    header, reply = await LeaseClient(
+        nc, requester="proxy", environment="development"
+    ).authorization()
     assert (header, reply.version) == (f"Bearer {old}", 1)
     assert reply.expires_at <= time.time() + 1.5  # a lease never outlives the grace
     await asyncio.sleep(1.1)
@@ -166,9 +171,7 @@ async def test_old_keys_raise_rotation_due_audit_events(
     manager = await start_keymanager(KEYMANAGER_MAX_KEY_AGE_DAYS=0.000001)  # ~0.09 s
     info = await KeyAdminClient(nc).add(new_provider_key().encode(), environment="development")
     await asyncio.sleep(0.2)
-    sub = await nc.jetstream().subscribe(
-        "keyveil.audit.keymanager", ordered_consumer=True
-    )
+    sub = await nc.jetstream().subscribe("keyveil.audit.keymanager", ordered_consumer=True)
     await manager.keys.enforce_policy()
     await manager.keys.enforce_policy()  # reported once per interval, not every round
     assert await manager.events.flush(5)

@@ -33,17 +33,22 @@ def test_missing_kek_is_named() -> None:
 
 
 def test_defaults_per_environment() -> None:
-    prod = load_settings(Settings, KEY_ENCRYPTION_SECRET=TEST_KEY_ENCRYPTION_SECRET,
-                         NODE_ENV="production")  # fmt: skip
+    prod = load_settings(
+        Settings, KEY_ENCRYPTION_SECRET=TEST_KEY_ENCRYPTION_SECRET, NODE_ENV="production"
+    )
     dev = load_settings(Settings, KEY_ENCRYPTION_SECRET=TEST_KEY_ENCRYPTION_SECRET)
     assert prod.port == dev.port == 8082
     assert prod.max_key_age_s == 7 * 86_400
-    assert prod.scoped_inbox_required and not dev.scoped_inbox_required
+    assert prod.scoped_inbox_required
+    assert not dev.scoped_inbox_required
     assert dev.allowed_requesters == ["token", "proxy"]
 
 
 def test_unknown_kem_is_refused() -> None:
     with pytest.raises(ConfigError) as caught:
-        load_settings(Settings, KEY_ENCRYPTION_SECRET=TEST_KEY_ENCRYPTION_SECRET,
-                      KEYMANAGER_LEASE_KEMS="x25519,rsa")  # fmt: skip
+        load_settings(
+            Settings,
+            KEY_ENCRYPTION_SECRET=TEST_KEY_ENCRYPTION_SECRET,
+            KEYMANAGER_LEASE_KEMS="x25519,rsa",
+        )
     assert caught.value.problems[0][0] == "KEYMANAGER_LEASE_KEMS"
