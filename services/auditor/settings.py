@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from shared.settings import CommonSettings
 
@@ -111,3 +111,10 @@ class Settings(CommonSettings):
         if not value.get_secret_value().startswith(("http://", "https://")):
             raise ValueError("must be an http(s) URL")
         return value
+
+    @model_validator(mode="after")
+    def _production_rules(self) -> Settings:
+        url = self.alert_webhook_url.get_secret_value() if self.alert_webhook_url else ""
+        if self.is_production and url.startswith("http://"):
+            raise ValueError("ALERT_WEBHOOK_URL must use https in production")
+        return self
