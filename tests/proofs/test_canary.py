@@ -120,17 +120,19 @@ class Driver:
 
     def __init__(self, stack: Stack, record: Recorder) -> None:
         self.stack = stack
-        self.client = httpx.Client(timeout=15, event_hooks={"response": [record.__call__]})
+        self.client = httpx.Client(timeout=15)
+        self.record = record
         self.proxy = stack.url("proxy")
         self.cli_output: list[str] = []
 
     def token(self, mode: str = "proxy") -> dict[str, Any]:
-        answer = self.client.post(
-            f"{self.stack.url('token')}/api/voice-agent/secure-token",
-            json={"mode": mode},
-            headers={"Origin": ORIGIN},
+        answer = self.record(
+            self.client.post(
+                f"{self.stack.url('token')}/api/voice-agent/secure-token",
+                json={"mode": mode},
+                headers={"Origin": ORIGIN},
+            )
         )
-        answer.read()
         return dict(answer.json())
 
     def call(
@@ -148,7 +150,7 @@ class Driver:
         headers.update(kw.pop("headers", {}))
         with self.client.stream("POST", f"{self.proxy}{path}", content=body, headers=headers) as r:
             r.read()
-            return r
+            return self.record(r)
 
     def chat(self, token: dict[str, Any], stream: bool = False) -> httpx.Response:
         body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
@@ -210,19 +212,22 @@ class Driver:
             authority=urlsplit(self.stack.url("token")).netloc,
             content_type=None,
         )
-        assert self.client.delete(f"{self.stack.url('token')}{path}", headers=headers).is_success
+        deleted = self.client.delete(f"{self.stack.url('token')}{path}", headers=headers)
+        assert self.record(deleted).is_success
         assert self.chat(held).status_code == 401
         operator_revoked = self.token("proxy")
         assert self.cli("tokens", "revoke", operator_revoked["token_id"]).returncode == 0
 
         # Key administration: list, show, rotate to a second canary, use it, revoke.
-        assert self.cli("keys", "list").returncode == 0
-        assert (
-            self.cli("keys", "rotate", "--provider", "openai", stdin=ROTATED_CANARY).returncode == 0
-        )
+        listed = self.cli("keys", "list", "--json")
+        assert listed.returncode == 0, listed.stderr
+        key_id = json.loads(listed.stdout)[0]["key_id"]
+        assert self.cli("keys", "show", key_id).returncode == 0
+        rotated = self.cli("keys", "rotate", key_id, "--grace-seconds", "60", stdin=ROTATED_CANARY)
+        assert rotated.returncode == 0, rotated.stderr
         assert self.chat(self.token("proxy")).status_code == 200
-        self.cli("keys", "list")
-        self.cli("keys", "rewrap")
+        assert self.cli("keys", "rewrap").returncode == 0
+        assert self.cli("keys", "list", "--all").returncode == 0
 
         # Alerts: a burst of forged tokens from one client.
         for _ in range(30):
@@ -283,7 +288,10 @@ async def test_the_canary_key_appears_on_no_channel(canary_stack: Stack) -> None
     await asyncio.sleep(0.5)
 
     driver = Driver(stack, record)
-    await asyncio.to_thread(driver.every_flow)
+    try:
+        await asyncio.to_thread(driver.every_flow)
+    finally:
+        driver.client.close()
     await asyncio.sleep(2)  # let events, alerts and logs settle
     for name, url in stack.info["metrics_urls"].items():
         findings.scan(f"metrics:{name}", httpx.get(url).content)
