@@ -7,6 +7,7 @@ import json
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from keyveil.client import KeyveilAuth, TokenSource
 from tests.stack import ORIGIN, Stack
@@ -14,7 +15,7 @@ from tests.support import TEST_PROVIDER_KEY
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-HELLO = [{"role": "user", "content": "hello"}]
+HELLO: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello"}]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,9 @@ async def test_async_openai_chat_stream_speech_and_transcription(
 ) -> None:
     http = httpx.AsyncClient(auth=KeyveilAuth(tokens=tokens))
     async with openai.AsyncOpenAI(
-        api_key="not-a-provider-key", base_url=base_url(stack), http_client=http
+        api_key="not-a-provider-key",
+        base_url=base_url(stack),
+        http_client=http,  # type: ignore[arg-type]  # openai types httpx2; httpx works too
     ) as client:
         completion = await client.chat.completions.create(model="gpt-4o-mini", messages=HELLO)
         assert completion.choices[0].message.content == "Hello from the fake."
@@ -63,10 +66,11 @@ def test_sync_openai_client_shares_the_token(stack: Stack, tokens: TokenSource) 
     with openai.OpenAI(
         api_key="not-a-provider-key",
         base_url=base_url(stack),
-        http_client=httpx.Client(auth=KeyveilAuth(tokens=tokens)),
+        # openai 3.x types name httpx2, and it accepts (legacy) httpx clients at runtime.
+        http_client=httpx.Client(auth=KeyveilAuth(tokens=tokens)),  # type: ignore[arg-type]
     ) as client:
         stream = client.chat.completions.create(model="gpt-4o-mini", messages=HELLO, stream=True)
-        text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        text = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
     assert text == "Hello from the fake stream"
     assert tokens.fetches <= 1
 
