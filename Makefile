@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 ARGS ?=
 
-.PHONY: install up test lint check bench clean
+.PHONY: install up test lint check bench clean browser
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,7 +19,11 @@ install: $(STAMP)
 up: $(STAMP)
 	$(BIN)/keyveil up $(ARGS)
 
-test: $(STAMP)
+# Debian's chromium for the browser test (Playwright drives it; nothing is downloaded).
+browser:
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
