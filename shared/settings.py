@@ -79,6 +79,8 @@ class CommonSettings(BaseSettings):
     nats_request_timeout_s: float = Field(
         default=2.0, gt=0, le=30, validation_alias="NATS_REQUEST_TIMEOUT_S"
     )
+    jetstream_replicas: int = Field(default=1, ge=1, le=5, validation_alias="JETSTREAM_REPLICAS")
+    """Replicas of every event stream; all services must agree, or streams flip-flop."""
     log_level: str = Field(default="INFO", validation_alias="LOG_LEVEL")
     log_format: str = Field(default="json", pattern="^(json|text)$", validation_alias="LOG_FORMAT")
 

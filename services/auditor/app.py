@@ -56,7 +56,7 @@ class AuditorRuntime:
 async def start_runtime(settings: Settings) -> AuditorRuntime:
     nc = await bus.connect(settings, name="auditor")
     js = nc.jetstream()
-    publisher = EventPublisher(js, num_replicas=settings.stream_replicas)
+    publisher = EventPublisher(js, num_replicas=settings.jetstream_replicas)
     publisher.start()
     webhook = None
     if settings.alert_webhook_url is not None:

@@ -21,7 +21,6 @@ class Settings(CommonSettings):
     dedupe_window: int = Field(
         default=200_000, ge=1000, le=10_000_000, validation_alias="AUDITOR_DEDUPE_WINDOW"
     )
-    stream_replicas: int = Field(default=1, ge=1, le=5, validation_alias="AUDITOR_STREAM_REPLICAS")
     ledger_enabled: bool = Field(default=True, validation_alias="AUDITOR_LEDGER_ENABLED")
 
     # Auth-failure burst per IP.

@@ -76,7 +76,7 @@ class KeyManager:
         settings = self.settings
         self._nc = await connect(settings, name=SERVICE, on_state=self._on_state)
         js = self._nc.jetstream(timeout=settings.nats_request_timeout_s)
-        self._events = EventPublisher(js, num_replicas=settings.kv_replicas)
+        self._events = EventPublisher(js, num_replicas=settings.jetstream_replicas)
         self._events.start()
         store = KeyStore(
             js,

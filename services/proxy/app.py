@@ -116,7 +116,7 @@ def create_app(settings: Settings, *, keys: KeySource | None = None) -> FastAPI:
 
             nc: NATS = await bus.connect(settings, name="proxy", on_state=on_state)
             stack.push_async_callback(nc.drain)
-            publisher = EventPublisher(nc.jetstream())
+            publisher = EventPublisher(nc.jetstream(), num_replicas=settings.jetstream_replicas)
             publisher.start()
             stack.push_async_callback(publisher.close)
             key_source = keys

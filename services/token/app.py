@@ -302,7 +302,7 @@ def create_app(settings: Settings) -> FastAPI:
 
         store = redis_client(settings.redis_url, settings.redis_timeout_s)
         nc = await bus.connect(settings, name="token", on_state=on_state)
-        events = EventPublisher(nc.jetstream())
+        events = EventPublisher(nc.jetstream(), num_replicas=settings.jetstream_replicas)
         events.start()
         leases = LeaseClient(
             nc,

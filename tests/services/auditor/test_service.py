@@ -59,6 +59,8 @@ async def inbox(pnc: NATS) -> AsyncIterator[AlertInbox]:
 @pytest.fixture
 async def runtime(private_nats: ServerProcess) -> AsyncIterator[AuditorRuntime]:
     rt = await start_runtime(settings(nats_url=private_nats.url))
+    # The consumers create their streams in the background; tests publish straight away.
+    await until(lambda: all(consumer.bound for consumer in rt.consumers))
     yield rt
     await stop_runtime(rt)
 
