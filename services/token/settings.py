@@ -76,8 +76,8 @@ class Settings(CommonSettings):
         default=16_384, ge=256, le=1_048_576, validation_alias="TOKEN_MAX_BODY_BYTES"
     )
     signature_window_s: float = Field(
-        default=300.0, gt=0, le=3600, validation_alias="SIGNATURE_WINDOW_S"
-    )
+        default=60.0, gt=0, le=600, validation_alias="SIGNATURE_WINDOW_S"
+    )  # the same variable and default as the proxy's: one freshness rule for clients
     legacy_deprecated_at: int = Field(
         default=1_767_225_600, ge=0, validation_alias="LEGACY_TOKEN_DEPRECATED_AT"
     )
