@@ -1,7 +1,7 @@
 """Auditor benchmark: events processed per second, and time from an attack burst's
 first event to its alert on the bus. Real nats-server (JetStream), in-process auditor.
 
-    .venv/bin/python benchmarks/auditor_bench.py [--events 20000]
+    .venv/bin/python -m benchmarks.auditor_bench [--events 20000]
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from pathlib import Path
 import nats
 from nats.aio.msg import Msg
 
+from benchmarks.common import add_json_option, write_json
 from keyveil.servers import start_nats
 from services.auditor.app import start_runtime, stop_runtime
 from services.auditor.settings import Settings
@@ -53,7 +54,7 @@ async def publish_all(js: nats.js.JetStreamContext, events: list[UsageEvent]) ->
         )  # fmt: skip
 
 
-async def main(count: int, bursts: int) -> None:
+async def main(count: int, bursts: int) -> dict[str, float]:
     logging.basicConfig(level=logging.ERROR)
     workdir = Path(tempfile.mkdtemp(prefix="auditor-bench-"))
     server = start_nats(workdir)
@@ -102,11 +103,18 @@ async def main(count: int, bursts: int) -> None:
     finally:
         await nc.close()
         server.stop()
+    return {
+        "events": count,
+        "events_per_s": round(count / elapsed, 1),
+        "alert_latency_median_ms": round(statistics.median(latencies), 2),
+        "alert_latency_max_ms": round(max(latencies), 2),
+    }
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--bursts", type=int, default=10)
+    add_json_option(parser)
     args = parser.parse_args()
-    asyncio.run(main(args.events, args.bursts))
+    write_json(args.json, asyncio.run(main(args.events, args.bursts)))

@@ -1,6 +1,6 @@
 """Lease throughput and latency against a real nats-server and a real key-manager process.
 
-    .venv/bin/python benchmarks/lease_bench.py [--leases 2000] [--concurrency 16] [--kem x25519]
+    .venv/bin/python -m benchmarks.lease_bench [--leases 2000] [--concurrency 16] [--kem x25519]
 
 Every lease is a full round trip (the client cache is dropped each time): request,
 KV read, decrypt, HPKE seal, reply, unseal. Prints leases/s and p50/p99 latency.
@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import nats
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
+from benchmarks.common import LatencySummary, add_json_option, write_json
 from keyveil.servers import start_nats
 from shared.crypto import Kem
 from shared.leases import LeaseClient
@@ -30,7 +27,7 @@ from tests.support import (
 )
 
 
-async def bench(total: int, concurrency: int, kem: Kem, replicas: int) -> None:
+async def bench(total: int, concurrency: int, kem: Kem, replicas: int) -> LatencySummary:
     state = Path(tempfile.mkdtemp(prefix="lease-bench-"))
     server = start_nats(state)
     env = {
@@ -64,19 +61,14 @@ async def bench(total: int, concurrency: int, kem: Kem, replicas: int) -> None:
         started = time.perf_counter()
         await asyncio.gather(*(worker(c) for c in clients))
         elapsed = time.perf_counter() - started
-        latencies.sort()
-        p50 = statistics.median(latencies) * 1000
-        p99 = latencies[int(len(latencies) * 0.99) - 1] * 1000
-        print(
-            f"kem={kem.value} replicas={replicas} concurrency={concurrency} "
-            f"leases={len(latencies)}: {len(latencies) / elapsed:.0f} leases/s, "
-            f"p50 {p50:.2f} ms, p99 {p99:.2f} ms"
-        )
+        summary = LatencySummary.of(latencies, elapsed)
+        print(f"kem={kem.value} replicas={replicas} concurrency={concurrency}: {summary.line()}")
         await nc.drain()
     finally:
         for service in services:
             service.stop()
         server.stop()
+    return summary
 
 
 def main() -> None:
@@ -85,8 +77,13 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--kem", choices=[k.value for k in Kem], default=Kem.x25519.value)
+    add_json_option(parser)
     args = parser.parse_args()
-    asyncio.run(bench(args.leases, args.concurrency, Kem(args.kem), args.replicas))
+    summary = asyncio.run(bench(args.leases, args.concurrency, Kem(args.kem), args.replicas))
+    write_json(
+        args.json,
+        {"kem": args.kem, "concurrency": args.concurrency, **summary.as_dict()},
+    )
 
 
 if __name__ == "__main__":

@@ -6,14 +6,13 @@ POST /api/voice-agent/secure-token {"mode": "proxy"} with C concurrent clients, 
 request from its own client IP (X-Forwarded-For via a trusted loopback proxy), so
 every request pays the full Redis admission round trip and none is refused.
 
-    .venv/bin/python benchmarks/token_bench.py --requests 3000 --concurrency 32 --replicas 2
+    .venv/bin/python -m benchmarks.token_bench --requests 3000 --concurrency 32 --replicas 2
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import sys
 import tempfile
 import time
@@ -21,17 +20,11 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
+from benchmarks.common import LatencySummary, add_json_option, write_json
 from keyveil.servers import start_nats, start_redis
 from tests.support import TEST_PROXY_SIGNING_KEY, ServiceProcess
 
 ORIGIN = "https://bench.example"
-
-
-def _percentile(sorted_values: list[float], q: float) -> float:
-    index = min(len(sorted_values) - 1, max(0, round(q * (len(sorted_values) - 1))))
-    return sorted_values[index]
 
 
 async def _drive(urls: list[str], total: int, concurrency: int) -> tuple[float, list[float], int]:
@@ -71,6 +64,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=200)
+    add_json_option(parser)
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="keyveil-bench-") as tmp:
@@ -104,16 +98,20 @@ def main() -> int:
             redis_server.stop()
             nats_server.stop()
 
-    ordered = sorted(latencies)
+    summary = LatencySummary.of(latencies, elapsed, ok=len(latencies) - failures)
     print(
         f"proxy-token issuance, rate limiting on (Redis GCRA per client IP), "
         f"{args.replicas} replica(s), concurrency {args.concurrency}"
     )
     print(f"requests     {len(latencies)} ({failures} not 200)")
-    print(f"tokens/s     {(len(latencies) - failures) / elapsed:.0f}")
-    print(f"p50 latency  {_percentile(ordered, 0.50) * 1000:.2f} ms")
-    print(f"p99 latency  {_percentile(ordered, 0.99) * 1000:.2f} ms")
-    print(f"mean         {statistics.fmean(ordered) * 1000:.2f} ms")
+    print(f"tokens/s     {summary.rate_per_s:.0f}")
+    print(f"p50 latency  {summary.p50_ms:.2f} ms")
+    print(f"p99 latency  {summary.p99_ms:.2f} ms")
+    print(f"mean         {summary.mean_ms:.2f} ms")
+    write_json(
+        args.json,
+        {"replicas": args.replicas, "concurrency": args.concurrency, **summary.as_dict()},
+    )
     return 0 if failures == 0 else 1
 
 
