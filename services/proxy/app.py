@@ -30,6 +30,7 @@ from shared.telemetry import redactor
 from shared.tokens import TokenKeyring
 
 from .access import TokenCache
+from .apidocs import document_routes
 from .cache import ResponseCache
 from .handler import ProxyHandler
 from .routes import PREFIX
@@ -184,6 +185,7 @@ def create_app(settings: Settings, *, keys: KeySource | None = None) -> FastAPI:
         return bool(await app.state.redis.ping())
 
     add_edge_routes(app, {"nats": nats_ready, "redis": redis_ready})
+    document_routes(app)  # the spec only: _ProxyPaths answers these paths first
     app.add_middleware(_ProxyPaths, live=live)
     app.add_middleware(
         CORSMiddleware,

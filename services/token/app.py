@@ -16,6 +16,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from nats.aio.client import Client as NATS
 
+from services.token.apidocs import ISSUE_DOCS, LEGACY_DOCS, REVOKE_DOCS
 from services.token.demo import demo_router
 from services.token.issuance import Issued, TokenIssuer
 from services.token.metrics import (
@@ -392,24 +393,24 @@ def create_app(settings: Settings) -> FastAPI:
     if demo is not None:
         app.include_router(demo)
 
-    @app.post(SECURE_TOKEN_PATH)
+    @app.post(SECURE_TOKEN_PATH, **ISSUE_DOCS)
     async def secure_token(request: Request, service: Service) -> Response:
         return await service.issue(request, legacy=False)
 
-    @app.post(LEGACY_TOKEN_PATH)
+    @app.post(LEGACY_TOKEN_PATH, **LEGACY_DOCS)
     async def legacy_token(request: Request, service: Service) -> Response:
         return await service.issue(request, legacy=True)
 
-    @app.options(SECURE_TOKEN_PATH)
-    @app.options(LEGACY_TOKEN_PATH)
+    @app.options(SECURE_TOKEN_PATH, include_in_schema=False)
+    @app.options(LEGACY_TOKEN_PATH, include_in_schema=False)
     async def token_preflight(request: Request, service: Service) -> Response:
         return service.preflight(request, methods=_ISSUE_METHODS, headers=_ISSUE_HEADERS)
 
-    @app.delete(SECURE_TOKEN_PATH + "/{token_id}")
+    @app.delete(SECURE_TOKEN_PATH + "/{token_id}", **REVOKE_DOCS)
     async def revoke_token(token_id: str, request: Request, service: Service) -> Response:
         return await service.revoke(request, token_id)
 
-    @app.options(SECURE_TOKEN_PATH + "/{token_id}")
+    @app.options(SECURE_TOKEN_PATH + "/{token_id}", include_in_schema=False)
     async def revoke_preflight(request: Request, service: Service) -> Response:
         return service.preflight(request, methods=_REVOKE_METHODS, headers=_REVOKE_HEADERS)
 
