@@ -11,7 +11,7 @@ ARGS ?=
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -32,6 +32,10 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 check: lint test
+
+# Every benchmark in one run; writes docs/benchmarks/README.md and its PNG plots.
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks.report
 
 clean:
 	rm -rf $(VENV) .keyveil .pytest_cache .mypy_cache .ruff_cache
