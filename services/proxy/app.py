@@ -35,7 +35,7 @@ from .cache import ResponseCache
 from .handler import ProxyHandler
 from .routes import PREFIX
 from .settings import Settings
-from .upstream import Forwarder, KeySource
+from .upstream import Forwarder, KeySource, OpenedLeaseCache
 
 __all__ = ["CORS_ALLOWED_HEADERS", "CORS_EXPOSED_HEADERS", "create_app"]
 
@@ -62,31 +62,67 @@ class _Live:
 
 
 class _ProxyPaths:
-    """Sends the proxy prefix to the handler and everything else to FastAPI."""
+    """Sends the proxy prefix to the handler and everything else to FastAPI.
 
-    def __init__(self, app: ASGIApp, live: _Live) -> None:
+    It is the outermost middleware, so proxy requests skip the FastAPI/Starlette stack;
+    it answers CORS for them itself (preflights through Starlette's CORSMiddleware,
+    the grant on actual responses inline), with exactly the same policy.
+    """
+
+    def __init__(self, app: ASGIApp, live: _Live, settings: Settings) -> None:
         self.app = app
         self.live = live
+        self._origins = frozenset(origin.encode() for origin in settings.allowed_origins)
+        self._expose = ", ".join(CORS_EXPOSED_HEADERS).encode()
+        self._preflight = CORSMiddleware(
+            self._proxy,
+            allow_origins=settings.allowed_origins,
+            allow_methods=["POST"],
+            allow_headers=CORS_ALLOWED_HEADERS,
+            expose_headers=CORS_EXPOSED_HEADERS,
+            allow_credentials=False,
+            max_age=600,
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope["path"].startswith(PREFIX):
             await self.app(scope, receive, send)
-            return
+        elif scope["method"] == "OPTIONS":
+            await self._preflight(scope, receive, send)
+        else:
+            await self._proxy(scope, receive, send)
+
+    def _cors(self, scope: Scope) -> list[tuple[bytes, bytes]]:
+        for name, value in scope["headers"]:
+            if name == b"origin" or name.lower() == b"origin":
+                if value in self._origins:
+                    return [
+                        (b"access-control-allow-origin", value),
+                        (b"access-control-expose-headers", self._expose),
+                        (b"vary", b"Origin"),
+                    ]
+                return []
+        return []
+
+    async def _proxy(self, scope: Scope, receive: Receive, send: Send) -> None:
+        cors = self._cors(scope)
         handler = self.live.handler
         if handler is None:
-            await _send_json(send, 503, _NOT_READY)
+            await _send_json(send, 503, _NOT_READY, cors)
             return
         try:
-            await handler(scope, receive, send)
+            await handler(scope, receive, send, cors)
         except ApiError:
             raise
         except Exception as exc:  # never a traceback or a 500 page to the client
             log.error("unhandled %s in the proxy path", type(exc).__name__, exc_info=exc)
             with contextlib.suppress(Exception):
-                await _send_json(send, 500, _INTERNAL)
+                await _send_json(send, 500, _INTERNAL, cors)
 
 
-async def _send_json(send: Send, status: int, body: bytes) -> None:
+async def _send_json(
+    send: Send, status: int, body: bytes, extra: list[tuple[bytes, bytes]]
+) -> None:
     await send(
         {
             "type": "http.response.start",
@@ -94,6 +130,7 @@ async def _send_json(send: Send, status: int, body: bytes) -> None:
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(body)).encode()),
+                *extra,
             ],
         }
     )
@@ -125,7 +162,7 @@ def create_app(settings: Settings, *, keys: KeySource | None = None) -> FastAPI:
                 leases = LeaseClient(nc, requester="proxy", environment=settings.lease_environment)
                 await leases.start()
                 stack.push_async_callback(leases.stop)
-                key_source = leases
+                key_source = OpenedLeaseCache(leases)
             forwarder: Forwarder | None = None
             if not settings.demo_mode:
                 forwarder = Forwarder(
@@ -186,7 +223,6 @@ def create_app(settings: Settings, *, keys: KeySource | None = None) -> FastAPI:
 
     add_edge_routes(app, {"nats": nats_ready, "redis": redis_ready})
     document_routes(app)  # the spec only: _ProxyPaths answers these paths first
-    app.add_middleware(_ProxyPaths, live=live)
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.allowed_origins,
@@ -196,6 +232,8 @@ def create_app(settings: Settings, *, keys: KeySource | None = None) -> FastAPI:
         allow_credentials=False,
         max_age=600,
     )
+    # Added last, so it runs first: proxy requests never enter the FastAPI stack.
+    app.add_middleware(_ProxyPaths, live=live, settings=settings)
     return app
 
 

@@ -4,23 +4,33 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import orjson
-from starlette.responses import Response, StreamingResponse
 
 from .routes import Route
 
-__all__ = ["demo_response"]
+__all__ = ["DemoAnswer", "demo_response"]
 
 _AUDIO = b"ID3\x04\x00\x00\x00\x00\x00\x00" + b"\xff\xfb\x90\x00" * 256
 
 
-def _chat(model: str, stream: bool) -> Response:
+@dataclass(frozen=True)
+class DemoAnswer:
+    """A canned answer: a whole body, or (SSE) events to stream."""
+
+    content_type: str
+    body: bytes = b""
+    events: AsyncIterator[bytes] | None = None
+
+
+def _chat(model: str, stream: bool) -> DemoAnswer:
     created = int(time.time())
     base = {"id": "chatcmpl-demo", "created": created, "model": model}
     if not stream:
         message = {"role": "assistant", "content": "This is a keyveil demo answer."}
-        return Response(
+        return DemoAnswer(
+            "application/json",
             orjson.dumps(
                 {
                     **base,
@@ -29,7 +39,6 @@ def _chat(model: str, stream: bool) -> Response:
                     "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
                 }
             ),
-            media_type="application/json",
         )
 
     async def events() -> AsyncIterator[bytes]:
@@ -42,15 +51,14 @@ def _chat(model: str, stream: bool) -> Response:
             yield b"data: " + orjson.dumps(chunk) + b"\n\n"
         yield b"data: [DONE]\n\n"
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    return DemoAnswer("text/event-stream", events=events())
 
 
-def demo_response(route: Route, *, model: str | None, stream: bool) -> Response:
+def demo_response(route: Route, *, model: str | None, stream: bool) -> DemoAnswer:
     if route.endpoint == "chat_completions":
         return _chat(model or "demo", stream)
     if route.endpoint == "audio_speech":
-        return Response(_AUDIO, media_type="audio/mpeg")
-    return Response(
-        orjson.dumps({"text": "This is a keyveil demo transcription."}),
-        media_type="application/json",
+        return DemoAnswer("audio/mpeg", _AUDIO)
+    return DemoAnswer(
+        "application/json", orjson.dumps({"text": "This is a keyveil demo transcription."})
     )

@@ -5,6 +5,13 @@ token (cached verification, expiry every time), scope, origin, signature (CPU on
 then one Redis round trip for IP block + revocation + nonce + rate limits, then the
 body (size cap, digest, shape), then the provider. Any refusal is a JSON error with
 a stable code, and nothing reaches the provider.
+
+Answers are sent with raw ASGI messages: no Starlette Response objects, no task group
+per response. A small fixed-length provider answer (the usual JSON completion) is read
+whole (at most `_INLINE_MAX` bytes) and sent with a Content-Length; everything else
+(SSE, audio, large or chunked bodies) is relayed chunk by chunk as it arrives, with
+one watcher task per stream that closes the provider connection as soon as the client
+goes away.
 """
 
 from __future__ import annotations
@@ -18,12 +25,9 @@ from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any, Literal
 
-import anyio
-import httpx
 import orjson
-from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
-from starlette.types import Receive, Scope, Send
+from prometheus_client import Counter, Histogram
+from starlette.types import Message, Receive, Scope, Send
 
 from shared.errors import (
     ApiError,
@@ -40,12 +44,13 @@ from shared.ratelimit import Admission, Decision, Limit
 from shared.telemetry import redactor
 
 from .access import Caller, TokenCache, authenticate, rejection_reason
-from .bodies import JsonBody, Upload, read_json, spool_multipart
+from .bodies import read_json, spool_multipart
 from .cache import OPT_IN_HEADER, ResponseCache
-from .demo import demo_response
+from .demo import DemoAnswer, demo_response
 from .metrics import (
     ADDED_LATENCY,
     AUTH_FAILURES,
+    CANCELLED,
     REJECTIONS,
     REQUEST_DURATION,
     REQUESTS,
@@ -54,20 +59,32 @@ from .metrics import (
 )
 from .routes import ROUTES, BodyKind, Route
 from .settings import Settings
-from .upstream import Forwarder, passthrough_headers
+from .upstream import Forwarder, UpstreamResponse, UpstreamStreamError
 from .usage import TokenUsage, UsageTap
 
 __all__ = ["ProxyHandler"]
 
 log = logging.getLogger(__name__)
 
+Headers = list[tuple[bytes, bytes]]
+
 _MAX_ERROR_BODY = 64 * 1024
+# Provider answers up to this size, with a Content-Length, are read whole and sent in
+# one piece; anything larger or open-ended streams through.
+_INLINE_MAX = 64 * 1024
 _OTHER = Route("other", None, "", BodyKind.json)  # type: ignore[arg-type]
+_JSON = (b"content-type", b"application/json")
+_SSE_HEADERS: Headers = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+_CLIENT_GONE = 499
 
 
 class _MethodNotAllowedError(ApiError):
     status = 405
     default_code = "method_not_allowed"
+
+
+class _ClientGoneError(Exception):
+    """The client disconnected while its request body was being read."""
 
 
 @dataclass
@@ -82,6 +99,33 @@ class _Exchange:
     rate_headers: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass
+class _Relay:
+    """A provider answer still to be streamed to the client."""
+
+    upstream: UpstreamResponse
+    started: float
+    content_type: str
+    sse: bool
+    cache_key: str | None
+
+
+@dataclass
+class _Reply:
+    """What goes back to the client: a whole body, a stream of events, or a relay."""
+
+    status: int
+    headers: Headers
+    body: bytes = b""
+    events: AsyncIterator[bytes] | None = None
+    relay: _Relay | None = None
+    exchange: _Exchange | None = None
+
+
+def _encode(headers: dict[str, str]) -> Headers:
+    return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+
+
 def _headers(scope: Scope) -> dict[str, str]:
     """Lower-cased request headers, repeated fields combined as RFC 9110 says."""
     out: dict[str, str] = {}
@@ -90,6 +134,19 @@ def _headers(scope: Scope) -> dict[str, str]:
         value = raw_value.decode("latin-1")
         out[name] = f"{out[name]}, {value}" if name in out else value
     return out
+
+
+async def _body(receive: Receive) -> AsyncIterator[bytes]:
+    """The request body as it arrives (raw ASGI, no Request object)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise _ClientGoneError
+        chunk = message.get("body", b"")
+        if chunk:
+            yield chunk
+        if not message.get("more_body", False):
+            return
 
 
 def _refusal(decision: Decision) -> ApiError:
@@ -105,6 +162,31 @@ def _refusal(decision: Decision) -> ApiError:
     return UnavailableError(
         "security checks are unavailable; try again", code="security_unavailable", headers=headers
     )
+
+
+class _Meters:
+    """Label children bound once, not looked up on every request."""
+
+    def __init__(self) -> None:
+        self._requests: dict[tuple[str, int], Counter] = {}
+        self._histograms: dict[str, tuple[Histogram, Histogram, Histogram]] = {}
+
+    def requests(self, endpoint: str, status: int) -> Counter:
+        key = (endpoint, status // 100)
+        child = self._requests.get(key)
+        if child is None:
+            child = self._requests[key] = REQUESTS.labels(endpoint, status_class(status))
+        return child
+
+    def histograms(self, endpoint: str) -> tuple[Histogram, Histogram, Histogram]:
+        found = self._histograms.get(endpoint)
+        if found is None:
+            found = self._histograms[endpoint] = (
+                REQUEST_DURATION.labels(endpoint),
+                ADDED_LATENCY.labels(endpoint),
+                UPSTREAM_LATENCY.labels(endpoint),
+            )
+        return found
 
 
 class ProxyHandler:
@@ -131,22 +213,33 @@ class ProxyHandler:
         # A nonce must outlive every moment its `created` is still acceptable.
         self._nonce_ttl_s = math.ceil(2 * settings.signature_window_s) + 1
         self._background: set[asyncio.Task[Any]] = set()
+        self._meters = _Meters()
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = await self.handle(scope, receive)
-        try:
-            await response(scope, receive, send)
-        finally:
-            if isinstance(response, StreamingResponse):
-                iterator = response.body_iterator
-                if isinstance(iterator, AsyncIterator) and hasattr(iterator, "aclose"):
-                    # The client went away mid-stream: close the upstream call now.
-                    with anyio.CancelScope(shield=True):
-                        await iterator.aclose()
+    async def __call__(
+        self, scope: Scope, receive: Receive, send: Send, extra_headers: Headers | None = None
+    ) -> None:
+        """Answer one proxy request; `extra_headers` (CORS) go on every answer."""
+        reply = await self.handle(scope, receive)
+        headers = reply.headers
+        if extra_headers:
+            headers.extend(extra_headers)
+        if reply.relay is not None:
+            assert reply.exchange is not None
+            await self._stream_relay(reply, reply.relay, reply.exchange, receive, send)
+            return
+        if reply.events is not None:
+            await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+            async for chunk in reply.events:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        headers.append((b"content-length", str(len(reply.body)).encode()))
+        await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+        await send({"type": "http.response.body", "body": reply.body})
 
     # -- the request -------------------------------------------------------------------
 
-    async def handle(self, scope: Scope, receive: Receive) -> Response:
+    async def handle(self, scope: Scope, receive: Receive) -> _Reply:
         started = perf_counter()
         route = ROUTES.get(scope["path"])
         client = scope.get("client")
@@ -163,6 +256,9 @@ class ProxyHandler:
             return await self._admitted(scope, receive, route, headers, exchange)
         except ApiError as exc:
             return self._refused(exchange, exc, before_upstream=True)
+        except _ClientGoneError:
+            self._finish(exchange, _CLIENT_GONE, upstream_s=0.0, reason="client_gone")
+            return _Reply(_CLIENT_GONE, [])
 
     async def _admitted(
         self,
@@ -171,7 +267,7 @@ class ProxyHandler:
         route: Route,
         headers: dict[str, str],
         exchange: _Exchange,
-    ) -> Response:
+    ) -> _Reply:
         now = time.time()
         caller = authenticate(
             route=route,
@@ -203,10 +299,9 @@ class ProxyHandler:
         exchange.rate_headers = decision.headers()
         digest = caller.signature.digest
         assert digest is not None  # verify_request(require_digest=True) guarantees it
-        request = Request(scope, receive)
         if route.body is BodyKind.multipart:
             upload = await spool_multipart(
-                request.stream(),
+                _body(receive),
                 content_type=headers.get("content-type"),
                 content_length=headers.get("content-length"),
                 digest=digest,
@@ -215,10 +310,15 @@ class ProxyHandler:
             exchange.model = upload.model
             if self._settings.demo_mode:
                 upload.close()
-                return self._demo(exchange, None)
-            return await self._forward_upload(exchange, headers, upload)
+                return self._demo(exchange, stream=False)
+            try:
+                return await self._forward(
+                    exchange, headers, upload.stream(), content_length=upload.size
+                )
+            finally:
+                upload.close()
         body = await read_json(
-            request.stream(),
+            _body(receive),
             content_type=headers.get("content-type"),
             content_length=headers.get("content-length"),
             digest=digest,
@@ -226,7 +326,7 @@ class ProxyHandler:
         )
         exchange.model = body.model
         if self._settings.demo_mode:
-            return self._demo(exchange, body)
+            return self._demo(exchange, stream=bool(body.payload.get("stream")))
         cache_key: str | None = None
         if route.cacheable and self._cache is not None and headers.get(OPT_IN_HEADER) == "1":
             cache_key = self._cache.key(sid=caller.claims.sid, route=route, payload=body.payload)
@@ -234,11 +334,9 @@ class ProxyHandler:
             if hit is not None:
                 content_type, cached = hit
                 self._finish(exchange, 200, upstream_s=0.0, reason="cache_hit")
-                return Response(
-                    cached,
-                    media_type=content_type,
-                    headers={**exchange.rate_headers, "X-Keyveil-Cache": "hit"},
-                )
+                out = {**exchange.rate_headers, "content-type": content_type}
+                out["x-keyveil-cache"] = "hit"
+                return _Reply(200, _encode(out), cached)
         return await self._forward(exchange, headers, body.raw, cache_key=cache_key)
 
     def _scheme(self, scope: Scope, headers: dict[str, str], ip: str) -> str:
@@ -250,22 +348,11 @@ class ProxyHandler:
 
     # -- answers -----------------------------------------------------------------------
 
-    def _demo(self, exchange: _Exchange, body: JsonBody | None) -> Response:
-        stream = bool(body and body.payload.get("stream"))
-        response = demo_response(exchange.route, model=exchange.model, stream=stream)
-        response.headers.update(exchange.rate_headers)
-        self._finish(exchange, response.status_code, upstream_s=0.0, reason="demo")
-        return response
-
-    async def _forward_upload(
-        self, exchange: _Exchange, headers: dict[str, str], upload: Upload
-    ) -> Response:
-        try:
-            return await self._forward(
-                exchange, headers, upload.stream(), content_length=upload.size
-            )
-        finally:
-            upload.close()
+    def _demo(self, exchange: _Exchange, *, stream: bool) -> _Reply:
+        answer: DemoAnswer = demo_response(exchange.route, model=exchange.model, stream=stream)
+        headers = _encode({**exchange.rate_headers, "content-type": answer.content_type})
+        self._finish(exchange, 200, upstream_s=0.0, reason="demo")
+        return _Reply(200, headers, answer.body, events=answer.events)
 
     async def _forward(
         self,
@@ -275,11 +362,11 @@ class ProxyHandler:
         *,
         content_length: int | None = None,
         cache_key: str | None = None,
-    ) -> Response:
+    ) -> _Reply:
         assert self._forwarder is not None
         upstream_started = perf_counter()
         try:
-            upstream, _lease = await self._forwarder.send(
+            upstream = await self._forwarder.send(
                 exchange.route,
                 client_headers=headers,
                 content=content,
@@ -287,88 +374,119 @@ class ProxyHandler:
             )
         except ApiError as exc:
             return self._refused(exchange, exc, before_upstream=False)
-        status = upstream.status_code
+        status = upstream.status
         if status >= 500 or status in (401, 403):
-            await upstream.aclose()
+            upstream.abort()
             # The provider refusing our key is our fault, not the client's: never relay it.
             code = "upstream_error" if status >= 500 else "upstream_auth_failed"
             error = UpstreamError(f"the provider answered {status}", code=code)
             return self._refused(exchange, error, before_upstream=False)
         if status >= 400:
             return await self._relay_error(exchange, upstream, upstream_started)
-        return self._relay(exchange, upstream, upstream_started, cache_key)
-
-    async def _relay_error(
-        self, exchange: _Exchange, upstream: httpx.Response, upstream_started: float
-    ) -> Response:
-        """The provider's 4xx body, passed through (bounded, and scrubbed to be sure)."""
-        chunks: list[bytes] = []
-        size = 0
-        try:
-            async for chunk in upstream.aiter_raw():
-                size += len(chunk)
-                if size > _MAX_ERROR_BODY:
-                    break
-                chunks.append(chunk)
-        except httpx.HTTPError:
-            pass
-        finally:
-            await upstream.aclose()
-        body = redactor.redact(b"".join(chunks).decode("utf-8", "replace")).encode()
-        out_headers = {**passthrough_headers(upstream), **exchange.rate_headers}
-        self._finish(exchange, upstream.status_code, perf_counter() - upstream_started)
-        return Response(body, status_code=upstream.status_code, headers=out_headers)
-
-    def _relay(
-        self,
-        exchange: _Exchange,
-        upstream: httpx.Response,
-        upstream_started: float,
-        cache_key: str | None,
-    ) -> Response:
         content_type = upstream.headers.get("content-type", "application/octet-stream")
         sse = content_type.startswith("text/event-stream")
-        tap = UsageTap(sse=sse, json_body=content_type.startswith("application/json"))
-        cache = self._cache if cache_key is not None else None
-        out_headers = {**passthrough_headers(upstream), **exchange.rate_headers}
-        if sse:
-            out_headers["cache-control"] = "no-cache"
-            out_headers["x-accel-buffering"] = "no"  # nginx: flush each event
+        out = {**upstream.passthrough_headers(), **exchange.rate_headers}
+        out["content-type"] = content_type
+        length = upstream.content_length
+        if sse or length is None or length > _INLINE_MAX:
+            relay = _Relay(upstream, upstream_started, content_type, sse, cache_key)
+            reply_headers = _encode(out)
+            if sse:
+                reply_headers.extend(_SSE_HEADERS)
+            return _Reply(status, reply_headers, relay=relay, exchange=exchange)
+        # The usual JSON answer: small and of known length, read whole and sent at once.
+        try:
+            body = await upstream.read_exactly(length)
+        except UpstreamStreamError as exc:
+            upstream.abort()
+            log.warning("upstream answer broke off (%s)", exc)
+            error = UpstreamError("the provider's answer broke off", code="upstream_error")
+            return self._refused(exchange, error, before_upstream=False)
+        upstream.release()
+        tap = UsageTap(sse=False, json_body=content_type.startswith("application/json"))
+        tap.feed(body)
+        self._finish(exchange, status, perf_counter() - upstream_started, usage=tap.result())
+        if cache_key is not None and self._cache is not None:
+            self._spawn(self._cache.put(cache_key, content_type, body))
+        return _Reply(status, _encode(out), body)
 
-        async def relay() -> AsyncIterator[bytes]:
-            status = upstream.status_code
-            kept: list[bytes] | None = [] if cache is not None else None
-            kept_size = 0
-            try:
-                async for chunk in upstream.aiter_raw():
-                    tap.feed(chunk)
-                    if kept is not None:
-                        kept_size += len(chunk)
-                        if cache is not None and kept_size > cache.max_entry_bytes:
-                            kept = None
-                        else:
-                            kept.append(chunk)
-                    yield chunk
-            except httpx.HTTPError as exc:
-                # Headers are already sent: the client sees a truncated body.
+    async def _relay_error(
+        self, exchange: _Exchange, upstream: UpstreamResponse, upstream_started: float
+    ) -> _Reply:
+        """The provider's 4xx body, passed through (bounded, and scrubbed to be sure)."""
+        try:
+            raw = await upstream.read_capped(_MAX_ERROR_BODY)
+        except UpstreamStreamError:
+            raw = b""
+        finally:
+            upstream.abort()
+        body = redactor.redact(raw.decode("utf-8", "replace")).encode()
+        out = {**upstream.passthrough_headers(), **exchange.rate_headers}
+        self._finish(exchange, upstream.status, perf_counter() - upstream_started)
+        return _Reply(upstream.status, _encode(out), body)
+
+    async def _stream_relay(
+        self, reply: _Reply, relay: _Relay, exchange: _Exchange, receive: Receive, send: Send
+    ) -> None:
+        upstream = relay.upstream
+        tap = UsageTap(sse=relay.sse, json_body=relay.content_type.startswith("application/json"))
+        cache = self._cache if relay.cache_key is not None else None
+        kept: list[bytes] | None = [] if cache is not None else None
+        kept_size = 0
+        state = {"done": False, "gone": False}
+
+        async def watch() -> None:
+            # After the body was read, receive() returns only when the client leaves
+            # (or the response is complete).
+            message: Message = await receive()
+            while message["type"] != "http.disconnect":
+                message = await receive()
+            if not state["done"]:
+                state["gone"] = True
+                upstream.abort()  # cancels the provider call now, not at the next chunk
+
+        watcher = asyncio.get_running_loop().create_task(watch())
+        status = upstream.status
+        complete = False
+        try:
+            await send({"type": "http.response.start", "status": status, "headers": reply.headers})
+            while chunk := await upstream.readany():
+                tap.feed(chunk)
+                if kept is not None and cache is not None:
+                    kept_size += len(chunk)
+                    if kept_size > cache.max_entry_bytes:
+                        kept = None
+                    else:
+                        kept.append(chunk)
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if state["gone"]:
+                    break
+            complete = not state["gone"]
+        except UpstreamStreamError as exc:
+            # Headers are already sent: the client sees a truncated body.
+            if not state["gone"]:
                 status = 502
-                log.warning("upstream stream broke (%s)", type(exc).__name__)
-            except BaseException:
-                status = 499  # the client went away; the upstream call is cancelled
+                log.warning("upstream stream broke (%s)", exc)
+        except BaseException:
+            state["gone"] = True  # cancelled (shutdown): treat as the client going away
+            raise
+        finally:
+            state["done"] = True
+            watcher.cancel()
+            if complete:
+                upstream.release()
+            else:
+                upstream.abort()
                 kept = None
-                raise
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await upstream.aclose()
-                self._finish(
-                    exchange, status, perf_counter() - upstream_started, usage=tap.result()
-                )
-            if cache is not None and kept is not None and cache_key is not None and status < 300:
-                self._spawn(cache.put(cache_key, content_type, b"".join(kept)))
+            if state["gone"]:
+                status = _CLIENT_GONE
+                CANCELLED.inc()
+            self._finish(exchange, status, perf_counter() - relay.started, usage=tap.result())
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if cache is not None and kept is not None and relay.cache_key is not None and status < 300:
+            self._spawn(cache.put(relay.cache_key, relay.content_type, b"".join(kept)))
 
-        return StreamingResponse(relay(), status_code=upstream.status_code, headers=out_headers)
-
-    def _refused(self, exchange: _Exchange, exc: ApiError, *, before_upstream: bool) -> Response:
+    def _refused(self, exchange: _Exchange, exc: ApiError, *, before_upstream: bool) -> _Reply:
         reason = rejection_reason(exc) if before_upstream else exc.code
         if before_upstream:
             REJECTIONS.labels(reason).inc()
@@ -376,13 +494,10 @@ class ProxyHandler:
                 AUTH_FAILURES.labels("proxy", reason).inc()
                 self._spawn(self._admission.strike(exchange.ip, reason))
         self._finish(exchange, exc.status, upstream_s=0.0, reason=reason, refused=before_upstream)
-        headers = {**exchange.rate_headers, **exc.headers}
-        return Response(
-            orjson.dumps({"error": {"code": exc.code, "message": exc.message}}),
-            status_code=exc.status,
-            media_type="application/json",
-            headers=headers,
-        )
+        headers = _encode({**exchange.rate_headers, **exc.headers})
+        headers.append(_JSON)
+        body = orjson.dumps({"error": {"code": exc.code, "message": exc.message}})
+        return _Reply(exc.status, headers, body)
 
     # -- bookkeeping ---------------------------------------------------------------------
 
@@ -403,19 +518,21 @@ class ProxyHandler:
     ) -> None:
         total = perf_counter() - exchange.started
         endpoint = exchange.route.endpoint
-        REQUESTS.labels(endpoint, status_class(status)).inc()
-        REQUEST_DURATION.labels(endpoint).observe(total)
-        ADDED_LATENCY.labels(endpoint).observe(max(total - upstream_s, 0.0))
+        self._meters.requests(endpoint, status).inc()
+        duration, added, upstream = self._meters.histograms(endpoint)
+        duration.observe(total)
+        added.observe(max(total - upstream_s, 0.0))
         if upstream_s:
-            UPSTREAM_LATENCY.labels(endpoint).observe(upstream_s)
+            upstream.observe(upstream_s)
         if self._publisher is None:
             return
         claims = exchange.caller.claims if exchange.caller else None
         outcome: Literal["ok", "denied", "error"] = (
             "denied" if refused else ("error" if status >= 500 else "ok")
         )
+        # Every value below is built here from checked data: skip pydantic validation.
         self._publisher.emit(
-            UsageEvent(
+            UsageEvent.model_construct(
                 service="proxy",
                 type="proxy.request",
                 outcome=outcome,

@@ -10,6 +10,7 @@ __all__ = [
     "ADDED_LATENCY",
     "AUTH_FAILURES",
     "CACHE",
+    "CANCELLED",
     "REJECTIONS",
     "REQUESTS",
     "REQUEST_DURATION",
@@ -62,6 +63,10 @@ UPSTREAM_LATENCY = Histogram(
     "Upstream time, from sending the request to the last byte of the answer",
     ["endpoint"],
     buckets=_SLOW,
+)
+CANCELLED = Counter(
+    "keyveil_proxy_upstream_cancelled_total",
+    "Streamed provider calls closed early because the client went away",
 )
 CACHE = Counter("keyveil_proxy_cache_total", "Response cache lookups", ["result"])
 AUTH_FAILURES = _shared(
