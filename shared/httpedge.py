@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shared.errors import ApiError, ConfigError, PayloadTooLargeError
 from shared.settings import CommonSettings, load_settings
+from shared.telemetry import configure_logging, configure_tracing
 
 __all__ = [
     "IpNetwork",
@@ -33,6 +34,7 @@ __all__ = [
     "parse_networks",
     "read_body_capped",
     "run_service",
+    "serve_main",
     "settings_or_exit",
 ]
 
@@ -193,6 +195,14 @@ def settings_or_exit(model: type[S], **overrides: Any) -> S:
     except ConfigError as exc:
         print(f"keyveil: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def serve_main(service: str, model: type[S], create_app: Callable[[S], FastAPI]) -> None:
+    """A service's whole `main()`: settings (or exit 2), logs, traces, serve until SIGTERM."""
+    settings = settings_or_exit(model)
+    configure_logging(service, level=settings.log_level, fmt=settings.log_format)
+    configure_tracing(service)
+    run_service(create_app(settings), settings)
 
 
 def run_service(app: FastAPI, settings: CommonSettings) -> None:

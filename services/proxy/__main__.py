@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-from shared.httpedge import run_service, settings_or_exit
-from shared.telemetry import configure_logging, configure_tracing
-
-from .app import create_app
-from .settings import Settings
+from services.proxy.app import create_app
+from services.proxy.settings import Settings
+from shared.httpedge import serve_main
 
 
 def main() -> None:
-    settings = settings_or_exit(Settings)
-    configure_logging("proxy", level=settings.log_level, fmt=settings.log_format)
-    configure_tracing("proxy")
-    run_service(create_app(settings), settings)
+    serve_main("proxy", Settings, create_app)
 
 
 if __name__ == "__main__":
