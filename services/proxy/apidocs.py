@@ -77,7 +77,17 @@ _ANSWERS: dict[str, dict[str, Any]] = {
     "chat/completions": {
         "application/json": {"schema": _ANY_JSON},
         "text/event-stream": {
-            "schema": {"type": "string", "description": "data: <chunk>\\n\\n ... data: [DONE]"}
+            "schema": {
+                "type": "object",
+                "description": "One Server-Sent Event: data is a chat.completion.chunk "
+                "as JSON, or [DONE] last",
+                "required": ["data"],
+                "properties": {
+                    "data": {"type": "string"},
+                    "event": {"type": "string"},
+                    "id": {"type": "string"},
+                },
+            }
         },
     },
     "audio/speech": {"audio/*": {"schema": {"type": "string", "format": "binary"}}},
