@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from shared.errors import ApiError, ConfigError, PayloadTooLargeError
 from shared.settings import CommonSettings, load_settings
@@ -205,6 +206,32 @@ def serve_main(service: str, model: type[S], create_app: Callable[[S], FastAPI])
     run_service(create_app(settings), settings)
 
 
+class JsonParseErrorProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, whose parser-level 400 is a JSON error like ours.
+
+    A request that is not valid HTTP (a CR, LF or NUL inside a header value, ...)
+    never reaches the app; uvicorn answers it itself, by default in plain text.
+    """
+
+    _BODY = b'{"error":{"code":"invalid_http","message":"the request is not valid HTTP"}}'
+
+    def send_400_response(self, msg: str) -> None:
+        content = [STATUS_LINE[400]]
+        for name, value in self.server_state.default_headers:
+            content.extend([name, b": ", value, b"\r\n"])
+        content.extend(
+            [
+                b"content-type: application/json\r\n",
+                b"content-length: " + str(len(self._BODY)).encode("ascii") + b"\r\n",
+                b"connection: close\r\n",
+                b"\r\n",
+                self._BODY,
+            ]
+        )
+        self.transport.write(b"".join(content))
+        self.transport.close()
+
+
 def run_service(app: FastAPI, settings: CommonSettings) -> None:
     """Serve `app` until SIGTERM/SIGINT; uvicorn then runs the lifespan shutdown (drain)."""
     uvicorn.run(
@@ -217,5 +244,5 @@ def run_service(app: FastAPI, settings: CommonSettings) -> None:
         proxy_headers=False,  # client_ip() applies TRUSTED_PROXIES itself
         timeout_graceful_shutdown=10,
         loop="uvloop",
-        http="httptools",
+        http=JsonParseErrorProtocol,
     )
