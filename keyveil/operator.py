@@ -10,6 +10,8 @@ from typing import Any
 import nats
 from nats.aio.client import Client as NATS
 
+from shared.bus import server_urls
+
 __all__ = ["load_stack", "operator_nats"]
 
 
@@ -32,7 +34,11 @@ async def operator_nats(state_dir: Path) -> NATS:
     if not user and credential and Path(credential).exists():
         creds = json.loads(Path(credential).read_text())
         user, password = creds["user"], creds["password"]
-    options: dict[str, Any] = {"servers": [url], "name": "keyveil-operator", "connect_timeout": 3}
+    options: dict[str, Any] = {
+        "servers": server_urls(url),
+        "name": "keyveil-operator",
+        "connect_timeout": 3,
+    }
     if user:
         options.update(user=user, password=password or "", inbox_prefix=f"_INBOX_{user}".encode())
     return await nats.connect(**options, max_reconnect_attempts=2)

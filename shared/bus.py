@@ -34,6 +34,7 @@ __all__ = [
     "reply_error",
     "reply_model",
     "request",
+    "server_urls",
     "traced_handler",
 ]
 
@@ -59,6 +60,11 @@ class RemoteError(BusError):
     def __init__(self, subject: str, code: str, message: str) -> None:
         self.code = code
         super().__init__(subject, f"{code}: {message}")
+
+
+def server_urls(nats_url: str) -> list[str]:
+    """NATS_URL may list several cluster members, comma-separated; the client fails over."""
+    return [url.strip() for url in nats_url.split(",") if url.strip()]
 
 
 async def connect(
@@ -89,7 +95,7 @@ async def connect(
 
     user = settings.nats_user
     options: dict[str, Any] = {
-        "servers": [settings.nats_url],
+        "servers": server_urls(settings.nats_url),
         "name": name,
         "allow_reconnect": True,
         "max_reconnect_attempts": -1,

@@ -7,14 +7,22 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
+import nats
+import nats.errors
+from nats.aio.client import Client as NATS
 
+from shared.bus import server_urls
+from shared.events import UsageEvent
 from tests.support import REPO, TEST_PROVIDER_KEY
 
 ORIGIN = "http://localhost:5173"
@@ -137,3 +145,104 @@ def signed_headers(
     if content_type:
         headers["Content-Type"] = content_type
     return headers
+
+
+CHAT_PATH = "/api/voice-agent/proxy/v1/chat/completions"
+CHAT_BODY = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
+
+
+@dataclass
+class Traffic:
+    """Steady sequential signed chat calls; records each answer with start and end time."""
+
+    stack: Stack
+    answers: list[tuple[float, float, int]] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def _token(self) -> dict[str, Any]:
+        while not self.stop.is_set():
+            try:
+                answer = issue_token(self.stack)
+                if answer.status_code == 200:
+                    return dict(answer.json())
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        return {}
+
+    def run(self) -> None:
+        token = self._token()
+        proxy = self.stack.url("proxy")
+        with httpx.Client(timeout=5) as client:
+            while not self.stop.is_set():
+                headers = signed_headers(
+                    token,
+                    method="POST",
+                    path=CHAT_PATH,
+                    body=CHAT_BODY.encode(),
+                    authority=urlsplit(proxy).netloc,
+                )
+                started = time.monotonic()
+                try:
+                    url = f"{proxy}{CHAT_PATH}"
+                    status = client.post(url, content=CHAT_BODY, headers=headers).status_code
+                except httpx.HTTPError:
+                    status = 0
+                self.answers.append((started, time.monotonic(), status))
+                time.sleep(0.02)
+
+    def ok(self) -> int:
+        return sum(1 for *_, status in self.answers if status == 200)
+
+
+def fake_calls(stack: Stack) -> list[dict[str, Any]]:
+    """What the fake provider received (path, Authorization header, size)."""
+    calls: list[dict[str, Any]] = httpx.get(
+        f"{stack.info['fake_upstream_url']}/_fake/calls"
+    ).json()["calls"]
+    return calls
+
+
+async def operator_nats(stack: Stack, user: str = "operator") -> NATS:
+    """A NATS connection as `user` (`operator` or `observer`), or plain without NATS auth."""
+    credential = stack.info.get(f"{user}_credential")
+    options: dict[str, Any] = {"servers": server_urls(stack.info["nats_url"])}
+    if credential:
+        creds = json.loads(Path(credential).read_text())
+        options.update(
+            user=creds["user"], password=creds["password"], inbox_prefix=f"_INBOX_{user}".encode()
+        )
+    return await nats.connect(**options)
+
+
+async def read_stream(nc: NATS, subject: str) -> list[bytes]:
+    """Every message on `subject` in its stream, oldest first (an ephemeral consumer)."""
+    sub = await nc.jetstream().subscribe(subject, ordered_consumer=True)
+    messages: list[bytes] = []
+    try:
+        while True:
+            messages.append((await sub.next_msg(timeout=1)).data)
+    except nats.errors.TimeoutError:
+        pass
+    finally:
+        await sub.unsubscribe()
+    return messages
+
+
+async def backlog(nc: NATS, stream: str, durable: str) -> tuple[int, int]:
+    """(last sequence of `stream`, the ack floor of consumer `durable` on it)."""
+    js = nc.jetstream()
+    last = (await js.stream_info(stream)).state.last_seq
+    floor = (await js.consumer_info(stream, durable)).ack_floor.stream_seq
+    return int(last), int(floor or 0)
+
+
+async def proxy_usage(stack: Stack) -> tuple[list[UsageEvent], int, int]:
+    """Every proxy usage event, the usage stream's last sequence and the auditor's ack floor."""
+    nc = await operator_nats(stack)
+    try:
+        last, floor = await backlog(nc, "KEYVEIL_USAGE", "auditor-usage")
+        raw = await read_stream(nc, "keyveil.usage.proxy")
+        return [UsageEvent.model_validate_json(m) for m in raw], last, floor
+    finally:
+        await nc.close()

@@ -16,7 +16,7 @@ import os
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from fastapi import FastAPI
 from nats.aio.client import Client as NATS
@@ -25,7 +25,7 @@ from services.auditor.alerts import AlertSink, WebhookSender
 from services.auditor.auditor import Auditor
 from services.auditor.consumers import DurableConsumer
 from services.auditor.detectors import Detectors
-from services.auditor.ledger import Ledger
+from services.auditor.ledger import LEDGER_STREAM, Ledger
 from services.auditor.settings import Settings
 from shared import bus
 from shared.events import AUDIT_STREAM, USAGE_STREAM, AuditEvent, EventPublisher, UsageEvent
@@ -70,7 +70,11 @@ async def start_runtime(settings: Settings) -> AuditorRuntime:
     sink = AlertSink(publisher, webhook, webhook_min_severity=settings.alert_webhook_min_severity)
     ledger = None
     if settings.ledger_enabled:
-        ledger = Ledger(js, instance=f"{socket.gethostname()}:{os.getpid()}")
+        ledger = Ledger(
+            js,
+            instance=f"{socket.gethostname()}:{os.getpid()}",
+            stream=replace(LEDGER_STREAM, num_replicas=settings.jetstream_replicas),
+        )
     auditor = Auditor(Detectors(settings), sink, ledger)
     common = {
         "ack_wait_s": settings.ack_wait_s,
@@ -80,7 +84,7 @@ async def start_runtime(settings: Settings) -> AuditorRuntime:
     }
     usage: DurableConsumer[UsageEvent] = DurableConsumer(
         js,
-        stream=USAGE_STREAM,
+        stream=replace(USAGE_STREAM, num_replicas=settings.jetstream_replicas),
         durable=USAGE_DURABLE,
         model=UsageEvent,
         handler=auditor.on_usage,
@@ -88,7 +92,7 @@ async def start_runtime(settings: Settings) -> AuditorRuntime:
     )
     audit: DurableConsumer[AuditEvent] = DurableConsumer(
         js,
-        stream=AUDIT_STREAM,
+        stream=replace(AUDIT_STREAM, num_replicas=settings.jetstream_replicas),
         durable=AUDIT_DURABLE,
         model=AuditEvent,
         handler=auditor.on_audit,

@@ -119,6 +119,8 @@ class DurableConsumer(Generic[E]):
             ack_wait=ack_wait_s,
             max_deliver=max_deliver,
             max_ack_pending=max(batch * 4, 1000),
+            # As many replicas as the stream: an R1 consumer on a dead node stops the auditor.
+            num_replicas=stream.num_replicas,
         )
         self.seen = SeenIds(seen_capacity)
         self.bound = False

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import nats
@@ -18,6 +20,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 
 from keyveil.servers import start_nats_cluster
 from shared.events import EventPublisher, UsageEvent
+from tests.stack import Traffic, backlog, operator_nats, read_stream, running_stack
 
 pytestmark = pytest.mark.slow
 
@@ -104,3 +107,73 @@ async def test_no_event_lost_when_a_node_dies(tmp_path: Path) -> None:
                 await nc.close()
         for server in servers:
             server.stop()
+
+
+async def test_services_lose_nothing_when_a_cluster_node_dies(tmp_path: Path) -> None:
+    """The four services on the 3-node cluster (R3 streams and key bucket), one node killed."""
+    servers = start_nats_cluster(tmp_path / "cluster", nodes=3)
+    env = {
+        "NATS_URL": ",".join(s.url for s in servers),
+        "JETSTREAM_REPLICAS": "3",
+        "KEYMANAGER_KV_REPLICAS": "3",
+        "VOICE_AGENT_PROXY_RATE_LIMIT": "100000",
+        "VOICE_AGENT_RATE_LIMIT": "10000",
+    }
+    probe = await nats.connect(servers=[s.url for s in servers])
+    await _wait_for_meta_leader(probe)
+    await probe.close()
+    (tmp_path / "stack").mkdir()
+    try:
+        with running_stack(tmp_path / "stack", env=env) as stack:
+            traffic = Traffic(stack)
+            thread = threading.Thread(target=traffic.run)
+            thread.start()
+            try:
+                await _until(lambda: traffic.ok() >= 20)
+                servers[0].kill()
+                killed_at = len(traffic.answers)
+                await asyncio.sleep(6)
+                await _until(lambda: traffic.ok() >= killed_at + 20)
+            finally:
+                traffic.stop.set()
+                thread.join(15)
+
+            nc = await operator_nats(stack)
+            try:
+                await _wait_for_meta_leader(nc)  # the killed node may have led the meta group
+                assert (await nc.jetstream().stream_info("KEYVEIL_USAGE")).config.num_replicas == 3
+                ok = traffic.ok()
+                deadline = asyncio.get_running_loop().time() + 45
+                while True:
+                    raw = await read_stream(nc, "keyveil.usage.proxy")
+                    answered = {e.event_id for e in map(UsageEvent.model_validate_json, raw)
+                                if e.status == 200}  # fmt: skip
+                    usage = await backlog(nc, "KEYVEIL_USAGE", "auditor-usage")
+                    audit = await backlog(nc, "KEYVEIL_AUDIT", "auditor-audit")
+                    caught_up = usage[1] >= usage[0] and audit[1] >= audit[0]
+                    if (len(answered) >= ok and caught_up) or (
+                        asyncio.get_running_loop().time() > deadline
+                    ):
+                        break
+                    await asyncio.sleep(0.5)
+                assert len(answered) >= ok, f"{ok - len(answered)} usage events lost"
+                assert usage[1] >= usage[0], "auditor did not process every usage event"
+                assert audit[1] >= audit[0], "auditor did not process every audit event"
+                # Every audit event reached the hash-chained ledger too.
+                audited = len(await read_stream(nc, "keyveil.audit.>"))
+                ledger = (await nc.jetstream().stream_info("KEYVEIL_AUDIT_LEDGER")).state
+                assert ledger.messages == audited
+            finally:
+                await nc.close()
+            failures = {status for *_, status in traffic.answers if status != 200}
+            assert failures <= {0, 502, 503, 504}
+    finally:
+        for server in servers:
+            server.stop()
+
+
+async def _until(condition: Callable[[], bool], timeout: float = 45.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.1)

@@ -11,20 +11,25 @@ import json
 import os
 import signal
 import time
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-import nats
 import pytest
 
-from tests.stack import ORIGIN, Stack, issue_token, signed_headers
+from tests.stack import (
+    CHAT_PATH,
+    ORIGIN,
+    Stack,
+    backlog,
+    fake_calls,
+    issue_token,
+    operator_nats,
+    signed_headers,
+)
 from tests.support import TEST_PROVIDER_KEY
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-CHAT_PATH = "/api/voice-agent/proxy/v1/chat/completions"
 
 
 def issue_proxy_token(stack: Stack) -> dict[str, Any]:
@@ -46,26 +51,11 @@ def signed_chat(stack: Stack, token: dict[str, Any]) -> httpx.Response:
     return httpx.post(f"{target}{CHAT_PATH}", content=body, headers=headers, timeout=15)
 
 
-def fake_calls(stack: Stack) -> list[dict[str, Any]]:
-    answer = httpx.get(f"{stack.info['fake_upstream_url']}/_fake/calls")
-    calls: list[dict[str, Any]] = answer.json()["calls"]
-    return calls
-
-
 async def usage_backlog(stack: Stack) -> tuple[int, int]:
     """(last sequence of the usage stream, the auditor's ack floor on it)."""
-    creds = json.loads(Path(stack.info["operator_credential"]).read_text())
-    nc = await nats.connect(
-        stack.info["nats_url"],
-        user=creds["user"],
-        password=creds["password"],
-        inbox_prefix=b"_INBOX_operator",
-    )
+    nc = await operator_nats(stack)
     try:
-        js = nc.jetstream()
-        stream = await js.stream_info("KEYVEIL_USAGE")
-        consumer = await js.consumer_info("KEYVEIL_USAGE", "auditor-usage")
-        return int(stream.state.last_seq), int(consumer.ack_floor.stream_seq or 0)
+        return await backlog(nc, "KEYVEIL_USAGE", "auditor-usage")
     finally:
         await nc.close()
 

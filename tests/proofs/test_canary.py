@@ -20,7 +20,6 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -29,7 +28,7 @@ import nats
 import pytest
 import redis
 
-from tests.stack import ORIGIN, Stack, running_stack, signed_headers
+from tests.stack import ORIGIN, Stack, fake_calls, operator_nats, running_stack, signed_headers
 
 pytestmark = pytest.mark.slow
 
@@ -239,8 +238,7 @@ class Driver:
 
 async def sniff(stack: Stack, findings: Findings, done: asyncio.Event) -> int:
     """Scan every message on every subject until `done`; returns the message count."""
-    creds = json.loads(Path(stack.info["observer_credential"]).read_text())
-    nc = await nats.connect(stack.info["nats_url"], user=creds["user"], password=creds["password"])
+    nc = await operator_nats(stack, "observer")
     seen = 0
 
     async def on_message(msg: nats.aio.msg.Msg) -> None:
@@ -310,8 +308,7 @@ async def test_the_canary_key_appears_on_no_channel(canary_stack: Stack) -> None
         findings.scan(f"disk:{path.relative_to(stack.state_dir)}", path.read_bytes())
 
     # Positive control: the provider really received the canary, from the key-manager.
-    calls = httpx.get(f"{stack.info['fake_upstream_url']}/_fake/calls").json()["calls"]
-    seen_keys = {c["authorization"] for c in calls}
+    seen_keys = {c["authorization"] for c in fake_calls(stack)}
     assert f"Bearer {CANARY}" in seen_keys
     assert f"Bearer {ROTATED_CANARY}" in seen_keys
 

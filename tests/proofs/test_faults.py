@@ -8,30 +8,21 @@ RECOVERY_BOUND_S without anyone restarting anything by hand.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
-from urllib.parse import urlsplit
 
-import httpx
-import nats
-import nats.errors
 import pytest
 import redis
 
-from shared.events import UsageEvent
-from tests.stack import Stack, issue_token, running_stack, signed_headers
+from tests.stack import Stack, Traffic, fake_calls, proxy_usage, running_stack
 
 pytestmark = pytest.mark.slow
 
 RECOVERY_BOUND_S = 20.0
-CHAT_PATH = "/api/voice-agent/proxy/v1/chat/completions"
-BODY = json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
 
 
 @pytest.fixture(scope="module")
@@ -39,51 +30,6 @@ def fault_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     env = {"VOICE_AGENT_PROXY_RATE_LIMIT": "100000", "VOICE_AGENT_RATE_LIMIT": "10000"}
     with running_stack(tmp_path_factory.mktemp("faults"), env=env) as stack:
         yield stack
-
-
-@dataclass
-class Traffic:
-    """Sequential signed chat calls; records each answer with its start and end time."""
-
-    stack: Stack
-    answers: list[tuple[float, float, int]] = field(default_factory=list)
-    stop: threading.Event = field(default_factory=threading.Event)
-
-    def token(self, client: httpx.Client) -> dict[str, str]:
-        while not self.stop.is_set():
-            try:
-                answer = issue_token(self.stack)
-                if answer.status_code == 200:
-                    return dict(answer.json())
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        return {}
-
-    def run(self) -> None:
-        with httpx.Client(timeout=5) as client:
-            token = self.token(client)
-            proxy = self.stack.url("proxy")
-            while not self.stop.is_set():
-                headers = signed_headers(
-                    token,
-                    method="POST",
-                    path=CHAT_PATH,
-                    body=BODY.encode(),
-                    authority=urlsplit(proxy).netloc,
-                )
-                started = time.monotonic()
-                try:
-                    status = client.post(
-                        f"{proxy}{CHAT_PATH}", content=BODY, headers=headers
-                    ).status_code
-                except httpx.HTTPError:
-                    status = 0
-                self.answers.append((started, time.monotonic(), status))
-                time.sleep(0.02)
-
-    def ok(self) -> int:
-        return sum(1 for *_, status in self.answers if status == 200)
 
 
 @dataclass
@@ -108,42 +54,11 @@ class RedisWatch:
             time.sleep(0.01)
 
 
-def fake_calls(stack: Stack) -> int:
-    return len(httpx.get(f"{stack.info['fake_upstream_url']}/_fake/calls").json()["calls"])
-
-
-async def usage_events(stack: Stack) -> tuple[list[UsageEvent], int, int]:
-    """Every proxy usage event in the stream, its last sequence and the auditor's ack floor."""
-    creds = json.loads(Path(stack.info["operator_credential"]).read_text())
-    nc = await nats.connect(
-        stack.info["nats_url"],
-        user=creds["user"],
-        password=creds["password"],
-        inbox_prefix=b"_INBOX_operator",
-    )
-    try:
-        js = nc.jetstream()
-        last = (await js.stream_info("KEYVEIL_USAGE")).state.last_seq
-        floor = (await js.consumer_info("KEYVEIL_USAGE", "auditor-usage")).ack_floor.stream_seq
-        sub = await js.subscribe("keyveil.usage.proxy", ordered_consumer=True)
-        events: list[UsageEvent] = []
-        try:
-            while True:
-                msg = await sub.next_msg(timeout=1)
-                events.append(UsageEvent.model_validate_json(msg.data))
-        except nats.errors.TimeoutError:
-            pass
-        await sub.unsubscribe()
-        return events, int(last), int(floor or 0)
-    finally:
-        await nc.close()
-
-
 @pytest.mark.parametrize("victim", ["redis", "nats", "keymanager", "auditor", "token", "proxy"])
 async def test_kill_9_under_traffic(fault_stack: Stack, victim: str) -> None:
     stack = fault_stack
-    calls_before = fake_calls(stack)
-    events_before, _, _ = await usage_events(stack)
+    calls_before = len(fake_calls(stack))
+    events_before, _, _ = await proxy_usage(stack)
     traffic = Traffic(stack)
     watch = RedisWatch(stack.info["redis_url"])
     threads = [threading.Thread(target=traffic.run), threading.Thread(target=watch.run)]
@@ -183,14 +98,14 @@ async def test_kill_9_under_traffic(fault_stack: Stack, victim: str) -> None:
     assert failures <= {0, 502, 503, 504}, f"{victim}: unexpected statuses {failures}"
 
     # Every request the provider saw was answered to the client (proxy death: one in flight).
-    forwarded = fake_calls(stack) - calls_before
+    forwarded = len(fake_calls(stack)) - calls_before
     slack = 1 if victim == "proxy" else 0
     assert traffic.ok() <= forwarded <= traffic.ok() + slack
 
     # Nothing lost: each 200 has its usage event, and the auditor processed the stream.
     deadline = time.monotonic() + 45
     while True:
-        events, last, floor = await usage_events(stack)
+        events, last, floor = await proxy_usage(stack)
         new_ok = [e for e in events[len(events_before) :] if e.status == 200]
         if (len(new_ok) >= traffic.ok() and floor >= last) or time.monotonic() > deadline:
             break
