@@ -1,6 +1,8 @@
 """Session fixtures: a real nats-server (JetStream) and a real Redis-compatible server.
 
-Set KEYVEIL_TEST_NATS_URL / KEYVEIL_TEST_REDIS_URL to use servers you already run.
+Where they come from, in order: KEYVEIL_TEST_NATS_URL / KEYVEIL_TEST_REDIS_URL (servers
+you already run); containers via testcontainers when a Docker engine answers (opt out
+with KEYVEIL_TEST_DOCKER=0); else subprocesses from the pip-installed binaries.
 Tests that kill a server start their own with `keyveil.servers.start_nats/start_redis`.
 """
 
@@ -8,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import nats
@@ -24,26 +27,67 @@ def infra_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("infra")
 
 
+def _docker_engine() -> bool:
+    if os.environ.get("KEYVEIL_TEST_DOCKER") == "0":
+        return False
+    if not os.environ.get("DOCKER_HOST") and not Path("/var/run/docker.sock").exists():
+        return False
+    import docker
+
+    try:
+        client = docker.from_env(timeout=2)
+    except Exception:  # no engine configured: use subprocesses
+        return False
+    try:
+        return bool(client.ping())
+    except Exception:  # no engine answering, or no permission: use subprocesses
+        return False
+    finally:
+        client.close()
+
+
+@contextmanager
+def _container(image: str, command: str, port: int, ready_log: str) -> Iterator[str]:
+    """host:port of a throwaway container (only where a Docker engine runs)."""
+    from testcontainers.core.container import DockerContainer
+    from testcontainers.core.waiting_utils import wait_for_logs
+
+    with DockerContainer(image).with_command(command).with_exposed_ports(port) as container:
+        wait_for_logs(container, ready_log, timeout=30)
+        yield f"{container.get_container_host_ip()}:{container.get_exposed_port(port)}"
+
+
 @pytest.fixture(scope="session")
-def nats_url(infra_dir: Path) -> Iterator[str]:
+def docker_engine() -> bool:
+    return _docker_engine()
+
+
+@pytest.fixture(scope="session")
+def nats_url(infra_dir: Path, docker_engine: bool) -> Iterator[str]:
     given = os.environ.get("KEYVEIL_TEST_NATS_URL")
     if given:
         yield given
-        return
-    server: ServerProcess = start_nats(infra_dir)
-    yield server.url
-    server.stop()
+    elif docker_engine:
+        with _container("nats:2.11-alpine", "-js", 4222, "Server is ready") as address:
+            yield f"nats://{address}"
+    else:
+        server: ServerProcess = start_nats(infra_dir)
+        yield server.url
+        server.stop()
 
 
 @pytest.fixture(scope="session")
-def redis_url(infra_dir: Path) -> Iterator[str]:
+def redis_url(infra_dir: Path, docker_engine: bool) -> Iterator[str]:
     given = os.environ.get("KEYVEIL_TEST_REDIS_URL")
     if given:
         yield given
-        return
-    server = start_redis(infra_dir)
-    yield server.url
-    server.stop()
+    elif docker_engine:
+        with _container("redis:7-alpine", "redis-server", 6379, "Ready to accept") as address:
+            yield f"redis://{address}/0"
+    else:
+        server = start_redis(infra_dir)
+        yield server.url
+        server.stop()
 
 
 @pytest.fixture(scope="session")
