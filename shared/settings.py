@@ -6,19 +6,30 @@ A violation raises `ConfigError` naming the variable and the rule, never the val
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from collections import Counter
 from enum import StrEnum
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Self, TypeVar
+from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from shared.errors import ConfigError
+from shared.tokens import TokenKeyring
 
 __all__ = [
     "CommaList",
     "CommonSettings",
+    "EdgeSettings",
     "Environment",
     "check_secret_strength",
     "env_name",
@@ -37,6 +48,13 @@ class Environment(StrEnum):
     development = "development"
     staging = "staging"
     production = "production"
+
+
+def split_commas(value: Any) -> Any:
+    """Field validator body for `CommaList` fields: "a, b" -> ["a", "b"]."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
 
 
 CommaList = Annotated[list[str], NoDecode]
@@ -96,6 +114,102 @@ class CommonSettings(BaseSettings):
     def is_production(self) -> bool:
         return self.node_env is Environment.production
 
+    def secret_values(self) -> list[str]:
+        """Every secret value this service holds, for the log redactor to mask."""
+        return [self.nats_password.get_secret_value()] if self.nats_password else []
+
+
+class EdgeSettings(CommonSettings):
+    """What the two HTTP edges (token and proxy) share, and the rules they share.
+
+    One definition keeps the two from drifting: the same origins rule, the same
+    signing-key rotation (PROXY_SIGNING_KEY_PREVIOUS, comma-separated), the same
+    freshness window for request signatures, the same production rules.
+    """
+
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0", validation_alias="REDIS_URL")
+    redis_timeout_s: float = Field(default=0.5, gt=0, le=10, validation_alias="REDIS_TIMEOUT_S")
+    proxy_signing_key: SecretStr = Field(validation_alias="PROXY_SIGNING_KEY")
+    proxy_signing_key_previous: SecretStr | None = Field(
+        default=None, validation_alias="PROXY_SIGNING_KEY_PREVIOUS"
+    )
+    allowed_origins: CommaList = Field(default_factory=list, validation_alias="ALLOWED_ORIGINS")
+    trusted_proxies: CommaList = Field(default_factory=list, validation_alias="TRUSTED_PROXIES")
+    demo_mode: bool = Field(default=False, validation_alias="VOICE_AGENT_DEMO_MODE")
+    openai_base_url: str = Field(
+        default="https://api.openai.com/v1", validation_alias="OPENAI_BASE_URL"
+    )
+    signature_window_s: float = Field(
+        default=60.0, gt=0, le=600, validation_alias="SIGNATURE_WINDOW_S"
+    )
+
+    _split_edge = field_validator("allowed_origins", "trusted_proxies", mode="before")(split_commas)
+
+    @field_validator("allowed_origins")
+    @classmethod
+    def _origins_are_origins(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            parts = urlsplit(origin)
+            if parts.scheme not in ("http", "https") or not parts.netloc or parts.path.strip("/"):
+                raise ValueError("each origin must be scheme://host[:port]; '*' is refused")
+        return [origin.rstrip("/").lower() for origin in value]
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for network in value:
+            try:
+                ipaddress.ip_network(network, strict=False)
+            except ValueError:
+                raise ValueError("each entry must be an IP address or CIDR") from None
+        return value
+
+    @field_validator("openai_base_url")
+    @classmethod
+    def _base_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http(s) URL")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _edge_rules(self) -> Self:
+        problems: list[tuple[str, str]] = []
+        for name, keys in (
+            ("PROXY_SIGNING_KEY", [self.proxy_signing_key.get_secret_value()]),
+            ("PROXY_SIGNING_KEY_PREVIOUS", self.previous_signing_keys),
+        ):
+            problems += [(name, rule) for key in keys if (rule := check_secret_strength(key))]
+        if self.is_production:
+            if self.demo_mode:
+                problems.append(("VOICE_AGENT_DEMO_MODE", "must be false in production"))
+            if not self.allowed_origins or any(
+                not o.startswith("https://") for o in self.allowed_origins
+            ):
+                problems.append(("ALLOWED_ORIGINS", "must list only https origins in production"))
+            if not self.openai_base_url.startswith("https://"):
+                problems.append(("OPENAI_BASE_URL", "must be https in production"))
+        if problems:
+            raise ConfigError(problems)
+        return self
+
+    @property
+    def previous_signing_keys(self) -> list[str]:
+        if self.proxy_signing_key_previous is None:
+            return []
+        raw = self.proxy_signing_key_previous.get_secret_value()
+        return [part.strip() for part in raw.split(",") if part.strip()]
+
+    def keyring(self) -> TokenKeyring:
+        """Signs with PROXY_SIGNING_KEY; still verifies tokens of the previous keys."""
+        return TokenKeyring(self.proxy_signing_key.get_secret_value(), self.previous_signing_keys)
+
+    def secret_values(self) -> list[str]:
+        return [
+            *super().secret_values(),
+            self.proxy_signing_key.get_secret_value(),
+            *self.previous_signing_keys,
+        ]
+
 
 def env_name(model: type[BaseSettings], field: str) -> str:
     """The environment variable a field is read from."""
@@ -129,10 +243,3 @@ def load_settings(model: type[S], **overrides: Any) -> S:
             rule = error["msg"].removeprefix("Value error, ")
             problems.append((env_name(model, field), rule))
         raise ConfigError(problems) from None
-
-
-def split_commas(value: Any) -> Any:
-    """Field validator body for `CommaList` fields: "a, b" -> ["a", "b"]."""
-    if isinstance(value, str):
-        return [part.strip() for part in value.split(",") if part.strip()]
-    return value

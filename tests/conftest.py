@@ -15,6 +15,7 @@ from pathlib import Path
 
 import nats
 import pytest
+import redis as sync_redis
 import redis.asyncio as aioredis
 from nats.aio.client import Client as NATS
 
@@ -109,3 +110,16 @@ async def redis_client(redis_url: str) -> AsyncIterator[aioredis.Redis]:
     client = aioredis.from_url(redis_url)
     yield client
     await client.aclose()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _forget_ip_reputation(redis_url: str) -> None:
+    """Every test talks from 127.0.0.1: one module's auth-failure tests must not leave that
+    address blocked (kv:block / kv:strikes) for the next module's processes."""
+    client = sync_redis.Redis.from_url(redis_url)
+    try:
+        for pattern in ("kv:block:*", "kv:strikes:*"):
+            for key in client.scan_iter(match=pattern):
+                client.delete(key)
+    finally:
+        client.close()

@@ -43,7 +43,7 @@ class KeyManager:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        redactor.register(*settings.secrets())
+        redactor.register(*settings.secret_values())
         self.keyring = KekRing.from_secrets(
             settings.key_encryption_secret.get_secret_value(),
             settings.key_encryption_secret_previous.get_secret_value()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 
 from shared.crypto import Kem
@@ -113,12 +111,10 @@ class Settings(CommonSettings):
     def kems(self) -> frozenset[Kem]:
         return frozenset(Kem(v) for v in self.lease_kems)
 
-    def secrets(self) -> list[str]:
-        """Every secret value, for the log redactor."""
-        values: list[Any] = [
-            self.key_encryption_secret,
-            self.key_encryption_secret_previous,
-            self.openai_api_key,
-            self.nats_password,
+    def secret_values(self) -> list[str]:
+        values = [self.key_encryption_secret, self.key_encryption_secret_previous]
+        values.append(self.openai_api_key)
+        return [
+            *super().secret_values(),
+            *(v.get_secret_value() for v in values if v is not None),
         ]
-        return [v.get_secret_value() for v in values if v is not None]

@@ -27,7 +27,6 @@ from shared.httpedge import add_edge_routes, install_error_handlers, parse_netwo
 from shared.leases import LeaseClient
 from shared.ratelimit import Admission, redis_client
 from shared.telemetry import redactor
-from shared.tokens import TokenKeyring
 
 from .access import TokenCache
 from .apidocs import document_routes
@@ -173,11 +172,7 @@ def create_app(settings: Settings, *, keys: KeySource | None = None) -> FastAPI:
                     max_connections=settings.upstream_max_connections,
                 )
                 stack.push_async_callback(forwarder.aclose)
-            previous = settings.proxy_signing_key_previous
-            keyring = TokenKeyring(
-                settings.proxy_signing_key.get_secret_value(),
-                [previous.get_secret_value()] if previous is not None else [],
-            )
+            keyring = settings.keyring()
             handler = ProxyHandler(
                 settings=settings,
                 tokens=TokenCache(keyring, settings.token_cache_size),

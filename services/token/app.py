@@ -45,7 +45,6 @@ from shared.httpedge import (
 from shared.leases import LeaseClient
 from shared.ratelimit import Admission, Decision, Limit, redis_client
 from shared.telemetry import redactor
-from shared.tokens import TokenKeyring
 
 __all__ = ["SECURE_TOKEN_PATH", "TokenService", "create_app"]
 
@@ -296,7 +295,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        redactor.register(*settings.secrets())
+        redactor.register(*settings.secret_values())
 
         def on_state(connected: bool) -> None:
             state["nats_connected"] = connected
@@ -317,9 +316,7 @@ def create_app(settings: Settings) -> FastAPI:
             limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
             follow_redirects=False,
         )
-        keyring = TokenKeyring(
-            settings.proxy_signing_key.get_secret_value(), settings.previous_signing_keys
-        )
+        keyring = settings.keyring()
         admission = Admission(
             store,
             service="token",
