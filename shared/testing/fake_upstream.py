@@ -105,12 +105,15 @@ def create_app() -> FastAPI:
             payload = json.loads(body)
         except ValueError:
             return _error(400, "invalid json", None)
+        if not isinstance(payload, dict):
+            return _error(400, "body must be an object", None)
         model = str(payload.get("model", "gpt-4o-mini"))
         created = int(time.time())
         completion_id = f"chatcmpl-{secrets.token_hex(6)}"
         if payload.get("stream"):
             behaviour = state["behaviour"]
-            usage = bool((payload.get("stream_options") or {}).get("include_usage"))
+            options = payload.get("stream_options")
+            usage = isinstance(options, dict) and bool(options.get("include_usage"))
             return StreamingResponse(
                 _sse(completion_id, model, created, behaviour, usage),
                 media_type="text/event-stream",
@@ -162,9 +165,12 @@ def create_app() -> FastAPI:
         body = await request.body()
         if (failure := await misbehave(request, len(body))) is not None:
             return failure
-        payload = json.loads(body or b"{}")
-        seconds = int((payload.get("expires_after") or {}).get("seconds", 600))
-        session = {"type": "realtime", "object": "realtime.session", **payload.get("session", {})}
+        try:
+            payload = json.loads(body or b"{}")
+            seconds = int(payload.get("expires_after", {}).get("seconds", 600))
+            session = {"type": "realtime", "object": "realtime.session", **payload["session"]}
+        except (ValueError, TypeError, AttributeError, KeyError):
+            return _error(400, "expires_after.seconds and session are required", None)
         return JSONResponse(
             {
                 "value": f"ek_{secrets.token_hex(16)}",
