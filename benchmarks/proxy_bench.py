@@ -1,16 +1,20 @@
 """Proxy benchmark: throughput and added latency against the fake upstream.
 
-Starts real NATS and Redis, the fake upstream, a lease responder (sealing a test key
-exactly as the key manager does) and ONE proxy worker with every check on (token,
-signature + digest, nonce, rate limits, revocation and IP block in one Redis round
-trip, usage event). The load generator is a minimal keep-alive HTTP/1.1 client on raw
-asyncio streams, so it costs less CPU than the thing it measures; requests are signed
-ahead of time in small batches (each carries a fresh nonce and `created`).
+Starts real NATS and Redis, the fake upstream, the real key manager (bootstrapped with
+a bench provider key) and ONE proxy worker with every check on: token, signature and
+Content-Digest, nonce, rate limits, revocation and IP block (one Redis round trip), and
+a usage event per request. The same load generator measures the upstream alone
+(direct) and through the proxy in the same run, so "added" latency is proxy - direct.
 
-    .venv/bin/python benchmarks/proxy_bench.py [--requests 4000] [--profile]
+The load generator is lean on purpose: raw asyncio protocols on uvloop (one keep-alive
+HTTP/1.1 connection per simulated client) and requests signed ahead of the timed run,
+each with its own fresh nonce and `created` (what a fast client would do anyway).
 
-Prints: direct vs proxy latency p50/p99 at 1 and 16 clients (added = proxy - direct),
-throughput at 16 and 64 clients; with --profile, where the proxy's time goes (py-spy).
+    .venv/bin/python benchmarks/proxy_bench.py [--requests 4000] [--json PATH] [--profile]
+
+Prints latency (p50/p99, direct vs proxy) at 1 and 16 clients, throughput at 16 and 64
+clients, the CPU each process used per request, and with --profile where the proxy's
+time goes (py-spy).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import json
 import os
 import secrets
 import subprocess
@@ -25,57 +30,89 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import nats
 import orjson
-from nats.aio.msg import Msg
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from keyveil.servers import ServerProcess, free_port, start_nats, start_redis, wait_for_port  # noqa: E402
-from shared.crypto import b64url_decode, b64url_encode, seal_for_requester  # noqa: E402
-from shared.leases import KEYMANAGER_QUEUE, LEASE_SUBJECT, LeaseReply, LeaseRequest  # noqa: E402
 from shared.signing import sign_request  # noqa: E402
 from shared.tokens import ProxyClaims, Scope, TokenKeyring  # noqa: E402
 
 SIGNING_KEY = "bench-psk-" + "Qw3Er5Ty7Ui9Op1As2Df4Gh6Jk8Lz0Xc"
+KEK_SECRET = "bench-kek-" + "9f2Kq7LmX4vN8pR3sT6wY1zB5cD0eG2h"
 PROVIDER_KEY = "sk-bench-provider-key-0123456789abcdef"
 PATH = "/api/voice-agent/proxy/v1/chat/completions"
 BODY = orjson.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
+TARGETS = {"added_p50_ms_1": 1.0, "added_p99_ms_1": 5.0, "rps_per_worker": 2000.0}
+_TICK = os.sysconf("SC_CLK_TCK")
 
 
-class Conn:
-    """One keep-alive HTTP/1.1 connection; enough protocol for these two servers."""
+class Conn(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection, parsing just enough of each response."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.reader, self.writer = reader, writer
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.waiter: asyncio.Future[int] | None = None
+        self.transport: asyncio.Transport | None = None
 
-    @classmethod
-    async def open(cls, port: int) -> Conn:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        return cls(reader, writer)
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
 
-    async def roundtrip(self, request: bytes) -> int:
-        self.writer.write(request)
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        status = int(head[9:12])
-        lower = head.lower()
-        if b"transfer-encoding: chunked" in lower:
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if self.waiter is not None:
+            status = self._complete()
+            if status is not None:
+                self.waiter.set_result(status)
+                self.waiter = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(ConnectionError("server closed the connection"))
+
+    def _complete(self) -> int | None:
+        """The status once a whole response is buffered (and consumed), else None."""
+        buf = self.buf
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            return None
+        head = bytes(buf[:end]).lower()
+        at = end + 4
+        if b"transfer-encoding: chunked" in head:
             while True:
-                size = int((await self.reader.readuntil(b"\r\n"))[:-2], 16)
-                await self.reader.readexactly(size + 2)
+                line_end = buf.find(b"\r\n", at)
+                if line_end < 0:
+                    return None
+                size = int(buf[at:line_end], 16)
+                at = line_end + 2 + size + 2
+                if at > len(buf):
+                    return None
                 if size == 0:
                     break
         else:
-            at = lower.index(b"content-length:") + 15
-            length = int(lower[at : lower.index(b"\r\n", at)])
-            await self.reader.readexactly(length)
-        return status
+            start = head.index(b"content-length:") + 15
+            at += int(head[start:].split(b"\r\n", 1)[0])
+            if at > len(buf):
+                return None
+        del buf[:at]
+        return int(head[9:12])
 
-    def close(self) -> None:
-        self.writer.close()
+    async def roundtrip(self, request: bytes) -> int:
+        assert self.transport is not None
+        self.waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(request)
+        return await self.waiter
+
+
+async def connect(port: int) -> Conn:
+    _, conn = await asyncio.get_running_loop().create_connection(Conn, "127.0.0.1", port)
+    return conn
 
 
 def _request(path: str, headers: dict[str, str], port: int) -> bytes:
@@ -85,6 +122,8 @@ def _request(path: str, headers: dict[str, str], port: int) -> bytes:
 
 
 class Signer:
+    """One proxy token per simulated browser; requests signed with fresh nonces."""
+
     def __init__(self, port: int, clients: int) -> None:
         ring = TokenKeyring(SIGNING_KEY)
         self.port = port
@@ -97,80 +136,77 @@ class Signer:
             token = ring.issue(claims)
             self.tokens.append((token, claims.jti, ring.request_signing_key(token, claims.jti)))
 
-    def request(self, client: int) -> bytes:
+    def batch(self, client: int, count: int) -> list[bytes]:
         token, jti, key = self.tokens[client]
-        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-        headers.update(
-            sign_request(
-                method="POST",
-                path=PATH,
-                body=BODY,
-                key=key,
-                keyid=jti,
-                nonce=secrets.token_urlsafe(12),
+        out = []
+        for _ in range(count):
+            headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+            headers.update(
+                sign_request(
+                    method="POST",
+                    path=PATH,
+                    body=BODY,
+                    key=key,
+                    keyid=jti,
+                    nonce=secrets.token_urlsafe(12),
+                )
             )
-        )
-        return _request(PATH, headers, self.port)
+            out.append(_request(PATH, headers, self.port))
+        return out
 
 
-async def run(port: int, clients: int, total: int, make: object) -> tuple[list[float], float]:
-    """`total` requests over `clients` connections; latencies (s) and wall time."""
-    conns = [await Conn.open(port) for _ in range(clients)]
-    per_client = total // clients
+@dataclass
+class Phase:
+    latencies: list[float]
+    wall_s: float
+    requests: int
+    cpu_s: dict[str, float]
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.wall_s
+
+    def pct(self, q: float) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK  # utime + stime
+
+
+async def run(port: int, work: Sequence[Sequence[bytes]], pids: dict[str, int]) -> Phase:
+    """Each inner sequence is one client's requests, sent back to back on its connection."""
+    conns = [await connect(port) for _ in work]
     latencies: list[float] = []
     statuses: collections.Counter[int] = collections.Counter()
+    clock = time.perf_counter
 
-    async def worker(i: int) -> None:
-        conn = conns[i]
-        for _ in range(per_client):
-            request = make(i)  # type: ignore[operator]
-            started = time.perf_counter()
+    async def client(conn: Conn, requests: Sequence[bytes]) -> None:
+        for request in requests:
+            started = clock()
             statuses[await conn.roundtrip(request)] += 1
-            latencies.append(time.perf_counter() - started)
+            latencies.append(clock() - started)
 
-    started = time.perf_counter()
-    await asyncio.gather(*(worker(i) for i in range(clients)))
-    wall = time.perf_counter() - started
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    before["generator"] = time.process_time()
+    started = clock()
+    await asyncio.gather(
+        *(client(conn, requests) for conn, requests in zip(conns, work, strict=True))
+    )
+    wall = clock() - started
+    cpu = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
+    cpu["generator"] = time.process_time() - before["generator"]
     for conn in conns:
-        conn.close()
+        assert conn.transport is not None
+        conn.transport.close()
     if set(statuses) != {200}:
         raise SystemExit(f"unexpected statuses: {dict(statuses)}")
-    return latencies, wall
+    return Phase(latencies, wall, len(latencies), cpu)
 
 
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
-
-
-async def lease_responder(nats_url: str) -> object:
-    nc = await nats.connect(nats_url)
-
-    async def on(msg: Msg) -> None:
-        request = LeaseRequest.model_validate_json(msg.data)
-        reply = LeaseReply(
-            lease_id=uuid.uuid4().hex,
-            key_id="bench",
-            version=1,
-            provider=request.provider,
-            environment=request.environment,
-            expires_at=time.time() + 3600,
-            sealed="",
-        )
-        sealed = seal_for_requester(
-            PROVIDER_KEY.encode(),
-            b64url_decode(request.public_key),
-            info=reply.info_for(request),
-            kem=request.kem,
-        )
-        update = {"sealed": b64url_encode(sealed)}
-        await msg.respond(reply.model_copy(update=update).model_dump_json().encode())
-
-    await nc.subscribe(LEASE_SUBJECT, queue=KEYMANAGER_QUEUE, cb=on)
-    return nc
-
-
-def profile(pid: int, seconds: int, out: Path) -> subprocess.Popen[bytes]:
+def profile(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(  # noqa: S603
         [
             str(Path(sys.executable).parent / "py-spy"),
@@ -178,7 +214,7 @@ def profile(pid: int, seconds: int, out: Path) -> subprocess.Popen[bytes]:
             "--pid",
             str(pid),
             "--duration",
-            str(seconds),
+            str(max(1, round(seconds))),
             "--rate",
             "250",
             "--format",
@@ -192,20 +228,21 @@ def profile(pid: int, seconds: int, out: Path) -> subprocess.Popen[bytes]:
     )
 
 
-def summarise_profile(path: Path) -> None:
+AREAS = {
+    "uvicorn/httptools (HTTP server, ASGI)": ("uvicorn/", "httptools"),
+    "aiohttp (upstream client)": ("aiohttp/", "multidict", "yarl/"),
+    "redis client (admission round trip)": ("redis/",),
+    "signature + digest verify": ("shared/signing.py", "http_sf"),
+    "token cache and checks (access.py)": ("proxy/access.py",),
+    "request body read + JSON parse": ("proxy/bodies.py",),
+    "usage event (build + publish)": ("shared/events.py", "_finish", "nats/"),
+    "prometheus metrics": ("prometheus_client/",),
+    "lease key (opened-key cache)": ("proxy/upstream.py:authorization", "shared/leases.py"),
+}
+
+
+def summarise_profile(path: Path) -> dict[str, float]:
     """Inclusive share of samples per area of the code, from py-spy's collapsed stacks."""
-    areas = {
-        "uvicorn/httptools (HTTP parsing, ASGI)": ("uvicorn/", "httptools"),
-        "starlette responses/CORS": ("starlette/",),
-        "httpx/httpcore (upstream client)": ("httpx/", "httpcore/"),
-        "redis client (admission)": ("redis/",),
-        "signature verify (shared/signing)": ("shared/signing.py",),
-        "HPKE lease open (shared/leases)": ("shared/leases.py",),
-        "token cache (access.py)": ("proxy/access.py",),
-        "usage event (pydantic + publish)": ("shared/events.py", "handler.py:_finish", "pydantic"),
-        "nats client": ("nats/",),
-        "prometheus metrics": ("prometheus_client/",),
-    }
     total = 0
     counts: collections.Counter[str] = collections.Counter()
     leaf: collections.Counter[str] = collections.Counter()
@@ -218,24 +255,168 @@ def summarise_profile(path: Path) -> None:
         frames = stack.split(";")
         if frames:
             leaf[frames[-1].split(" (")[0]] += samples
-        for area, needles in areas.items():
+        for area, needles in AREAS.items():
             if any(needle in stack for needle in needles):
                 counts[area] += samples
     if not total:
         print("  (no samples)")
-        return
+        return {}
     print(f"  {total} samples (inclusive share; areas overlap where they call each other)")
     for area, n in counts.most_common():
         print(f"  {100 * n / total:5.1f}%  {area}")
     print("  top self-time functions:")
-    for name, n in leaf.most_common(8):
+    for name, n in leaf.most_common(10):
         print(f"  {100 * n / total:5.1f}%  {name}")
+    return {area: round(100 * n / total, 1) for area, n in counts.items()}
+
+
+def split(requests: list[bytes], clients: int) -> list[list[bytes]]:
+    return [requests[i::clients] for i in range(clients)]
+
+
+class Bench:
+    def __init__(self, proxy_port: int, up_port: int, pids: dict[str, int]) -> None:
+        self.proxy_port = proxy_port
+        self.up_port = up_port
+        self.pids = pids
+        self.direct = _request(
+            "/v1/chat/completions",
+            {"Authorization": f"Bearer {PROVIDER_KEY}", "Content-Type": "application/json"},
+            up_port,
+        )
+
+    async def direct_phase(self, clients: int, total: int) -> Phase:
+        per = max(1, total // clients)
+        return await run(self.up_port, [[self.direct] * per for _ in range(clients)], self.pids)
+
+    async def proxy_phase(
+        self, clients: int, total: int, before: Callable[[], None] | None = None
+    ) -> Phase:
+        signer = Signer(self.proxy_port, clients)
+        per = max(1, total // clients)
+        work = [signer.batch(i, per) for i in range(clients)]  # signed before the clock starts
+        if before is not None:
+            before()
+        return await run(self.proxy_port, work, self.pids)
+
+
+async def measure(bench: Bench, n: int, profile_to: Path | None) -> dict[str, Any]:
+    await bench.proxy_phase(16, 400)  # warm-up: lease, pools, token caches
+    await bench.direct_phase(16, 400)
+    results: dict[str, Any] = {"latency": {}, "throughput": {}}
+    print("latency (ms)         direct p50   p99 |  proxy p50   p99 |  added p50   p99")
+    for clients in (1, 16):
+        total = n // 2 if clients == 1 else n
+        direct = await bench.direct_phase(clients, total)
+        proxied = await bench.proxy_phase(clients, total)
+        row = {
+            "direct_p50_ms": direct.pct(0.5),
+            "direct_p99_ms": direct.pct(0.99),
+            "proxy_p50_ms": proxied.pct(0.5),
+            "proxy_p99_ms": proxied.pct(0.99),
+        }
+        row["added_p50_ms"] = row["proxy_p50_ms"] - row["direct_p50_ms"]
+        row["added_p99_ms"] = row["proxy_p99_ms"] - row["direct_p99_ms"]
+        results["latency"][str(clients)] = {k: round(v, 3) for k, v in row.items()}
+        print(
+            f"{clients:>3} client(s)        {row['direct_p50_ms']:9.2f} {row['direct_p99_ms']:5.2f}"
+            f" | {row['proxy_p50_ms']:9.2f} {row['proxy_p99_ms']:5.2f}"
+            f" | {row['added_p50_ms']:9.2f} {row['added_p99_ms']:5.2f}"
+        )
+        if clients == 16:
+            results["throughput"]["16"] = throughput_row(direct, proxied)
+    spy: subprocess.Popen[bytes] | None = None
+
+    def start_profile() -> None:
+        nonlocal spy
+        if profile_to is not None:
+            spy = profile(bench.pids["proxy"], 3, profile_to)
+
+    direct = await bench.direct_phase(64, 2 * n)
+    proxied = await bench.proxy_phase(64, 2 * n, before=start_profile)
+    results["throughput"]["64"] = throughput_row(direct, proxied)
+    print(
+        "throughput (req/s)   direct | proxy | proxy CPU/req  core share"
+        " | upstream CPU/req | generator CPU/req"
+    )
+    for clients, row in results["throughput"].items():
+        print(
+            f"{clients:>3} clients          {row['direct_rps']:6.0f} | {row['proxy_rps']:5.0f} |"
+            f" {row['proxy_cpu_us_per_request']:9.0f} us  {row['proxy_core_share']:10.2f}"
+            f" | {row['upstream_cpu_us_per_request']:12.0f} us"
+            f" | {row['generator_cpu_us_per_request']:13.0f} us"
+        )
+    if spy is not None:
+        spy.wait(30)
+    return results
+
+
+def throughput_row(direct: Phase, proxied: Phase) -> dict[str, float]:
+    per_request = {
+        name: 1e6 * seconds / proxied.requests for name, seconds in proxied.cpu_s.items()
+    }
+    row = {
+        "direct_rps": direct.rps,
+        "proxy_rps": proxied.rps,
+        "proxy_p50_ms": proxied.pct(0.5),
+        "proxy_p99_ms": proxied.pct(0.99),
+        "proxy_core_share": proxied.cpu_s["proxy"] / proxied.wall_s,
+        "proxy_cpu_us_per_request": per_request["proxy"],
+        "upstream_cpu_us_per_request": per_request["upstream"],
+        "generator_cpu_us_per_request": per_request["generator"],
+        "redis_cpu_us_per_request": per_request["redis"],
+        "nats_cpu_us_per_request": per_request["nats"],
+    }
+    return {k: round(v, 3) for k, v in row.items()}
+
+
+def verdict(results: dict[str, Any]) -> dict[str, bool]:
+    one = results["latency"]["1"]
+    best_rps = max(row["proxy_rps"] for row in results["throughput"].values())
+    return {
+        "added_p50_le_1ms_at_1_client": one["added_p50_ms"] <= TARGETS["added_p50_ms_1"],
+        "added_p99_le_5ms_at_1_client": one["added_p99_ms"] <= TARGETS["added_p99_ms_1"],
+        "throughput_ge_2000_rps": best_rps >= TARGETS["rps_per_worker"],
+    }
+
+
+def start_service(
+    name: str, env: dict[str, str], port: int, log: Path, *, health: bool = True
+) -> subprocess.Popen[bytes]:
+    full = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "NATS_"))}
+    full.update(env, KEYVEIL_PORT=str(port), LOG_LEVEL="WARNING")
+    with log.open("wb") as out:
+        process = subprocess.Popen(  # noqa: S603
+            [sys.executable, "-m", f"services.{name}"],
+            env=full,
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    wait_for_port(port, timeout=30, process=process)
+    return process
+
+
+async def wait_ready(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    request = f"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+    while time.monotonic() < deadline:
+        conn = await connect(port)
+        try:
+            if await conn.roundtrip(request) == 200:
+                return
+        finally:
+            assert conn.transport is not None
+            conn.transport.close()
+        await asyncio.sleep(0.2)
+    raise SystemExit(f"port {port} not ready after {timeout}s")
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--requests", type=int, default=4000)
-    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--requests", type=int, default=4000, help="requests per phase")
+    parser.add_argument("--json", type=Path, help="also write the numbers to this file")
+    parser.add_argument("--profile", action="store_true", help="py-spy the proxy at 64 clients")
     args = parser.parse_args()
     state = Path(tempfile.mkdtemp(prefix="keyveil-bench-"))
     nats_server = start_nats(state)
@@ -249,79 +430,84 @@ async def main() -> None:
         state / "fake.log",
     )
     fake.start()
-    responder = await lease_responder(nats_server.url)
-    proxy_port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "NATS_"))}
-    env.update(
-        NATS_URL=nats_server.url,
-        REDIS_URL=redis_server.url,
-        PROXY_SIGNING_KEY=SIGNING_KEY,
-        OPENAI_BASE_URL=f"http://127.0.0.1:{up_port}/v1",
-        KEYVEIL_PORT=str(proxy_port),
-        VOICE_AGENT_PROXY_RATE_LIMIT="1000000",
-        VOICE_AGENT_PROXY_IP_RATE_LIMIT="10000000",
-        LOG_LEVEL="WARNING",
-    )
-    with (state / "proxy.log").open("wb") as log:
-        proxy = subprocess.Popen(  # noqa: ASYNC220 - started once, before measuring
-            [sys.executable, "-m", "services.proxy"],
-            env=env,
-            cwd=REPO,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    processes: list[subprocess.Popen[bytes]] = []
     try:
-        wait_for_port(proxy_port, timeout=30, process=proxy)
-        direct_headers = {
-            "Authorization": f"Bearer {PROVIDER_KEY}",
-            "Content-Type": "application/json",
-        }
-        direct = _request("/v1/chat/completions", direct_headers, up_port)
-        n = args.requests
-        print(
-            f"keyveil proxy benchmark: one proxy worker, {os.cpu_count()} CPUs, {n} requests/phase"
+        km_port, proxy_port = free_port(), free_port()
+        processes.append(
+            start_service(
+                "keymanager",
+                {
+                    "NATS_URL": nats_server.url,
+                    "KEY_ENCRYPTION_SECRET": KEK_SECRET,
+                    "OPENAI_API_KEY": PROVIDER_KEY,
+                },
+                km_port,
+                state / "keymanager.log",
+            )
         )
-        for clients in (1, 16):
-            signer = Signer(proxy_port, clients)
-            await run(proxy_port, clients, 200, signer.request)  # warm-up (lease, pools)
-            await run(up_port, clients, 200, lambda _: direct)
-            lat_direct, _ = await run(up_port, clients, n // 2, lambda _: direct)
-            lat_proxy, _ = await run(proxy_port, clients, n // 2, signer.request)
-            d50, d99 = pct(lat_direct, 0.50), pct(lat_direct, 0.99)
-            p50, p99 = pct(lat_proxy, 0.50), pct(lat_proxy, 0.99)
-            print(
-                f"{clients:>3} client(s): direct p50 {d50:6.2f} ms p99 {d99:6.2f} ms | "
-                f"proxy p50 {p50:6.2f} ms p99 {p99:6.2f} ms | "
-                f"added p50 {p50 - d50:5.2f} ms p99 {p99 - d99:5.2f} ms"
-            )
-        for clients in (16, 64):
-            signer = Signer(proxy_port, clients)
-            total = max(n, clients * 20)
-            spy = None
-            if args.profile and clients == 64:
-                spy = profile(proxy.pid, 6, state / "profile.txt")
-                await asyncio.sleep(1.0)
-            _, wall = await run(up_port, clients, total, lambda _: direct)
-            direct_rps = total / wall
-            lat, wall = await run(proxy_port, clients, total, signer.request)
-            print(
-                f"{clients:>3} clients: proxy {total / wall:7.0f} req/s "
-                f"(p50 {pct(lat, 0.5):.2f} ms, p99 {pct(lat, 0.99):.2f} ms); "
-                f"upstream alone {direct_rps:7.0f} req/s"
-            )
-            if spy is not None:
-                spy.wait(30)
+        await wait_ready(km_port)
+        proxy = start_service(
+            "proxy",
+            {
+                "NATS_URL": nats_server.url,
+                "REDIS_URL": redis_server.url,
+                "PROXY_SIGNING_KEY": SIGNING_KEY,
+                "OPENAI_BASE_URL": f"http://127.0.0.1:{up_port}/v1",
+                "VOICE_AGENT_PROXY_RATE_LIMIT": "1000000",
+                "VOICE_AGENT_PROXY_IP_RATE_LIMIT": "10000000",
+            },
+            proxy_port,
+            state / "proxy.log",
+        )
+        processes.append(proxy)
+        await wait_ready(proxy_port)
+        pids = {"proxy": proxy.pid, "upstream": _pid(fake), "redis": _pid(redis_server)}
+        pids["nats"] = _pid(nats_server)
+        print(
+            f"keyveil proxy benchmark: one proxy worker, {os.cpu_count()} CPUs, "
+            f"{args.requests} requests per phase (64 clients: twice that); "
+            "checks: token, signature + digest, nonce, rate limits, revocation, IP block, "
+            "usage event"
+        )
+        results = await measure(
+            Bench(proxy_port, up_port, pids),
+            args.requests,
+            state / "profile.txt" if args.profile else None,
+        )
+        results["targets"] = verdict(results)
+        results["machine"] = {"cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]}
+        results["requests_per_phase"] = args.requests
+        print(
+            "targets:",
+            ", ".join(f"{k}={'met' if v else 'NOT met'}" for k, v in results["targets"].items()),
+        )
+        print(f"1-minute load average at the end: {os.getloadavg()[0]:.2f}")
         if args.profile:
             print("where the proxy's time goes (py-spy, 64 clients):")
-            summarise_profile(state / "profile.txt")
+            results["profile_share_pct"] = summarise_profile(state / "profile.txt")
+        if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+            print(f"wrote {args.json}")
     finally:
-        proxy.terminate()
-        proxy.wait(15)
-        await responder.drain()  # type: ignore[attr-defined]
+        for process in reversed(processes):
+            process.terminate()
+            process.wait(15)
         fake.stop()
         redis_server.stop()
         nats_server.stop()
 
 
+def _pid(server: ServerProcess) -> int:
+    process = server.process
+    assert process is not None
+    return process.pid
+
+
 if __name__ == "__main__":
-    asyncio.run(main())
+    try:
+        import uvloop
+
+        uvloop.run(main())
+    except ImportError:
+        asyncio.run(main())

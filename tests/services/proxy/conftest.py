@@ -1,6 +1,6 @@
-"""Proxy fixtures: a real proxy process, a lease responder standing in for the
-key manager (it seals TEST_PROVIDER_KEY exactly as the key manager does), and a
-client that issues tokens and signs requests like a browser SDK would."""
+"""Proxy fixtures: a real proxy process leasing its provider key from the real key
+manager (bootstrapped with TEST_PROVIDER_KEY) on a NATS of their own, and a client
+that issues tokens and signs requests like a browser SDK would."""
 
 from __future__ import annotations
 
@@ -15,14 +15,13 @@ from typing import Any
 import httpx
 import nats
 import pytest
-from nats.aio.msg import Msg
+from nats.aio.client import Client as NATS
 
-from shared.bus import parse_request, reply_model
-from shared.crypto import b64url_decode, b64url_encode, seal_for_requester
-from shared.leases import KEYMANAGER_QUEUE, LEASE_SUBJECT, LeaseReply, LeaseRequest
+from keyveil.servers import ServerProcess, start_nats
 from shared.signing import sign_request
 from shared.tokens import ProxyClaims, Scope, TokenKeyring
 from tests.support import (
+    TEST_KEY_ENCRYPTION_SECRET,
     TEST_PROVIDER_KEY,
     TEST_PROXY_SIGNING_KEY,
     FakeUpstream,
@@ -36,60 +35,38 @@ SPEECH = f"{PREFIX}/audio/speech"
 STT = f"{PREFIX}/audio/transcriptions"
 
 
-class LeaseResponder:
-    """Answers keyveil.km.lease with TEST_PROVIDER_KEY sealed to the requester."""
-
-    def __init__(self, nats_url: str) -> None:
-        self.nats_url = nats_url
-        self.granted = 0
-        self._nc: Any = None
-        self._sub: Any = None
-
-    async def start(self) -> None:
-        self._nc = await nats.connect(self.nats_url)
-        await self.resume()
-
-    async def resume(self) -> None:
-        self._sub = await self._nc.subscribe(LEASE_SUBJECT, queue=KEYMANAGER_QUEUE, cb=self._on)
-
-    async def pause(self) -> None:
-        await self._sub.unsubscribe()
-        await self._nc.flush()
-
-    async def _on(self, msg: Msg) -> None:
-        request = parse_request(msg, LeaseRequest)
-        reply = LeaseReply(
-            lease_id=uuid.uuid4().hex,
-            key_id="key-test",
-            version=1,
-            provider=request.provider,
-            environment=request.environment,
-            expires_at=time.time() + 300,
-            sealed="",
-        )
-        sealed = seal_for_requester(
-            TEST_PROVIDER_KEY.encode(),
-            b64url_decode(request.public_key),
-            info=reply.info_for(request),
-            kem=request.kem,
-        )
-        self.granted += 1
-        await reply_model(msg, reply.model_copy(update={"sealed": b64url_encode(sealed)}))
-
-    async def publish(self, subject: str, data: bytes) -> None:
-        await self._nc.publish(subject, data)
-        await self._nc.flush()
-
-    async def close(self) -> None:
-        await self._nc.drain()
+@pytest.fixture(scope="package")
+def proxy_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """A NATS of the proxy tests' own, so no other key manager answers their leases."""
+    server = start_nats(tmp_path_factory.mktemp("proxy-nats"))
+    yield server
+    server.stop()
 
 
-@pytest.fixture(scope="module")
-async def lease_responder(nats_url: str) -> AsyncIterator[LeaseResponder]:
-    responder = LeaseResponder(nats_url)
-    await responder.start()
-    yield responder
-    await responder.close()
+@pytest.fixture(scope="package")
+def key_manager(
+    proxy_nats: ServerProcess, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServiceProcess]:
+    """The real key-manager process, bootstrapped with the test provider key."""
+    process = ServiceProcess(
+        "keymanager",
+        {
+            "NATS_URL": proxy_nats.url,
+            "KEY_ENCRYPTION_SECRET": TEST_KEY_ENCRYPTION_SECRET,
+            "OPENAI_API_KEY": TEST_PROVIDER_KEY,
+        },
+        tmp_path_factory.mktemp("proxy-km") / "keymanager.log",
+    )
+    process.start()
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+async def bus(proxy_nats: ServerProcess) -> AsyncIterator[NATS]:
+    client = await nats.connect(proxy_nats.url)
+    yield client
+    await client.drain()
 
 
 def proxy_env(
@@ -110,16 +87,16 @@ def proxy_env(
     return env
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def proxy(
-    nats_url: str,
+    proxy_nats: ServerProcess,
     redis_url: str,
     fake_upstream: FakeUpstream,
-    lease_responder: LeaseResponder,
+    key_manager: ServiceProcess,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[ServiceProcess]:
     log = tmp_path_factory.mktemp("proxy") / "proxy.log"
-    service = ServiceProcess("proxy", proxy_env(nats_url, redis_url, fake_upstream), log)
+    service = ServiceProcess("proxy", proxy_env(proxy_nats.url, redis_url, fake_upstream), log)
     service.start()
     yield service
     service.stop()

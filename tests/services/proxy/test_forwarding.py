@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 import orjson
 from nats.aio.client import Client as NATS
 
+from shared.bus import ensure_stream
+from shared.events import USAGE_STREAM
 from shared.leases import ROTATED_SUBJECT, RotatedNotice
 from tests.support import TEST_PROVIDER_KEY, FakeUpstream, ServiceProcess
 
-from .conftest import CHAT, SPEECH, STT, Browser, LeaseResponder, chat_body, multipart
+from .conftest import CHAT, SPEECH, STT, Browser, chat_body, multipart
 
 MIB = 1024 * 1024
 
@@ -130,19 +133,18 @@ async def test_upstream_errors_are_mapped(browser: Browser, upstream: FakeUpstre
 
 
 async def test_key_manager_unreachable_is_503(
-    browser: Browser, upstream: FakeUpstream, lease_responder: LeaseResponder
+    browser: Browser, upstream: FakeUpstream, key_manager: ServiceProcess, bus: NATS
 ) -> None:
-    await lease_responder.pause()
+    assert (await browser.post(CHAT, chat_body())).status_code == 200
+    key_manager.stop()
     try:
-        # A rotation notice drops the proxy's cached lease; no responder is left.
-        notice = (
-            RotatedNotice(
-                provider="openai", environment="development", key_id="k", version=2, status="active"
-            )
-            .model_dump_json()
-            .encode()
+        # A rotation notice drops the proxy's cached lease (and the key opened from
+        # it); with no key manager left, nothing else may supply a key.
+        notice = RotatedNotice(
+            provider="openai", environment="development", key_id="k", version=2, status="active"
         )
-        await lease_responder.publish(ROTATED_SUBJECT, notice)
+        await bus.publish(ROTATED_SUBJECT, notice.model_dump_json().encode())
+        await bus.flush()
         response = None
         for _ in range(40):
             response = await browser.post(CHAT, chat_body())
@@ -153,32 +155,80 @@ async def test_key_manager_unreachable_is_503(
         assert response.status_code == 503
         assert response.json()["error"]["code"] == "key_unavailable"
     finally:
-        await lease_responder.resume()
+        key_manager.start()
     calls = upstream.calls()
+    assert calls, "the first request reached the provider"
     assert all(c["authorization"] == f"Bearer {TEST_PROVIDER_KEY}" for c in calls)
+    count = len(calls)
     response = await browser.post(CHAT, chat_body())
     assert response.status_code == 200
+    assert len(upstream.calls()) == count + 1
+
+
+async def _usage_event(bus: NATS, token_id: str, timeout: float = 10.0) -> dict[str, Any] | None:
+    """The proxy's usage event for `token_id`, from the KEYVEIL_USAGE stream."""
+    js = bus.jetstream()
+    await ensure_stream(js, USAGE_STREAM)  # the proxy may not have published yet
+    sub = await js.subscribe("keyveil.usage.proxy", ordered_consumer=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            try:
+                msg = await sub.next_msg(timeout=0.5)
+            except TimeoutError:
+                continue
+            event: dict[str, Any] = orjson.loads(msg.data)
+            if event.get("token_id") == token_id:
+                return event
+    finally:
+        await sub.unsubscribe()
+    return None
+
+
+async def test_client_disconnect_cancels_the_upstream_call(
+    browser: Browser, upstream: FakeUpstream, bus: NATS
+) -> None:
+    # Events 1.2 s apart (under the proxy's 1.5 s read timeout here): a 12 s stream,
+    # unless the proxy closes it as soon as the client leaves, not merely when the
+    # next event would have been relayed.
+    upstream.behave(chunk_delay_ms=1200, stream_chunks=10)
+    token = browser.token()
+    body = chat_body(stream=True)
+    headers = browser.signed_headers(token, CHAT, body)
+    metrics = (await browser.http.get("/metrics")).text
+    before = _metric(metrics, "keyveil_proxy_upstream_cancelled_total")
+    started = time.monotonic()
+    async with browser.http.stream("POST", CHAT, content=body, headers=headers) as response:
+        assert response.status_code == 200
+        async for chunk in response.aiter_raw():
+            assert chunk.startswith(b"data: ")
+            break  # one event, then the browser tab closes
+    # Leaving the block mid-body closes the client's connection.
+    event = await _usage_event(bus, token.claims.jti)
+    assert event is not None
+    assert event["status"] == 499
+    # Recorded when the provider call was closed, before even the second event.
+    assert event["upstream_latency_ms"] < 900
+    assert time.monotonic() - started < 8
+    metrics = (await browser.http.get("/metrics")).text
+    assert _metric(metrics, "keyveil_proxy_upstream_cancelled_total") == before + 1
+    assert len(upstream.calls()) == 1
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
 
 
 async def test_usage_event_and_metrics(
-    browser: Browser, upstream: FakeUpstream, nc: NATS, proxy: ServiceProcess
+    browser: Browser, upstream: FakeUpstream, bus: NATS, proxy: ServiceProcess
 ) -> None:
     token = browser.token()
     response = await browser.post(CHAT, chat_body(), token)
     assert response.status_code == 200
-    js = nc.jetstream()
-    sub = await js.subscribe("keyveil.usage.proxy", ordered_consumer=True)
-    found = None
-    deadline = time.monotonic() + 10
-    while found is None and time.monotonic() < deadline:
-        try:
-            msg = await sub.next_msg(timeout=1)
-        except TimeoutError:
-            continue
-        event = orjson.loads(msg.data)
-        if event.get("token_id") == token.claims.jti:
-            found = event
-    await sub.unsubscribe()
+    found = await _usage_event(bus, token.claims.jti)
     assert found is not None
     assert found["status"] == 200
     assert found["path"] == "/chat/completions"

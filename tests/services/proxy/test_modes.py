@@ -7,21 +7,21 @@ from pathlib import Path
 
 import pytest
 
-from keyveil.servers import start_redis
+from keyveil.servers import ServerProcess, start_redis
 from tests.support import FakeUpstream, ServiceProcess
 
-from .conftest import CHAT, Browser, LeaseResponder, chat_body, proxy_env
+from .conftest import CHAT, Browser, chat_body, proxy_env
 
 
 @pytest.fixture(scope="module")
 def demo_proxy(
-    nats_url: str,
+    proxy_nats: ServerProcess,
     redis_url: str,
     fake_upstream: FakeUpstream,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[ServiceProcess]:
     log = tmp_path_factory.mktemp("demo") / "proxy.log"
-    env = proxy_env(nats_url, redis_url, fake_upstream, VOICE_AGENT_DEMO_MODE="true")
+    env = proxy_env(proxy_nats.url, redis_url, fake_upstream, VOICE_AGENT_DEMO_MODE="true")
     service = ServiceProcess("proxy", env, log).start()
     yield service
     service.stop()
@@ -49,14 +49,14 @@ async def test_demo_mode_answers_without_the_upstream(
 
 
 async def test_redis_down_fails_closed(
-    nats_url: str,
+    proxy_nats: ServerProcess,
+    key_manager: ServiceProcess,
     fake_upstream: FakeUpstream,
     upstream: FakeUpstream,
-    lease_responder: LeaseResponder,
     tmp_path: Path,
 ) -> None:
     redis = start_redis(tmp_path)
-    env = proxy_env(nats_url, redis.url, fake_upstream)
+    env = proxy_env(proxy_nats.url, redis.url, fake_upstream)
     service = ServiceProcess("proxy", env, tmp_path / "proxy.log").start()
     browser = Browser(service.url)
     try:
