@@ -173,10 +173,13 @@ def create_app(settings: Settings, *, keys: KeySource | None = None) -> FastAPI:
                 )
                 stack.push_async_callback(forwarder.aclose)
             keyring = settings.keyring()
+            # One pipelined connection for the per-request admission script.
+            admission = Admission(redis, service="proxy", pipelined=True)
+            stack.push_async_callback(admission.aclose)
             handler = ProxyHandler(
                 settings=settings,
                 tokens=TokenCache(keyring, settings.token_cache_size),
-                admission=Admission(redis, service="proxy"),
+                admission=admission,
                 forwarder=forwarder,
                 cache=ResponseCache(
                     redis,

@@ -282,3 +282,95 @@ async def test_redis_outage_follows_each_failure_mode(tmp_path: Path) -> None:
     finally:
         await conn.aclose()
         server.stop()
+
+
+# -- the pipelined connection (the proxy's hot path) --------------------------------------
+
+
+async def test_pipelined_answers_like_redis_py(client: aioredis.Redis) -> None:
+    pipelined = Admission(client, service="test", pipelined=True)
+    plain = Admission(client, service="test")
+    try:
+        for admission in (pipelined, plain):
+            limit = Limit("ip", _subject(), limit=3, period_s=60)
+            token = _subject()
+            answers = [
+                await admission.check(
+                    limits=[limit], client_ip="10.0.1.1", nonce=f"{token}:{i}", nonce_ttl_s=60
+                )
+                for i in range(4)
+            ]
+            assert [a.allowed for a in answers] == [True, True, True, False]
+            assert [a.remaining for a in answers[:3]] == [2, 1, 0]
+            replay = await admission.check(
+                limits=[Limit("ip", _subject(), 3, 60)],
+                client_ip="10.0.1.1",
+                nonce=f"{token}:0",
+                nonce_ttl_s=60,
+            )
+            assert (replay.allowed, replay.reason) == (False, "replay")
+            await client.set(revoked_key(token), "1", ex=60)
+            revoked = await admission.check(
+                limits=[Limit("ip", _subject(), 3, 60)],
+                client_ip="10.0.1.1",
+                revoked_token_id=token,
+            )
+            assert (revoked.allowed, revoked.reason) == (False, "revoked")
+    finally:
+        await pipelined.aclose()
+
+
+async def test_pipelined_concurrent_checks_share_one_limit(client: aioredis.Redis) -> None:
+    admission = Admission(client, service="test", pipelined=True)
+    limit = Limit("ip", _subject(), limit=25, period_s=60)
+    nonce = _subject()
+    try:
+        answers = await asyncio.gather(
+            *(
+                admission.check(
+                    limits=[limit], client_ip="10.0.1.2", nonce=f"{nonce}:{i % 150}", nonce_ttl_s=60
+                )
+                for i in range(300)
+            )
+        )
+    finally:
+        await admission.aclose()
+    # One connection keeps the order, so each reply must match its own request: the
+    # first 25 are admitted (recording their nonces), the second use of those 25
+    # nonces is a replay, everything else is over the limit.
+    expected = ["ok"] * 25 + ["rate_limited"] * 125 + ["replay"] * 25 + ["rate_limited"] * 125
+    assert [a.reason for a in answers] == expected
+
+
+async def test_pipelined_reloads_a_flushed_script(client: aioredis.Redis) -> None:
+    admission = Admission(client, service="test", pipelined=True)
+    try:
+        assert (await admission.check(limits=[], client_ip="10.0.1.3")).allowed
+        await client.script_flush()
+        assert (await admission.check(limits=[], client_ip="10.0.1.3")).allowed
+    finally:
+        await admission.aclose()
+
+
+async def test_pipelined_outage_fails_closed_and_recovers(tmp_path: Path) -> None:
+    server = start_redis(tmp_path, name="rl-pipelined")
+    conn = redis_client(server.url, timeout_s=0.3)
+    admission = Admission(conn, service="test-pipelined", pipelined=True)
+    limit = Limit("closed", _subject(), limit=100, period_s=60)
+    try:
+        assert (await admission.check(limits=[limit], client_ip="10.0.1.4")).allowed
+        port = server.port
+        server.kill()
+        started = time.monotonic()
+        down = await admission.check(limits=[limit], client_ip="10.0.1.4")
+        assert time.monotonic() - started < 1.5
+        assert (down.allowed, down.reason) == (False, "unavailable")
+        assert admission.degraded
+        server = start_redis(tmp_path, name="rl-pipelined", port=port)
+        back = await admission.check(limits=[limit], client_ip="10.0.1.4")
+        assert back.allowed
+        assert not admission.degraded
+    finally:
+        await admission.aclose()
+        await conn.aclose()
+        server.stop()
