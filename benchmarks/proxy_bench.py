@@ -230,7 +230,7 @@ def profile(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes]:
 
 AREAS = {
     "uvicorn/httptools (HTTP server, ASGI)": ("uvicorn/", "httptools"),
-    "aiohttp (upstream client)": ("aiohttp/", "multidict", "yarl/"),
+    "upstream client (proxy/http1.py)": ("proxy/http1.py", "proxy/upstream.py:send"),
     "redis client (admission round trip)": ("redis/",),
     "signature + digest verify": ("shared/signing.py", "http_sf"),
     "token cache and checks (access.py)": ("proxy/access.py",),

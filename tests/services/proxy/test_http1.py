@@ -1,0 +1,186 @@
+"""The proxy's upstream HTTP/1.1 client against real sockets: reuse, stale keep-alive
+connections, broken answers, streamed uploads."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from services.proxy.routes import ROUTES
+from services.proxy.upstream import Forwarder, UpstreamStreamError
+from shared.errors import UpstreamError
+from shared.leases import LeaseReply
+from tests.support import FakeUpstream
+
+from .conftest import CHAT, STT, multipart
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+_OK = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
+
+
+class _Keys:
+    async def authorization(self, provider: str = "openai") -> tuple[str, LeaseReply]:
+        lease = LeaseReply(
+            lease_id="l",
+            key_id="k",
+            version=1,
+            provider=provider,
+            environment="test",
+            expires_at=0.0,
+            sealed="",
+        )
+        return "Bearer sk-test-http1", lease
+
+
+async def _read_request(reader: asyncio.StreamReader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    return head + await reader.readexactly(length)
+
+
+async def _serve(handler: Handler) -> tuple[asyncio.Server, str]:
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return server, f"http://127.0.0.1:{port}/v1"
+
+
+@pytest.fixture
+async def forwarder_for() -> AsyncIterator[Callable[[str], Forwarder]]:
+    made: list[Forwarder] = []
+
+    def make(base_url: str) -> Forwarder:
+        forwarder = Forwarder(base_url=base_url, keys=_Keys(), read_timeout_s=2.0)
+        made.append(forwarder)
+        return forwarder
+
+    yield make
+    for forwarder in made:
+        await forwarder.aclose()
+
+
+async def _chat(forwarder: Forwarder) -> tuple[int, bytes]:
+    response = await forwarder.send(
+        ROUTES[CHAT], client_headers={"content-type": "application/json"}, content=b"{}"
+    )
+    length = response.content_length
+    assert length is not None
+    body = await response.read_exactly(length)
+    response.release()
+    return response.status, body
+
+
+async def test_keep_alive_connections_are_reused(
+    fake_upstream: FakeUpstream, forwarder_for: Callable[[str], Forwarder]
+) -> None:
+    forwarder = forwarder_for(fake_upstream.base_url)
+    for _ in range(5):
+        status, _ = await _chat(forwarder)
+        assert status == 200
+    assert forwarder._pool.opened == 1
+    statuses = await asyncio.gather(*(_chat(forwarder) for _ in range(8)))
+    assert [s for s, _ in statuses] == [200] * 8
+    assert forwarder._pool.opened <= 8
+
+
+async def test_a_connection_closed_by_the_server_is_replaced_once(
+    forwarder_for: Callable[[str], Forwarder],
+) -> None:
+    seen: list[bytes] = []
+
+    async def answer_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Answers the first request, then drops the connection when the next arrives,
+        # as a server does with an idle keep-alive connection it has just timed out.
+        seen.append(await _read_request(reader))
+        writer.write(_OK)
+        await writer.drain()
+        await reader.read(1)
+        writer.close()
+
+    server, base_url = await _serve(answer_once)
+    forwarder = forwarder_for(base_url)
+    try:
+        assert await _chat(forwarder) == (200, b"{}")
+        assert await _chat(forwarder) == (200, b"{}")
+    finally:
+        server.close()
+    assert forwarder._pool.opened == 2
+    assert len(seen) == 2
+    assert all(b"authorization: Bearer sk-test-http1" in request for request in seen)
+
+
+async def test_garbage_from_the_upstream_is_an_upstream_error(
+    forwarder_for: Callable[[str], Forwarder],
+) -> None:
+    async def garbage(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(b"NOT HTTP AT ALL\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server, base_url = await _serve(garbage)
+    try:
+        with pytest.raises(UpstreamError) as caught:
+            await _chat(forwarder_for(base_url))
+    finally:
+        server.close()
+    assert caught.value.code == "upstream_unreachable"
+
+
+async def test_a_body_cut_short_is_a_stream_error(
+    forwarder_for: Callable[[str], Forwarder],
+) -> None:
+    async def short(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        writer.write(b'HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{"partial"')
+        await writer.drain()
+        writer.close()
+
+    server, base_url = await _serve(short)
+    forwarder = forwarder_for(base_url)
+    try:
+        response = await forwarder.send(
+            ROUTES[CHAT], client_headers={"content-type": "application/json"}, content=b"{}"
+        )
+        with pytest.raises(UpstreamStreamError):
+            await response.read_exactly(100)
+        response.abort()
+    finally:
+        server.close()
+
+
+async def test_nothing_listening_is_unreachable(
+    forwarder_for: Callable[[str], Forwarder],
+) -> None:
+    server, base_url = await _serve(lambda r, w: asyncio.sleep(0))
+    server.close()
+    await server.wait_closed()
+    with pytest.raises(UpstreamError) as caught:
+        await _chat(forwarder_for(base_url))
+    assert caught.value.code == "upstream_unreachable"
+
+
+async def test_streamed_upload_with_its_length(
+    fake_upstream: FakeUpstream, forwarder_for: Callable[[str], Forwarder]
+) -> None:
+    body, content_type = multipart(b"\x02" * (3 * 1024 * 1024))
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for start in range(0, len(body), 256 * 1024):
+            yield body[start : start + 256 * 1024]
+
+    forwarder = forwarder_for(fake_upstream.base_url)
+    response = await forwarder.send(
+        ROUTES[STT],
+        client_headers={"content-type": content_type},
+        content=chunks(),
+        content_length=len(body),
+    )
+    assert response.status == 200
+    answer = await response.read_capped(10_000)
+    response.release()
+    assert answer == b'{"text":"transcribed 3145728 bytes"}'
