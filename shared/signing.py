@@ -23,6 +23,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -141,6 +142,9 @@ def content_digest(body: bytes, alg: str = "sha-256") -> str:
 
 def parse_content_digest(value: str) -> ExpectedDigest:
     """The strongest supported digest in a Content-Digest field; `DigestError` otherwise."""
+    fast = _fast_bytes(value)
+    if fast is not None and fast[0] in _DIGESTS:
+        return ExpectedDigest(fast[0], fast[1])
     try:
         parsed = http_sf.parse(value.encode("latin-1"), tltype="dictionary")
     except (http_sf.StructuredFieldError, UnicodeEncodeError):
@@ -283,12 +287,21 @@ def _components_of(member: Any) -> tuple[list[str], dict[str, Any]]:
             raise SignatureFormatError(
                 "covered components must be plain strings without parameters"
             )
+        names.append(value)
+    return _check_components(names), params
+
+
+def _check_components(names: list[str]) -> list[str]:
+    if len(names) > _MAX_COMPONENTS:
+        raise SignatureFormatError("too many covered components")
+    seen: set[str] = set()
+    for value in names:
         if value != value.lower() or (value.startswith("@") and value not in _DERIVED):
             raise SignatureFormatError("unsupported covered component")
-        if value in names:
+        if value in seen:
             raise SignatureFormatError("a covered component appears twice")
-        names.append(value)
-    return names, params
+        seen.add(value)
+    return names
 
 
 def _param(params: Mapping[str, Any], name: str, kind: type) -> Any:
@@ -300,6 +313,77 @@ def _param(params: Mapping[str, Any], name: str, kind: type) -> Any:
     if type(value) is not kind:
         raise SignatureFormatError(f"signature parameter {name} has the wrong type")
     return value
+
+
+# -- fast path for the canonical form ---------------------------------------------------
+#
+# Almost every client serializes Signature-Input, Signature and Content-Digest the one
+# canonical way (one member, no whitespace, quoted-string and integer parameters). For
+# exactly that shape a strict regular expression yields the same values as `http_sf`
+# at a fraction of the cost, and the member text after "label=" is already the
+# serialized inner list the signature base needs. Anything else (several members,
+# escapes, tokens, booleans, odd integers, repeated parameters) takes the full parser.
+
+_SF_KEY = r"[a-z*][a-z0-9_\-.*]{0,63}"
+_SF_STRING = r'"[\x20\x21\x23-\x5b\x5d-\x7e]*"'
+_SF_INT = r"(?:0|-?[1-9][0-9]{0,14})"
+_FAST_LIST = rf"\((?:{_SF_STRING}(?: {_SF_STRING})*)?\)"
+_FAST_PARAMS = rf"(?:;{_SF_KEY}=(?:{_SF_INT}|{_SF_STRING}))*"
+_FAST_INPUT = re.compile(rf"({_SF_KEY})=({_FAST_LIST}{_FAST_PARAMS})")
+_FAST_PARAM = re.compile(rf";({_SF_KEY})=({_SF_INT}|{_SF_STRING})")
+_FAST_BYTES = re.compile(rf"({_SF_KEY})=:([A-Za-z0-9+/]*={{0,2}}):")
+
+
+def _fast_input(value: str) -> tuple[str, list[str], dict[str, Any], str] | None:
+    """(label, components, params, serialized inner list) for the canonical form."""
+    match = _FAST_INPUT.fullmatch(value)
+    if match is None:
+        return None
+    label, inner = match.group(1), match.group(2)
+    close = inner.index(")")
+    listed = inner[1:close]
+    names = [item[1:-1] for item in listed.split(" ")] if listed else []
+    params: dict[str, Any] = {}
+    for key, raw in _FAST_PARAM.findall(inner[close + 1 :]):
+        if key in params:
+            return None  # repeated parameter: let the full parser decide
+        params[key] = raw[1:-1] if raw.startswith('"') else int(raw)
+    return label, names, params, inner
+
+
+def _fast_bytes(value: str) -> tuple[str, bytes] | None:
+    """(key, bytes) of a one-member dictionary holding a canonical byte sequence."""
+    match = _FAST_BYTES.fullmatch(value)
+    if match is None or len(match.group(2)) % 4:
+        return None
+    try:
+        return match.group(1), base64.b64decode(match.group(2), validate=True)
+    except ValueError:
+        return None
+
+
+def _parsed_fields(
+    sig_input_field: str, signature_field: str, label: str | None
+) -> tuple[str, list[str], dict[str, Any], Any, str | None]:
+    """Label, components, parameters, signature value and (fast path) serialized inner list."""
+    fast = _fast_input(sig_input_field)
+    sig = _fast_bytes(signature_field) if fast is not None else None
+    if (
+        fast is not None
+        and sig is not None
+        and fast[0] == sig[0]
+        and (label is None or label == fast[0])
+    ):
+        return fast[0], _check_components(fast[1]), fast[2], sig[1], fast[3]
+    inputs = _parse_dict(sig_input_field, "Signature-Input")
+    signatures = _parse_dict(signature_field, "Signature")
+    chosen = label if label is not None else next((k for k in inputs if k in signatures), None)
+    if chosen is None or chosen not in inputs or chosen not in signatures:
+        raise SignatureFormatError("no signature label is present in both headers")
+    names, params = _components_of(inputs[chosen])
+    sig_member = signatures[chosen]
+    mac = sig_member[0] if isinstance(sig_member, tuple) else sig_member
+    return chosen, names, params, mac, None
 
 
 def verify_request(
@@ -332,14 +416,7 @@ def verify_request(
         raise SignatureError(
             "Signature-Input and Signature headers are required", code="signature_missing"
         )
-    inputs = _parse_dict(sig_input_field, "Signature-Input")
-    signatures = _parse_dict(signature_field, "Signature")
-    chosen = label if label is not None else next((k for k in inputs if k in signatures), None)
-    if chosen is None or chosen not in inputs or chosen not in signatures:
-        raise SignatureFormatError("no signature label is present in both headers")
-    names, params = _components_of(inputs[chosen])
-    sig_member = signatures[chosen]
-    mac = sig_member[0] if isinstance(sig_member, tuple) else sig_member
+    chosen, names, params, mac, serialized = _parsed_fields(sig_input_field, signature_field, label)
     if not isinstance(mac, bytes):
         raise SignatureFormatError("Signature value must be a byte sequence")
 
@@ -384,7 +461,7 @@ def verify_request(
     def resolve(name: str) -> str:
         return derived[name] if name.startswith("@") else _field_value(headers, name)
 
-    inner = ser_innerlist(([(c, {}) for c in names], params))
+    inner = serialized or ser_innerlist(([(c, {}) for c in names], params))
     base = _signature_base(names, inner, resolve)
     key = key_for(keyid)
     expected = hmac.new(key, base, hashlib.sha256).digest()
