@@ -233,11 +233,14 @@ class Http1Pool:
 
     async def acquire(self) -> tuple[Http1Connection, bool]:
         """A connection for one request (and whether it was reused); see `release`."""
-        try:
-            async with asyncio.timeout(self._connect_timeout_s):
-                await self._slots.acquire()
-        except TimeoutError:
-            raise UpstreamConnectError("no free upstream connection in time") from None
+        if self._slots.locked():  # every slot busy: wait, but not for ever
+            try:
+                async with asyncio.timeout(self._connect_timeout_s):
+                    await self._slots.acquire()
+            except TimeoutError:
+                raise UpstreamConnectError("no free upstream connection in time") from None
+        else:
+            await self._slots.acquire()  # a free slot: returns at once
         try:
             now = time.monotonic()
             while self._idle:
