@@ -184,3 +184,31 @@ async def test_streamed_upload_with_its_length(
     answer = await response.read_capped(10_000)
     response.release()
     assert answer == b'{"text":"transcribed 3145728 bytes"}'
+
+
+async def test_the_pool_is_bounded(forwarder_for: Callable[[str], Forwarder]) -> None:
+    release = asyncio.Event()
+    arrived = asyncio.Event()
+
+    async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await _read_request(reader)
+        arrived.set()
+        await release.wait()
+        writer.write(_OK)
+        await writer.drain()
+        writer.close()
+
+    server, base_url = await _serve(slow)
+    forwarder = Forwarder(base_url=base_url, keys=_Keys(), max_connections=1, connect_timeout_s=0.3)
+    try:
+        first = asyncio.create_task(_chat(forwarder))
+        await arrived.wait()  # the first request holds the only connection
+        with pytest.raises(UpstreamError) as caught:
+            await _chat(forwarder)
+        assert caught.value.code == "upstream_unreachable"
+        release.set()
+        assert await first == (200, b"{}")
+        assert forwarder._pool.opened == 1
+    finally:
+        await forwarder.aclose()
+        server.close()
