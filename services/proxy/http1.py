@@ -70,6 +70,9 @@ class Http1Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if self._head is None or self._complete:
+            self.close()  # bytes nobody asked for (e.g. a second answer): never reuse
+            return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -100,9 +103,14 @@ class Http1Connection(asyncio.Protocol):
     # -- httptools callbacks ---------------------------------------------------------
 
     def on_header(self, name: bytes, value: bytes | None) -> None:
-        self.headers.append((name, value or b""))
+        if not self._complete:
+            self.headers.append((name, value or b""))
 
     def on_headers_complete(self) -> None:
+        if self._complete:  # a second answer to one request
+            self._fail(UpstreamReadError("the upstream sent more than one answer"))
+            self.close()
+            return
         self.status = self._parser.get_status_code()
         for name, value in self.headers:
             lower = name.lower()
@@ -117,6 +125,8 @@ class Http1Connection(asyncio.Protocol):
             self._head.set_result(None)
 
     def on_body(self, body: bytes) -> None:
+        if self._complete:
+            return
         self._body.append(body)
         self._buffered += len(body)
         if self._buffered > _HIGH_WATER and not self._reading_paused and self.transport:

@@ -44,7 +44,13 @@ async def _read_request(reader: asyncio.StreamReader) -> bytes:
 
 
 async def _serve(handler: Handler) -> tuple[asyncio.Server, str]:
-    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    async def closing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await handler(reader, writer)
+        finally:
+            writer.close()  # every server-side stream is closed, whatever the handler did
+
+    server = await asyncio.start_server(closing, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     return server, f"http://127.0.0.1:{port}/v1"
 
@@ -212,3 +218,29 @@ async def test_the_pool_is_bounded(forwarder_for: Callable[[str], Forwarder]) ->
     finally:
         await forwarder.aclose()
         server.close()
+
+
+async def test_an_unasked_second_answer_is_never_served(
+    forwarder_for: Callable[[str], Forwarder],
+) -> None:
+    injected = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nEVIL!"
+
+    async def two_answers(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        first = True
+        while True:
+            try:
+                await _read_request(reader)
+            except asyncio.IncompleteReadError:
+                return
+            writer.write(_OK + injected if first else _OK)
+            first = False
+            await writer.drain()
+
+    server, base_url = await _serve(two_answers)
+    forwarder = forwarder_for(base_url)
+    try:
+        assert await _chat(forwarder) == (200, b"{}")
+        assert await _chat(forwarder) == (200, b"{}")
+    finally:
+        server.close()
+    assert forwarder._pool.opened == 2  # the connection that carried extra bytes was dropped
