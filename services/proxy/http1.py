@@ -230,10 +230,14 @@ class Http1Pool:
         max_connections: int = 200,
         connect_timeout_s: float = 5.0,
         keepalive_s: float = 30.0,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        """`ssl_context` replaces the system trust store for https (tests only)."""
         self.host = host
         self.port = port
-        self._ssl: ssl.SSLContext | None = ssl.create_default_context() if tls else None
+        self._ssl: ssl.SSLContext | None = None
+        if tls:
+            self._ssl = ssl_context or ssl.create_default_context()
         self._slots = asyncio.Semaphore(max_connections)
         self._idle: list[Http1Connection] = []
         self._connect_timeout_s = connect_timeout_s

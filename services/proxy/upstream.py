@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import AsyncIterator, Mapping
 from typing import Protocol
 from urllib.parse import urlsplit
@@ -190,6 +191,7 @@ class Forwarder:
         read_timeout_s: float = 120.0,
         max_connections: int = 200,
         keepalive_s: float = 30.0,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         url = urlsplit(base_url.rstrip("/"))
         if url.scheme not in ("http", "https") or not url.hostname:
@@ -214,6 +216,7 @@ class Forwarder:
             max_connections=max_connections,
             connect_timeout_s=connect_timeout_s,
             keepalive_s=keepalive_s,
+            ssl_context=ssl_context,
         )
 
     async def aclose(self) -> None:

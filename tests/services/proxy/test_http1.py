@@ -4,9 +4,17 @@ connections, broken answers, streamed uploads."""
 from __future__ import annotations
 
 import asyncio
+import datetime
+import ipaddress
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from services.proxy.routes import ROUTES
 from services.proxy.upstream import Forwarder, UpstreamStreamError
@@ -244,3 +252,69 @@ async def test_an_unasked_second_answer_is_never_served(
     finally:
         server.close()
     assert forwarder._pool.opened == 2  # the connection that carried extra bytes was dropped
+
+
+def _tls_pair(tmp_path: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """A throwaway CA-less self-signed certificate for 127.0.0.1: (server, client) contexts."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "keyveil-test-upstream")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(cert_path, key_path)
+    client = ssl.create_default_context(cafile=str(cert_path))
+    return server, client
+
+
+async def test_https_upstream_verifies_the_certificate(tmp_path: Path) -> None:
+    server_ctx, client_ctx = _tls_pair(tmp_path)
+    seen: list[bytes] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        seen.append(await _read_request(reader))
+        writer.write(_OK)
+        await writer.drain()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0, ssl=server_ctx)
+    port = server.sockets[0].getsockname()[1]
+    trusted = Forwarder(
+        base_url=f"https://127.0.0.1:{port}/v1", keys=_Keys(), ssl_context=client_ctx
+    )
+    untrusted = Forwarder(base_url=f"https://127.0.0.1:{port}/v1", keys=_Keys())
+    try:
+        assert await _chat(trusted) == (200, b"{}")
+        assert seen[0].startswith(b"POST /v1/chat/completions HTTP/1.1\r\n")
+        assert f"host: 127.0.0.1:{port}\r\n".encode() in seen[0]
+        # The system trust store does not know this certificate: no request is sent.
+        with pytest.raises(UpstreamError) as caught:
+            await _chat(untrusted)
+        assert caught.value.code == "upstream_unreachable"
+        assert len(seen) == 1
+    finally:
+        await trusted.aclose()
+        await untrusted.aclose()
+        server.close()
+        await server.wait_closed()
