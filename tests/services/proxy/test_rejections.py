@@ -64,6 +64,11 @@ def _signed(**sign: Any) -> Callable[[Browser], Any]:
     return lambda browser: _post(browser, _headers(browser, **sign))
 
 
+def _signed_at(offset_s: int) -> Callable[[Browser], Any]:
+    """Signed with `created` this far from the moment the request is sent (not collected)."""
+    return lambda browser: _post(browser, _headers(browser, created=int(time.time()) + offset_s))
+
+
 def _token(**token: Any) -> Callable[[Browser], Any]:
     def send(browser: Browser) -> Any:
         return _post(browser, browser.signed_headers(browser.token(**token), CHAT, chat_body()))
@@ -139,8 +144,8 @@ CASES = {
     "signature not bytes": Case(400, "signature_malformed", _with(Signature='sig1="abc"')),
     "wrong signing key": Case(401, "signature_invalid", _signed(key=b"0" * 32)),
     "keyid is not the token id": Case(401, "signature_unknown_key", _signed(keyid="someone")),
-    "created too old": Case(401, "signature_expired", _signed(created=int(time.time()) - 120)),
-    "created in the future": Case(401, "signature_future", _signed(created=int(time.time()) + 120)),
+    "created too old": Case(401, "signature_expired", _signed_at(-120)),
+    "created in the future": Case(401, "signature_future", _signed_at(120)),
     "no content-digest": Case(400, "digest_missing", _without("Content-Digest")),
     "digest not covered": Case(400, "signature_incomplete", _unsigned_digest),
     "path not covered": Case(
