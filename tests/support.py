@@ -121,6 +121,16 @@ class ServiceProcess:
             self.process.wait(5)
 
 
+def key_manager_process(nats_url: str, log_dir: Path) -> ServiceProcess:
+    """The real key-manager, bootstrapped with TEST_PROVIDER_KEY (not started yet)."""
+    env = {
+        "NATS_URL": nats_url,
+        "KEY_ENCRYPTION_SECRET": TEST_KEY_ENCRYPTION_SECRET,
+        "OPENAI_API_KEY": TEST_PROVIDER_KEY,
+    }
+    return ServiceProcess("keymanager", env, log_dir / "keymanager.log")
+
+
 __all__ = [
     "REPO",
     "TEST_KEY_ENCRYPTION_SECRET",
@@ -128,6 +138,7 @@ __all__ = [
     "TEST_PROXY_SIGNING_KEY",
     "FakeUpstream",
     "ServiceProcess",
+    "key_manager_process",
     "start_fake_upstream",
     "start_nats",
 ]

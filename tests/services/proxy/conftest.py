@@ -21,11 +21,10 @@ from keyveil.servers import ServerProcess, start_nats
 from shared.signing import sign_request
 from shared.tokens import ProxyClaims, Scope, TokenKeyring
 from tests.support import (
-    TEST_KEY_ENCRYPTION_SECRET,
-    TEST_PROVIDER_KEY,
     TEST_PROXY_SIGNING_KEY,
     FakeUpstream,
     ServiceProcess,
+    key_manager_process,
 )
 
 ORIGIN = "https://app.example.com"
@@ -48,15 +47,7 @@ def key_manager(
     proxy_nats: ServerProcess, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServiceProcess]:
     """The real key-manager process, bootstrapped with the test provider key."""
-    process = ServiceProcess(
-        "keymanager",
-        {
-            "NATS_URL": proxy_nats.url,
-            "KEY_ENCRYPTION_SECRET": TEST_KEY_ENCRYPTION_SECRET,
-            "OPENAI_API_KEY": TEST_PROVIDER_KEY,
-        },
-        tmp_path_factory.mktemp("proxy-km") / "keymanager.log",
-    )
+    process = key_manager_process(proxy_nats.url, tmp_path_factory.mktemp("proxy-km"))
     process.start()
     yield process
     process.stop()

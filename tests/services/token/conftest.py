@@ -21,11 +21,10 @@ from services.token.app import create_app
 from services.token.settings import Settings
 from shared.settings import load_settings
 from tests.support import (
-    TEST_KEY_ENCRYPTION_SECRET,
-    TEST_PROVIDER_KEY,
     TEST_PROXY_SIGNING_KEY,
     FakeUpstream,
     ServiceProcess,
+    key_manager_process,
 )
 
 ORIGIN = "https://app.example.test"
@@ -50,15 +49,7 @@ def key_manager(
     private_nats: ServerProcess, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServiceProcess]:
     """The real key-manager process, bootstrapped with the test provider key."""
-    process = ServiceProcess(
-        "keymanager",
-        {
-            "NATS_URL": private_nats.url,
-            "KEY_ENCRYPTION_SECRET": TEST_KEY_ENCRYPTION_SECRET,
-            "OPENAI_API_KEY": TEST_PROVIDER_KEY,
-        },
-        tmp_path_factory.mktemp("token-km") / "keymanager.log",
-    )
+    process = key_manager_process(private_nats.url, tmp_path_factory.mktemp("token-km"))
     process.start()
     yield process
     process.stop()
