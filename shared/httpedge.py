@@ -36,6 +36,7 @@ __all__ = [
     "read_body_capped",
     "run_service",
     "serve_main",
+    "service_app",
     "settings_or_exit",
 ]
 
@@ -68,6 +69,13 @@ def error_response(
         status_code=status,
         headers=headers,
     )
+
+
+def service_app(title: str, lifespan: Any) -> FastAPI:
+    """A service's FastAPI app: no public docs or schema, every error a JSON error."""
+    app = FastAPI(title=title, lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    install_error_handlers(app)
+    return app
 
 
 def install_error_handlers(app: FastAPI) -> None:

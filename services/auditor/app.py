@@ -29,7 +29,7 @@ from services.auditor.ledger import LEDGER_STREAM, Ledger
 from services.auditor.settings import Settings
 from shared import bus
 from shared.events import AUDIT_STREAM, USAGE_STREAM, AuditEvent, EventPublisher, UsageEvent
-from shared.httpedge import add_edge_routes, install_error_handlers
+from shared.httpedge import add_edge_routes, service_app
 from shared.telemetry import redactor
 
 __all__ = ["AUDIT_DURABLE", "USAGE_DURABLE", "AuditorRuntime", "create_app"]
@@ -153,8 +153,7 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             await stop_runtime(runtime)
 
-    app = FastAPI(title="keyveil auditor", lifespan=lifespan, docs_url=None, redoc_url=None)
-    install_error_handlers(app)
+    app = service_app("keyveil auditor", lifespan)
 
     async def nats_ready() -> bool:
         runtime: AuditorRuntime | None = getattr(app.state, "runtime", None)

@@ -26,7 +26,7 @@ from services.keymanager.store import KeyStore
 from shared.bus import connect, traced_handler
 from shared.crypto import KekRing
 from shared.events import EventPublisher
-from shared.httpedge import add_edge_routes, install_error_handlers
+from shared.httpedge import add_edge_routes, service_app
 from shared.keyadmin import ADMIN_PREFIX
 from shared.leases import KEYMANAGER_QUEUE, LEASE_SUBJECT, ROTATED_SUBJECT, RotatedNotice
 from shared.telemetry import inject_context, redactor
@@ -207,14 +207,7 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             await manager.stop()
 
-    app = FastAPI(
-        title="keyveil key-manager",
-        lifespan=lifespan,
-        docs_url=None,
-        redoc_url=None,
-        openapi_url=None,
-    )
+    app = service_app("keyveil key-manager", lifespan)
     app.state.manager = manager
-    install_error_handlers(app)
     add_edge_routes(app, {"nats": manager.ready})
     return app

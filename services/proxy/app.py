@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from shared import bus
 from shared.errors import ApiError
 from shared.events import EventPublisher
-from shared.httpedge import add_edge_routes, install_error_handlers, parse_networks
+from shared.httpedge import add_edge_routes, parse_networks, service_app
 from shared.leases import LeaseClient
 from shared.ratelimit import Admission, redis_client
 from shared.telemetry import redactor
@@ -204,14 +204,7 @@ def create_app(settings: Settings, *, keys: KeySource | None = None) -> FastAPI:
             finally:
                 live.handler = None
 
-    app = FastAPI(
-        title="keyveil proxy",
-        lifespan=lifespan,
-        docs_url=None,
-        redoc_url=None,
-        openapi_url=None,
-    )
-    install_error_handlers(app)
+    app = service_app("keyveil proxy", lifespan)
 
     async def nats_ready() -> bool:
         return bool(state["nats"])

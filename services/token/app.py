@@ -38,9 +38,9 @@ from shared.httpedge import (
     IpNetwork,
     add_edge_routes,
     client_ip,
-    install_error_handlers,
     parse_networks,
     read_body_capped,
+    service_app,
 )
 from shared.leases import LeaseClient
 from shared.ratelimit import Admission, Decision, Limit, redis_client
@@ -369,14 +369,7 @@ def create_app(settings: Settings) -> FastAPI:
             await nc.drain()
             await store.aclose()
 
-    app = FastAPI(
-        title="keyveil token service",
-        lifespan=lifespan,
-        docs_url=None,
-        redoc_url=None,
-        openapi_url=None,
-    )
-    install_error_handlers(app)
+    app = service_app("keyveil token service", lifespan)
 
     async def nats_ready() -> bool:
         return bool(state["nats_connected"])
