@@ -71,8 +71,15 @@ class KeyService:
     # --- view --------------------------------------------------------------------------
 
     async def refresh(self) -> None:
-        records = await self._store.snapshot()
-        self._view = {stored.record.kv_key: stored for stored in records}
+        """Merge the bucket's latest records into the view, newest revision winning.
+
+        Records are never deleted, so merging loses nothing; replacing the view would let
+        a slower, older snapshot (two lease requests refreshing at once, or a watcher
+        cut short by a concurrent write) erase versions this replica has already seen,
+        and a lease in the middle of a rotation would then find no key at all.
+        """
+        for stored in await self._store.snapshot():
+            self._remember(stored)
 
     def _remember(self, stored: StoredRecord) -> None:
         current = self._view.get(stored.record.kv_key)
