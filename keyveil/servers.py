@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -20,6 +21,7 @@ __all__ = [
     "ServerProcess",
     "free_port",
     "nats_binary",
+    "nats_password",
     "redis_binary",
     "start_nats",
     "start_nats_cluster",
@@ -70,6 +72,16 @@ class ServerProcess:
     @property
     def pid(self) -> int | None:
         return self.process.pid if self.process else None
+
+
+def nats_password() -> str:
+    """A password that survives deploy/nats/auth.conf's `$VARIABLE` references.
+
+    nats-server parses a referenced variable as a config value, so a value starting
+    with a digit or '-' becomes a number (or a parse error): start with letters and
+    use only letters and digits.
+    """
+    return f"kv{secrets.token_hex(24)}"
 
 
 def free_port() -> int:

@@ -25,7 +25,14 @@ from typing import Any
 
 import httpx
 
-from keyveil.servers import ServerProcess, free_port, start_nats, start_redis, wait_for_port
+from keyveil.servers import (
+    ServerProcess,
+    free_port,
+    nats_password,
+    start_nats,
+    start_redis,
+    wait_for_port,
+)
 
 __all__ = ["StackOptions", "run_stack"]
 
@@ -152,13 +159,12 @@ class Stack:
         if os.environ.get("NATS_URL"):
             return os.environ["NATS_URL"], None
         passwords = self._state_file(
-            "nats-passwords.json", {user: secrets.token_urlsafe(24) for user in NATS_USERS}
+            "nats-passwords.json", {user: nats_password() for user in NATS_USERS}
         )
         shutil.copyfile(NATS_AUTH_CONF, self.options.state_dir / "auth.conf")
         config = self.options.state_dir / "nats.conf"
         config.write_text('include "auth.conf"\n')
-        # nats-server parses a referenced variable as a config value: quote it as a string.
-        env = {f"KEYVEIL_NATS_PASSWORD_{u.upper()}": f'"{p}"' for u, p in passwords.items()}
+        env = {f"KEYVEIL_NATS_PASSWORD_{u.upper()}": p for u, p in passwords.items()}
         server = start_nats(self.options.state_dir, config=config, env=env)
         self._adopt(server)
         for user in ("operator", "observer"):

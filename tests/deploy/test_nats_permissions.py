@@ -27,6 +27,8 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js.api import StorageType, StreamConfig
 
+from keyveil.servers import nats_password
+
 REPO = Path(__file__).resolve().parents[2]
 AUTH_CONF = REPO / "deploy" / "nats" / "auth.conf"
 USERS = ("token", "proxy", "keymanager", "auditor", "operator", "observer")
@@ -87,7 +89,7 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer
         f'jetstream {{ store_dir: "{workdir / "js"}" }}\n'
         "include auth.conf\n"
     )
-    passwords = {user: secrets.token_urlsafe(24) for user in USERS}
+    passwords = {user: nats_password() for user in USERS}
     env = {**os.environ, **{password_env(u): pw for u, pw in passwords.items()}}
     log = (workdir / "server.log").open("wb")
     proc = subprocess.Popen(
