@@ -282,7 +282,9 @@ class TokenService:
         )
 
 
-def _service(request: Request) -> TokenService:
+async def _service(request: Request) -> TokenService:
+    # async on purpose: FastAPI runs a plain `def` dependency in its thread pool,
+    # a thread hand-off on every request for a dictionary lookup.
     service: TokenService = request.app.state.service
     return service
 
