@@ -43,10 +43,16 @@ sys.path.insert(0, str(REPO))
 from keyveil.servers import ServerProcess, free_port, start_nats, start_redis, wait_for_port  # noqa: E402
 from shared.signing import sign_request  # noqa: E402
 from shared.tokens import ProxyClaims, Scope, TokenKeyring  # noqa: E402
+from tests.support import (  # noqa: E402
+    TEST_KEY_ENCRYPTION_SECRET,
+    TEST_PROVIDER_KEY,
+    TEST_PROXY_SIGNING_KEY,
+)
 
-SIGNING_KEY = "bench-psk-" + "Qw3Er5Ty7Ui9Op1As2Df4Gh6Jk8Lz0Xc"
-KEK_SECRET = "bench-kek-" + "9f2Kq7LmX4vN8pR3sT6wY1zB5cD0eG2h"
-PROVIDER_KEY = "sk-bench-provider-key-0123456789abcdef"
+# The test suite's throwaway secrets: one place for values that only ever meet the fake.
+SIGNING_KEY = TEST_PROXY_SIGNING_KEY
+KEK_SECRET = TEST_KEY_ENCRYPTION_SECRET
+PROVIDER_KEY = TEST_PROVIDER_KEY
 PATH = "/api/voice-agent/proxy/v1/chat/completions"
 BODY = orjson.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
 TARGETS = {"added_p50_ms_1": 1.0, "added_p99_ms_1": 5.0, "rps_per_worker": 2000.0}
