@@ -232,23 +232,15 @@ class TokenSource:
         attempt = 0
         while True:
             try:
-                response = await client.post(self.url, json=body, headers=headers)
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-                delay = self.retry.delay_s(attempt, None, self._rng)
-                if delay is None:
-                    raise ConnectionFailed(f"cannot reach the token service: {exc}") from None
-                await self._sleep(delay)
-                attempt += 1
-                continue
+                answer: httpx.Response | httpx.TransportError = await client.post(
+                    self.url, json=body, headers=headers
+                )
             except httpx.TransportError as exc:
-                raise ResponseInterrupted(f"token request interrupted: {exc}") from None
-            if response.status_code == 200:
-                return self._accept(mode, response)
-            error = error_from_response(response)
-            delay = self._retry_delay(response, error, attempt)
-            if delay is None:
-                raise error
-            await self._sleep(delay)
+                answer = exc
+            outcome = self._after_attempt(mode, answer, attempt)
+            if isinstance(outcome, Token):
+                return outcome
+            await self._sleep(outcome)
             attempt += 1
 
     def get_sync(
@@ -274,24 +266,40 @@ class TokenSource:
         attempt = 0
         while True:
             try:
-                response = client.post(self.url, json=body, headers=headers)
-            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-                delay = self.retry.delay_s(attempt, None, self._rng)
-                if delay is None:
-                    raise ConnectionFailed(f"cannot reach the token service: {exc}") from None
-                time.sleep(delay)
-                attempt += 1
-                continue
+                answer: httpx.Response | httpx.TransportError = client.post(
+                    self.url, json=body, headers=headers
+                )
             except httpx.TransportError as exc:
-                raise ResponseInterrupted(f"token request interrupted: {exc}") from None
-            if response.status_code == 200:
-                return self._accept(mode, response)
-            error = error_from_response(response)
-            delay = self._retry_delay(response, error, attempt)
-            if delay is None:
-                raise error
-            time.sleep(delay)
+                answer = exc
+            outcome = self._after_attempt(mode, answer, attempt)
+            if isinstance(outcome, Token):
+                return outcome
+            time.sleep(outcome)
             attempt += 1
+
+    def _after_attempt(
+        self, mode: str, answer: httpx.Response | httpx.TransportError, attempt: int
+    ) -> Token | float:
+        """The token, or how long to wait before trying again; raises when giving up.
+
+        One decision for the async and the sync fetch: a connection that never opened
+        is retried with backoff, a request lost after sending is not, and an HTTP
+        error is retried only when `_retry_delay` says so (429/503, Retry-After).
+        """
+        if isinstance(answer, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)):
+            delay = self.retry.delay_s(attempt, None, self._rng)
+            if delay is None:
+                raise ConnectionFailed(f"cannot reach the token service: {answer}") from None
+            return delay
+        if isinstance(answer, httpx.TransportError):
+            raise ResponseInterrupted(f"token request interrupted: {answer}") from None
+        if answer.status_code == 200:
+            return self._accept(mode, answer)
+        error = error_from_response(answer)
+        delay = self._retry_delay(answer, error, attempt)
+        if delay is None:
+            raise error
+        return delay
 
     def _retry_delay(
         self, response: httpx.Response, error: ClientError, attempt: int
