@@ -95,6 +95,10 @@ class TokenKeyring:
     def current_kid(self) -> str:
         return self._current.kid
 
+    def issue_with_signing_key(self, claims: ProxyClaims) -> tuple[str, bytes]:
+        """A new token and its request-signing secret, both from the current key."""
+        return self.issue(claims), self._signing_key(self._current, claims.jti)
+
     def issue(self, claims: ProxyClaims) -> str:
         return jwt.encode(
             claims.model_dump(mode="json", exclude_none=True),
@@ -124,7 +128,11 @@ class TokenKeyring:
 
     def request_signing_key(self, token: str, token_id: str) -> bytes:
         """The per-token request-signing secret, from the key that signed `token`."""
-        return hmac.new(self._key_for(token).request_key_root, token_id.encode(), "sha256").digest()
+        return self._signing_key(self._key_for(token), token_id)
+
+    @staticmethod
+    def _signing_key(key: _SigningKey, token_id: str) -> bytes:
+        return hmac.new(key.request_key_root, token_id.encode(), "sha256").digest()
 
     def _key_for(self, token: str) -> _SigningKey:
         try:

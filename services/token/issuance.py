@@ -97,8 +97,8 @@ class TokenIssuer:
             exp=now + self._duration_s,
             origin=origin or None,
         )
-        token = self._keyring.issue(claims)
-        signing_key = b64url_encode(self._keyring.request_signing_key(token, token_id))
+        token, raw_signing_key = self._keyring.issue_with_signing_key(claims)
+        signing_key = b64url_encode(raw_signing_key)
         body: dict[str, Any] = {
             "mode": mode,
             "token": token,
