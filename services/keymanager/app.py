@@ -18,9 +18,11 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from services.keymanager.admin import AdminDesk
+from services.keymanager.custody import Custody
 from services.keymanager.keys import SERVICE, KeyPolicy, KeyService
 from services.keymanager.leasing import LeaseDesk
+from services.keymanager.providers import build_custody
+from services.keymanager.recovery import CustodyDesk
 from services.keymanager.settings import Settings
 from services.keymanager.store import KeyStore
 from shared.bus import connect, traced_handler
@@ -44,12 +46,9 @@ class KeyManager:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         redactor.register(*settings.secret_values())
-        self.keyring = KekRing.from_secrets(
-            settings.key_encryption_secret.get_secret_value(),
-            settings.key_encryption_secret_previous.get_secret_value()
-            if settings.key_encryption_secret_previous
-            else None,
-        )
+        self.custody: Custody = build_custody(settings)
+        # Fingerprints, derived ids and the intake key; filled when the custody record opens.
+        self.keyring: KekRing = self.custody.ring
         self._nc: NATS | None = None
         self._connected = False
         self._events: EventPublisher | None = None
@@ -58,6 +57,7 @@ class KeyManager:
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(_MAX_IN_FLIGHT)
         self._policy_task: asyncio.Task[None] | None = None
+        self._rewrap_task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
 
     @property
@@ -87,7 +87,7 @@ class KeyManager:
         await store.open()
         self._keys = KeyService(
             store=store,
-            keyring=self.keyring,
+            custody=self.custody,
             events=self._events,
             policy=KeyPolicy(
                 rotation_grace_s=settings.rotation_grace_s,
@@ -97,14 +97,17 @@ class KeyManager:
             notify=self._publish_notice,
         )
         await self._keys.refresh()
-        if settings.openai_api_key is not None:
+        # Prove the KEK opens this bucket before serving; a wrong one leaves us not ready
+        # (with the reason) rather than failing every lease later.
+        verified = await self._keys.verify_custody()
+        if settings.openai_api_key is not None and verified:
             await self._keys.bootstrap(
                 settings.openai_api_key.get_secret_value().encode(),
                 provider="openai",
                 environment=settings.node_env.value,
             )
         leases = LeaseDesk(keys=self._keys, settings=settings)
-        admin = AdminDesk(keys=self._keys, keyring=self.keyring, settings=settings)
+        admin = CustodyDesk(keys=self._keys, keyring=self.keyring, settings=settings)
         self._subscriptions = [
             await self._nc.subscribe(
                 LEASE_SUBJECT,
@@ -119,14 +122,20 @@ class KeyManager:
         ]
         await self._nc.flush()
         self._policy_task = asyncio.create_task(self._policy_loop(), name="key-policy")
+        if settings.kek_rewrap_interval_s is not None:
+            self._rewrap_task = asyncio.create_task(self._rewrap_loop(), name="kek-rewrap")
         log.info(
-            "key manager serving %s (KEK %s)", settings.node_env.value, self.keyring.current.kek_id
+            "key manager serving %s (KEK provider %s, custody %s)",
+            settings.node_env.value,
+            self.custody.provider.name,
+            "verified" if verified else "NOT verified: " + self.custody.status.reason,
         )
 
     async def stop(self) -> None:
         self._stopping.set()
-        if self._policy_task is not None:
-            await self._policy_task
+        for task in (self._policy_task, self._rewrap_task):
+            if task is not None:
+                await task
         for subscription in self._subscriptions:
             with contextlib.suppress(Exception):
                 await subscription.unsubscribe()
@@ -137,6 +146,7 @@ class KeyManager:
         if self._nc is not None and not self._nc.is_closed:
             with contextlib.suppress(Exception):
                 await self._nc.drain()
+        self.custody.close()
 
     async def __aenter__(self) -> KeyManager:
         await self.start()
@@ -152,6 +162,10 @@ class KeyManager:
 
     async def ready(self) -> bool:
         return self._connected and self._keys is not None
+
+    async def kek_ready(self) -> bool:
+        """The custody record opened under the configured KEK (reason: `keyveil keys doctor`)."""
+        return self._keys is not None and self.custody.status.ok
 
     @property
     def events(self) -> EventPublisher:
@@ -190,10 +204,30 @@ class KeyManager:
         while not self._stopping.is_set():
             try:
                 await self.keys.enforce_policy()
+                await self.keys.verify_custody()
             except Exception as exc:  # NATS may be down for a while; try again next round
                 log.warning("key policy round failed: %s", type(exc).__name__)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self.settings.policy_interval_s)
+
+    async def _rewrap_loop(self) -> None:
+        """KEK_REWRAP_INTERVAL_S: move records to the current KEK version on a schedule."""
+        interval = self.settings.kek_rewrap_interval_s or 86_400.0
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), interval)
+            if self._stopping.is_set():
+                return
+            try:
+                result = await self.keys.rewrap(actor=SERVICE)
+                if result.rewrapped or result.failed:
+                    log.info(
+                        "scheduled rewrap: %d moved, %d failed",
+                        result.rewrapped,
+                        len(result.failed),
+                    )
+            except Exception as exc:  # the provider may be down; the next round tries again
+                log.warning("scheduled rewrap failed: %s", type(exc).__name__)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -209,5 +243,5 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = service_app("keyveil key-manager", lifespan)
     app.state.manager = manager
-    add_edge_routes(app, {"nats": manager.ready})
+    add_edge_routes(app, {"nats": manager.ready, "kek": manager.kek_ready})
     return app

@@ -2,15 +2,33 @@
 
 from __future__ import annotations
 
-from pydantic import Field, SecretStr, ValidationInfo, field_validator
+from enum import StrEnum
+from pathlib import Path
+from typing import Self
+
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from shared.crypto import Kem
+from shared.errors import ConfigError
 from shared.settings import CommaList as CommaList
 from shared.settings import CommonSettings, check_secret_strength, split_commas
 
-__all__ = ["Settings"]
+__all__ = ["KekProviderName", "Settings"]
 
 _DAY_S = 86_400.0
+
+
+class KekProviderName(StrEnum):
+    local = "local"
+    vault_transit = "vault-transit"
+    aws_kms = "aws-kms"
 
 
 class Settings(CommonSettings):
@@ -18,7 +36,44 @@ class Settings(CommonSettings):
 
     port: int = Field(default=8082, ge=0, le=65535, validation_alias="KEYVEIL_PORT")
 
-    key_encryption_secret: SecretStr = Field(validation_alias="KEY_ENCRYPTION_SECRET")
+    # Key custody: where the KEK lives (see kek.py). `local` needs KEY_ENCRYPTION_SECRET.
+    kek_provider: KekProviderName = Field(
+        default=KekProviderName.local, validation_alias="KEK_PROVIDER"
+    )
+    kek_previous_provider: KekProviderName | None = Field(
+        default=None, validation_alias="KEK_PREVIOUS_PROVIDER"
+    )
+    kek_cache_ttl_s: float = Field(
+        default=300.0, ge=0, le=86_400, validation_alias="KEK_CACHE_TTL_S"
+    )
+    kek_cache_max: int = Field(default=1024, ge=0, le=1_000_000, validation_alias="KEK_CACHE_MAX")
+    kek_timeout_s: float = Field(default=5.0, gt=0, le=120, validation_alias="KEK_TIMEOUT_S")
+    kek_rewrap_interval_s: float | None = Field(
+        default=None, gt=0, le=365 * _DAY_S, validation_alias="KEK_REWRAP_INTERVAL_S"
+    )
+    vault_addr: str | None = Field(default=None, validation_alias="VAULT_ADDR")
+    vault_token: SecretStr | None = Field(default=None, validation_alias="VAULT_TOKEN")
+    vault_role_id: str | None = Field(default=None, validation_alias="VAULT_ROLE_ID")
+    vault_secret_id: SecretStr | None = Field(default=None, validation_alias="VAULT_SECRET_ID")
+    vault_approle_mount: str = Field(default="approle", validation_alias="VAULT_APPROLE_MOUNT")
+    vault_k8s_role: str | None = Field(default=None, validation_alias="VAULT_K8S_ROLE")
+    vault_k8s_mount: str = Field(default="kubernetes", validation_alias="VAULT_K8S_MOUNT")
+    vault_k8s_token_path: Path = Field(
+        default=Path("/var/run/secrets/kubernetes.io/serviceaccount/token"),
+        validation_alias="VAULT_K8S_TOKEN_PATH",
+    )
+    vault_transit_mount: str = Field(default="transit", validation_alias="VAULT_TRANSIT_MOUNT")
+    vault_transit_key: str | None = Field(default=None, validation_alias="VAULT_TRANSIT_KEY")
+    vault_cacert: str | None = Field(default=None, validation_alias="VAULT_CACERT")
+    kms_key_id: str | None = Field(default=None, validation_alias="KMS_KEY_ID")
+    aws_region: str | None = Field(
+        default=None, validation_alias=AliasChoices("AWS_REGION", "AWS_DEFAULT_REGION")
+    )
+    aws_endpoint_url: str | None = Field(default=None, validation_alias="AWS_ENDPOINT_URL")
+
+    key_encryption_secret: SecretStr | None = Field(
+        default=None, validation_alias="KEY_ENCRYPTION_SECRET"
+    )
     key_encryption_secret_previous: SecretStr | None = Field(
         default=None, validation_alias="KEY_ENCRYPTION_SECRET_PREVIOUS"
     )
@@ -64,11 +119,53 @@ class Settings(CommonSettings):
 
     @field_validator("key_encryption_secret")
     @classmethod
-    def _strong_kek(cls, value: SecretStr) -> SecretStr:
-        broken = check_secret_strength(value.get_secret_value())
+    def _strong_kek(cls, value: SecretStr | None) -> SecretStr | None:
+        broken = check_secret_strength(value.get_secret_value()) if value is not None else None
         if broken:
             raise ValueError(broken)
         return value
+
+    @model_validator(mode="after")
+    def _custody_rules(self) -> Self:
+        """Each provider names what it needs, by variable."""
+        problems: list[tuple[str, str]] = []
+        used = {self.kek_provider, self.kek_previous_provider}
+        if self.kek_previous_provider is not None:
+            if self.kek_previous_provider is self.kek_provider:
+                problems.append(("KEK_PREVIOUS_PROVIDER", "must differ from KEK_PROVIDER"))
+            if self.kek_previous_provider is not KekProviderName.local:
+                problems.append(
+                    ("KEK_PREVIOUS_PROVIDER", "only `local` can be a previous provider")
+                )
+        if KekProviderName.local in used and self.key_encryption_secret is None:
+            problems.append(("KEY_ENCRYPTION_SECRET", "required by the local KEK provider"))
+        if KekProviderName.vault_transit in used:
+            if not self.vault_addr:
+                problems.append(("VAULT_ADDR", "required when KEK_PROVIDER=vault-transit"))
+            if not self.vault_transit_key:
+                problems.append(("VAULT_TRANSIT_KEY", "required when KEK_PROVIDER=vault-transit"))
+            methods = [
+                self.vault_token is not None,
+                self.vault_role_id is not None or self.vault_secret_id is not None,
+                self.vault_k8s_role is not None,
+            ]
+            if sum(methods) != 1:
+                problems.append(
+                    (
+                        "VAULT_TOKEN",
+                        "give exactly one Vault login: VAULT_TOKEN, VAULT_ROLE_ID with "
+                        "VAULT_SECRET_ID, or VAULT_K8S_ROLE",
+                    )
+                )
+            elif methods[1] and (self.vault_role_id is None or self.vault_secret_id is None):
+                problems.append(
+                    ("VAULT_SECRET_ID", "AppRole needs VAULT_ROLE_ID and VAULT_SECRET_ID")
+                )
+        if KekProviderName.aws_kms in used and not self.kms_key_id:
+            problems.append(("KMS_KEY_ID", "required when KEK_PROVIDER=aws-kms"))
+        if problems:
+            raise ConfigError(problems)
+        return self
 
     @field_validator("lease_kems")
     @classmethod
@@ -113,7 +210,7 @@ class Settings(CommonSettings):
 
     def secret_values(self) -> list[str]:
         values = [self.key_encryption_secret, self.key_encryption_secret_previous]
-        values.append(self.openai_api_key)
+        values += [self.openai_api_key, self.vault_token, self.vault_secret_id]
         return [
             *super().secret_values(),
             *(v.get_secret_value() for v in values if v is not None),

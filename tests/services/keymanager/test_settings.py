@@ -29,7 +29,7 @@ def test_weak_kek_secrets_are_refused(secret: str, rule: str) -> None:
 def test_missing_kek_is_named() -> None:
     with pytest.raises(ConfigError) as caught:
         load_settings(Settings)
-    assert ("KEY_ENCRYPTION_SECRET", "Field required") in caught.value.problems
+    assert ("KEY_ENCRYPTION_SECRET", "required by the local KEK provider") in caught.value.problems
 
 
 def test_defaults_per_environment() -> None:
