@@ -395,11 +395,9 @@ class AwsKmsKek(KekProvider):
             raise KekUnavailableError(self.name, f"unreachable ({type(exc).__name__})") from None
 
     def _version(self) -> str:
-        if self._arn is None:
-            described = self._client.describe_key(KeyId=self._key_id)
-            self._arn = str(described["KeyMetadata"]["Arn"])
-        rotations = self._client.list_key_rotations(KeyId=self._arn).get("Rotations", [])
-        return f"aws-kms:{self._arn}#r{len(rotations)}"
+        arn = self._resolve()
+        rotations = self._client.list_key_rotations(KeyId=arn).get("Rotations", [])
+        return f"aws-kms:{arn}#r{len(rotations)}"
 
     async def current_kek_id(self) -> str:
         return await _in_thread(lambda: self._call(self._version))
@@ -432,12 +430,22 @@ class AwsKmsKek(KekProvider):
 
         return await _in_thread(lambda: self._call(encrypt))
 
+    def _resolve(self) -> str:
+        if self._arn is None:
+            described = self._client.describe_key(KeyId=self._key_id)
+            self._arn = str(described["KeyMetadata"]["Arn"])
+        return self._arn
+
     async def unwrap(self, wrapped: WrappedKey, context: WrapContext) -> bytes:
         if not wrapped.kek_id.startswith("aws-kms:"):
             raise UnknownKekError(wrapped.kek_id)
         arn = wrapped.kek_id.removeprefix("aws-kms:").split("#", 1)[0]
 
         def decrypt() -> bytes:
+            # Only the configured key: a ciphertext of another key is not ours to open,
+            # whatever the IAM policy would allow.
+            if arn != self._resolve():
+                raise UnknownKekError(wrapped.kek_id)
             reply = self._client.decrypt(
                 CiphertextBlob=wrapped.blob, KeyId=arn, EncryptionContext=dict(context.fields)
             )
