@@ -1,4 +1,4 @@
-"""`keyveil keys add|list|show|rotate|revoke|rewrap`: provider keys via the key-manager.
+"""`keyveil keys add|list|show|rotate|revoke|rewrap|doctor|backup|restore`: via the key-manager.
 
 A key is read from stdin (or a hidden prompt), never from argv, and leaves this process
 only sealed to the key-manager's intake key. Listings never show a key: only id,
@@ -20,7 +20,7 @@ from typing import Any
 from keyveil.operator import operator_nats
 from shared.bus import RemoteError
 from shared.errors import BusError
-from shared.keyadmin import KeyAdminClient, KeyInfo
+from shared.keyadmin import BackupDocument, KeyAdminClient, KeyInfo
 
 __all__ = ["register"]
 
@@ -60,6 +60,18 @@ def register(sub: Any) -> None:
 
     rewrap = ops.add_parser("rewrap", help="re-wrap every data key under the current KEK")
     rewrap.set_defaults(handler=_handler(_rewrap))
+
+    doctor = ops.add_parser("doctor", help="does the KEK open every record? what is wrong")
+    doctor.add_argument("--json", action="store_true")
+    doctor.set_defaults(handler=_handler(_doctor))
+
+    backup = ops.add_parser("backup", help="write the encrypted records, signed, to FILE")
+    backup.add_argument("file", type=Path)
+    backup.set_defaults(handler=_handler(_backup))
+
+    restore = ops.add_parser("restore", help="put back the records of a signed backup FILE")
+    restore.add_argument("file", type=Path)
+    restore.set_defaults(handler=_handler(_restore))
 
 
 Operation = Callable[[KeyAdminClient, argparse.Namespace], Awaitable[int]]
@@ -130,6 +142,50 @@ async def _rewrap(client: KeyAdminClient, args: argparse.Namespace) -> int:
     for failed in result.failed:
         print(f"did not open: {failed}", file=sys.stderr)
     return 1 if result.failed else 0
+
+
+async def _doctor(client: KeyAdminClient, args: argparse.Namespace) -> int:
+    report = await client.doctor()
+    if args.json:
+        print(report.model_dump_json(indent=2))
+        return 0 if report.ok else 1
+    print(f"{'OK' if report.ok else 'PROBLEM'}: {report.reason}")
+    print(
+        f"KEK provider: {report.provider}"
+        + (f" (previous: {report.previous_provider})" if report.previous_provider else "")
+    )
+    for name, value in sorted(report.details.items()):
+        print(f"  {name}: {value}")
+    print(f"records: {report.records}, not under the current KEK: {report.stale_records}")
+    for line in report.unreadable:
+        print(f"does not open: {line}", file=sys.stderr)
+    return 0 if report.ok else 1
+
+
+async def _backup(client: KeyAdminClient, args: argparse.Namespace) -> int:
+    document = await client.backup()
+    path: Path = args.file
+    # Only envelopes and metadata, but still nobody else's business: owner-only.
+    path.touch(mode=0o600, exist_ok=True)
+    path.write_text(document.model_dump_json(indent=2) + "\n")
+    print(f"backed up {len(document.records)} record(s) to {path} (signed by {document.signed_by})")
+    return 0
+
+
+async def _restore(client: KeyAdminClient, args: argparse.Namespace) -> int:
+    try:
+        document = BackupDocument.model_validate_json(Path(args.file).read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(
+            f"{args.file} is not a keyveil keys backup ({type(exc).__name__})"
+        ) from None
+    result = await client.restore(document)
+    print(f"restored {result.restored}, already present {result.already_present}")
+    for label in result.conflicts:
+        print(f"kept as found (differs from the backup): {label}", file=sys.stderr)
+    for label in result.unreadable:
+        print(f"restored but does not open: {label}", file=sys.stderr)
+    return 1 if result.conflicts or result.unreadable else 0
 
 
 async def _list(client: KeyAdminClient, args: argparse.Namespace) -> int:
