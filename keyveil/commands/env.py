@@ -424,9 +424,70 @@ def _trusted_proxies_check(env: Mapping[str, str]) -> Check:
     return Check("forwarded-for trust", "TRUSTED_PROXIES", "strong", 5, detail)
 
 
+_REMOTE_KEKS = ("vault-transit", "aws-kms")
+
+
+def _kek_custody_check(env: Mapping[str, str]) -> Check:
+    """Where the key-encryption key lives: a KMS or Vault in production, not an env var."""
+    provider = (env.get("KEK_PROVIDER") or "local").strip().lower()
+    node_env = (env.get("NODE_ENV") or env.get("APP_ENV") or "development").lower()
+    production = node_env in ("production", "prod", "staging")
+    name, variable, weight = "KEK custody", "KEK_PROVIDER", 10
+    if provider == "local":
+        if production:
+            return Check(
+                name,
+                variable,
+                "weak",
+                weight,
+                "local KEK from KEY_ENCRYPTION_SECRET in production: set KEK_PROVIDER="
+                "vault-transit (VAULT_ADDR, VAULT_TRANSIT_KEY, VAULT_K8S_ROLE) or aws-kms "
+                "(KMS_KEY_ID, IRSA) so the master key never sits in a Secret",
+            )
+        return Check(name, variable, "strong", weight, "local KEK (development)")
+    if provider == "vault-transit":
+        absent = [v for v in ("VAULT_ADDR", "VAULT_TRANSIT_KEY") if not env.get(v)]
+        if absent:
+            return Check(name, absent[0], "missing", weight, f"{', '.join(absent)} not set")
+        if production and not env.get("VAULT_ADDR", "").startswith("https://"):
+            return Check(name, "VAULT_ADDR", "weak", weight, "Vault reached without TLS")
+        if (
+            production
+            and env.get("VAULT_TOKEN")
+            and not (env.get("VAULT_K8S_ROLE") or env.get("VAULT_ROLE_ID"))
+        ):
+            return Check(
+                name,
+                "VAULT_TOKEN",
+                "weak",
+                weight,
+                "a static Vault token: use Kubernetes auth (VAULT_K8S_ROLE) or AppRole",
+            )
+        return Check(name, variable, "strong", weight, "Vault/OpenBao transit")
+    if provider == "aws-kms":
+        if not env.get("KMS_KEY_ID"):
+            return Check(name, "KMS_KEY_ID", "missing", weight, "KMS_KEY_ID not set")
+        if production and env.get("AWS_SECRET_ACCESS_KEY"):
+            return Check(
+                name,
+                "AWS_SECRET_ACCESS_KEY",
+                "weak",
+                weight,
+                "static AWS keys: use IRSA (a service-account role) instead",
+            )
+        return Check(name, variable, "strong", weight, "AWS KMS")
+    return Check(name, variable, "missing", weight, f"unknown provider {provider!r}")
+
+
 def posture(env: Mapping[str, str]) -> list[Check]:
     """Every posture check, graded strong / weak / missing."""
     checks = [_secret_check(env, name, 20) for name in SECRETS]
+    remote_kek = (env.get("KEK_PROVIDER") or "").strip().lower() in _REMOTE_KEKS
+    if remote_kek and not env.get(SECRETS[0]) and env.get("KEK_PREVIOUS_PROVIDER") != "local":
+        checks[0] = Check(
+            "KEY_ENCRYPTION_SECRET set", SECRETS[0], "strong", 20, "not needed: the KEK is remote"
+        )
+    checks.append(_kek_custody_check(env))
     kek, psk = env.get(SECRETS[0]), env.get(SECRETS[1])
     if kek and psk:
         same = kek == psk
@@ -439,6 +500,8 @@ def posture(env: Mapping[str, str]) -> list[Check]:
                 "same value as KEY_ENCRYPTION_SECRET" if same else "distinct",
             )
         )
+    elif remote_kek and psk and not kek:
+        checks.append(Check("separate secrets", "PROXY_SIGNING_KEY", "strong", 5, "no KEK secret"))
     else:
         checks.append(Check("separate secrets", "PROXY_SIGNING_KEY", "missing", 5, "not both set"))
     checks.append(_origins_check(env))
