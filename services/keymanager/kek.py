@@ -375,9 +375,10 @@ class AwsKmsKek(KekProvider):
         self._arn: str | None = None
 
     def owns(self, kek_id: str) -> bool:
-        return kek_id.startswith("aws-kms:") and (
-            self._arn is None or kek_id.startswith(f"aws-kms:{self._arn}#")
-        )
+        if not kek_id.startswith("aws-kms:"):
+            return False
+        arn = kek_id.removeprefix("aws-kms:").split("#", 1)[0]
+        return self._arn is None or _key_part(arn) == _key_part(self._arn)
 
     def _call(self, operation: Callable[[], T]) -> T:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -443,11 +444,15 @@ class AwsKmsKek(KekProvider):
 
         def decrypt() -> bytes:
             # Only the configured key: a ciphertext of another key is not ours to open,
-            # whatever the IAM policy would allow.
-            if arn != self._resolve():
+            # whatever the IAM policy would allow. Compared by key id, so a multi-Region
+            # replica (same `mrk-` id, another region's ARN) opens its primary's records.
+            configured = self._resolve()
+            if _key_part(arn) != _key_part(configured):
                 raise UnknownKekError(wrapped.kek_id)
             reply = self._client.decrypt(
-                CiphertextBlob=wrapped.blob, KeyId=arn, EncryptionContext=dict(context.fields)
+                CiphertextBlob=wrapped.blob,
+                KeyId=configured,
+                EncryptionContext=dict(context.fields),
             )
             return bytes(reply["Plaintext"])
 
@@ -471,6 +476,11 @@ class AwsKmsKek(KekProvider):
 
     def close(self) -> None:
         self._client.close()
+
+
+def _key_part(arn: str) -> str:
+    """`arn:aws:kms:<region>:<account>:key/<id>` -> `<id>` (a replica shares it)."""
+    return arn.rsplit("/", 1)[-1]
 
 
 # --- the in-memory cache of unwrapped data keys -----------------------------------------
