@@ -51,29 +51,36 @@ async def _leases(url: str, total: int, concurrency: int) -> LatencySummary:
     return summary
 
 
-async def bench(total: int, concurrency: int) -> dict[str, LatencySummary]:
+async def bench(total: int, concurrency: int, rounds: int) -> dict[str, LatencySummary]:
     state = Path(tempfile.mkdtemp(prefix="kek-bench-"))
     server = start_nats(state)
     bao = start_openbao(state)
     results: dict[str, LatencySummary] = {}
+    backends = {"local": KekBackend("local"), "vault-transit": KekBackend("vault-transit", bao=bao)}
     try:
-        for name in ("local", "vault-transit"):
-            backend = KekBackend(name, bao=bao if name != "local" else None)
-            env = {k: str(v) for k, v in backend.overrides().items() if v is not None}
-            env.update(
-                NATS_URL=server.url,
-                OPENAI_API_KEY=TEST_PROVIDER_KEY,
-                LOG_LEVEL="WARNING",
-                KEYMANAGER_KV_BUCKET=f"BENCH_{name.replace('-', '_').upper()}",
-                KEK_CACHE_TTL_S="300",
-            )
-            service = ServiceProcess("keymanager", env, state / f"km-{name}.log")
-            service.start()
-            try:
-                results[name] = await _leases(server.url, total, concurrency)
-            finally:
-                service.stop()
-            print(f"{name:14s} concurrency={concurrency}: {results[name].line()}")
+        # Interleaved rounds, best of each: a shared machine's noise hits both alike.
+        for round_no in range(rounds):
+            for name in (
+                ("local", "vault-transit") if round_no % 2 == 0 else ("vault-transit", "local")
+            ):
+                backend = backends[name]
+                env = {k: str(v) for k, v in backend.overrides().items() if v is not None}
+                env.update(
+                    NATS_URL=server.url,
+                    OPENAI_API_KEY=TEST_PROVIDER_KEY,
+                    LOG_LEVEL="WARNING",
+                    KEYMANAGER_KV_BUCKET=f"BENCH_{name.replace('-', '_').upper()}",
+                    KEK_CACHE_TTL_S="300",
+                )
+                service = ServiceProcess("keymanager", env, state / f"km-{name}.log")
+                service.start()
+                try:
+                    summary = await _leases(server.url, total, concurrency)
+                finally:
+                    service.stop()
+                print(f"{name:14s} concurrency={concurrency}: {summary.line()}")
+                if name not in results or summary.rate_per_s > results[name].rate_per_s:
+                    results[name] = summary
     finally:
         bao.server.stop()
         server.stop()
@@ -84,11 +91,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--leases", type=int, default=1500)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=2)
     add_json_option(parser)
     args = parser.parse_args()
-    results = asyncio.run(bench(args.leases, args.concurrency))
+    results = asyncio.run(bench(args.leases, args.concurrency, args.rounds))
     local, vault = results["local"].as_dict(), results["vault-transit"].as_dict()
     ratio = vault["rate_per_s"] / local["rate_per_s"] if local["rate_per_s"] else 0.0
+    print(
+        f"best of {args.rounds}: local {local['rate_per_s']:,.0f}/s, "
+        f"vault-transit {vault['rate_per_s']:,.0f}/s"
+    )
     print(f"vault-transit / local throughput: {ratio:.2f}")
     write_json(args.json, {"local": local, "vault-transit": vault, "ratio": round(ratio, 3)})
 
