@@ -378,23 +378,47 @@ async def test_approle_login(
     assert (await KeyAdminClient(nc).doctor()).details["current.auth"] == "approle"
 
 
-async def test_openbao_audit_log_holds_no_plaintext_key(
-    nc: NATS, nats_url: str, start_keymanager: KeyManagerFactory, openbao: OpenBao
+async def test_no_provider_or_data_key_in_what_the_kek_servers_log(
+    nc: NATS,
+    nats_url: str,
+    start_keymanager: KeyManagerFactory,
+    remote_kek: KekBackend,
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Any,
 ) -> None:
-    vault = KekBackend("vault-transit", bao=openbao)
-    manager = await _start(start_keymanager, nats_url, vault, _bucket())
-    key = new_provider_key()
-    info = await KeyAdminClient(nc).add(key.encode(), environment="development")
+    """OpenBao's audit log (and server log), moto's request log, the key-manager's logs
+    and a backup file: the provider key and the data keys appear in none of them."""
+    manager = await _start(start_keymanager, nats_url, remote_kek, _bucket())
+    admin = KeyAdminClient(nc)
+    key, rotated = new_provider_key(), new_provider_key()
+    info = await admin.add(key.encode(), environment="development")
     manager.custody.cache.clear()
     assert await _lease(nc) == f"Bearer {key}"
+    await admin.rotate(info.key_id, rotated.encode())
+    assert await _lease(nc) == f"Bearer {rotated}"
+    remote_kek.rotate()
+    assert (await admin.rewrap()).rewrapped == 2
+    backup = tmp_path / "backup.json"
+    backup.write_text((await admin.backup()).model_dump_json())
     data_keys = [data_key for _, data_key in manager.custody.cache._entries.values()]
-    assert data_keys
-    log = openbao.audit_log.read_text()
-    assert f"transit/decrypt/{vault.key}" in log  # the unwrap was audited...
-    for forms in [_forms(k) for k in PROVIDER_KEYS]:  # ...but no provider key,
-        assert not any(form.decode() in log for form in forms)
-    for data_key in data_keys:  # and no data key, in any encoding
-        for encoded in (base64.b64encode(data_key), base64.urlsafe_b64encode(data_key)):
-            assert encoded.decode().rstrip("=") not in log
-        assert data_key.hex() not in log
-    assert info.key_id  # the record identity is what Vault binds (as a derived-key context)
+    assert len(data_keys) == 2
+
+    logs: dict[str, str] = {"key-manager": caplog.text, "backup": backup.read_text()}
+    if remote_kek.bao is not None:
+        logs["openbao audit"] = remote_kek.bao.audit_log.read_text()
+        logs["openbao server"] = remote_kek.bao.server.log_path.read_text()
+        # The unwraps were audited, bound to the record's identity...
+        assert f"transit/decrypt/{remote_kek.key}" in logs["openbao audit"]
+        assert f"transit/rewrap/{remote_kek.key}" in logs["openbao audit"]
+    else:
+        assert remote_kek.moto is not None
+        logs["moto requests"] = remote_kek.moto.log_path.read_text()
+        assert "POST / HTTP" in logs["moto requests"]
+    # ...but no provider key, and no data key, in any encoding.
+    for channel, text in logs.items():
+        for secret in PROVIDER_KEYS:
+            assert not any(form.decode() in text for form in _forms(secret)), channel
+        for data_key in data_keys:
+            for encoded in (base64.b64encode(data_key), base64.urlsafe_b64encode(data_key)):
+                assert encoded.decode().rstrip("=") not in text, channel
+            assert data_key.hex() not in text, channel
