@@ -283,9 +283,22 @@ def bootstrap_nats(
             options.update(
                 user=user, password=password or "", inbox_prefix=f"_INBOX_{user}".encode()
             )
+        import nats.errors
+        import nats.js.errors
+
         nc = await nats.connect(**options)
+        js = nc.jetstream(timeout=10)
         try:
-            return await bootstrap_streams(nc.jetstream(timeout=10), replicas=replicas)
+            # The port opens a moment before JetStream answers (and a cluster needs a
+            # meta leader): wait for the API, not the socket.
+            async with asyncio.timeout(30):
+                while True:
+                    try:
+                        await js.account_info()
+                        break
+                    except (nats.errors.Error, nats.js.errors.Error, TimeoutError):
+                        await asyncio.sleep(0.1)
+            return await bootstrap_streams(js, replicas=replicas)
         finally:
             await nc.close()
 

@@ -226,6 +226,14 @@ class Ledger:
     def stream_name(self) -> str:
         return self._stream.name or ""
 
+    async def ensure(self) -> None:
+        """Create this ledger's stream where absent: for tests with a stream of their own.
+        The auditor never calls it; the real ledger stream comes from `keyveil bootstrap`."""
+        try:
+            await self._js.stream_info(self.stream_name)
+        except nats.js.errors.NotFoundError:
+            await self._js.add_stream(self._stream)
+
     async def head(self) -> tuple[int, str]:
         """(last sequence, last hash) as the stream says now."""
         info = await self._js.stream_info(self.stream_name)
