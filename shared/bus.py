@@ -3,7 +3,7 @@
 Replies are JSON models; a responder that refuses answers `{"error": {"code", "message"}}`,
 which the requester raises as `RemoteError`. Trace context rides in request headers.
 
-Replies go only to user-scoped inboxes (`_INBOX_<user>.<id>`): a requester asks on an inbox
+Replies go only to user-scoped inboxes (`_INBOX_<user>.rpc.<id>`): a requester asks on an inbox
 of its own NATS user, and a responder (`Responder`) answers only inboxes of the users allowed
 to ask, without copying any request header onto the reply. A request naming any other reply
 subject (a KV subject, a stream subject, another user's inbox) is dropped unanswered, so a
@@ -68,8 +68,12 @@ class RemoteError(BusError):
         super().__init__(subject, f"{code}: {message}")
 
 
-# `_INBOX_<user>.<one or more tokens>`; no wildcards, no spaces, nothing else.
-_SCOPED_INBOX = re.compile(r"^_INBOX_([a-z][a-z0-9_-]{0,31})(?:\.[A-Za-z0-9_-]+)+$")
+# Request/reply between services uses `_INBOX_<user>.rpc.<id>`: the `rpc` token keeps
+# these apart from the client library's own inboxes (JetStream acks arrive on
+# `_INBOX_<user>.<nuid>...`), so a responder allowed to answer on `.rpc.>` can never
+# forge an acknowledgement. No wildcards, no spaces, nothing else.
+RPC_TOKEN = "rpc"
+_SCOPED_INBOX = re.compile(r"^_INBOX_([a-z][a-z0-9_-]{0,31})\.rpc\.[A-Za-z0-9_-]{1,64}$")
 
 
 def inbox_prefix(user: str) -> str:
@@ -164,10 +168,10 @@ async def request(
 ) -> M:
     """Send `payload` from `requester`, wait for a `reply_type`; raise a typed `BusError`.
 
-    The reply comes back on a fresh inbox of `requester` (`_INBOX_<requester>.<id>`), the
-    only kind of reply subject a keyveil responder answers.
+    The reply comes back on a fresh inbox of `requester` (`_INBOX_<requester>.rpc.<id>`),
+    the only kind of reply subject a keyveil responder answers.
     """
-    inbox = f"{inbox_prefix(requester)}.{uuid.uuid4().hex}"
+    inbox = f"{inbox_prefix(requester)}.{RPC_TOKEN}.{uuid.uuid4().hex}"
     try:
         sub = await nc.subscribe(inbox, max_msgs=1)
     except nats.errors.Error as exc:

@@ -88,7 +88,7 @@ async def test_malformed_requests_get_typed_errors(
     nc: NATS, keymanager: KeyManager, payload: bytes, code: str
 ) -> None:
     denied = leases("denied")
-    answer = await _ask(nc, payload, reply=f"_INBOX_proxy.{uuid.uuid4().hex}")
+    answer = await _ask(nc, payload, reply=f"_INBOX_proxy.rpc.{uuid.uuid4().hex}")
     assert answer is not None
     assert json.loads(answer)["error"]["code"] == code
     assert leases("denied") == denied + 1
@@ -116,7 +116,7 @@ async def _lease_error(nc: NATS, inbox: str | None = None, **fields: object) -> 
         "public_key": b64url_encode(pair.public_bytes),
     }
     base.update(fields)
-    reply = f"{inbox or '_INBOX_' + str(base['requester'])}.{uuid.uuid4().hex}"
+    reply = f"{inbox or '_INBOX_' + str(base['requester']) + '.rpc'}.{uuid.uuid4().hex}"
     answer = await _ask(nc, json.dumps(base).encode(), reply=reply, timeout=1)
     if answer is None:
         return "dropped"
@@ -140,13 +140,14 @@ async def test_unauthorised_and_bad_requests_are_refused(nc: NATS, keymanager: K
 
 async def test_requester_must_own_the_reply_inbox(nc: NATS, keymanager: KeyManager) -> None:
     await KeyAdminClient(nc).add(new_provider_key().encode(), environment="development")
-    assert await _lease_error(nc, "_INBOX_token", requester="proxy") == "requester_mismatch"
+    assert await _lease_error(nc, "_INBOX_token.rpc", requester="proxy") == "requester_mismatch"
     dropped = leases("dropped")
     # Anything but an allowed requester's own inbox is never answered: not the plain
     # inbox, not another user's, not a stream, bucket or broadcast subject.
-    for inbox in ("_INBOX", "_INBOX_auditor", "_INBOX_proxy.*", "keyveil.km", "$KV.KEYS"):
+    inboxes = ("_INBOX", "_INBOX_proxy", "_INBOX_auditor.rpc", "_INBOX_proxy.*", "$KV.KEYS")
+    for inbox in inboxes:
         assert await _lease_error(nc, inbox, requester="proxy") == "dropped", inbox
-    assert leases("dropped") == dropped + 5
+    assert leases("dropped") == dropped + len(inboxes)
 
 
 async def test_no_key_means_key_unavailable(nc: NATS, keymanager: KeyManager) -> None:
