@@ -27,8 +27,14 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from keyveil.servers import nats_password
+from services.keymanager.app import KeyManager
+from services.keymanager.settings import Settings as KeyManagerSettings
+from shared.crypto import RequesterKeyPair, b64url_encode
+from shared.leases import LeaseClient, LeaseRequest
+from shared.settings import load_settings
 from shared.streams import STREAMS as KEYVEIL_STREAMS
 from shared.streams import bootstrap_streams, check_streams, keys_bucket_config
+from tests.support import TEST_KEY_ENCRYPTION_SECRET, TEST_PROVIDER_KEY
 
 REPO = Path(__file__).resolve().parents[2]
 AUTH_CONF = REPO / "deploy" / "nats" / "auth.conf"
@@ -749,3 +755,111 @@ async def test_observer_hears_every_subject_but_cannot_publish(connect: Connect)
     await observer.nc.publish("keyveil.km.admin.rotate", b"{}")
     await asyncio.sleep(DENIED)
     assert len(await observer.violations()) == 2
+
+
+# --- the red-team attacks, with the real key-manager and the real service logins ----------
+
+
+@pytest.fixture
+async def real_keymanager(nats_server: NatsServer, connect: Connect) -> AsyncIterator[KeyManager]:
+    """The key-manager as deployed: its own login, the real bucket, a bootstrapped key."""
+    await ensure_streams(connect)
+    settings = load_settings(
+        KeyManagerSettings,
+        NATS_URL=nats_server.url,
+        NATS_USER="keymanager",
+        NATS_PASSWORD=nats_server.passwords["keymanager"],
+        KEY_ENCRYPTION_SECRET=TEST_KEY_ENCRYPTION_SECRET,
+        OPENAI_API_KEY=TEST_PROVIDER_KEY,
+        NODE_ENV="development",
+    )
+    manager = KeyManager(settings)
+    await manager.start()
+    yield manager
+    await manager.stop()
+
+
+async def _bucket_and_ledger(connect: Connect) -> tuple[int, int, int]:
+    bootstrap = await connect("bootstrap")
+    js = bootstrap.nc.jetstream()
+    keys = (await js.stream_info("KV_KEYVEIL_KEYS")).state
+    ledger = (await js.stream_info("KEYVEIL_AUDIT_LEDGER")).state
+    return keys.messages, keys.last_seq, ledger.messages
+
+
+def _lease_body(requester: str) -> bytes:
+    return (
+        LeaseRequest(
+            requester=requester,
+            instance_id="red-team",
+            environment="development",
+            public_key=b64url_encode(RequesterKeyPair().public_bytes),
+        )
+        .model_dump_json()
+        .encode()
+    )
+
+
+async def test_reply_subject_injection_cannot_touch_keys_or_ledger(
+    connect: Connect, real_keymanager: KeyManager
+) -> None:
+    """`reply="$KV.KEYVEIL_KEYS.x"` + `Nats-Rollup: all` once rolled the key bucket up into
+    one junk entry; `reply="keyveil.ledger.audit"` broke the ledger for ever."""
+    proxy = await connect("proxy")
+    leases = LeaseClient(proxy.nc, requester="proxy", environment="development")
+    assert (await leases.authorization())[0] == f"Bearer {TEST_PROVIDER_KEY}"
+    before = await _bucket_and_ledger(connect)
+
+    for reply in ("$KV.KEYVEIL_KEYS.openai.x", "keyveil.ledger.audit", "keyveil.km.rotated"):
+        await proxy.nc.publish(
+            "keyveil.km.lease", _lease_body("proxy"), reply=reply, headers={"Nats-Rollup": "all"}
+        )
+    await proxy.nc.flush()
+    await asyncio.sleep(DENIED)
+
+    assert await _bucket_and_ledger(connect) == before
+    leases.invalidate()
+    assert (await leases.authorization())[0] == f"Bearer {TEST_PROVIDER_KEY}"
+    assert await real_keymanager.events.flush(5)
+
+
+async def test_proxy_login_cannot_lease_in_the_token_services_name(
+    connect: Connect, real_keymanager: KeyManager
+) -> None:
+    proxy = await connect("proxy")
+    rotated = Collector()
+    await proxy.nc.subscribe("keyveil.km.rotated", cb=rotated.add)  # proxy may hear these
+    inbox = f"_INBOX_proxy.rpc.{secrets.token_hex(8)}"
+    sub = await proxy.nc.subscribe(inbox, max_msgs=1)
+    await proxy.nc.publish("keyveil.km.lease", _lease_body("token"), reply=inbox)
+    answer = json.loads((await sub.next_msg(timeout=2)).data)
+    await proxy.nc.publish("keyveil.km.lease", _lease_body("token"), reply="keyveil.km.rotated")
+    await asyncio.sleep(DENIED)
+
+    assert answer["error"]["code"] == "requester_mismatch"
+    assert "sealed" not in answer
+    assert rotated.messages == []  # the request itself is not echoed there either
+
+
+async def test_service_logins_cannot_rewrite_the_audit_trail(
+    connect: Connect, real_keymanager: KeyManager
+) -> None:
+    """`max_msgs=1` from the token login erased 22 of 23 audit events; the auditor's
+    login emptied the ledger with a short max_age."""
+    keymanager = await connect("keymanager")
+    for _ in range(5):
+        await keymanager.nc.jetstream().publish(
+            "keyveil.audit.keymanager", b"{}", headers={"Nats-Msg-Id": secrets.token_hex(8)}
+        )
+    audited = await stream_count(connect, "KEYVEIL_AUDIT")
+    for user, stream in (("token", "KEYVEIL_AUDIT"), ("auditor", "KEYVEIL_AUDIT_LEDGER")):
+        session = await connect(user)
+        js = session.nc.jetstream(timeout=DENIED)
+        with pytest.raises(nats.errors.TimeoutError):
+            await js.update_stream(replace(STREAMS[stream], max_msgs=1, max_age=1.0))
+        assert any("stream.update" in v for v in await session.violations())
+
+    await asyncio.sleep(1.2)
+    bootstrap = await connect("bootstrap")
+    assert await check_streams(bootstrap.nc.jetstream(), list(STREAMS)) == []
+    assert await stream_count(connect, "KEYVEIL_AUDIT") == audited
