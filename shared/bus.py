@@ -72,7 +72,7 @@ class RemoteError(BusError):
 # these apart from the client library's own inboxes (JetStream acks arrive on
 # `_INBOX_<user>.<nuid>...`), so a responder allowed to answer on `.rpc.>` can never
 # forge an acknowledgement. No wildcards, no spaces, nothing else.
-RPC_TOKEN = "rpc"
+RPC_TOKEN = "rpc"  # noqa: S105 - a subject token, not a secret
 _SCOPED_INBOX = re.compile(r"^_INBOX_([a-z][a-z0-9_-]{0,31})\.rpc\.[A-Za-z0-9_-]{1,64}$")
 
 

@@ -7,6 +7,7 @@ A violation raises `ConfigError` naming the variable and the rule, never the val
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import math
 from collections import Counter
 from enum import StrEnum
@@ -88,7 +89,7 @@ def _sequential_share(value: str) -> float:
     Character counts alone rate `abcdefghijklmnopqrstuvwxyz012345` as high entropy; a
     random 32-character secret has about 3 such steps in 31, a keyboard walk nearly all.
     """
-    steps = sum(1 for a, b in zip(value, value[1:], strict=False) if abs(ord(a) - ord(b)) <= 1)
+    steps = sum(1 for a, b in itertools.pairwise(value) if abs(ord(a) - ord(b)) <= 1)
     return steps / max(len(value) - 1, 1)
 
 
