@@ -422,3 +422,26 @@ async def test_no_provider_or_data_key_in_what_the_kek_servers_log(
             for encoded in (base64.b64encode(data_key), base64.urlsafe_b64encode(data_key)):
                 assert encoded.decode().rstrip("=") not in text, channel
             assert data_key.hex() not in text, channel
+
+
+async def test_min_decryption_version_is_respected_and_named(
+    nc: NATS, nats_url: str, start_keymanager: KeyManagerFactory, openbao: OpenBao
+) -> None:
+    vault = KekBackend("vault-transit", bao=openbao)
+    bucket = _bucket()
+    manager = await _start(start_keymanager, nats_url, vault, bucket)
+    info = await KeyAdminClient(nc).add(new_provider_key().encode(), environment="development")
+    vault.rotate()
+    vault.retire_old_versions()  # v1 refused by Vault before anything was rewrapped
+    manager.custody.cache.clear()
+    record = await manager.keys.store.get(f"openai.development.{info.key_id}.1")
+    assert record is not None
+    with pytest.raises(UnavailableError) as caught:
+        await manager.keys.decrypt(record.record, actor="test")
+    assert caught.value.code == "key_integrity"
+    assert "min_decryption_version" in caught.value.message
+    assert not await manager.keys.verify_custody()
+    assert "min_decryption_version" in manager.custody.status.reason
+    doctor = await KeyAdminClient(nc).doctor()
+    assert not doctor.ok
+    assert doctor.details["current.min_decryption_version"] == "2"
