@@ -39,6 +39,7 @@ __all__ = ["KeyManager", "create_app"]
 log = logging.getLogger(__name__)
 
 _MAX_IN_FLIGHT = 256
+_CUSTODY_RETRY_S = 5.0
 
 
 class KeyManager:
@@ -59,6 +60,7 @@ class KeyManager:
         self._slots = asyncio.Semaphore(_MAX_IN_FLIGHT)
         self._policy_task: asyncio.Task[None] | None = None
         self._rewrap_task: asyncio.Task[None] | None = None
+        self._bootstrap_pending = False
         self._streams: StreamGuard | None = None
         self._stopping = asyncio.Event()
 
@@ -109,12 +111,9 @@ class KeyManager:
         # Prove the KEK opens this bucket before serving; a wrong one leaves us not ready
         # (with the reason) rather than failing every lease later.
         verified = await self._keys.verify_custody()
-        if settings.openai_api_key is not None and verified:
-            await self._keys.bootstrap(
-                settings.openai_api_key.get_secret_value().encode(),
-                provider="openai",
-                environment=settings.node_env.value,
-            )
+        self._bootstrap_pending = settings.openai_api_key is not None
+        if verified:
+            await self._bootstrap()
         leases = LeaseDesk(
             keys=self._keys,
             settings=settings,
@@ -223,15 +222,32 @@ class KeyManager:
         except Exception as exc:  # requesters still expire their leases on their own
             log.warning("rotated notice not published: %s", type(exc).__name__)
 
+    async def _bootstrap(self) -> None:
+        """Import OPENAI_API_KEY, once the KEK has proven itself (never under a wrong one)."""
+        key = self.settings.openai_api_key
+        if not self._bootstrap_pending or key is None:
+            return
+        await self.keys.bootstrap(
+            key.get_secret_value().encode(),
+            provider="openai",
+            environment=self.settings.node_env.value,
+        )
+        self._bootstrap_pending = False
+
     async def _policy_loop(self) -> None:
         while not self._stopping.is_set():
             try:
                 await self.keys.enforce_policy()
-                await self.keys.verify_custody()
+                if await self.keys.verify_custody():
+                    await self._bootstrap()
             except Exception as exc:  # NATS may be down for a while; try again next round
                 log.warning("key policy round failed: %s", type(exc).__name__)
+            # An unverified KEK (Vault sealed, KMS unreachable at start) is retried sooner.
+            interval = self.settings.policy_interval_s
+            if not self.custody.status.ok:
+                interval = min(interval, _CUSTODY_RETRY_S)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), self.settings.policy_interval_s)
+                await asyncio.wait_for(self._stopping.wait(), interval)
 
     async def _rewrap_loop(self) -> None:
         """KEK_REWRAP_INTERVAL_S: move records to the current KEK version on a schedule."""

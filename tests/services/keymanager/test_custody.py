@@ -445,3 +445,26 @@ async def test_min_decryption_version_is_respected_and_named(
     doctor = await KeyAdminClient(nc).doctor()
     assert not doctor.ok
     assert doctor.details["current.min_decryption_version"] == "2"
+
+
+async def test_kek_unreachable_at_start_is_not_ready_then_recovers_and_bootstraps(
+    nc: NATS, nats_url: str, start_keymanager: KeyManagerFactory, moto_kms: Any
+) -> None:
+    kms = KekBackend("aws-kms", moto=moto_kms)
+    key = new_provider_key()
+    kms.deny()
+    try:
+        manager = await _start(
+            start_keymanager, nats_url, kms, _bucket(), KEK_TIMEOUT_S=0.5, OPENAI_API_KEY=key
+        )
+        assert not await manager.kek_ready()
+        assert "KEK provider aws-kms unavailable" in manager.custody.status.reason
+        assert manager.keys.records() == []  # nothing imported under an unproven KEK
+    finally:
+        kms.allow()
+    for _ in range(150):
+        if await manager.kek_ready() and manager.keys.records():
+            break
+        await asyncio.sleep(0.1)
+    assert await manager.kek_ready(), manager.custody.status.reason
+    assert await _lease(nc) == f"Bearer {key}"
