@@ -43,6 +43,7 @@ from shared.crypto import (
     b64url_decode,
     b64url_encode,
 )
+from shared.errors import UnavailableError
 
 __all__ = [
     "CUSTODY_CONTEXT",
@@ -128,8 +129,6 @@ class Custody:
 
     def require(self) -> None:
         """Refuse to write records while the custody record has not opened."""
-        from shared.errors import UnavailableError
-
         if not self.status.ok:
             raise UnavailableError(
                 f"key custody is not verified: {self.status.reason}", code="kek_unavailable"

@@ -118,12 +118,10 @@ async def backup(keys: KeyService, *, actor: str) -> BackupDocument:
         "records": [s.record.model_dump(mode="json") for s in stored],
     }
     signer = keys.custody.ring.current
-    document = BackupDocument(
-        **body, signed_by=signer.kek_id, signature=signer.signature(_SIGNATURE_LABEL, b"")
-    )
-    signature = signer.signature(_SIGNATURE_LABEL, _canonical(_body(document)))
+    unsigned = BackupDocument(**body, signed_by=signer.kek_id, signature="")
+    signature = signer.signature(_SIGNATURE_LABEL, _canonical(_body(unsigned)))
     keys.audit("keys_backup", actor=actor, records=len(stored), signed_by=signer.kek_id)
-    return document.model_copy(update={"signature": signature})
+    return unsigned.model_copy(update={"signature": signature})
 
 
 async def restore(keys: KeyService, document: BackupDocument, *, actor: str) -> RestoreReply:
