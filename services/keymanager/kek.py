@@ -203,6 +203,8 @@ class VaultTransitKek(KekProvider):
         if auth.token:
             self._client.token = auth.token
         self._prefix = f"vault-transit:{mount}/{key}:"
+        # Vault ignores `context` on a key that is not derived: check before the first wrap.
+        self._derived_checked = False
 
     def owns(self, kek_id: str) -> bool:
         return kek_id.startswith(self._prefix)
@@ -266,7 +268,14 @@ class VaultTransitKek(KekProvider):
                 f"transit key {self._key} is not derived (create it with derived=true), "
                 "so the record identity could not be bound as context",
             )
+        self._derived_checked = True
         return data
+
+    def _bound(self, operation: Callable[[], T]) -> T:
+        """`operation`, once the key is known to bind `context` (derived)."""
+        if not self._derived_checked:
+            self._read_key()
+        return self._call(operation)
 
     async def current_kek_id(self) -> str:
         data = await _in_thread(self._read_key)
@@ -292,7 +301,7 @@ class VaultTransitKek(KekProvider):
             text: str = reply["data"]["ciphertext"]
             return text
 
-        ciphertext = await _in_thread(lambda: self._call(encrypt))
+        ciphertext = await _in_thread(lambda: self._bound(encrypt))
         return WrappedKey(self._kek_id(ciphertext), ciphertext.encode())
 
     async def unwrap(self, wrapped: WrappedKey, context: WrapContext) -> bytes:
@@ -308,7 +317,7 @@ class VaultTransitKek(KekProvider):
             )
             return base64.b64decode(reply["data"]["plaintext"])
 
-        return await _in_thread(lambda: self._call(decrypt))
+        return await _in_thread(lambda: self._bound(decrypt))
 
     async def rewrap(self, wrapped: WrappedKey, context: WrapContext) -> WrappedKey:
         if not self.owns(wrapped.kek_id):
@@ -324,7 +333,7 @@ class VaultTransitKek(KekProvider):
             text: str = reply["data"]["ciphertext"]
             return text
 
-        ciphertext = await _in_thread(lambda: self._call(rewrap))
+        ciphertext = await _in_thread(lambda: self._bound(rewrap))
         return WrappedKey(self._kek_id(ciphertext), ciphertext.encode())
 
     def close(self) -> None:

@@ -468,3 +468,26 @@ async def test_kek_unreachable_at_start_is_not_ready_then_recovers_and_bootstrap
         await asyncio.sleep(0.1)
     assert await manager.kek_ready(), manager.custody.status.reason
     assert await _lease(nc) == f"Bearer {key}"
+
+
+async def test_a_transit_key_that_ignores_context_is_refused(
+    nc: NATS, nats_url: str, start_keymanager: KeyManagerFactory, openbao: OpenBao
+) -> None:
+    # Vault silently ignores `context` on a key that is not derived: the record identity
+    # would not be bound, so the key-manager refuses such a key before wrapping anything.
+    vault = KekBackend("vault-transit", bao=openbao)
+    plain = vault.key + "-plain"
+    root = openbao.root()
+    root.secrets.transit.create_key(name=plain)
+    root.sys.create_or_update_policy(
+        vault.key,
+        root.sys.read_policy(vault.key)["data"]["rules"].replace(vault.key, plain),
+    )
+    bucket = _bucket()
+    manager = await _start(start_keymanager, nats_url, vault, bucket, VAULT_TRANSIT_KEY=plain)
+    assert not await manager.kek_ready()
+    assert "is not derived" in manager.custody.status.reason
+    assert await manager.keys.store.get_custody() is None  # nothing wrapped under it
+    with pytest.raises(bus.RemoteError) as refused:
+        await KeyAdminClient(nc).add(new_provider_key().encode(), environment="development")
+    assert refused.value.code == "kek_unavailable"
