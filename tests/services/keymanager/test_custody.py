@@ -220,7 +220,7 @@ async def test_kek_outage_serves_cached_keys_then_fails_closed_then_recovers(
     remote_kek: KekBackend,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    ttl = 3.0
+    ttl = 5.0  # room for a loaded machine between the unwrap and the cached lease
     bucket = _bucket()
     manager = await _start(
         start_keymanager, nats_url, remote_kek, bucket, KEK_CACHE_TTL_S=ttl, KEK_TIMEOUT_S=0.5
