@@ -132,6 +132,11 @@ class Settings(CommonSettings):
     def _split_keys(cls, value: Any) -> Any:
         return split_commas(value)
 
+    @field_validator("ledger_checkpoint_dir", mode="before")
+    @classmethod
+    def _empty_dir_is_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("ledger_signing_key")
     @classmethod
     def _seed_is_a_seed(cls, value: SecretStr | None) -> SecretStr | None:
