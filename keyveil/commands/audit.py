@@ -302,6 +302,8 @@ async def _verify(
                 }
             )
         )
+    elif result.broken is None and result.last_seq == 0:
+        print("ok: the ledger is empty (nothing appended yet, no checkpoint says otherwise)")
     elif result.broken is None:
         anchored = f"; checkpoint seq {latest.seq} found" if latest else ""
         print(
