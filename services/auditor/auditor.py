@@ -12,7 +12,7 @@ from prometheus_client import Counter
 from services.auditor.alerts import AlertSink
 from services.auditor.consumers import RefuseEvent
 from services.auditor.detectors import Detectors, Finding
-from services.auditor.ledger import Ledger
+from services.auditor.ledger import Ledger, canonical_json
 from services.auditor.publishers import publisher_mismatch
 from shared.events import AuditEvent, UsageEvent
 
@@ -50,6 +50,10 @@ class Auditor:
             json.loads(msg.data) if msg is not None else event.model_dump(mode="json")
         )
         subject = msg.subject if msg is not None else event.subject
+        try:
+            canonical_json(raw)
+        except ValueError:  # NaN or infinity: it could never be hashed, only redelivered
+            raise RefuseEvent("not_canonical_json") from None
         mismatch = publisher_mismatch(subject, raw)
         if mismatch is not None:
             MISATTRIBUTED.labels(mismatch.code).inc()

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import nats.js.errors
 from nats.js import JetStreamContext
 from prometheus_client import Counter, Gauge
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -205,7 +206,15 @@ class Checkpointer:
         """Write a checkpoint of the current genuine head; None when nothing new or broken."""
         loaded = self._store.load(self._stream, self._verifier)
         latest = loaded.latest
-        info = await self._js.stream_info(self._stream)
+        try:
+            info = await self._js.stream_info(self._stream)
+        except nats.js.errors.NotFoundError:
+            if latest is not None:
+                reason = f"the ledger stream is gone; checkpoint seq {latest.seq} vouched for it"
+                self._report([BrokenLink(latest.seq, reason, "truncated")])
+                CHECKPOINTS.labels("broken").inc()
+                return None
+            raise
         first = max(info.state.first_seq, 1)
         anchor: str | None
         if latest is not None and latest.seq >= first:

@@ -337,3 +337,8 @@ async def test_checkpointer_vouches_only_for_a_verified_chain(pnc: NATS, tmp_pat
     assert await writer.checkpoint_once() is None
     assert len(problems) == 1
     assert store.load("TEST_LEDGER", VERIFIER).latest == second
+    # Deleted outright: reported too, not just a failed run.
+    await pnc.jetstream().delete_stream("TEST_LEDGER")
+    assert await writer.checkpoint_once() is None
+    assert [p.code for p in problems] == ["prev_hash", "truncated"]
+    assert problems[-1].reason.startswith("the ledger stream is gone")

@@ -164,3 +164,23 @@ async def test_auditor_keeps_recording_after_a_foreign_ledger_record(
         first.event_id,
         *(e.event_id for e in later),
     ]
+
+
+async def test_an_event_that_cannot_be_hashed_is_termed_not_redelivered(
+    runtime: AuditorRuntime, pnc: NATS
+) -> None:
+    body = (
+        b'{"event_id":"nan-1","service":"keymanager","type":"key_store","actor":"x",'
+        b'"ts":1700000000,"detail":{"n":NaN}}'
+    )
+    await pnc.jetstream().publish(
+        "keyveil.audit.keymanager", body, headers={"Nats-Msg-Id": "nan-1"}
+    )
+    after = AuditEvent(service="keymanager", type="key_store", actor="operator")
+    await publish_on(pnc, "keyveil.audit.keymanager", after)
+    audit = runtime.consumers[1]
+    await until(lambda: after.event_id in audit.seen)
+    stored = await ledger_events(pnc)
+    assert [r["event"]["event_id"] for r in stored] == [after.event_id]  # type: ignore[index]
+    info = await pnc.jetstream().consumer_info("KEYVEIL_AUDIT", "auditor-audit")
+    assert (info.num_pending, info.num_ack_pending, info.num_redelivered) == (0, 0, 0)
