@@ -22,6 +22,7 @@ import os
 import re
 import sys
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ from services.auditor.ledgerkeys import LedgerKeyError, LedgerSigner, LedgerVeri
 __all__ = [
     "STATE_CHECKPOINTS",
     "STATE_VERIFY_KEYS",
+    "accept_foreign",
     "parse_since",
     "register",
     "verify_keys",
@@ -94,6 +96,14 @@ def register(subparsers: Any) -> None:
     )
     verify.add_argument(
         "--checkpoint-dir", help="signed checkpoints to compare with (LEDGER_CHECKPOINT_DIR)"
+    )
+    verify.add_argument(
+        "--accept-foreign",
+        action="append",
+        type=int,
+        default=[],
+        metavar="SEQ",
+        help="a foreign record already investigated (repeatable); chain breaks still fail",
     )
     common(verify)
 
@@ -274,6 +284,22 @@ async def verify_ledger(
     )
 
 
+def accept_foreign(result: VerifyResult, seqs: set[int]) -> tuple[VerifyResult, list[int]]:
+    """Drop foreign records the operator has already investigated (`--accept-foreign`).
+
+    Only `foreign` problems at exactly those sequences: a record that was injected
+    once stays visible in the stream, but need not fail every later verify. A chain
+    break, a wrong publisher or a checkpoint mismatch is never accepted this way.
+    """
+    accepted = sorted(p.seq for p in result.problems if p.code == "foreign" and p.seq in seqs)
+    if not accepted:
+        return result, []
+    kept = tuple(p for p in result.problems if not (p.code == "foreign" and p.seq in seqs))
+    return replace(result, problems=kept, problem_count=result.problem_count - len(accepted)), (
+        accepted
+    )
+
+
 async def _verify(
     js: JetStreamContext,
     args: argparse.Namespace,
@@ -281,6 +307,7 @@ async def _verify(
     checkpoints: LoadedCheckpoints | None,
 ) -> int:
     result = await verify_ledger(js, args.stream, verifier=verifier, checkpoints=checkpoints)
+    result, accepted = accept_foreign(result, set(args.accept_foreign))
     latest = checkpoints.latest if checkpoints else None
     if args.json:
         print(
@@ -293,6 +320,7 @@ async def _verify(
                     "head_seq": result.head_seq,
                     "head_hash": result.head_hash,
                     "checkpoint_seq": latest.seq if latest else None,
+                    "accepted_foreign": accepted,
                     "broken_seq": result.broken.seq if result.broken else None,
                     "code": result.broken.code if result.broken else None,
                     "reason": result.broken.reason if result.broken else None,
@@ -306,6 +334,8 @@ async def _verify(
         print("ok: the ledger is empty (nothing appended yet, no checkpoint says otherwise)")
     elif result.broken is None:
         anchored = f"; checkpoint seq {latest.seq} found" if latest else ""
+        if accepted:
+            anchored += f"; accepted foreign record(s) at seq {', '.join(map(str, accepted))}"
         print(
             f"ok: {result.checked} records chained "
             f"(seq {result.first_seq}..{result.last_seq}), head {result.head_hash[:16]}{anchored}"

@@ -14,7 +14,7 @@ from nats.aio.client import Client as NATS
 from nats.js.api import StreamConfig
 
 from keyveil import cli
-from keyveil.commands.audit import verify_ledger
+from keyveil.commands.audit import accept_foreign, verify_ledger
 from keyveil.servers import ServerProcess
 from services.auditor.ledger import (
     GENESIS_HASH,
@@ -163,6 +163,10 @@ async def test_verify_finds_a_rehashed_record_by_its_successor(pnc: NATS) -> Non
     assert [(p.seq, p.code) for p in result.problems] == [(4, "foreign"), (5, "prev_hash")]
     assert result.problems[0].reason == "foreign record: signature does not verify"
     assert result.problems[1].reason == "prev_hash does not match"
+    # Accepting the foreign record does not accept the break it left behind.
+    rest, accepted = accept_foreign(result, {4, 5})
+    assert accepted == [4]
+    assert [(p.seq, p.code) for p in rest.problems] == [(5, "prev_hash")]
 
 
 async def test_verify_finds_a_missing_record(pnc: NATS) -> None:
