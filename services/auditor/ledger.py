@@ -23,6 +23,12 @@ What `verify_chain` reports (`BrokenLink.code`, stable):
     wrong_publisher    a genuine record whose event its subject's
                        publisher may not emit (services/auditor/publishers.py)
     checkpoint         a signed checkpoint's (seq, hash) not in the chain
+    truncated          (from the checkpoint comparison in `keyveil audit verify` and the
+                       Checkpointer) the stream starts late, ends early, is empty or gone
+
+Known limit: the auditor's own NATS login can re-publish a byte copy of a genuine
+record. Verify reports it (its prev_hash does not match), but the auditor, which takes
+the last genuine record as the head, may chain after the copy.
 """
 
 from __future__ import annotations
