@@ -36,8 +36,16 @@ from services.auditor.ledger import LEDGER_STREAM, BrokenLink, Ledger
 from services.auditor.ledgerkeys import LedgerSigner
 from services.auditor.settings import Settings
 from shared import bus
-from shared.events import AUDIT_STREAM, USAGE_STREAM, AuditEvent, EventPublisher, UsageEvent
+from shared.events import (
+    AUDIT_STREAM,
+    USAGE_STREAM,
+    AuditEvent,
+    EventPublisher,
+    UsageEvent,
+    drift_reporter,
+)
 from shared.httpedge import add_edge_routes, service_app
+from shared.streams import AUDITOR_STREAMS, StreamGuard
 from shared.telemetry import redactor
 
 __all__ = ["AUDIT_DURABLE", "USAGE_DURABLE", "AuditorRuntime", "create_app"]
@@ -57,6 +65,7 @@ class AuditorRuntime:
     consumers: list[DurableConsumer[UsageEvent] | DurableConsumer[AuditEvent]]
     publisher: EventPublisher
     webhook: WebhookSender | None
+    streams: StreamGuard
     checkpointer: Checkpointer | None = None
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -65,8 +74,15 @@ class AuditorRuntime:
 async def start_runtime(settings: Settings) -> AuditorRuntime:
     nc = await bus.connect(settings, name="auditor")
     js = nc.jetstream()
-    publisher = EventPublisher(js, num_replicas=settings.jetstream_replicas)
+    publisher = EventPublisher(js)
     publisher.start()
+    streams = StreamGuard(
+        js,
+        AUDITOR_STREAMS,
+        replicas=settings.jetstream_replicas,
+        on_drift=drift_reporter(publisher, "auditor"),
+    )
+    streams.start()
     webhook = None
     if settings.alert_webhook_url is not None:
         webhook = WebhookSender(
@@ -129,9 +145,7 @@ async def start_runtime(settings: Settings) -> AuditorRuntime:
         handler=auditor.on_audit,
         **common,  # type: ignore[arg-type]
     )
-    runtime = AuditorRuntime(nc, auditor, [usage, audit], publisher, webhook, checkpointer)
-    if ledger is not None:
-        await _ensure_ledger(ledger, runtime.stop)
+    runtime = AuditorRuntime(nc, auditor, [usage, audit], publisher, webhook, streams, checkpointer)
     for consumer in runtime.consumers:
         runtime.tasks.append(
             asyncio.create_task(consumer.run(runtime.stop), name=f"consume-{consumer.durable}")
@@ -181,19 +195,6 @@ def _alert_ledger(sink: AlertSink, problems: list[BrokenLink]) -> None:
     )
 
 
-async def _ensure_ledger(ledger: Ledger, stop: asyncio.Event) -> None:
-    # Audit events must not be consumed before their ledger exists; keep trying.
-    delay = 0.2
-    while not stop.is_set():
-        try:
-            await ledger.ensure()
-            return
-        except Exception as exc:  # any bus failure: wait and retry, readiness stays false
-            log.warning("cannot create the audit ledger yet (%s)", type(exc).__name__)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
-
-
 async def stop_runtime(runtime: AuditorRuntime) -> None:
     runtime.stop.set()
     if runtime.tasks:
@@ -204,6 +205,7 @@ async def stop_runtime(runtime: AuditorRuntime) -> None:
         for task in done:
             if not task.cancelled() and task.exception() is not None:
                 log.error("%s ended with %r", task.get_name(), task.exception())
+    await runtime.streams.stop()
     await runtime.publisher.close()
     if runtime.webhook is not None:
         await runtime.webhook.close()
@@ -233,5 +235,11 @@ def create_app(settings: Settings) -> FastAPI:
         runtime: AuditorRuntime | None = getattr(app.state, "runtime", None)
         return runtime is not None and all(c.bound for c in runtime.consumers)
 
-    add_edge_routes(app, {"nats": nats_ready, "consumers": consumers_ready})
+    async def streams_ready() -> bool:
+        runtime: AuditorRuntime | None = getattr(app.state, "runtime", None)
+        return runtime is not None and await runtime.streams.ready()
+
+    add_edge_routes(
+        app, {"nats": nats_ready, "consumers": consumers_ready, "streams": streams_ready}
+    )
     return app

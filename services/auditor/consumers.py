@@ -27,7 +27,6 @@ from opentelemetry import trace
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic import ValidationError
 
-from shared.bus import ensure_stream
 from shared.events import Event
 from shared.telemetry import extract_context
 
@@ -116,7 +115,6 @@ class DurableConsumer(Generic[E]):
         max_deliver: int = 10,
         batch: int = 256,
         seen_capacity: int = 200_000,
-        create_stream: bool = True,
     ) -> None:
         self._js = js
         self._stream = stream
@@ -125,7 +123,6 @@ class DurableConsumer(Generic[E]):
         self._model = model
         self._handler = handler
         self._batch = batch
-        self._create_stream = create_stream
         self._config = ConsumerConfig(
             durable_name=durable,
             ack_policy=AckPolicy.EXPLICIT,
@@ -170,11 +167,7 @@ class DurableConsumer(Generic[E]):
         delay = 0.2
         while not stop.is_set():
             try:
-                if self._create_stream:
-                    try:
-                        await self._js.stream_info(self.stream_name)
-                    except nats.js.errors.NotFoundError:
-                        await ensure_stream(self._js, self._stream)
+                # The stream is made by `keyveil bootstrap`; until then, keep waiting.
                 sub = await self._js.pull_subscribe(
                     (self._stream.subjects or [">"])[0],
                     durable=self.durable,

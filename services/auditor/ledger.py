@@ -39,7 +39,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import nats.errors
@@ -48,9 +48,6 @@ from nats.js import JetStreamContext
 from nats.js.api import (
     ConsumerConfig,
     DeliverPolicy,
-    DiscardPolicy,
-    RetentionPolicy,
-    StorageType,
     StreamConfig,
 )
 from prometheus_client import Counter
@@ -58,7 +55,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from services.auditor.ledgerkeys import RECORD_CONTEXT, LedgerSigner, LedgerVerifier
 from services.auditor.publishers import publisher_mismatch
-from shared.bus import ensure_stream
+from shared.streams import LEDGER_STREAM, LEDGER_SUBJECT
 
 __all__ = [
     "GENESIS_HASH",
@@ -78,21 +75,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-LEDGER_SUBJECT = "keyveil.ledger.audit"
 GENESIS_HASH = "0" * 64
 WRONG_LAST_SEQUENCE = 10071  # JetStream error code for a failed Nats-Expected-Last-Sequence
 MAX_REPORTED = 100  # problems listed per walk; the rest are only counted
 
-LEDGER_STREAM = StreamConfig(
-    name="KEYVEIL_AUDIT_LEDGER",
-    subjects=[LEDGER_SUBJECT],
-    retention=RetentionPolicy.LIMITS,
-    storage=StorageType.FILE,
-    discard=DiscardPolicy.NEW,  # full means refuse, never silently drop the chain's start
-    duplicate_window=timedelta(days=1).total_seconds(),
-    deny_delete=True,
-    deny_purge=True,
-)
 
 APPENDS = Counter(
     "keyveil_auditor_ledger_appends_total",
@@ -410,7 +396,12 @@ class Ledger:
         return self._stream.name or ""
 
     async def ensure(self) -> None:
-        await ensure_stream(self._js, self._stream)
+        """Create this ledger's stream where absent: for tests with a stream of their own.
+        The auditor never calls it; the real ledger stream comes from `keyveil bootstrap`."""
+        try:
+            await self._js.stream_info(self.stream_name)
+        except nats.js.errors.NotFoundError:
+            await self._js.add_stream(self._stream)
 
     async def head(self) -> tuple[int, str]:
         """(last sequence, hash of the last genuine record) as the stream says now.

@@ -33,7 +33,7 @@ from services.token.revocation import Revoker
 from services.token.settings import Settings
 from shared import bus
 from shared.errors import ApiError, RateLimitedError, UnavailableError
-from shared.events import AuditEvent, EventPublisher, UsageEvent
+from shared.events import AuditEvent, EventPublisher, UsageEvent, drift_reporter
 from shared.httpedge import (
     IpNetwork,
     add_edge_routes,
@@ -44,6 +44,7 @@ from shared.httpedge import (
 )
 from shared.leases import LeaseClient
 from shared.ratelimit import Admission, Decision, Limit, redis_client
+from shared.streams import EDGE_STREAMS, StreamGuard
 from shared.telemetry import redactor
 
 __all__ = ["SECURE_TOKEN_PATH", "TokenService", "create_app"]
@@ -304,8 +305,17 @@ def create_app(settings: Settings) -> FastAPI:
 
         store = redis_client(settings.redis_url, settings.redis_timeout_s)
         nc = await bus.connect(settings, name="token", on_state=on_state)
-        events = EventPublisher(nc.jetstream(), num_replicas=settings.jetstream_replicas)
+        js = nc.jetstream()
+        events = EventPublisher(js)
         events.start()
+        streams = StreamGuard(
+            js,
+            EDGE_STREAMS,
+            replicas=settings.jetstream_replicas,
+            on_drift=drift_reporter(events, "token"),
+        )
+        streams.start()
+        state["streams"] = streams
         leases = LeaseClient(
             nc,
             requester="token",
@@ -365,6 +375,7 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             yield
         finally:
+            await streams.stop()
             await events.close()
             await leases.stop()
             await http.aclose()
@@ -380,7 +391,11 @@ def create_app(settings: Settings) -> FastAPI:
         service: TokenService = app.state.service
         return bool(await service.redis.ping())
 
-    add_edge_routes(app, {"nats": nats_ready, "redis": redis_ready})
+    async def streams_ready() -> bool:
+        guard: StreamGuard | None = state.get("streams")
+        return guard is not None and await guard.ready()
+
+    add_edge_routes(app, {"nats": nats_ready, "redis": redis_ready, "streams": streams_ready})
     demo = demo_router(settings)  # the browser demo page: development or demo mode only
     if demo is not None:
         app.include_router(demo)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from pathlib import Path
 
 import pytest
 from nats.aio.client import Client as NATS
 
 from keyveil import cli
 from keyveil.commands.audit import parse_since
-from keyveil.servers import ServerProcess
+from keyveil.servers import ServerProcess, start_nats
 from services.auditor.alerts import AlertSink
 from services.auditor.detectors import Finding
 from shared.events import EventPublisher
@@ -112,6 +113,13 @@ async def test_alerts_tail_filters_by_severity_and_type(
     assert "geo_new_country" in only
 
 
-async def test_alerts_tail_without_a_stream_says_so(capsys: pytest.CaptureFixture[str]) -> None:
-    assert await run_cli("alerts", "tail") == 2
+async def test_alerts_tail_without_a_stream_says_so(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bare = start_nats(tmp_path / "bare")  # never bootstrapped: no streams at all
+    monkeypatch.setenv("NATS_URL", bare.url)
+    try:
+        assert await run_cli("alerts", "tail") == 2
+    finally:
+        bare.stop()
     assert "no alerts stream" in capsys.readouterr().err
