@@ -32,7 +32,7 @@ from services.auditor.ledger import (
     GENESIS_HASH,
     BrokenLink,
     canonical_json,
-    read_stream,
+    fetch_records,
     verify_chain,
 )
 from services.auditor.ledgerkeys import CHECKPOINT_CONTEXT, LedgerSigner, LedgerVerifier
@@ -232,7 +232,9 @@ class Checkpointer:
         if info.state.last_seq < start:
             CHECKPOINTS.labels("unchanged").inc()
             return None
-        records = [item async for item in read_stream(self._js, self._stream, start_seq=start)]
+        records = await fetch_records(
+            self._js, self._stream, start_seq=start, last_seq=info.state.last_seq
+        )
         result = verify_chain(records, verifier=self._verifier, anchor=anchor, start_seq=start)
         if result.problems:
             self._report(list(result.problems))
