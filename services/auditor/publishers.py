@@ -21,15 +21,19 @@ __all__ = ["AUDIT_SUBJECT_PREFIX", "PUBLISHERS", "PublisherMismatch", "publisher
 
 AUDIT_SUBJECT_PREFIX = "keyveil.audit."
 
+# Every service's StreamGuard reports stream drift as an audit event (shared/events.py).
+_DRIFT = "stream.drift"
+
 PUBLISHERS: Mapping[str, tuple[str, ...]] = {
     # services/keymanager: keys.py, leasing.py, admin.py
-    "keymanager": ("key_*", "lease_*", "admin_*", "rotation_*", "decrypt_failed"),
+    "keymanager": ("key_*", "lease_*", "admin_*", "rotation_*", "decrypt_failed", _DRIFT),
     # services/token/app.py: a token holder's signed DELETE
-    "token": ("token.revoked",),
+    "token": ("token.revoked", _DRIFT),
     # keyveil/commands (the operator login): `keyveil tokens revoke` and operator actions
     "operator": ("token.revoked", "operator.*"),
-    # The proxy and the auditor publish no audit events today.
-    "proxy": (),
+    # The proxy and the auditor publish only stream drift.
+    "proxy": (_DRIFT,),
+    "auditor": (_DRIFT,),
 }
 
 

@@ -37,7 +37,9 @@ ROOT = Path(__file__).resolve().parents[3]
         ("keyveil.audit.token", "token", "key_rotate", "type_not_allowed"),
         ("keyveil.audit.proxy", "proxy", "lease_granted", "type_not_allowed"),
         ("keyveil.audit.keymanager", "keymanager", None, "type_not_allowed"),
-        ("keyveil.audit.auditor", "auditor", "key_rotate", "unknown_publisher"),
+        ("keyveil.audit.auditor", "auditor", "key_rotate", "type_not_allowed"),
+        ("keyveil.audit.bootstrap", "bootstrap", "key_rotate", "unknown_publisher"),
+        ("keyveil.audit.proxy", "proxy", "stream.drift", None),
         ("keyveil.usage.token", "token", "token.revoked", "not_audit_subject"),
     ],
 )
@@ -72,7 +74,20 @@ def test_every_audit_type_the_producers_emit_is_in_the_table() -> None:
                 )
                 is None
             ), (publisher, event_type)
-    assert set(PUBLISHERS) == {"keymanager", "token", "operator", "proxy"}
+    # Every service's stream guard reports drift as an audit event under its own name.
+    events = (ROOT / "shared/events.py").read_text()
+    (drift,) = re.findall(r'type="(stream\.[a-z_]+)"', events)
+    reporters = "\n".join(
+        (ROOT / f"services/{name}/app.py").read_text()
+        for name in ("token", "proxy", "keymanager", "auditor")
+    )
+    assert reporters.count("drift_reporter(") == 4
+    for publisher in ("token", "proxy", "keymanager", "auditor"):
+        assert (
+            publisher_mismatch(f"keyveil.audit.{publisher}", {"service": publisher, "type": drift})
+            is None
+        ), publisher
+    assert set(PUBLISHERS) == {"keymanager", "token", "operator", "proxy", "auditor"}
 
 
 @pytest.fixture
