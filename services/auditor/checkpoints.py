@@ -229,6 +229,12 @@ class Checkpointer:
             self._report([BrokenLink(latest.seq, reason, "truncated")])
             CHECKPOINTS.labels("broken").inc()
             return None
+        if latest is None and first > 1:
+            # The ledger never legitimately starts late; a first checkpoint would launder it.
+            reason = f"truncated: the stream starts at seq {first} and no checkpoint anchors it"
+            self._report([BrokenLink(first - 1, reason, "truncated")])
+            CHECKPOINTS.labels("broken").inc()
+            return None
         if info.state.last_seq < start:
             CHECKPOINTS.labels("unchanged").inc()
             return None

@@ -187,10 +187,16 @@ async def test_verify_catches_truncation_from_the_front(pnc: NATS, tmp_path: Pat
     assert result.broken is not None
     assert result.broken.code == "truncated"
     assert "starts at seq 4" in result.broken.reason
-    # Without checkpoints the late start alone is enough.
+    # Without checkpoints the late start alone is enough...
     unanchored = await verify(pnc)
     assert unanchored.broken is not None
     assert "no checkpoint anchors it" in unanchored.broken.reason
+    # ...and a first checkpoint taken now would not launder it.
+    problems: list[BrokenLink] = []
+    fresh = CheckpointStore(tmp_path / "fresh")
+    assert await checkpointer(pnc, fresh, problems).checkpoint_once() is None
+    assert [(p.seq, p.code) for p in problems] == [(3, "truncated")]
+    assert fresh.load("TEST_LEDGER", VERIFIER).valid == []
 
 
 async def test_verify_catches_a_deleted_head(pnc: NATS, tmp_path: Path) -> None:
