@@ -55,6 +55,7 @@ REPLAY_REASONS = frozenset({"replay", "nonce_reused"})
 TAMPER_REASONS = frozenset({"signature", "digest", "tampered", "bad_signature"})
 TOKEN_ISSUED_TYPES = frozenset({"token.issued", "token.issue"})
 ROTATION_DUE_TYPES = frozenset({"rotation_due", "key.rotation_due", "keymanager.rotation_due"})
+BUS_DROPPED_TYPES = frozenset({"lease_dropped", "admin_dropped"})
 
 ALERT_TYPES = (
     "auth_failure_burst",
@@ -140,6 +141,7 @@ class Detectors:
         return self._pass_cooldown(findings)
 
     def observe_audit(self, event: AuditEvent) -> list[Finding]:
+        """Rotation overdue, stream drift, and requests the key-manager had to drop."""
         findings: list[Finding] = []
         if event.type in ROTATION_DUE_TYPES:
             key = event.key_id or "unknown"
@@ -157,6 +159,32 @@ class Detectors:
                     event.ts,
                     {"key_id": key, "environment": env, "provider": event.provider or ""},
                     cooldown_s=self.settings.rotation_cooldown_s,
+                )
+            )
+        if event.type == "stream.drift":
+            streams = event.detail.get("streams")
+            names = ", ".join(sorted(streams)) if isinstance(streams, dict) else "unknown"
+            findings.append(
+                Finding(
+                    "stream_config_drift",
+                    "critical",
+                    f"{event.service}:{names}",
+                    f"{event.service} found JetStream streams missing or changed: {names} "
+                    "(run `keyveil bootstrap --check`)",
+                    event.ts,
+                    {"service": event.service, "streams": names},
+                )
+            )
+        if event.type in BUS_DROPPED_TYPES:
+            findings.append(
+                Finding(
+                    "bus_reply_refused",
+                    "critical",
+                    event.type,
+                    f"the key-manager dropped a request with a forbidden reply subject "
+                    f"({event.type}): a NATS login is misused",
+                    event.ts,
+                    {"service": event.service, "type": event.type},
                 )
             )
         return self._pass_cooldown(findings)

@@ -129,3 +129,31 @@ async def test_killed_service_is_restarted_and_no_usage_event_is_lost(
     # Every usage event published, before, during and after, is processed by the auditor.
     last, floor = await wait_auditor_caught_up(stack, timeout=45)
     assert floor == last
+
+
+def test_servers_and_the_fake_get_no_secret_and_redis_wants_a_password(stack: Stack) -> None:
+    """The red-team finding: nats-server and the fake upstream inherited OPENAI_API_KEY,
+    KEY_ENCRYPTION_SECRET and PROXY_SIGNING_KEY; the local Redis had no password."""
+    import redis
+
+    generated = json.loads((stack.state_dir / "dev-secrets.json").read_text())
+    secrets_held = [TEST_PROVIDER_KEY, *generated.values()]
+    checked = 0
+    for name in ("nats", "redis", "fake-upstream"):
+        environ = open(f"/proc/{stack.pid(name)}/environ", "rb").read()  # noqa: SIM115
+        assert environ, name
+        for secret in secrets_held:
+            assert secret.encode() not in environ, name
+        checked += 1
+    assert checked == 3
+    for name in ("token", "proxy"):  # the services that need one still get theirs
+        environ = open(f"/proc/{stack.pid(name)}/environ", "rb").read()  # noqa: SIM115
+        assert generated["PROXY_SIGNING_KEY"].encode() in environ
+        assert TEST_PROVIDER_KEY.encode() not in environ
+
+    url = urlsplit(stack.info["redis_url"])
+    assert url.password
+    anonymous = redis.Redis(host=url.hostname, port=url.port, socket_timeout=2)
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        anonymous.ping()
+    anonymous.close()

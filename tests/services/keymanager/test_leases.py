@@ -10,12 +10,15 @@ import pytest
 from nats.aio.client import Client as NATS
 from prometheus_client import REGISTRY
 
+from services.auditor.detectors import Detectors
 from services.keymanager.app import KeyManager
 from shared import bus
 from shared.crypto import Kem, RequesterKeyPair, b64url_encode
 from shared.errors import UnavailableError
+from shared.events import AuditEvent
 from shared.keyadmin import KeyAdminClient, KeyStatus
 from shared.leases import LEASE_SUBJECT, LeaseClient, LeaseReply, LeaseRequest
+from tests.services.auditor.helpers import settings as auditor_settings
 from tests.services.keymanager.conftest import new_provider_key
 
 
@@ -180,8 +183,12 @@ async def test_audit_events_name_the_actor_and_carry_no_key(
     kinds = {(e["type"], e["actor"], e["outcome"]) for e in mine}
     assert ("key_store", "operator", "success") in kinds
     assert ("lease_granted", "token", "success") in kinds
-    assert any(
-        e["type"] == "lease_dropped" and e["detail"]["reason"] == "reply_not_allowed"
+    dropped = next(
+        e
         for e in events
+        if e["type"] == "lease_dropped" and e["detail"]["reason"] == "reply_not_allowed"
     )
+    # The auditor alerts on it, fed the event as the key-manager recorded it.
+    findings = Detectors(auditor_settings()).observe_audit(AuditEvent.model_validate(dropped))
+    assert [f.type for f in findings] == ["bus_reply_refused"]
     assert all(key not in json.dumps(e) for e in events)
