@@ -195,7 +195,7 @@ def test_auth_conf_passwords_are_environment_references() -> None:
     passwords = re.findall(r"^\s*password:\s*(\S+)", text, flags=re.MULTILINE)
     assert passwords == [
         f"$KEYVEIL_NATS_PASSWORD_{u}"
-        for u in ("TOKEN", "PROXY", "KEYMANAGER", "AUDITOR", "OPERATOR", "OBSERVER")
+        for u in ("TOKEN", "PROXY", "KEYMANAGER", "AUDITOR", "OPERATOR", "BOOTSTRAP", "OBSERVER")
     ]
 
 

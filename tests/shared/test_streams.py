@@ -18,7 +18,8 @@ from tests.support import REPO
 
 def test_every_stream_has_a_quota_and_append_only_ones_refuse_when_full() -> None:
     for stream in STREAMS:
-        assert stream.max_bytes and stream.max_bytes > 0, stream.name
+        assert stream.max_bytes, stream.name
+        assert stream.max_bytes > 0, stream.name
         assert stream.max_msgs == -1, stream.name  # a count limit would erase history
         if stream.deny_purge:
             assert stream.discard is DiscardPolicy.NEW, stream.name
@@ -44,6 +45,4 @@ def test_drift_names_the_changed_fields_and_ignores_server_defaults() -> None:
         "deny_purge",
     )
     assert _differences(replace(audit, num_replicas=None), audit) == ()
-    assert _differences(audit, expected_stream("KEYVEIL_AUDIT", replicas=3)) == (
-        "num_replicas",
-    )
+    assert _differences(audit, expected_stream("KEYVEIL_AUDIT", replicas=3)) == ("num_replicas",)
