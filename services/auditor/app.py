@@ -120,8 +120,6 @@ async def start_runtime(settings: Settings) -> AuditorRuntime:
                 interval_s=settings.ledger_checkpoint_interval_s,
                 on_problem=lambda problems: _alert_ledger(sink, problems),
             )
-        elif settings.is_production:
-            log.warning("LEDGER_CHECKPOINT_DIR is not set: ledger truncation goes undetected")
     auditor = Auditor(Detectors(settings), sink, ledger)
     common = {
         "ack_wait_s": settings.ack_wait_s,
