@@ -1,5 +1,7 @@
 """The auditor process: two durable consumers, the ledger, alerts, and the edge routes.
 
+The ledger is signed with LEDGER_SIGNING_KEY and, with LEDGER_CHECKPOINT_DIR, its head
+is checkpointed by a background task (services/auditor/checkpoints.py).
 HTTP serves only /healthz, /readyz and /metrics; the work happens in the consumer tasks.
 Replicas: the ledger is safe with any number of writers (expected-last-sequence), and
 ids are de-duplicated per replica. Detector windows, however, live in memory, so
