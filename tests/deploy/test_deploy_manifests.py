@@ -178,7 +178,7 @@ def test_nats_values_three_nodes_jetstream_and_our_users() -> None:
     assert jetstream["fileStore"]["pvc"]["enabled"]
     assert values["config"]["merge"]["$include"] == "./auth.conf"
     env = values["container"]["env"]
-    for user in ("token", "proxy", "keymanager", "auditor", "operator", "observer"):
+    for user in ("token", "proxy", "keymanager", "auditor", "operator", "observer", "bootstrap"):
         ref = env[f"KEYVEIL_NATS_PASSWORD_{user.upper()}"]["valueFrom"]["secretKeyRef"]
         assert ref == {"name": "keyveil-nats", "key": user}
 
@@ -235,7 +235,10 @@ def test_compose_runs_the_whole_system(compose: dict[str, Any]) -> None:
         assert service["environment"]["KEYVEIL_HOST"] == "0.0.0.0"
         assert service["environment"]["NATS_USER"] == name
         assert f"127.0.0.1:{port}/readyz" in " ".join(service["healthcheck"]["test"])
-        for dependency in service["depends_on"].values():
+        dependencies = dict(service["depends_on"])
+        # The streams exist before any service starts: services may not create them.
+        assert dependencies.pop("bootstrap") == {"condition": "service_completed_successfully"}
+        for dependency in dependencies.values():
             assert dependency == {"condition": "service_healthy"}
     for name in ("nats", "redis"):
         assert services[name]["healthcheck"]["test"]

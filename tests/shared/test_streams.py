@@ -18,8 +18,7 @@ from tests.support import REPO
 
 def test_every_stream_has_a_quota_and_append_only_ones_refuse_when_full() -> None:
     for stream in STREAMS:
-        assert stream.max_bytes, stream.name
-        assert stream.max_bytes > 0, stream.name
+        assert (stream.max_bytes or 0) > 0, stream.name
         assert stream.max_msgs == -1, stream.name  # a count limit would erase history
         if stream.deny_purge:
             assert stream.discard is DiscardPolicy.NEW, stream.name
