@@ -57,16 +57,21 @@ class Auditor:
         mismatch = publisher_mismatch(subject, raw)
         if mismatch is not None:
             MISATTRIBUTED.labels(mismatch.code).inc()
-            self.sink.raise_alert(
-                Finding(
-                    type="audit_publisher_mismatch",
-                    severity="critical",
-                    subject=subject,
-                    summary=f"audit event refused: {mismatch.reason}",
-                    ts=time.time(),
-                    labels={"code": mismatch.code, "audit_subject": subject[:128]},
+            now = time.time()
+            # Every refusal is counted; a login forging a stream of them raises one alert
+            # per (code, subject) and cooldown, not one each.
+            key = f"audit_publisher_mismatch|{mismatch.code}|{subject}"
+            if self.detectors.cooldown.allow(key, now, self.detectors.settings.alert_cooldown_s):
+                self.sink.raise_alert(
+                    Finding(
+                        type="audit_publisher_mismatch",
+                        severity="critical",
+                        subject=subject,
+                        summary=f"audit event refused: {mismatch.reason}",
+                        ts=now,
+                        labels={"code": mismatch.code, "audit_subject": subject[:128]},
+                    )
                 )
-            )
             raise RefuseEvent(mismatch.code)
         if self.ledger is not None:
             await self.ledger.append(raw, event_id=event.event_id, subject=subject)

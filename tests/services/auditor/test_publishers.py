@@ -127,10 +127,11 @@ async def test_auditor_refuses_events_from_the_wrong_publisher(
     before = refused("service_mismatch"), refused("type_not_allowed")
     # The token login writes a key rotation claiming to be the key-manager...
     forged = AuditEvent(service="keymanager", type="key_rotate", actor="keymanager", key_id="k1")
+    again = AuditEvent(service="keymanager", type="key_revoke", actor="keymanager", key_id="k1")
     # ...or in its own name, which it may not emit either.
     own_name = AuditEvent(service="token", type="key_rotate", actor="token", key_id="k1")
     genuine = AuditEvent(service="token", type="token.revoked", actor="token-holder")
-    for event in (forged, own_name, genuine):
+    for event in (forged, again, own_name, genuine):
         await publish_on(pnc, "keyveil.audit.token", event)
     audit = runtime.consumers[1]
     await until(lambda: genuine.event_id in audit.seen)
@@ -139,17 +140,19 @@ async def test_auditor_refuses_events_from_the_wrong_publisher(
     stored = await ledger_events(pnc)
     assert [r["event"]["event_id"] for r in stored] == [genuine.event_id]  # type: ignore[index]
     assert stored[0]["subject"] == "keyveil.audit.token"
+    # One alert per kind of forgery (cooldown), every refusal counted.
     alerts = [a for a in runtime.auditor.sink.raised if a.type == "audit_publisher_mismatch"]
     assert sorted(a.labels["code"] for a in alerts) == ["service_mismatch", "type_not_allowed"]
     assert all(a.severity == "critical" for a in alerts)
     assert (refused("service_mismatch"), refused("type_not_allowed")) == (
-        before[0] + 1,
+        before[0] + 2,
         before[1] + 1,
     )
     # Termed, not left for redelivery: nothing pending, nothing awaiting an ack.
     info = await pnc.jetstream().consumer_info("KEYVEIL_AUDIT", "auditor-audit")
     assert (info.num_pending, info.num_ack_pending, info.num_redelivered) == (0, 0, 0)
     assert forged.event_id not in audit.seen
+    assert again.event_id not in audit.seen
 
 
 async def test_auditor_keeps_recording_after_a_foreign_ledger_record(
