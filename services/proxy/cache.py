@@ -2,7 +2,11 @@
 
 Entries are per token subject (`sid`), keyed by a hash of the canonical request, with
 a TTL and a size cap. The cache is an optimisation, never a security decision: a
-Redis failure is a miss.
+Redis failure (unreachable, or full: `OOM`) is a miss, logged once per outage.
+
+It lives in a Redis logical space of its own (PROXY_CACHE_REDIS_URL; by default
+database 1 of REDIS_URL's server), which can be its own server with `maxmemory` and
+`allkeys-lru`: cache entries are evicted, never the limits, nonces and revocations.
 """
 
 from __future__ import annotations
@@ -33,6 +37,17 @@ class ResponseCache:
         self._redis = redis
         self._ttl_s = ttl_s
         self.max_entry_bytes = max_entry_bytes
+        self._failing = False
+
+    def _trouble(self, what: str, exc: BaseException) -> None:
+        if not self._failing:
+            self._failing = True
+            log.warning("response cache %s (%s); serving misses", what, type(exc).__name__)
+
+    def _working(self) -> None:
+        if self._failing:
+            self._failing = False
+            log.info("response cache reachable again")
 
     @staticmethod
     def key(*, sid: str, route: Route, payload: dict[str, Any]) -> str:
@@ -45,9 +60,10 @@ class ResponseCache:
         try:
             raw = await self._redis.get(key)
         except _TROUBLE as exc:
-            log.warning("response cache unavailable (%s)", type(exc).__name__)
+            self._trouble("unavailable", exc)
             CACHE.labels("miss").inc()
             return None
+        self._working()
         if not isinstance(raw, bytes) or b"\n" not in raw:
             CACHE.labels("miss").inc()
             return None
@@ -63,4 +79,7 @@ class ResponseCache:
                 key, content_type.encode("latin-1") + b"\n" + body, ex=self._ttl_s
             )
         except _TROUBLE as exc:
-            log.warning("response cache not written (%s)", type(exc).__name__)
+            self._trouble("not written", exc)
+            CACHE.labels("write_failed").inc()
+            return
+        self._working()

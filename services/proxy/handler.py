@@ -45,7 +45,7 @@ from shared.ratelimit import Admission, Decision, Limit
 from shared.telemetry import redactor
 
 from .access import Caller, TokenCache, authenticate, rejection_reason
-from .bodies import read_json, spool_multipart
+from .bodies import ClientGoneError, SpoolBudget, read_chunks, read_json, spool_multipart
 from .cache import OPT_IN_HEADER, ResponseCache
 from .demo import DemoAnswer, demo_response
 from .metrics import (
@@ -60,7 +60,7 @@ from .metrics import (
 )
 from .routes import ROUTES, BodyKind, Route
 from .settings import Settings
-from .upstream import Forwarder, UpstreamResponse, UpstreamStreamError
+from .upstream import Forwarder, UpstreamResponse, UpstreamStreamError, combine_headers
 from .usage import TokenUsage, UsageTap
 
 __all__ = ["ProxyHandler"]
@@ -82,10 +82,6 @@ _CLIENT_GONE = 499
 class _MethodNotAllowedError(ApiError):
     status = 405
     default_code = "method_not_allowed"
-
-
-class _ClientGoneError(Exception):
-    """The client disconnected while its request body was being read."""
 
 
 @dataclass
@@ -128,26 +124,11 @@ def _encode(headers: dict[str, str]) -> Headers:
 
 
 def _headers(scope: Scope) -> dict[str, str]:
-    """Lower-cased request headers, repeated fields combined as RFC 9110 says."""
-    out: dict[str, str] = {}
-    for raw_name, raw_value in scope["headers"]:
-        name = raw_name.decode("latin-1").lower()
-        value = raw_value.decode("latin-1")
-        out[name] = f"{out[name]}, {value}" if name in out else value
-    return out
+    """Lower-cased request headers, repeated fields combined as RFC 9110 says.
 
-
-async def _body(receive: Receive) -> AsyncIterator[bytes]:
-    """The request body as it arrives (raw ASGI, no Request object)."""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise _ClientGoneError
-        chunk = message.get("body", b"")
-        if chunk:
-            yield chunk
-        if not message.get("more_body", False):
-            return
+    Repeats are collected and joined once: joining per repeat is quadratic.
+    """
+    return combine_headers(scope["headers"])
 
 
 def _refusal(decision: Decision) -> ApiError:
@@ -215,6 +196,7 @@ class ProxyHandler:
         self._nonce_ttl_s = math.ceil(2 * settings.signature_window_s) + 1
         self._background: set[asyncio.Task[Any]] = set()
         self._meters = _Meters()
+        self._spool = SpoolBudget(settings.spool_budget_bytes)
         self._event_template = UsageEvent(service="proxy", type="proxy.request", mode="proxy")
 
     async def __call__(
@@ -258,7 +240,7 @@ class ProxyHandler:
             return await self._admitted(scope, receive, route, headers, exchange)
         except ApiError as exc:
             return self._refused(exchange, exc, before_upstream=True)
-        except _ClientGoneError:
+        except ClientGoneError:
             self._finish(exchange, _CLIENT_GONE, upstream_s=0.0, reason="client_gone")
             return _Reply(_CLIENT_GONE, [])
 
@@ -302,25 +284,33 @@ class ProxyHandler:
         digest = caller.signature.digest
         assert digest is not None  # verify_request(require_digest=True) guarantees it
         if route.body is BodyKind.multipart:
-            upload = await spool_multipart(
-                _body(receive),
-                content_type=headers.get("content-type"),
+            reserved = self._spool.reserve(
                 content_length=headers.get("content-length"),
-                digest=digest,
                 limit=self._settings.max_upload_bytes,
             )
-            exchange.model = upload.model
-            if self._settings.demo_mode:
-                upload.close()
-                return self._demo(exchange, stream=False)
             try:
-                return await self._forward(
-                    exchange, headers, upload.stream(), content_length=upload.size
+                upload = await spool_multipart(
+                    self._body(receive),
+                    content_type=headers.get("content-type"),
+                    content_length=headers.get("content-length"),
+                    digest=digest,
+                    limit=self._settings.max_upload_bytes,
+                    spool_dir=self._settings.spool_dir,
                 )
+                exchange.model = upload.model
+                if self._settings.demo_mode:
+                    upload.close()
+                    return self._demo(exchange, stream=False)
+                try:
+                    return await self._forward(
+                        exchange, headers, upload.stream(), content_length=upload.size
+                    )
+                finally:
+                    upload.close()
             finally:
-                upload.close()
+                self._spool.release(reserved)
         body = await read_json(
-            _body(receive),
+            self._body(receive),
             content_type=headers.get("content-type"),
             content_length=headers.get("content-length"),
             digest=digest,
@@ -340,6 +330,13 @@ class ProxyHandler:
                 out["x-keyveil-cache"] = "hit"
                 return _Reply(200, _encode(out), cached)
         return await self._forward(exchange, headers, body.raw, cache_key=cache_key)
+
+    def _body(self, receive: Receive) -> AsyncIterator[bytes]:
+        return read_chunks(
+            receive,
+            idle_s=self._settings.body_read_timeout_s,
+            total_s=self._settings.body_total_timeout_s,
+        )
 
     def _scheme(self, scope: Scope, headers: dict[str, str], ip: str) -> str:
         # Behind a trusted TLS-terminating ingress the client signed the https URL.
