@@ -121,6 +121,7 @@ class EdgeProtocol(JsonParseErrorProtocol):
         self._head_bytes = 0
         self._head_tail = b""
         self._line_seen = False
+        self._line_bytes = 0
         self._header_count = 0
         self._header_bytes = 0
         self._url_bytes = 0
@@ -146,14 +147,16 @@ class EdgeProtocol(JsonParseErrorProtocol):
         in_head = len(data) if end < 0 else end + len(_HEAD_END) - len(self._head_tail)
         self._head_tail = joined[-3:]
         if not self._line_seen:
-            self._line_seen = b"\n" in joined
+            newline = data.find(b"\n", 0, in_head)
+            self._line_seen = newline >= 0
+            self._line_bytes += newline if self._line_seen else in_head
         self._head_bytes += in_head
+        if self._line_bytes > self.limits.max_url_bytes + 64:  # method and version besides
+            self._refuse(414, "url_too_long", "the request target is too long")
+            return True
         # Request line and headers together; each is checked on its own by the callbacks.
         if self._head_bytes > self.limits.max_url_bytes + self.limits.max_header_bytes + 64:
-            if self._line_seen:
-                self._refuse_headers()
-            else:
-                self._refuse(414, "url_too_long", "the request target is too long")
+            self._refuse_headers()
             return True
         return False
 

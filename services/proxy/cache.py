@@ -37,17 +37,18 @@ class ResponseCache:
         self._redis = redis
         self._ttl_s = ttl_s
         self.max_entry_bytes = max_entry_bytes
-        self._failing = False
+        # Reads and writes fail apart: a full server still reads (OOM refuses writes).
+        self._failing: set[str] = set()
 
     def _trouble(self, what: str, exc: BaseException) -> None:
-        if not self._failing:
-            self._failing = True
-            log.warning("response cache %s (%s); serving misses", what, type(exc).__name__)
+        if what not in self._failing:
+            self._failing.add(what)
+            log.warning("response cache %s failed (%s); serving misses", what, type(exc).__name__)
 
-    def _working(self) -> None:
-        if self._failing:
-            self._failing = False
-            log.info("response cache reachable again")
+    def _working(self, what: str) -> None:
+        if what in self._failing:
+            self._failing.discard(what)
+            log.info("response cache %s works again", what)
 
     @staticmethod
     def key(*, sid: str, route: Route, payload: dict[str, Any]) -> str:
@@ -60,10 +61,10 @@ class ResponseCache:
         try:
             raw = await self._redis.get(key)
         except _TROUBLE as exc:
-            self._trouble("unavailable", exc)
+            self._trouble("read", exc)
             CACHE.labels("miss").inc()
             return None
-        self._working()
+        self._working("read")
         if not isinstance(raw, bytes) or b"\n" not in raw:
             CACHE.labels("miss").inc()
             return None
@@ -79,7 +80,7 @@ class ResponseCache:
                 key, content_type.encode("latin-1") + b"\n" + body, ex=self._ttl_s
             )
         except _TROUBLE as exc:
-            self._trouble("not written", exc)
+            self._trouble("write", exc)
             CACHE.labels("write_failed").inc()
             return
-        self._working()
+        self._working("write")

@@ -42,6 +42,7 @@ from shared.errors import (
 from shared.events import EventPublisher, UsageEvent
 from shared.httpedge import IpNetwork, client_ip
 from shared.ratelimit import Admission, Decision, Limit
+from shared.refusals import RefusalSampler
 from shared.telemetry import redactor
 
 from .access import Caller, TokenCache, authenticate, rejection_reason
@@ -77,6 +78,10 @@ _OTHER = Route("other", None, "", BodyKind.json)  # type: ignore[arg-type]
 _JSON = (b"content-type", b"application/json")
 _SSE_HEADERS: Headers = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 _CLIENT_GONE = 499
+# Refusals decided before any token was verified: their usage events are sampled.
+_UNVERIFIED = frozenset(
+    {"not_found", "method_not_allowed", "token_missing", "token_invalid", "token_expired"}
+)
 
 
 class _MethodNotAllowedError(ApiError):
@@ -198,6 +203,11 @@ class ProxyHandler:
         self._meters = _Meters()
         self._spool = SpoolBudget(settings.spool_budget_bytes)
         self._event_template = UsageEvent(service="proxy", type="proxy.request", mode="proxy")
+        self._refusals = (
+            RefusalSampler(publisher.emit, interval_s=settings.refusal_event_interval_s)
+            if publisher is not None
+            else None
+        )
 
     async def __call__(
         self, scope: Scope, receive: Receive, send: Send, extra_headers: Headers | None = None
@@ -492,7 +502,16 @@ class ProxyHandler:
             if exc.status in (401, 403) and exc.code != "ip_blocked":
                 AUTH_FAILURES.labels("proxy", reason).inc()
                 self._spawn(self._admission.strike(exchange.ip, reason))
-        self._finish(exchange, exc.status, upstream_s=0.0, reason=reason, refused=before_upstream)
+        # Nobody was authenticated yet: counted always, but its usage event is sampled.
+        sampled = before_upstream and exchange.caller is None and exc.code in _UNVERIFIED
+        self._finish(
+            exchange,
+            exc.status,
+            upstream_s=0.0,
+            reason=reason,
+            refused=before_upstream,
+            sampled=sampled,
+        )
         headers = _encode({**exchange.rate_headers, **exc.headers})
         headers.append(_JSON)
         body = orjson.dumps({"error": {"code": exc.code, "message": exc.message}})
@@ -513,6 +532,7 @@ class ProxyHandler:
         *,
         reason: str | None = None,
         refused: bool = False,
+        sampled: bool = False,
         usage: TokenUsage | None = None,
     ) -> None:
         total = perf_counter() - exchange.started
@@ -531,7 +551,8 @@ class ProxyHandler:
         )
         # A copy of a validated template with fresh values: a quarter of the cost of
         # building the model (every value here comes from checked data).
-        self._publisher.emit(
+        emit = self._refusals.refused if sampled and self._refusals else self._publisher.emit
+        emit(
             self._event_template.model_copy(
                 update={
                     "event_id": uuid.uuid4().hex,
@@ -555,5 +576,7 @@ class ProxyHandler:
 
     async def drain(self) -> None:
         """Let background work (strikes, cache writes) finish at shutdown."""
+        if self._refusals is not None:
+            self._refusals.close()
         if self._background:
             await asyncio.wait(self._background, timeout=5)

@@ -78,6 +78,11 @@ class Settings(EdgeSettings):
     )
     spool_dir: Path | None = Field(default=None, validation_alias="PROXY_SPOOL_DIR")
 
+    refusal_event_interval_s: float = Field(
+        default=1.0, gt=0, le=300, validation_alias="PROXY_REFUSAL_EVENT_INTERVAL_S"
+    )
+    """Unauthenticated refusals: at most one usage event per reason and client per interval."""
+
     @field_validator("spool_dir")
     @classmethod
     def _spool_dir_exists(cls, value: Path | None) -> Path | None:
