@@ -102,6 +102,14 @@ _UNAVAILABLE_REPLIES: Final = frozenset(
     {"OOM", "LOADING", "BUSY", "MASTERDOWN", "READONLY", "CLUSTERDOWN", "TRYAGAIN", "NOREPLICAS"}
 )
 
+# redis-py's classes for some of them (it moves the code into `status_code`).
+_UNAVAILABLE_CLASSES = (
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.ClusterDownError,  # and MasterDownError
+    redis.exceptions.TryAgainError,
+)
+
 
 class RedisUnavailableError(redis.exceptions.ConnectionError):
     """Redis cannot serve now: unreachable, timed out, or refusing (full, loading, ...)."""
@@ -129,7 +137,9 @@ def as_unavailable(exc: BaseException) -> RedisUnavailableError | None:
         return exc
     if isinstance(exc, _REDIS_TROUBLE):
         return RedisUnavailableError(exc)
-    if isinstance(exc, redis.exceptions.ResponseError) and _reply_code(exc) in _UNAVAILABLE_REPLIES:
+    if isinstance(exc, _UNAVAILABLE_CLASSES) or (
+        isinstance(exc, redis.exceptions.ResponseError) and _reply_code(exc) in _UNAVAILABLE_REPLIES
+    ):
         return RedisUnavailableError(exc)
     return None
 

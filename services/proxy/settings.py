@@ -112,5 +112,6 @@ def with_database(url: str, db: int) -> str:
     parts = urlsplit(url)
     query = [(k, v) for k, v in parse_qsl(parts.query) if k != "db"]
     if parts.scheme == "unix":
-        return urlunsplit(parts._replace(query=urlencode([*query, ("db", str(db))])))
+        # Built by hand: urlunsplit would drop the empty authority ("unix:/path").
+        return f"unix://{parts.netloc}{parts.path}?{urlencode([*query, ('db', str(db))])}"
     return urlunsplit(parts._replace(path=f"/{db}", query=urlencode(query)))
