@@ -706,7 +706,7 @@ class Admission:
         if not self._degraded:
             self._degraded = True
             log.error(
-                "rate limiting backend unavailable (%s); layers fall back to %s",
+                "rate limiting backend unreachable (%s); layers fall back to %s",
                 exc,
                 ", ".join(f"{layer}={mode}" for layer, mode in modes.items()) or "closed",
                 extra={"fields": {"service": self._service}},

@@ -401,7 +401,7 @@ async def test_a_full_redis_is_503_not_500(
             assert int(response.headers["Retry-After"]) >= 1
         assert latency < 1.0
         assert upstream.calls() == []
-        assert "rate limiting backend unavailable (OOM)" in service.log()
+        assert "rate limiting backend unreachable (OOM)" in service.log()
         assert "Traceback" not in service.log()
     finally:
         await browser.close()

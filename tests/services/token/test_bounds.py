@@ -143,5 +143,5 @@ async def test_a_full_redis_is_503_not_500(
         assert answer.headers["retry-after"] == "1"
         assert "token" not in answer.json()
     assert latency < 1.0
-    assert "rate limiting backend unavailable (OOM)" in token_service.log()
+    assert "rate limiting backend unreachable (OOM)" in token_service.log()
     assert "Traceback" not in token_service.log()
