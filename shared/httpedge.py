@@ -6,6 +6,7 @@ from the request is echoed and no stack trace is ever sent.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import os
@@ -20,7 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from shared.errors import ApiError, ConfigError, PayloadTooLargeError
+from shared.errors import ApiError, ConfigError, PayloadTooLargeError, RequestTimeoutError
 from shared.httpprotocol import EdgeProtocol, JsonParseErrorProtocol, ProtocolLimits
 from shared.settings import CommonSettings, EdgeSettings, load_settings
 from shared.telemetry import configure_logging, configure_tracing
@@ -184,18 +185,25 @@ def _is_trusted(address: str, trusted: Sequence[IpNetwork]) -> bool:
     return any(ip in net for net in trusted)
 
 
-async def read_body_capped(request: Request, limit: int) -> bytes:
-    """Read the body, refusing with 413 as soon as it exceeds `limit` bytes."""
+async def read_body_capped(request: Request, limit: int, timeout_s: float = 10.0) -> bytes:
+    """Read the body, refusing with 413 as soon as it exceeds `limit` bytes, and with
+    408 `body_timeout` when it is not all there within `timeout_s` (a held body)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLargeError(f"body exceeds {limit} bytes")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLargeError(f"body exceeds {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLargeError(f"body exceeds {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeoutError(
+            "the request body did not arrive in time", headers={"Connection": "close"}
+        ) from None
     return b"".join(chunks)
 
 

@@ -158,6 +158,10 @@ class EdgeSettings(CommonSettings):
     write_timeout_s: float = Field(
         default=30.0, gt=0, le=3600, validation_alias="HTTP_WRITE_TIMEOUT_S"
     )
+    body_timeout_s: float = Field(
+        default=10.0, gt=0, le=600, validation_alias="HTTP_BODY_TIMEOUT_S"
+    )
+    """A small request body (the token service's) must be all there this long after the head."""
 
     _split_edge = field_validator("allowed_origins", "trusted_proxies", mode="before")(split_commas)
 

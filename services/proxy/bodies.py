@@ -24,7 +24,13 @@ from typing import IO, Any
 import orjson
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from shared.errors import ApiError, BadRequestError, PayloadTooLargeError, UnavailableError
+from shared.errors import (
+    ApiError,
+    BadRequestError,
+    PayloadTooLargeError,
+    RequestTimeoutError,
+    UnavailableError,
+)
 from shared.signing import ExpectedDigest
 
 __all__ = [
@@ -48,9 +54,8 @@ class UnsupportedMediaTypeError(ApiError):
     default_code = "unsupported_media_type"
 
 
-class BodyTimeoutError(ApiError):
-    status = 408
-    default_code = "body_timeout"
+class BodyTimeoutError(RequestTimeoutError):
+    """The proxy's request body was held too long (idle, or past its deadline)."""
 
 
 class ClientGoneError(Exception):

@@ -56,6 +56,7 @@ def token_service(
         "ALLOWED_ORIGINS": ORIGIN,
         "TRUSTED_PROXIES": "127.0.0.1/32",
         "HTTP_HEADER_TIMEOUT_S": "1",
+        "HTTP_BODY_TIMEOUT_S": "1",
         "LOG_FORMAT": "text",
     }
     log = tmp_path_factory.mktemp("token-bounds") / "token.log"
@@ -113,6 +114,23 @@ async def test_a_trickled_head_gets_408(token_service: ServiceProcess) -> None:
 
     response, latency = await _probe_during(token_service.url, attack())
     assert (response.status, response.code) == (408, "header_timeout")
+    assert latency < 1.0
+
+
+async def test_a_held_body_gets_408(token_service: ServiceProcess) -> None:
+    async def attack() -> Any:
+        started = time.monotonic()
+        reader, writer = await open_raw(token_service.url)
+        try:
+            head = request_head("DELETE", f"{SECURE}/abc", [("Content-Length", "100")])
+            writer.write(head + b"0123456789")  # a tenth of it, then nothing
+            return await read_response(reader, timeout=5), time.monotonic() - started
+        finally:
+            writer.close()
+
+    (response, elapsed), latency = await _probe_during(token_service.url, attack())
+    assert (response.status, response.code) == (408, "body_timeout")
+    assert 0.9 < elapsed < 3.0
     assert latency < 1.0
 
 
