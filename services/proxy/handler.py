@@ -11,7 +11,12 @@ per response. A small fixed-length provider answer (the usual JSON completion) i
 whole (at most `_INLINE_MAX` bytes) and sent with a Content-Length; everything else
 (SSE, audio, large or chunked bodies) is relayed chunk by chunk as it arrives, with
 one watcher task per stream that closes the provider connection as soon as the client
-goes away.
+goes away (which includes a client the edge protocol cut for not reading its answer).
+
+Bounds against hostile clients here: request bodies are read with an idle timeout and
+a deadline (408), uploads in flight share the process's spool budget (503, before the
+body is read), and refusals made before any token was verified are counted in metrics
+but their usage events are sampled (`shared.refusals`).
 """
 
 from __future__ import annotations

@@ -25,12 +25,12 @@ def test_repeated_headers_are_joined_once_in_order() -> None:
 
 
 def test_header_joining_is_linear() -> None:
-    raw = [(b"x-repeat", b"abcdefgh")] * 200_000
+    raw = [(b"x-repeat", b"abcdefgh")] * 50_000
     started = time.perf_counter()
     joined = combine_headers(raw)
     elapsed = time.perf_counter() - started
-    assert len(joined["x-repeat"]) == 200_000 * 10 - 2
-    assert elapsed < 1.0  # one join per repeat (the old code) takes tens of seconds
+    assert len(joined["x-repeat"]) == 50_000 * 10 - 2
+    assert elapsed < 1.0  # ~50 ms; one join per repeat (the old code) took 7 s
 
 
 def _receiver(*messages: dict[str, Any], then_wait: bool = True) -> Any:
