@@ -7,6 +7,7 @@ JSON code), and meanwhile measures a `/healthz` request from another client.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 from dataclasses import dataclass
@@ -15,7 +16,14 @@ from urllib.parse import urlsplit
 import httpx
 import orjson
 
-__all__ = ["RawResponse", "healthz_latency", "open_raw", "read_response", "request_head"]
+__all__ = [
+    "RawResponse",
+    "close_raw",
+    "healthz_latency",
+    "open_raw",
+    "read_response",
+    "request_head",
+]
 
 
 @dataclass(frozen=True)
@@ -73,3 +81,10 @@ async def read_response(reader: asyncio.StreamReader, timeout: float = 10.0) -> 
                 headers[name.strip().lower()] = value.strip()
         body = await reader.readexactly(int(headers.get("content-length", "0")))
     return RawResponse(status, headers, body)
+
+
+async def close_raw(writer: asyncio.StreamWriter) -> None:
+    """Close and wait until the socket is really closed (no unclosed-transport warning)."""
+    writer.close()
+    with contextlib.suppress(ConnectionError):
+        await writer.wait_closed()

@@ -14,7 +14,7 @@ from starlette.types import Receive, Scope, Send
 
 from keyveil.servers import free_port
 from shared.httpprotocol import EdgeProtocol, ProtocolLimits
-from tests.attacks import open_raw, read_response, request_head
+from tests.attacks import close_raw, open_raw, read_response, request_head
 
 LIMITS = ProtocolLimits(
     max_header_count=20,
@@ -100,7 +100,7 @@ async def test_limits_count_per_request_on_a_kept_alive_connection(
         refused = await read_response(reader)
         assert (refused.status, refused.code) == (431, "headers_too_large")
     finally:
-        writer.close()
+        await close_raw(writer)
 
 
 async def test_invalid_http_is_still_a_json_400(served: tuple[str, Any]) -> None:
@@ -110,7 +110,7 @@ async def test_invalid_http_is_still_a_json_400(served: tuple[str, Any]) -> None
         writer.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nX-Bad: a\x00b\r\n\r\n")
         response = await read_response(reader)
     finally:
-        writer.close()
+        await close_raw(writer)
     assert (response.status, response.code) == (400, "invalid_http")
 
 
@@ -124,7 +124,7 @@ async def test_an_unread_answer_is_cut_and_the_app_sees_the_disconnect(
         await reader.readuntil(b"\r\n\r\n")
         await asyncio.wait_for(app.disconnected.wait(), timeout=10)
     finally:
-        writer.close()
+        await close_raw(writer)
 
 
 async def test_an_idle_connection_between_requests_is_not_refused(
@@ -139,4 +139,4 @@ async def test_an_idle_connection_between_requests_is_not_refused(
         writer.write(request_head("POST", "/echo", [("Content-Length", "0")]))
         assert (await read_response(reader)).status == 200
     finally:
-        writer.close()
+        await close_raw(writer)

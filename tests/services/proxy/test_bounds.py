@@ -20,7 +20,7 @@ from services.proxy.settings import with_database
 from shared.bus import ensure_stream
 from shared.events import USAGE_STREAM
 from shared.tokens import Scope
-from tests.attacks import healthz_latency, open_raw, read_response, request_head
+from tests.attacks import close_raw, healthz_latency, open_raw, read_response, request_head
 from tests.support import FakeUpstream, ServiceProcess
 
 from .conftest import CHAT, SPEECH, STT, Browser, chat_body, multipart, proxy_env
@@ -112,9 +112,11 @@ async def test_oversized_heads_are_refused_before_the_app(
     async def attack() -> tuple[Any, float]:
         started = time.monotonic()
         reader, writer = await open_raw(bounded_proxy.url)
-        writer.write(request_head("POST", path, headers) + b"{}")
-        response = await read_response(reader)
-        writer.close()
+        try:
+            writer.write(request_head("POST", path, headers) + b"{}")
+            response = await read_response(reader)
+        finally:
+            await close_raw(writer)
         return response, time.monotonic() - started
 
     (response, elapsed), latency = await _attack_and_probe(bounded_proxy.url, attack())
@@ -137,15 +139,16 @@ async def _get(service: ServiceProcess, path: str) -> bytes:
 async def test_a_trickled_head_gets_408(bounded_proxy: ServiceProcess) -> None:
     async def attack() -> Any:
         reader, writer = await open_raw(bounded_proxy.url)
-        writer.write(b"POST " + CHAT.encode() + b" HTTP/1.1\r\nHost: x\r\n")
-        for _ in range(4):  # a field now and then, never the end of the head
-            await asyncio.sleep(0.4)
-            if writer.is_closing():
-                break
-            writer.write(b"X-Slow: 1\r\n")
-        response = await read_response(reader, timeout=5)
-        writer.close()
-        return response
+        try:
+            writer.write(b"POST " + CHAT.encode() + b" HTTP/1.1\r\nHost: x\r\n")
+            for _ in range(4):  # a field now and then, never the end of the head
+                await asyncio.sleep(0.4)
+                if writer.is_closing():
+                    break
+                writer.write(b"X-Slow: 1\r\n")
+            return await read_response(reader, timeout=5)
+        finally:
+            await close_raw(writer)
 
     response, latency = await _attack_and_probe(bounded_proxy.url, attack())
     assert response.status == 408
@@ -168,33 +171,35 @@ async def test_a_client_that_stops_reading_is_cut_and_frees_the_upstream_slot(
     headers = client.signed_headers(client.token(), SPEECH, body)
     headers["Content-Length"] = str(len(body))
     reader, writer = await open_raw(bounded_proxy.url, receive_buffer=4096)
-    writer.write(request_head("POST", SPEECH, headers, host=_netloc(client)) + body)
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
-    assert head.startswith(b"HTTP/1.1 200")
-    # Now read nothing: the proxy's buffers fill, writing pauses, the timer runs.
-    assert await healthz_latency(bounded_proxy.url) < 1.0
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        metrics = (await _get(bounded_proxy, "/metrics")).decode()
-        if _metric(metrics, metric) > before:
-            break
+    try:
+        writer.write(request_head("POST", SPEECH, headers, host=_netloc(client)) + body)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 200")
+        # Now read nothing: the proxy's buffers fill, writing pauses, the timer runs.
         assert await healthz_latency(bounded_proxy.url) < 1.0
-        await asyncio.sleep(0.2)
-    else:
-        pytest.fail("the stalled client was never cut")
-    upstream.behave()
-    started = time.monotonic()
-    response = await client.post(SPEECH, body)
-    assert response.status_code == 200  # not 502 `no free upstream connection`
-    assert time.monotonic() - started < 2.0  # got the slot without waiting for one
-    # The stalled connection was closed by the proxy: draining it ends.
-    async with asyncio.timeout(10):
-        try:
-            while await reader.read(1 << 20):
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            metrics = (await _get(bounded_proxy, "/metrics")).decode()
+            if _metric(metrics, metric) > before:
+                break
+            assert await healthz_latency(bounded_proxy.url) < 1.0
+            await asyncio.sleep(0.2)
+        else:
+            pytest.fail("the stalled client was never cut")
+        upstream.behave()
+        started = time.monotonic()
+        response = await client.post(SPEECH, body)
+        assert response.status_code == 200  # not 502 `no free upstream connection`
+        assert time.monotonic() - started < 2.0  # got the slot without waiting for one
+        # The stalled connection was closed by the proxy: draining it ends.
+        async with asyncio.timeout(10):
+            try:
+                while await reader.read(1 << 20):
+                    pass
+            except ConnectionResetError:
                 pass
-        except ConnectionResetError:
-            pass
-    writer.close()
+    finally:
+        await close_raw(writer)
 
 
 def _netloc(browser: Browser) -> str:
@@ -228,9 +233,10 @@ async def test_a_held_body_gets_408(client: Browser, upstream: FakeUpstream, pat
     async def attack() -> Any:
         started = time.monotonic()
         reader, writer = await _hold_body(client, path, body, content_type, send=10_000)
-        response = await read_response(reader, timeout=10)
-        writer.close()
-        return response, time.monotonic() - started
+        try:
+            return await read_response(reader, timeout=10), time.monotonic() - started
+        finally:
+            await close_raw(writer)
 
     (response, elapsed), latency = await _attack_and_probe(client.base_url, attack())
     assert response.status == 408
@@ -248,14 +254,16 @@ async def test_a_trickled_body_meets_the_overall_deadline(
     reader, writer = await _hold_body(client, STT, body, content_type, send=1000)
     sent = 1000
     response = None
-    while response is None and time.monotonic() - started < 8:
-        writer.write(body[sent : sent + 100])  # 100 bytes every 0.5 s: never idle for 1 s
-        sent += 100
-        try:
-            response = await read_response(reader, timeout=0.5)
-        except TimeoutError:
-            continue
-    writer.close()
+    try:
+        while response is None and time.monotonic() - started < 8:
+            writer.write(body[sent : sent + 100])  # 100 bytes every 0.5 s: never idle 1 s
+            sent += 100
+            try:
+                response = await read_response(reader, timeout=0.5)
+            except TimeoutError:
+                continue
+    finally:
+        await close_raw(writer)
     assert response is not None
     assert response.status == 408
     assert response.code == "body_timeout"
@@ -283,7 +291,7 @@ async def test_uploads_over_the_spool_budget_get_503(
         assert upstream.calls() == []
         held = await read_response(reader, timeout=10)  # the held one times out ...
     finally:
-        writer.close()
+        await close_raw(writer)
     assert held.status == 408
     accepted = await client.post(STT, body, content_type=content_type)  # ... and frees its room
     assert accepted.status_code == 200
@@ -319,11 +327,18 @@ async def test_unauthenticated_refusals_are_counted_but_sampled(
     rejections = 'keyveil_proxy_rejections_total{reason="invalid_token"}'
     before = _metric((await _get(bounded_proxy, "/metrics")).decode(), rejections)
     since = time.time()
-    for _ in range(15):  # each one strikes the address: stay under the block (20)
-        response = await client.http.post(
-            CHAT, content=chat_body(), headers={"Authorization": "Bearer forged"}
-        )
-        assert response.status_code == 401
+
+    async def flood() -> list[Any]:
+        return [  # each one strikes the address: stay under the block (20)
+            await client.http.post(
+                CHAT, content=chat_body(), headers={"Authorization": "Bearer forged"}
+            )
+            for _ in range(15)
+        ]
+
+    responses, latency = await _attack_and_probe(client.base_url, flood())
+    assert [r.status_code for r in responses] == [401] * 15
+    assert latency < 1.0
     speech_only = client.token(scopes=(Scope.speech,))
     for _ in range(3):  # a verified token refused: one event each
         assert (await client.post(CHAT, chat_body(), speech_only)).status_code == 403
@@ -430,10 +445,18 @@ async def test_the_cache_has_its_own_redis_and_a_full_one_is_a_miss(
     body = orjson.dumps({"model": "tts-1", "input": "cache me", "voice": "alloy"})
     token = browser.token()
     try:
-        for _ in range(3):
-            response = await browser.post(SPEECH, body, token, extra={"X-Keyveil-Cache": "1"})
+
+        async def cached_calls() -> list[Any]:
+            return [
+                await browser.post(SPEECH, body, token, extra={"X-Keyveil-Cache": "1"})
+                for _ in range(3)
+            ]
+
+        responses, latency = await _attack_and_probe(service.url, cached_calls())
+        for response in responses:
             assert response.status_code == 200
             assert response.headers.get("x-keyveil-cache") != "hit"
+        assert latency < 1.0
         await asyncio.sleep(0.3)  # cache writes run after the answer
         assert len(upstream.calls()) == 3  # every one a miss, none an error
         assert service.log().count("response cache write failed (OutOfMemoryError)") == 1

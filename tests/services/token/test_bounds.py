@@ -14,7 +14,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from keyveil.servers import ServerProcess, free_port, redis_binary
-from tests.attacks import healthz_latency, open_raw, read_response, request_head
+from tests.attacks import close_raw, healthz_latency, open_raw, read_response, request_head
 from tests.services.token.conftest import ORIGIN, browser
 from tests.support import TEST_PROXY_SIGNING_KEY, FakeUpstream, ServiceProcess
 
@@ -95,7 +95,7 @@ async def test_oversized_heads_are_refused(
             writer.write(request_head("POST", path, headers) + b"{}")
             return await read_response(reader), time.monotonic() - started
         finally:
-            writer.close()
+            await close_raw(writer)
 
     (response, elapsed), latency = await _probe_during(token_service.url, attack())
     assert (response.status, response.code) == (status, code)
@@ -110,7 +110,7 @@ async def test_a_trickled_head_gets_408(token_service: ServiceProcess) -> None:
             writer.write(b"POST " + SECURE.encode() + b" HTTP/1.1\r\nHost: x\r\n")
             return await read_response(reader, timeout=5)
         finally:
-            writer.close()
+            await close_raw(writer)
 
     response, latency = await _probe_during(token_service.url, attack())
     assert (response.status, response.code) == (408, "header_timeout")
@@ -126,7 +126,7 @@ async def test_a_held_body_gets_408(token_service: ServiceProcess) -> None:
             writer.write(head + b"0123456789")  # a tenth of it, then nothing
             return await read_response(reader, timeout=5), time.monotonic() - started
         finally:
-            writer.close()
+            await close_raw(writer)
 
     (response, elapsed), latency = await _probe_during(token_service.url, attack())
     assert (response.status, response.code) == (408, "body_timeout")
