@@ -94,6 +94,8 @@ class UsageEvent(Event):
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     total_tokens: int | None = None
+    count: int | None = None
+    """How many refusals this one event stands for (sampled refusals); None means one."""
 
 
 class AuditEvent(Event):

@@ -195,8 +195,9 @@ class Detectors:
         reason = (event.reason or "").lower()
         ip = event.client_ip or "unknown"
         s = self.settings
+        weight = event.count or 1  # a sampled refusal event stands for `count` refusals
         if reason in AUTH_REASONS or reason.startswith("invalid_"):
-            count = self.auth_failures.add(ip, event.ts)
+            count = self.auth_failures.add(ip, event.ts, weight)
             if count >= s.auth_failure_threshold:
                 yield Finding(
                     "auth_failure_burst",
@@ -209,7 +210,7 @@ class Detectors:
                 )
         who = f"token:{event.token_id}" if event.token_id else f"ip:{ip}"
         if reason in REPLAY_REASONS:
-            count = self.replays.add(who, event.ts)
+            count = self.replays.add(who, event.ts, weight)
             if count >= s.replay_threshold:
                 yield Finding(
                     "replay_attempts",
@@ -220,7 +221,7 @@ class Detectors:
                     self._who_labels(event),
                 )
         if reason in TAMPER_REASONS:
-            count = self.tampering.add(who, event.ts)
+            count = self.tampering.add(who, event.ts, weight)
             if count >= s.tamper_threshold:
                 yield Finding(
                     "tampering_attempts",
@@ -260,7 +261,7 @@ class Detectors:
     def _proxy_request(self, event: UsageEvent) -> Iterable[Finding]:
         s = self.settings
         bad = event.outcome == "error" or (event.status or 0) >= 500
-        ratio = self.proxy_errors.add(event.ts, bad=bad)
+        ratio = self.proxy_errors.add(event.ts, bad=bad, weight=event.count or 1)
         if self.proxy_errors.total >= s.proxy_error_min_requests and ratio >= s.proxy_error_ratio:
             yield Finding(
                 "proxy_error_rate",

@@ -37,6 +37,8 @@ _REASONS = {
     "digest_unsupported": "digest",
     "digest_mismatch": "digest",
     "security_unavailable": "unavailable",
+    "body_timeout": "body_timeout",
+    "upload_capacity": "upload_capacity",
 }
 
 

@@ -149,6 +149,8 @@ def create_app(settings: Settings, *, keys: KeySource | None = None) -> FastAPI:
         async with AsyncExitStack() as stack:
             redis = redis_client(settings.redis_url, settings.redis_timeout_s)
             stack.push_async_callback(redis.aclose)
+            cache_redis = redis_client(settings.response_cache_redis_url, settings.redis_timeout_s)
+            stack.push_async_callback(cache_redis.aclose)
 
             def on_state(connected: bool) -> None:
                 state["nats"] = connected
@@ -199,7 +201,7 @@ def create_app(settings: Settings, *, keys: KeySource | None = None) -> FastAPI:
                 admission=admission,
                 forwarder=forwarder,
                 cache=ResponseCache(
-                    redis,
+                    cache_redis,
                     ttl_s=settings.cache_ttl_s,
                     max_entry_bytes=settings.cache_max_entry_bytes,
                 )
