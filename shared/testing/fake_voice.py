@@ -15,6 +15,8 @@ Control endpoints (tests only):
   `session.update` on the data channel does (the sidebands see `session.updated`).
 - `POST /_fake/sessions/{id}/close` `{"reason": "expired"}`: the provider ends a session.
 - `POST /_fake/sessions/{id}/drop_sidebands`: cut the sideband sockets, session stays up.
+- `POST /_fake/sessions` `{"api": "live"|"realtime", "session": {...}}`: a session with
+  no peer (201 `{"id"}`), for benchmarks that hold many sidebands without media.
 - `DELETE /_fake/sessions`: end every session and forget them.
 """
 
@@ -34,6 +36,8 @@ from typing import Any, Literal
 
 import aioice.ice
 from aiortc import (
+    InvalidAccessError,
+    InvalidStateError,
     MediaStreamTrack,
     RTCConfiguration,
     RTCDataChannel,
@@ -316,7 +320,7 @@ class VoiceSession:
     config: dict[str, Any]
     authorization: str | None
     offer_size: int
-    pc: RTCPeerConnection
+    pc: RTCPeerConnection | None  # None: a peerless session made by POST /_fake/sessions
     answer_size: int = 0
     created_at: float = field(default_factory=time.time)
     closed_at: float | None = None
@@ -374,7 +378,7 @@ class VoiceSession:
             "tokens": dict(self.tokens),
             "created_at": self.created_at,
             "closed_at": self.closed_at,
-            "peer_state": self.pc.connectionState,
+            "peer_state": self.pc.connectionState if self.pc is not None else None,
             "data_channel": self.channel.readyState if self.channel is not None else None,
             "data_channel_events_sent": self.channel_events_sent,
             "audio_frames_sent": self.audio_frames_sent,
@@ -409,9 +413,7 @@ class VoiceFake:
 
     # --- peers -----------------------------------------------------------------------
 
-    async def _answer(self, session: VoiceSession, offer: str) -> str:
-        pc = session.pc
-
+    async def _answer(self, session: VoiceSession, pc: RTCPeerConnection, offer: str) -> str:
         @pc.on("datachannel")
         def on_datachannel(channel: RTCDataChannel) -> None:
             if channel.label != DATA_CHANNEL_LABEL:
@@ -478,16 +480,37 @@ class VoiceFake:
             pc=pc,
         )
         try:
-            answer = await self._answer(session, offer)
-        except ValueError as exc:
+            answer = await self._answer(session, pc, offer)
+        except (ValueError, InvalidAccessError, InvalidStateError) as exc:
             await pc.close()
             raise VoiceRequestError(
                 f"Invalid SDP offer: {exc}", param="sdp", code="bad_sdp"
             ) from exc
         session.answer_size = len(answer.encode())
+        self._start(session)
+        return session, answer
+
+    def _start(self, session: VoiceSession) -> None:
         self.sessions[session.id] = session
         self._spawn(session, self._tick(session))
-        return session, answer
+
+    def open_peerless(self, api: Any, config: Any) -> VoiceSession:
+        """A running session without media: sidebands, usage and close work as usual."""
+        if api == "live":
+            config = _refuse_unknown(config, LIVE_SESSION_FIELDS, "session")
+            session_id = f"sess_{secrets.token_hex(12)}"
+        elif api == "realtime":
+            config = validate_realtime_session(config)
+            session_id = f"rtc_{secrets.token_hex(12)}"
+        else:
+            raise VoiceRequestError(
+                "api must be live or realtime", param="api", code="invalid_value"
+            )
+        session = VoiceSession(
+            id=session_id, api=api, config=config, authorization=None, offer_size=0, pc=None
+        )
+        self._start(session)
+        return session
 
     # --- events ----------------------------------------------------------------------
 
@@ -617,7 +640,8 @@ class VoiceFake:
                 await ws.close(code=1000)
         session.sidebands.clear()
         await self._flush_channel(session)
-        await session.pc.close()
+        if session.pc is not None:
+            await session.pc.close()
         current = asyncio.current_task()
         for task in list(session.tasks):
             if task is not current:
@@ -839,6 +863,17 @@ class VoiceFake:
         async def list_sessions() -> dict[str, Any]:
             return {"sessions": [s.view() for s in fake.sessions.values()]}
 
+        @app.post("/_fake/sessions", status_code=201)
+        async def open_peerless(request: Request) -> Response:
+            try:
+                body = await request.json()
+                session = fake.open_peerless(body.get("api"), body.get("session", {}))
+            except (ValueError, AttributeError):
+                return _error_body(400, "invalid json", param=None, code="invalid_json")
+            except VoiceRequestError as refused:
+                return refused.response()
+            return JSONResponse({"id": session.id}, status_code=201)
+
         @app.delete("/_fake/sessions")
         async def forget_sessions() -> dict[str, int]:
             count = len(fake.sessions)
@@ -929,9 +964,11 @@ class VoiceFake:
         )
         try:
             while session.state == "open":
-                text = await websocket.receive_text()
+                message = await websocket.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
                 try:
-                    event = json.loads(text)
+                    event = json.loads(message.get("text") or message.get("bytes") or b"")
                 except ValueError:
                     event = None
                 await self.client_event(session, event, from_browser=False)

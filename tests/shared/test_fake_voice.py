@@ -428,3 +428,37 @@ async def test_sidebands_need_a_bearer_key_and_an_open_session(
         async with websockets.connect(attach, additional_headers=auth):
             pass
     assert ended.value.response.status_code == 404
+
+
+async def test_a_peerless_session_keeps_billing_across_a_dropped_sideband(
+    fake: FakeUpstream,
+) -> None:
+    """What a re-attaching sideband relies on: usage is cumulative, the session outlives it."""
+    fake.behave(voice_tick_ms=50, voice_seconds_per_tick=20, voice_max_seconds=400)
+    created = httpx.post(
+        f"{fake.url}/_fake/sessions", json={"api": "live", "session": LIVE_SESSION}
+    )
+    assert created.status_code == 201, created.text
+    session_id = created.json()["id"]
+    url = f"{fake.url.replace('http', 'ws')}/v1/live/sessions/{session_id}/attach"
+    headers = {"Authorization": f"Bearer {KEY}"}
+    async with websockets.connect(url, additional_headers=headers) as first:
+        before = (await next_of(first, "session.usage.updated"))["usage"]["seconds"]
+        dropped = httpx.post(f"{fake.url}/_fake/sessions/{session_id}/drop_sidebands")
+        assert dropped.json() == {"dropped": 1}
+        with pytest.raises(websockets.ConnectionClosedError) as cut:
+            await read_until_closed(first)
+        assert cut.value.rcvd is not None
+        assert cut.value.rcvd.code == 1011
+    async with websockets.connect(url, additional_headers=headers) as second:
+        await second.send(b'{"type": "session.input_audio.mute", "event_id": "m1"}')
+        muted = await next_of(second, "session.input_audio.muted")
+        assert muted["client_event_id"] == "m1"
+        after = (await next_of(second, "session.usage.updated"))["usage"]["seconds"]
+        assert after > before
+        closed = await next_of(second, "session.closed")
+    assert closed["reason"] == "expired"
+    assert closed["usage"]["seconds"] == 400
+    state = fake_session(fake, session_id)
+    assert state["sideband_connects"] == 2
+    assert state["peer_state"] is None
