@@ -38,10 +38,12 @@ from shared.errors import (
     RateLimitedError,
     UnavailableError,
     UpstreamError,
+    UpstreamTimeoutError,
 )
 from shared.events import EventPublisher, UsageEvent
 from shared.httpedge import IpNetwork, client_ip
 from shared.ratelimit import Admission, Decision, Limit
+from shared.signing import ExpectedDigest
 from shared.telemetry import redactor
 
 from .access import Caller, TokenCache, authenticate, rejection_reason
@@ -62,6 +64,7 @@ from .routes import ROUTES, BodyKind, Route
 from .settings import Settings
 from .upstream import Forwarder, UpstreamResponse, UpstreamStreamError
 from .usage import TokenUsage, UsageTap
+from .voice.broker import VoiceBroker
 
 __all__ = ["ProxyHandler"]
 
@@ -201,8 +204,10 @@ class ProxyHandler:
         cache: ResponseCache | None,
         publisher: EventPublisher | None,
         trusted_proxies: list[IpNetwork],
+        voice: VoiceBroker | None = None,
     ) -> None:
         self._settings = settings
+        self._voice = voice
         self._tokens = tokens
         self._admission = admission
         self._forwarder = forwarder
@@ -301,6 +306,8 @@ class ProxyHandler:
         exchange.rate_headers = decision.headers()
         digest = caller.signature.digest
         assert digest is not None  # verify_request(require_digest=True) guarantees it
+        if route.body is BodyKind.voice:
+            return await self._voice_session(exchange, route, headers, receive, digest)
         if route.body is BodyKind.multipart:
             upload = await spool_multipart(
                 _body(receive),
@@ -340,6 +347,34 @@ class ProxyHandler:
                 out["x-keyveil-cache"] = "hit"
                 return _Reply(200, _encode(out), cached)
         return await self._forward(exchange, headers, body.raw, cache_key=cache_key)
+
+    async def _voice_session(
+        self,
+        exchange: _Exchange,
+        route: Route,
+        headers: dict[str, str],
+        receive: Receive,
+        digest: ExpectedDigest,
+    ) -> _Reply:
+        """A brokered voice session (services.proxy.voice), admitted like any call."""
+        if self._voice is None:
+            raise UnavailableError("voice sessions are off in demo mode", code="voice_unavailable")
+        assert exchange.caller is not None
+        try:
+            answer = await self._voice.open(
+                route=route,
+                claims=exchange.caller.claims,
+                headers=headers,
+                body=_body(receive),
+                digest=digest,
+            )
+        except (UpstreamError, UpstreamTimeoutError) as exc:
+            return self._refused(exchange, exc, before_upstream=False)
+        exchange.model = answer.model
+        self._finish(exchange, answer.status, answer.upstream_s)
+        return _Reply(
+            answer.status, _encode({**exchange.rate_headers, **answer.headers}), answer.body
+        )
 
     def _scheme(self, scope: Scope, headers: dict[str, str], ip: str) -> str:
         # Behind a trusted TLS-terminating ingress the client signed the https URL.
