@@ -605,7 +605,9 @@ class VoiceFake:
             await asyncio.sleep(settings.tick_ms / 1000)
             if session.state != "open":
                 return
-            await self.emit(session, self._transcript_event(session))
+            # The assistant speaks once the browser is there (peerless: from the start).
+            if session.pc is None or (session.channel and session.channel.readyState == "open"):
+                await self.emit(session, self._transcript_event(session))
             if session.api == "live":
                 session.seconds += settings.seconds_per_tick
                 usage = {"type": "session.usage.updated", "event_id": _event_id()}

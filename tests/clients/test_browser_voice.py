@@ -64,7 +64,12 @@ START = """async ({ api, tickWaitMs }) => {
     });
     window.voiceSession = session;
     window.voiceSeen = seen;
-    await new Promise((resolve) => setTimeout(resolve, tickWaitMs));
+    // Enough ticks for two transcript words and two usage reports (at most 5 s).
+    const started = performance.now();
+    while (performance.now() - started < 5000 && !(seen.transcript.startsWith("Hello from")
+           && seen.usage.length >= 2 && performance.now() - started >= tickWaitMs)) {
+        await new Promise((resolve) => setTimeout(resolve, 50));
+    }
     return { id: session.id, audio: await session.audioStats(), ...seen };
 }""".replace("%KEY%", KEY)
 
