@@ -71,7 +71,7 @@ class VoicePolicy(BaseModel):
     client_instructions: bool = False
     # Function tool names a Realtime client may declare; GPT-Live delegation is server-only.
     tools: list[str] = Field(default_factory=list)
-    max_session_s: int = Field(default=900, ge=10, le=4 * 3600)
+    max_session_s: int = Field(default=900, ge=5, le=4 * 3600)
     on_violation: Literal["revert", "close"] = "revert"
     max_sdp_bytes: int = Field(default=32 * 1024, ge=1024, le=256 * 1024)
 

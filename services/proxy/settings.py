@@ -81,7 +81,7 @@ class Settings(EdgeSettings):
     )
     voice_tools: CommaList = Field(default_factory=list, validation_alias="VOICE_TOOLS")
     voice_max_session_s: int = Field(
-        default=900, ge=10, le=4 * 3600, validation_alias="VOICE_MAX_SESSION_S"
+        default=900, ge=5, le=4 * 3600, validation_alias="VOICE_MAX_SESSION_S"
     )
     voice_on_violation: Literal["revert", "close"] = Field(
         default="revert", validation_alias="VOICE_ON_VIOLATION"

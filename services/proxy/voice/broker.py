@@ -222,7 +222,7 @@ class VoiceBroker:
             model=session["model"],
             voice=session["audio"]["output"]["voice"],
             started_at=now,
-            ends_at=now + min(self._policy.max_session_s, max(claims.exp - now, 0.0) + 60),
+            ends_at=now + self._policy.max_session_s,
             pinned=session,
         )
         try:
