@@ -100,6 +100,7 @@ REALTIME_SESSION_FIELDS = frozenset(
     }
 )
 MAX_SDP_BYTES = 256 * 1024
+MAX_KEPT_SESSIONS = 10_000
 LIVE_DEFAULT_VOICE = "marin"
 REALTIME_DEFAULT_MODEL = "gpt-realtime"
 SESSION_LIFETIME_S = 3600
@@ -491,6 +492,10 @@ class VoiceFake:
         return session, answer
 
     def _start(self, session: VoiceSession) -> None:
+        if len(self.sessions) >= MAX_KEPT_SESSIONS:  # a long demo run: forget the oldest ended
+            ended = [s.id for s in self.sessions.values() if s.state == "closed"]
+            for session_id in ended[: len(ended) // 2 + 1]:
+                del self.sessions[session_id]
         self.sessions[session.id] = session
         self._spawn(session, self._tick(session))
 
