@@ -42,7 +42,7 @@ from openai.types.live.session_update_config_param import SessionUpdateConfigPar
 from openai.types.realtime import RealtimeSessionCreateRequestParam, ResponseDoneEvent
 from openai.types.realtime import SessionCreatedEvent as RealtimeSessionCreated
 
-from shared.testing import fake_voice
+from shared.testing import fake_voice, voice_wire
 from tests.support import FakeUpstream
 
 KEY = "sk-test-voice-key-0123456789"
@@ -146,15 +146,42 @@ async def open_live(fake: FakeUpstream, browser: BrowserPeer) -> str:
 
 def test_the_field_lists_match_the_openai_package() -> None:
     """The fake's strictness is the package's: a field added there must be added here."""
-    assert set(MediaSessionConfigParam.__annotations__) == fake_voice.LIVE_SESSION_FIELDS
-    assert set(Audio.__annotations__) == fake_voice.LIVE_AUDIO_FIELDS
-    assert set(AudioOutput.__annotations__) == fake_voice.LIVE_AUDIO_OUTPUT_FIELDS
-    assert set(Transport.__annotations__) == fake_voice.LIVE_TRANSPORT_FIELDS
-    assert set(SessionUpdateConfigParam.__annotations__) == fake_voice.LIVE_UPDATE_FIELDS
+    assert set(MediaSessionConfigParam.__annotations__) == voice_wire.LIVE_SESSION_FIELDS
+    assert set(Audio.__annotations__) == voice_wire.LIVE_AUDIO_FIELDS
+    assert set(AudioOutput.__annotations__) == voice_wire.LIVE_AUDIO_OUTPUT_FIELDS
+    assert set(Transport.__annotations__) == voice_wire.LIVE_TRANSPORT_FIELDS
+    assert set(SessionUpdateConfigParam.__annotations__) == voice_wire.LIVE_UPDATE_FIELDS
     assert set(LiveCreateParams.__annotations__) == {"session", "transport"}
     assert (
-        set(RealtimeSessionCreateRequestParam.__annotations__) == fake_voice.REALTIME_SESSION_FIELDS
+        set(RealtimeSessionCreateRequestParam.__annotations__) == voice_wire.REALTIME_SESSION_FIELDS
     )
+
+
+async def test_only_a_webrtc_audio_offer_is_an_offer(browser: BrowserPeer) -> None:
+    offer = await browser.offer()
+    voice_wire.validate_offer(offer, "sdp")
+    refusals = {
+        offer.replace("a=setup:actpass", "a=setup:active"): "not_an_offer",
+        offer.replace("m=audio ", "m=video "): "bad_sdp",
+        "\n".join(line for line in offer.splitlines() if "fingerprint" not in line): "bad_sdp",
+        "v=1\r\n" + offer: "bad_sdp",
+        offer + "a=x:" + "y" * voice_wire.MAX_SDP_BYTES: "sdp_too_large",
+    }
+    for sdp, code in refusals.items():
+        with pytest.raises(voice_wire.VoiceRequestError) as refused:
+            voice_wire.validate_offer(sdp, "sdp")
+        assert refused.value.code == code
+        assert refused.value.response().status_code == 400
+
+
+def test_a_session_update_merges_objects_and_replaces_lists() -> None:
+    base = {"delegation": {"type": "client", "acknowledgement_delay_ms": 0}, "triggers": [1]}
+    update = {"delegation": {"acknowledgement_delay_ms": 400}, "triggers": []}
+    assert voice_wire.deep_merge(base, update) == {
+        "delegation": {"type": "client", "acknowledgement_delay_ms": 400},
+        "triggers": [],
+    }
+    assert base["delegation"] == {"type": "client", "acknowledgement_delay_ms": 0}
 
 
 async def test_live_session_answers_a_real_offer_with_audio_and_session_started(
