@@ -5,8 +5,8 @@ speaks the provider's data-channel events, and serves the two server sidebands
 (`/v1/live/sessions/{id}/attach`, `/v1/realtime?call_id=`) over real WebSockets. Usage
 ticks on a clock the tests can speed up (`voice_tick_ms` in `/_fake/behaviour`).
 
-Wire shapes follow the `openai` package's `types/live` and `types/realtime` modules;
-`LIVE_SESSION_FIELDS` and `REALTIME_SESSION_FIELDS` are checked against them in the tests.
+Event shapes follow the `openai` package's `types/live` and `types/realtime` modules;
+what a request may contain, and how it is refused, is `voice_wire`.
 
 Control endpoints (tests only):
 
@@ -15,6 +15,8 @@ Control endpoints (tests only):
   `session.update` on the data channel does (the sidebands see `session.updated`).
 - `POST /_fake/sessions/{id}/close` `{"reason": "expired"}`: the provider ends a session.
 - `POST /_fake/sessions/{id}/drop_sidebands`: cut the sideband sockets, session stays up.
+- `POST /_fake/sessions` `{"api": "live"|"realtime", "session": {...}}`: a session with
+  no peer (201 `{"id"}`), for benchmarks that hold many sidebands without media.
 - `DELETE /_fake/sessions`: end every session and forget them.
 """
 
@@ -34,6 +36,8 @@ from typing import Any, Literal
 
 import aioice.ice
 from aiortc import (
+    InvalidAccessError,
+    InvalidStateError,
     MediaStreamTrack,
     RTCConfiguration,
     RTCDataChannel,
@@ -46,56 +50,32 @@ from fastapi import FastAPI, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import UploadFile
 
+from shared.testing.voice_wire import (
+    LIVE_SESSION_FIELDS,
+    LIVE_UPDATE_FIELDS,
+    MAX_SDP_BYTES,
+    REALTIME_SESSION_FIELDS,
+    VoiceRequestError,
+    deep_merge,
+    error_body,
+    event_id,
+    live_details,
+    refuse_unknown,
+    validate_live_create,
+    validate_offer,
+    validate_realtime_session,
+)
+
 __all__ = [
-    "LIVE_SESSION_FIELDS",
-    "MAX_SDP_BYTES",
-    "REALTIME_SESSION_FIELDS",
+    "DATA_CHANNEL_LABEL",
+    "REALTIME_DEFAULT_MODEL",
+    "TRANSCRIPT_WORDS",
     "VoiceFake",
     "VoiceSession",
     "VoiceSettings",
 ]
 
-# MediaSessionConfigParam (POST /live/sessions "session"), strict like the provider.
-LIVE_SESSION_FIELDS = frozenset(
-    {
-        "model",
-        "audio",
-        "client",
-        "delegation",
-        "idle_timeout_s",
-        "input",
-        "instructions",
-        "safety_identifier",
-        "store",
-        "triggers",
-        "wake_policy",
-    }
-)
-LIVE_AUDIO_FIELDS = frozenset({"output"})
-LIVE_AUDIO_OUTPUT_FIELDS = frozenset({"voice"})
-# SessionUpdateConfigParam: the only settings a running Live session can change.
-LIVE_UPDATE_FIELDS = frozenset({"delegation", "triggers"})
-LIVE_TRANSPORT_FIELDS = frozenset({"type", "sdp"})
-# RealtimeSessionCreateRequestParam (the "session" part of POST /realtime/calls).
-REALTIME_SESSION_FIELDS = frozenset(
-    {
-        "type",
-        "audio",
-        "include",
-        "instructions",
-        "max_output_tokens",
-        "model",
-        "output_modalities",
-        "parallel_tool_calls",
-        "prompt",
-        "reasoning",
-        "tool_choice",
-        "tools",
-        "tracing",
-        "truncation",
-    }
-)
-MAX_SDP_BYTES = 256 * 1024
+MAX_KEPT_SESSIONS = 10_000
 LIVE_DEFAULT_VOICE = "marin"
 REALTIME_DEFAULT_MODEL = "gpt-realtime"
 SESSION_LIFETIME_S = 3600
@@ -128,46 +108,6 @@ def _loopback_host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
 aioice.ice.get_host_addresses = _loopback_host_addresses
 
 
-def _event_id() -> str:
-    return f"event_{secrets.token_hex(8)}"
-
-
-def _error_body(status: int, message: str, *, param: str | None, code: str) -> JSONResponse:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    if status == 401:
-        kind = "invalid_request_error"
-    error = {"message": message, "type": kind, "param": param, "code": code}
-    return JSONResponse({"error": error}, status_code=status)
-
-
-class VoiceRequestError(Exception):
-    """A request the provider would refuse; carries the 4xx JSON error it answers with."""
-
-    def __init__(self, message: str, *, param: str | None, code: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.message = message
-        self.param = param
-        self.code = code
-        self.status = status
-
-    def response(self) -> JSONResponse:
-        return _error_body(self.status, self.message, param=self.param, code=self.code)
-
-    def event(self, client_event_id: str | None) -> dict[str, Any]:
-        return {
-            "type": "error",
-            "event_id": _event_id(),
-            "client_event_id": client_event_id,
-            "error": {
-                "type": "invalid_request_error",
-                "code": self.code,
-                "message": self.message,
-                "param": self.param,
-                "client_event_id": client_event_id,
-            },
-        }
-
-
 @dataclass(frozen=True)
 class VoiceSettings:
     """The slice of `/_fake/behaviour` that voice reads on every tick."""
@@ -175,106 +115,6 @@ class VoiceSettings:
     tick_ms: int = 1000
     seconds_per_tick: int = 1
     max_seconds: int | None = None
-
-
-def _refuse_unknown(obj: Any, allowed: frozenset[str], where: str) -> dict[str, Any]:
-    if not isinstance(obj, dict):
-        raise VoiceRequestError(f"'{where}' must be an object", param=where, code="invalid_type")
-    for key in obj:
-        if key not in allowed:
-            raise VoiceRequestError(
-                f"Unknown parameter: '{where}.{key}'.",
-                param=f"{where}.{key}",
-                code="unknown_parameter",
-            )
-    return obj
-
-
-def validate_live_create(payload: Any) -> tuple[dict[str, Any], str]:
-    """The `session` and the offer of a `POST /live/sessions` body, or a VoiceRequestError."""
-    if not isinstance(payload, dict):
-        raise VoiceRequestError("body must be a JSON object", param=None, code="invalid_json")
-    for key in payload:
-        if key not in ("session", "transport"):
-            raise VoiceRequestError(
-                f"Unknown parameter: '{key}'.", param=key, code="unknown_parameter"
-            )
-    if "session" not in payload:
-        raise VoiceRequestError(
-            "Missing required parameter: 'session'.", param="session", code="missing_required"
-        )
-    if "transport" not in payload:
-        raise VoiceRequestError(
-            "Missing required parameter: 'transport'.", param="transport", code="missing_required"
-        )
-    session = _refuse_unknown(payload["session"], LIVE_SESSION_FIELDS, "session")
-    if not isinstance(session.get("model"), str) or not session["model"]:
-        raise VoiceRequestError(
-            "Missing required parameter: 'session.model'.",
-            param="session.model",
-            code="missing_required",
-        )
-    if "audio" in session:
-        audio = _refuse_unknown(session["audio"], LIVE_AUDIO_FIELDS, "session.audio")
-        if "output" in audio:
-            _refuse_unknown(audio["output"], LIVE_AUDIO_OUTPUT_FIELDS, "session.audio.output")
-    transport = _refuse_unknown(payload["transport"], LIVE_TRANSPORT_FIELDS, "transport")
-    if transport.get("type") != "webrtc":
-        raise VoiceRequestError(
-            "transport.type must be 'webrtc'.", param="transport.type", code="invalid_value"
-        )
-    sdp = transport.get("sdp")
-    if not isinstance(sdp, str):
-        raise VoiceRequestError(
-            "Missing required parameter: 'transport.sdp'.",
-            param="transport.sdp",
-            code="missing_required",
-        )
-    return session, sdp
-
-
-def validate_realtime_session(payload: Any) -> dict[str, Any]:
-    session = _refuse_unknown(payload, REALTIME_SESSION_FIELDS, "session")
-    if session.get("type") != "realtime":
-        raise VoiceRequestError(
-            "session.type must be 'realtime'.", param="session.type", code="invalid_value"
-        )
-    return session
-
-
-def validate_offer(sdp: str, param: str) -> None:
-    """Refuse what is not a WebRTC audio offer before any peer is made for it."""
-    if len(sdp.encode()) > MAX_SDP_BYTES:
-        raise VoiceRequestError(
-            f"SDP larger than {MAX_SDP_BYTES} bytes.", param=param, code="sdp_too_large"
-        )
-    lines = [line.strip() for line in sdp.splitlines()]
-    if not lines or lines[0] != "v=0":
-        raise VoiceRequestError("Invalid SDP: it must start with v=0.", param=param, code="bad_sdp")
-    if not any(line.startswith("m=audio ") for line in lines):
-        raise VoiceRequestError("The SDP offer has no audio section.", param=param, code="bad_sdp")
-    setups = {line.split(":", 1)[1] for line in lines if line.startswith("a=setup:")}
-    # RFC 8842: an offerer says actpass; active/passive means this is an answer.
-    if setups != {"actpass"}:
-        raise VoiceRequestError(
-            "The SDP is not an offer (a=setup must be actpass).", param=param, code="not_an_offer"
-        )
-    if not any(line.startswith("a=fingerprint:") for line in lines):
-        raise VoiceRequestError(
-            "The SDP offer has no DTLS fingerprint.", param=param, code="bad_sdp"
-        )
-
-
-def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """Sparse update: objects merge, everything else (lists included) is replaced."""
-    merged = dict(base)
-    for key, value in update.items():
-        current = merged.get(key)
-        if isinstance(value, dict) and isinstance(current, dict):
-            merged[key] = deep_merge(current, value)
-        else:
-            merged[key] = value
-    return merged
 
 
 class ToneTrack(MediaStreamTrack):
@@ -316,7 +156,7 @@ class VoiceSession:
     config: dict[str, Any]
     authorization: str | None
     offer_size: int
-    pc: RTCPeerConnection
+    pc: RTCPeerConnection | None  # None: a peerless session made by POST /_fake/sessions
     answer_size: int = 0
     created_at: float = field(default_factory=time.time)
     closed_at: float | None = None
@@ -374,7 +214,7 @@ class VoiceSession:
             "tokens": dict(self.tokens),
             "created_at": self.created_at,
             "closed_at": self.closed_at,
-            "peer_state": self.pc.connectionState,
+            "peer_state": self.pc.connectionState if self.pc is not None else None,
             "data_channel": self.channel.readyState if self.channel is not None else None,
             "data_channel_events_sent": self.channel_events_sent,
             "audio_frames_sent": self.audio_frames_sent,
@@ -409,9 +249,7 @@ class VoiceFake:
 
     # --- peers -----------------------------------------------------------------------
 
-    async def _answer(self, session: VoiceSession, offer: str) -> str:
-        pc = session.pc
-
+    async def _answer(self, session: VoiceSession, pc: RTCPeerConnection, offer: str) -> str:
         @pc.on("datachannel")
         def on_datachannel(channel: RTCDataChannel) -> None:
             if channel.label != DATA_CHANNEL_LABEL:
@@ -478,23 +316,48 @@ class VoiceFake:
             pc=pc,
         )
         try:
-            answer = await self._answer(session, offer)
-        except ValueError as exc:
+            answer = await self._answer(session, pc, offer)
+        except (ValueError, InvalidAccessError, InvalidStateError) as exc:
             await pc.close()
             raise VoiceRequestError(
                 f"Invalid SDP offer: {exc}", param="sdp", code="bad_sdp"
             ) from exc
         session.answer_size = len(answer.encode())
+        self._start(session)
+        return session, answer
+
+    def _start(self, session: VoiceSession) -> None:
+        if len(self.sessions) >= MAX_KEPT_SESSIONS:  # a long demo run: forget the oldest ended
+            ended = [s.id for s in self.sessions.values() if s.state == "closed"]
+            for session_id in ended[: len(ended) // 2 + 1]:
+                del self.sessions[session_id]
         self.sessions[session.id] = session
         self._spawn(session, self._tick(session))
-        return session, answer
+
+    def open_peerless(self, api: Any, config: Any) -> VoiceSession:
+        """A running session without media: sidebands, usage and close work as usual."""
+        if api == "live":
+            config = refuse_unknown(config, LIVE_SESSION_FIELDS, "session")
+            session_id = f"sess_{secrets.token_hex(12)}"
+        elif api == "realtime":
+            config = validate_realtime_session(config)
+            session_id = f"rtc_{secrets.token_hex(12)}"
+        else:
+            raise VoiceRequestError(
+                "api must be live or realtime", param="api", code="invalid_value"
+            )
+        session = VoiceSession(
+            id=session_id, api=api, config=config, authorization=None, offer_size=0, pc=None
+        )
+        self._start(session)
+        return session
 
     # --- events ----------------------------------------------------------------------
 
     def _greet_channel(self, session: VoiceSession) -> None:
         kind = "session.started" if session.api == "live" else "session.created"
         self._send_channel(
-            session, {"type": kind, "event_id": _event_id(), "session": session.snapshot()}
+            session, {"type": kind, "event_id": event_id(), "session": session.snapshot()}
         )
 
     def _channel_allows(self, session: VoiceSession, event_type: str) -> bool:
@@ -538,14 +401,14 @@ class VoiceFake:
             start_ms = int((time.time() - session.created_at) * 1000)
             return {
                 "type": "session.output_transcript.delta",
-                "event_id": _event_id(),
+                "event_id": event_id(),
                 "delta": word,
                 "start_ms": start_ms,
                 "end_ms": start_ms + 200,
             }
         return {
             "type": "response.output_audio_transcript.delta",
-            "event_id": _event_id(),
+            "event_id": event_id(),
             "response_id": f"resp_{session.responses + 1}_{session.id}",
             "item_id": f"item_{session.responses + 1}_{session.id}",
             "output_index": 0,
@@ -564,7 +427,7 @@ class VoiceFake:
             session,
             {
                 "type": "response.done",
-                "event_id": _event_id(),
+                "event_id": event_id(),
                 "response": {
                     "id": f"resp_{session.responses}_{session.id}",
                     "object": "realtime.response",
@@ -582,10 +445,12 @@ class VoiceFake:
             await asyncio.sleep(settings.tick_ms / 1000)
             if session.state != "open":
                 return
-            await self.emit(session, self._transcript_event(session))
+            # The assistant speaks once the browser is there (peerless: from the start).
+            if session.pc is None or (session.channel and session.channel.readyState == "open"):
+                await self.emit(session, self._transcript_event(session))
             if session.api == "live":
                 session.seconds += settings.seconds_per_tick
-                usage = {"type": "session.usage.updated", "event_id": _event_id()}
+                usage = {"type": "session.usage.updated", "event_id": event_id()}
                 await self.emit(session, {**usage, "usage": self._usage(session)})
                 if settings.max_seconds is not None and session.seconds >= settings.max_seconds:
                     await self.close(session, "expired")
@@ -604,7 +469,7 @@ class VoiceFake:
         if session.api == "live":
             closed: dict[str, Any] = {
                 "type": "session.closed",
-                "event_id": _event_id(),
+                "event_id": event_id(),
                 "reason": reason,
                 "session": session.snapshot(),
                 "usage": self._usage(session),
@@ -617,7 +482,8 @@ class VoiceFake:
                 await ws.close(code=1000)
         session.sidebands.clear()
         await self._flush_channel(session)
-        await session.pc.close()
+        if session.pc is not None:
+            await session.pc.close()
         current = asyncio.current_task()
         for task in list(session.tasks):
             if task is not current:
@@ -641,7 +507,7 @@ class VoiceFake:
     ) -> dict[str, Any]:
         """Merge a `session.update`; raise VoiceRequestError for what the API refuses."""
         if session.api == "live":
-            update = _refuse_unknown(update, LIVE_UPDATE_FIELDS, "session")
+            update = refuse_unknown(update, LIVE_UPDATE_FIELDS, "session")
             current = session.config.get("delegation")
             new = update.get("delegation")
             if (
@@ -655,7 +521,7 @@ class VoiceFake:
                     code="invalid_value",
                 )
         else:
-            update = _refuse_unknown(update, REALTIME_SESSION_FIELDS, "session")
+            update = refuse_unknown(update, REALTIME_SESSION_FIELDS, "session")
             if update.get("type", "realtime") != "realtime":
                 raise VoiceRequestError(
                     "session.type must be 'realtime'.", param="session.type", code="invalid_value"
@@ -663,7 +529,7 @@ class VoiceFake:
         session.config = deep_merge(session.config, update)
         event: dict[str, Any] = {
             "type": "session.updated",
-            "event_id": _event_id(),
+            "event_id": event_id(),
             "session": session.snapshot(),
         }
         if client_event_id is not None:
@@ -706,7 +572,7 @@ class VoiceFake:
                 session,
                 {
                     "type": f"session.input_audio.{muted}",
-                    "event_id": _event_id(),
+                    "event_id": event_id(),
                     "client_event_id": client_event_id,
                 },
             )
@@ -732,7 +598,7 @@ class VoiceFake:
                 payload: Any = json.loads(body)
             except ValueError:
                 payload = None
-            details = _live_details(payload)
+            details = live_details(payload)
             if (failure := await fake._misbehave(request, len(body), **details)) is not None:
                 return failure
             try:
@@ -825,7 +691,7 @@ class VoiceFake:
             call_id = websocket.query_params.get("call_id")
             if not call_id:
                 await websocket.send_denial_response(
-                    _error_body(
+                    error_body(
                         400,
                         "This fake serves only sidebands: pass call_id.",
                         param="call_id",
@@ -839,6 +705,17 @@ class VoiceFake:
         async def list_sessions() -> dict[str, Any]:
             return {"sessions": [s.view() for s in fake.sessions.values()]}
 
+        @app.post("/_fake/sessions", status_code=201)
+        async def open_peerless(request: Request) -> Response:
+            try:
+                body = await request.json()
+                session = fake.open_peerless(body.get("api"), body.get("session", {}))
+            except (ValueError, AttributeError):
+                return error_body(400, "invalid json", param=None, code="invalid_json")
+            except VoiceRequestError as refused:
+                return refused.response()
+            return JSONResponse({"id": session.id}, status_code=201)
+
         @app.delete("/_fake/sessions")
         async def forget_sessions() -> dict[str, int]:
             count = len(fake.sessions)
@@ -850,18 +727,18 @@ class VoiceFake:
         async def show_session(session_id: str) -> Response:
             session = fake.sessions.get(session_id)
             if session is None:
-                return _error_body(404, "no such session", param=None, code="not_found")
+                return error_body(404, "no such session", param=None, code="not_found")
             return JSONResponse(session.view())
 
         @app.post("/_fake/sessions/{session_id}/client_update")
         async def client_update(session_id: str, request: Request) -> Response:
             session = fake.sessions.get(session_id)
             if session is None or session.state != "open":
-                return _error_body(404, "no open session", param=None, code="not_found")
+                return error_body(404, "no open session", param=None, code="not_found")
             try:
                 body = await request.json()
             except ValueError:
-                return _error_body(400, "invalid json", param=None, code="invalid_json")
+                return error_body(400, "invalid json", param=None, code="invalid_json")
             update = body.get("session") if isinstance(body, dict) else None
             try:
                 event = fake.apply_update(session, update, client_event_id=None)
@@ -875,7 +752,7 @@ class VoiceFake:
         async def provider_close(session_id: str, request: Request) -> Response:
             session = fake.sessions.get(session_id)
             if session is None:
-                return _error_body(404, "no such session", param=None, code="not_found")
+                return error_body(404, "no such session", param=None, code="not_found")
             body = await request.body()
             reason = "expired"
             if body:
@@ -888,7 +765,7 @@ class VoiceFake:
         async def drop_sidebands(session_id: str) -> Response:
             session = fake.sessions.get(session_id)
             if session is None:
-                return _error_body(404, "no such session", param=None, code="not_found")
+                return error_body(404, "no such session", param=None, code="not_found")
             dropped = len(session.sidebands)
             for ws in list(session.sidebands):
                 with contextlib.suppress(RuntimeError, WebSocketDisconnect, OSError):
@@ -901,7 +778,7 @@ class VoiceFake:
             return failure
         session = self.sessions.get(session_id)
         if session is None or session.api != api:
-            return _error_body(
+            return error_body(
                 404, f"No session with id '{session_id}'.", param=None, code="not_found"
             )
         await self.close(session, "close_requested")
@@ -915,7 +792,7 @@ class VoiceFake:
         session = self.sessions.get(session_id)
         if session is None or session.api != api or session.state != "open":
             await websocket.send_denial_response(
-                _error_body(
+                error_body(
                     404, f"No open session with id '{session_id}'.", param=None, code="not_found"
                 )
             )
@@ -925,13 +802,15 @@ class VoiceFake:
         session.sideband_connects += 1
         greeting = "session.updated" if api == "live" else "session.created"
         await websocket.send_text(
-            json.dumps({"type": greeting, "event_id": _event_id(), "session": session.snapshot()})
+            json.dumps({"type": greeting, "event_id": event_id(), "session": session.snapshot()})
         )
         try:
             while session.state == "open":
-                text = await websocket.receive_text()
+                message = await websocket.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
                 try:
-                    event = json.loads(text)
+                    event = json.loads(message.get("text") or message.get("bytes") or b"")
                 except ValueError:
                     event = None
                 await self.client_event(session, event, from_browser=False)
@@ -939,18 +818,6 @@ class VoiceFake:
             pass
         finally:
             session.sidebands.discard(websocket)
-
-
-def _live_details(payload: Any) -> dict[str, Any]:
-    """What the recorder keeps of a Live create body: the session and the offer's size."""
-    if not isinstance(payload, dict):
-        return {"session": None, "sdp_size": 0}
-    transport = payload.get("transport")
-    sdp = transport.get("sdp") if isinstance(transport, dict) else None
-    return {
-        "session": payload.get("session"),
-        "sdp_size": len(sdp.encode()) if isinstance(sdp, str) else 0,
-    }
 
 
 async def _form_text(value: UploadFile | str | None) -> str | None:

@@ -42,7 +42,7 @@ from openai.types.live.session_update_config_param import SessionUpdateConfigPar
 from openai.types.realtime import RealtimeSessionCreateRequestParam, ResponseDoneEvent
 from openai.types.realtime import SessionCreatedEvent as RealtimeSessionCreated
 
-from shared.testing import fake_voice
+from shared.testing import fake_voice, voice_wire
 from tests.support import FakeUpstream
 
 KEY = "sk-test-voice-key-0123456789"
@@ -146,15 +146,42 @@ async def open_live(fake: FakeUpstream, browser: BrowserPeer) -> str:
 
 def test_the_field_lists_match_the_openai_package() -> None:
     """The fake's strictness is the package's: a field added there must be added here."""
-    assert set(MediaSessionConfigParam.__annotations__) == fake_voice.LIVE_SESSION_FIELDS
-    assert set(Audio.__annotations__) == fake_voice.LIVE_AUDIO_FIELDS
-    assert set(AudioOutput.__annotations__) == fake_voice.LIVE_AUDIO_OUTPUT_FIELDS
-    assert set(Transport.__annotations__) == fake_voice.LIVE_TRANSPORT_FIELDS
-    assert set(SessionUpdateConfigParam.__annotations__) == fake_voice.LIVE_UPDATE_FIELDS
+    assert set(MediaSessionConfigParam.__annotations__) == voice_wire.LIVE_SESSION_FIELDS
+    assert set(Audio.__annotations__) == voice_wire.LIVE_AUDIO_FIELDS
+    assert set(AudioOutput.__annotations__) == voice_wire.LIVE_AUDIO_OUTPUT_FIELDS
+    assert set(Transport.__annotations__) == voice_wire.LIVE_TRANSPORT_FIELDS
+    assert set(SessionUpdateConfigParam.__annotations__) == voice_wire.LIVE_UPDATE_FIELDS
     assert set(LiveCreateParams.__annotations__) == {"session", "transport"}
     assert (
-        set(RealtimeSessionCreateRequestParam.__annotations__) == fake_voice.REALTIME_SESSION_FIELDS
+        set(RealtimeSessionCreateRequestParam.__annotations__) == voice_wire.REALTIME_SESSION_FIELDS
     )
+
+
+async def test_only_a_webrtc_audio_offer_is_an_offer(browser: BrowserPeer) -> None:
+    offer = await browser.offer()
+    voice_wire.validate_offer(offer, "sdp")
+    refusals = {
+        offer.replace("a=setup:actpass", "a=setup:active"): "not_an_offer",
+        offer.replace("m=audio ", "m=video "): "bad_sdp",
+        "\n".join(line for line in offer.splitlines() if "fingerprint" not in line): "bad_sdp",
+        "v=1\r\n" + offer: "bad_sdp",
+        offer + "a=x:" + "y" * voice_wire.MAX_SDP_BYTES: "sdp_too_large",
+    }
+    for sdp, code in refusals.items():
+        with pytest.raises(voice_wire.VoiceRequestError) as refused:
+            voice_wire.validate_offer(sdp, "sdp")
+        assert refused.value.code == code
+        assert refused.value.response().status_code == 400
+
+
+def test_a_session_update_merges_objects_and_replaces_lists() -> None:
+    base = {"delegation": {"type": "client", "acknowledgement_delay_ms": 0}, "triggers": [1]}
+    update = {"delegation": {"acknowledgement_delay_ms": 400}, "triggers": []}
+    assert voice_wire.deep_merge(base, update) == {
+        "delegation": {"type": "client", "acknowledgement_delay_ms": 400},
+        "triggers": [],
+    }
+    assert base["delegation"] == {"type": "client", "acknowledgement_delay_ms": 0}
 
 
 async def test_live_session_answers_a_real_offer_with_audio_and_session_started(
@@ -428,3 +455,37 @@ async def test_sidebands_need_a_bearer_key_and_an_open_session(
         async with websockets.connect(attach, additional_headers=auth):
             pass
     assert ended.value.response.status_code == 404
+
+
+async def test_a_peerless_session_keeps_billing_across_a_dropped_sideband(
+    fake: FakeUpstream,
+) -> None:
+    """What a re-attaching sideband relies on: usage is cumulative, the session outlives it."""
+    fake.behave(voice_tick_ms=50, voice_seconds_per_tick=20, voice_max_seconds=400)
+    created = httpx.post(
+        f"{fake.url}/_fake/sessions", json={"api": "live", "session": LIVE_SESSION}
+    )
+    assert created.status_code == 201, created.text
+    session_id = created.json()["id"]
+    url = f"{fake.url.replace('http', 'ws')}/v1/live/sessions/{session_id}/attach"
+    headers = {"Authorization": f"Bearer {KEY}"}
+    async with websockets.connect(url, additional_headers=headers) as first:
+        before = (await next_of(first, "session.usage.updated"))["usage"]["seconds"]
+        dropped = httpx.post(f"{fake.url}/_fake/sessions/{session_id}/drop_sidebands")
+        assert dropped.json() == {"dropped": 1}
+        with pytest.raises(websockets.ConnectionClosedError) as cut:
+            await read_until_closed(first)
+        assert cut.value.rcvd is not None
+        assert cut.value.rcvd.code == 1011
+    async with websockets.connect(url, additional_headers=headers) as second:
+        await second.send(b'{"type": "session.input_audio.mute", "event_id": "m1"}')
+        muted = await next_of(second, "session.input_audio.muted")
+        assert muted["client_event_id"] == "m1"
+        after = (await next_of(second, "session.usage.updated"))["usage"]["seconds"]
+        assert after > before
+        closed = await next_of(second, "session.closed")
+    assert closed["reason"] == "expired"
+    assert closed["usage"]["seconds"] == 400
+    state = fake_session(fake, session_id)
+    assert state["sideband_connects"] == 2
+    assert state["peer_state"] is None
