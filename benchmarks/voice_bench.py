@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import os
 import secrets
+import subprocess
 import sys
 import tempfile
 import time
@@ -194,7 +195,6 @@ async def sideband_phase(
     await asyncio.sleep(3)  # a few supervisor ticks and usage events with all of them held
     after = rss_kib(proxy_pid)
     ready = (await http.get(f"{proxy_url}/readyz")).status_code == 200
-    await http.delete(f"{fake_url}/_fake/sessions")
     return {
         "requested": n,
         "opened": opened,
@@ -283,11 +283,19 @@ async def main() -> None:
             held = await sideband_phase(
                 http, fake_url, proxy_url, proxy.pid, signer, body, args.sidebands
             )
+            # A rolling deploy: SIGTERM while holding them all (they are let go, not ended).
+            stopping = time.monotonic()
+            proxy.terminate()
+            await asyncio.to_thread(proxy.wait, 60)
+            held["shutdown_s_holding"] = round(time.monotonic() - stopping, 2)
+            processes.remove(proxy)
+            await http.delete(f"{fake_url}/_fake/sessions")
             print(
                 f"sidebands: {held['attached']} of {held['requested']} attached "
                 f"(opened in {held['open_seconds']} s), proxy RSS {held['rss_before_kib']} -> "
                 f"{held['rss_after_kib']} KiB = {held['kib_per_sideband']} KiB per sideband, "
-                f"ready while holding: {held['proxy_ready_while_holding']}"
+                f"ready while holding: {held['proxy_ready_while_holding']}, "
+                f"SIGTERM to exit while holding them: {held['shutdown_s_holding']} s"
             )
         results: dict[str, Any] = {"setup": setup, "sidebands": held}
         results["targets"] = {
@@ -305,7 +313,12 @@ async def main() -> None:
     finally:
         for process in reversed(processes):
             process.terminate()
-            process.wait(15)
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                print(f"pid {process.pid} did not stop within 30 s; killed")
+                process.kill()
+                process.wait(5)
         fake.stop()
         redis_server.stop()
         nats_server.stop()

@@ -166,6 +166,15 @@ class VoiceRegistry:
     async def release(self, session_id: str, *, owner: str) -> None:
         await self._release(keys=[owner_key(session_id)], args=[owner])
 
+    async def release_all(self, session_ids: list[str], *, owner: str) -> None:
+        """Give up many leases in one round trip (a replica shutting down)."""
+        if not session_ids:
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for sid in session_ids:
+                await self._release(keys=[owner_key(sid)], args=[owner], client=pipe)
+            await pipe.execute()
+
     async def close_requests(
         self, session_ids: list[str], token_ids: list[str]
     ) -> list[str | None]:

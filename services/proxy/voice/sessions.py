@@ -206,11 +206,15 @@ class VoiceSessions:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
-        for sideband in list(self._held.values()):
+        held = list(self._held.values())
+        for sideband in held:
             self._forget(sideband, ended=False)
-            await sideband.let_go()
-            with contextlib.suppress(*_REDIS_TROUBLE):
-                await self.registry.release(sideband.session_id, owner=self.ctx.replica)
+        if held:
+            await asyncio.wait([asyncio.ensure_future(s.let_go()) for s in held], timeout=3)
+        with contextlib.suppress(*_REDIS_TROUBLE):
+            await self.registry.release_all(
+                [s.session_id for s in held if not s.ended.is_set()], owner=self.ctx.replica
+            )
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:

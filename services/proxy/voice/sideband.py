@@ -162,6 +162,7 @@ class Sideband:
                     proxy=None,
                     max_size=1024 * 1024,
                     max_queue=4,
+                    close_timeout=1.0,
                     user_agent_header="keyveil-proxy",
                 ) as ws:
                     del authorization
@@ -250,7 +251,7 @@ class Sideband:
         action = "reverted" if revert is not None else "closed"
         POLICY_ACTIONS.labels(self.api.value, action).inc()
         self._audit(
-            f"voice.session.{action}",
+            f"voice.policy.{action}",
             outcome="denied",
             detail={"fields": found, "action": action, "cause": "session.updated"},
         )

@@ -214,7 +214,7 @@ async def test_a_browser_update_that_widens_policy_is_reverted(
     await until(reverted, "the widened session was not reverted", timeout=2.0)
     assert fake_session(voice_fake, call_id)["state"] == "open"
     audits = await until(
-        lambda: _audits_typed(bus, call_id, "voice.session.reverted"), "no audit event"
+        lambda: _audits_typed(bus, call_id, "voice.policy.reverted"), "no audit event"
     )
     assert audits[0]["detail"]["fields"] == ["instructions", "tools"]
     assert audits[0]["outcome"] == "denied"
@@ -238,7 +238,7 @@ async def test_a_live_delegation_the_policy_does_not_grant_is_reverted(
     await until(reverted, "the widened live session stayed widened", timeout=2.0)
     assert fake_session(voice_fake, session_id)["state"] == "open"
     audits = await until(
-        lambda: _audits_typed(bus, session_id, "voice.session.reverted"), "no audit event"
+        lambda: _audits_typed(bus, session_id, "voice.policy.reverted"), "no audit event"
     )
     assert audits[0]["detail"]["fields"] == ["delegation"]
 
