@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import fractions
 import json
+import logging
 import math
 import secrets
 import struct
@@ -97,6 +98,11 @@ TONE_SECOND = struct.pack(
     f"<{TONE_RATE}h",
     *(int(8000 * math.sin(2 * math.pi * TONE_HZ * i / TONE_RATE)) for i in range(TONE_RATE)),
 )
+
+
+def _quiet_denials(record: logging.LogRecord) -> bool:
+    """uvicorn logs a refused WebSocket handshake (an HTTP 401/404 we chose) as an error."""
+    return record.getMessage() != "ASGI callable returned without completing handshake."
 
 
 def _loopback_host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
@@ -238,9 +244,12 @@ class VoiceFake:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: FastAPI) -> AsyncIterator[None]:
+        server_log = logging.getLogger("uvicorn.error")
+        server_log.addFilter(_quiet_denials)
         try:
             yield
         finally:
+            server_log.removeFilter(_quiet_denials)
             await self.close_all()
 
     async def close_all(self) -> None:
