@@ -81,7 +81,7 @@ LIVE_DEFAULT_VOICE = "marin"
 REALTIME_DEFAULT_MODEL = "gpt-realtime"
 SESSION_LIFETIME_S = 3600
 DATA_CHANNEL_LABEL = "oai-events"
-TRANSCRIPT_WORDS = ("Hello", " from", " the", " fake", " voice", ".")
+TRANSCRIPT_WORDS = ("Hello", " from", " the", " fake", " voice.")
 # Per Realtime response.done: a fixed, recognisable token bill.
 RESPONSE_TOKENS = {"input_tokens": 20, "output_tokens": 30, "total_tokens": 50}
 RESPONSE_USAGE: dict[str, Any] = {
@@ -404,7 +404,10 @@ class VoiceFake:
         await self._send_sidebands(session, event)
 
     def _transcript_event(self, session: VoiceSession) -> dict[str, Any]:
-        word = TRANSCRIPT_WORDS[session.transcript_index % len(TRANSCRIPT_WORDS)]
+        index = session.transcript_index
+        word = TRANSCRIPT_WORDS[index % len(TRANSCRIPT_WORDS)]
+        if index and not index % len(TRANSCRIPT_WORDS):
+            word = " " + word  # the next sentence
         session.transcript_index += 1
         if session.api == "live":
             start_ms = int((time.time() - session.created_at) * 1000)
