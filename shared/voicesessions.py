@@ -139,6 +139,16 @@ class VoiceRegistry:
         value = await self._redis.get(owner_key(session_id))
         return _text(value) if value else None
 
+    async def unowned(self, session_ids: list[str]) -> list[str]:
+        """The sessions among `session_ids` whose owner lease has lapsed (one round trip)."""
+        if not session_ids:
+            return []
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for sid in session_ids:
+                pipe.exists(owner_key(sid))
+            owned = await pipe.execute()
+        return [sid for sid, held in zip(session_ids, owned, strict=True) if not held]
+
     async def claim(self, session_id: str, *, owner: str, lease_ms: int) -> bool:
         """Take an ownerless session's lease; True for exactly one claimant."""
         return bool(await self._redis.set(owner_key(session_id), owner, nx=True, px=lease_ms))
@@ -179,6 +189,13 @@ class VoiceRegistry:
             return False
         await self._redis.set(close_key(session_id), reason or "operator", ex=ttl_s)
         return True
+
+    async def forget(self, session_id: str) -> None:
+        """Drop a live-set entry whose record is gone (expired after its retention)."""
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.srem(LIVE_SET, session_id)
+            pipe.delete(owner_key(session_id), close_key(session_id))
+            await pipe.execute()
 
     async def mark_closed(self, session_id: str, reason: str) -> None:
         async with self._redis.pipeline(transaction=True) as pipe:

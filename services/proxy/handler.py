@@ -527,7 +527,7 @@ class ProxyHandler:
         reason = rejection_reason(exc) if before_upstream else exc.code
         if before_upstream:
             REJECTIONS.labels(reason).inc()
-            if exc.status in (401, 403) and exc.code != "ip_blocked":
+            if exc.status in (401, 403) and exc.code != "ip_blocked" and reason != "policy":
                 AUTH_FAILURES.labels("proxy", reason).inc()
                 self._spawn(self._admission.strike(exchange.ip, reason))
         self._finish(exchange, exc.status, upstream_s=0.0, reason=reason, refused=before_upstream)

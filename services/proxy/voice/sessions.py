@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import random
 import secrets
 import socket
 import time
@@ -69,12 +70,14 @@ class VoiceSessions:
         lease_ms: int = 4000,
         tick_s: float = 0.5,
         scan_s: float = 1.0,
+        max_claims: int = 250,
     ) -> None:
         self.ctx = ctx
         self.registry: VoiceRegistry = ctx.registry
         self._lease_ms = lease_ms
         self._tick_s = tick_s
         self._scan_s = scan_s
+        self._max_claims = max_claims
         self._held: dict[str, Sideband] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
@@ -170,18 +173,22 @@ class VoiceSessions:
                 self._spawn(sideband.end(reason))
 
     async def _scan(self) -> None:
-        for session_id in await self.registry.live_ids():
-            if session_id in self._held:
-                continue
-            if await self.registry.owner(session_id) is not None:
-                continue
+        others = [sid for sid in await self.registry.live_ids() if sid not in self._held]
+        orphans = await self.registry.unowned(others)
+        # Random order and a cap per scan: after a replica dies, the survivors share its
+        # sessions instead of racing for the same ones, and one scan stays short.
+        random.shuffle(orphans)
+        for session_id in orphans[: self._max_claims]:
             if not await self.registry.claim(
                 session_id, owner=self.ctx.replica, lease_ms=self._lease_ms
             ):
                 continue
             record = await self.registry.get(session_id)
-            if record is None or record.status == "closed":
-                await self.registry.mark_closed(session_id, "record_missing")
+            if record is None:
+                await self.registry.forget(session_id)
+                continue
+            if record.status == "closed":
+                await self.registry.mark_closed(session_id, record.closed_reason or "closed")
                 await self.registry.release(session_id, owner=self.ctx.replica)
                 continue
             TAKEOVERS.labels(VoiceApi(record.api).value).inc()

@@ -1,5 +1,6 @@
-"""The policy's max session length ends a session on time, and the voice metrics tell
-an SRE what happened with bounded labels only (never a token or session id)."""
+"""The policy's max session length ends a session on time, the voice metrics tell an SRE
+what happened with bounded labels only (never a token or session id), and a provider
+that refuses or stalls is a 502 or 504 with no session left behind."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 
 import httpx
+import orjson
 import pytest
 import redis.asyncio as aioredis
 
@@ -16,7 +18,7 @@ from shared.voicesessions import VoiceRegistry
 from tests.support import TEST_PROVIDER_KEY, FakeUpstream, ServiceProcess
 
 from .conftest import Browser, proxy_env
-from .voicekit import Peer, fake_session, open_live, peer, until
+from .voicekit import LIVE, VOICE, Peer, fake_session, open_live, peer, until
 
 __all__ = ["peer"]  # fixture
 
@@ -31,7 +33,13 @@ def short_proxy(
     key_manager: ServiceProcess,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[ServiceProcess]:
-    env = proxy_env(proxy_nats.url, redis_url, fake_upstream, VOICE_MAX_SESSION_S=str(MAX_S))
+    env = proxy_env(
+        proxy_nats.url,
+        redis_url,
+        fake_upstream,
+        VOICE_MAX_SESSION_S=str(MAX_S),
+        VOICE_UPSTREAM_TIMEOUT_S="1",
+    )
     service = ServiceProcess("proxy", env, tmp_path_factory.mktemp("short") / "proxy.log")
     service.start()
     yield service
@@ -88,3 +96,34 @@ async def test_the_max_session_length_ends_the_session_and_is_metered(
     for secret_or_id in (session_id, token.claims.jti, token.claims.sid, TEST_PROVIDER_KEY):
         assert secret_or_id not in metrics
     assert "keyveil_voice_sideband_reconnects_total" in voice_lines
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "status", "code"),
+    [
+        ({"fail_status": 500}, 502, "upstream_refused"),
+        ({"fail_status": 429, "retry_after": 3}, 502, "upstream_rate_limited"),
+        ({"fail_status": 401}, 502, "upstream_auth_failed"),
+        ({"delay_ms": 2500}, 504, "upstream_timeout"),
+    ],
+)
+async def test_a_provider_refusing_or_stalling_is_502_or_504(
+    short_browser: Browser,
+    upstream: FakeUpstream,
+    peer: Peer,
+    redis_client: aioredis.Redis,
+    behaviour: dict[str, int],
+    status: int,
+    code: str,
+) -> None:
+    upstream.behave(**behaviour, fail_paths=["/v1/live/sessions", "/v1/realtime/calls"])
+    live_before = set(await VoiceRegistry(redis_client).live_ids())
+    body = orjson.dumps({"transport": {"type": "webrtc", "sdp": await peer.offer()}})
+    answer = await short_browser.post(LIVE, body, short_browser.token(scopes=VOICE))
+    assert answer.status_code == status
+    assert answer.json()["error"]["code"] == code
+    assert TEST_PROVIDER_KEY not in answer.text
+    assert "retry-after" not in answer.headers  # the provider's limits are not the client's
+    assert set(await VoiceRegistry(redis_client).live_ids()) <= live_before
+    calls = [c for c in upstream.calls() if c["path"] == "/v1/live/sessions"]
+    assert len(calls) == 1

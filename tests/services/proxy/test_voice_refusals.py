@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 from typing import Any
 
 import httpx
 import orjson
 import pytest
+import redis.asyncio as aioredis
 
+from shared.ratelimit import strikes_key
 from shared.tokens import Scope
 from tests.sdp_samples import ANSWER, OFFER, offer
 from tests.support import FakeUpstream
@@ -163,3 +166,24 @@ async def test_the_cors_grant_exposes_the_call_headers(browser: Browser) -> None
     exposed = refused.headers["access-control-expose-headers"].lower()
     assert "location" in exposed
     assert "x-keyveil-call-id" in exposed
+
+
+async def test_policy_refusals_are_not_counted_as_auth_failures(
+    browser: Browser, redis_client: aioredis.Redis
+) -> None:
+    async def strikes() -> int:
+        return int(await redis_client.get(strikes_key("127.0.0.1")) or 0)
+
+    await redis_client.delete(strikes_key("127.0.0.1"))
+    for session in ({"model": "gpt-4o"}, {"audio": {"output": {"voice": "nova"}}}, {"x": 1}):
+        answer = await post_live(browser, live_body(session))
+        assert answer.status_code in (400, 403)
+    await asyncio.sleep(0.3)  # strikes are recorded in the background
+    assert await strikes() == 0
+    unsigned = await browser.http.post(
+        LIVE, content=live_body(), headers={"Content-Type": "application/json"}
+    )
+    assert unsigned.status_code == 401
+    await asyncio.sleep(0.3)
+    assert await strikes() == 1
+    await redis_client.delete(strikes_key("127.0.0.1"))
