@@ -74,9 +74,12 @@ class Recorder:
 
 def _error(status: int, message: str, retry_after: int | None) -> JSONResponse:
     headers = {"retry-after": str(retry_after)} if retry_after is not None else None
-    kind = "rate_limit_exceeded" if status == 429 else "server_error"
+    kind, code = {
+        401: ("invalid_request_error", "invalid_api_key"),
+        429: ("rate_limit_exceeded", "rate_limit_exceeded"),
+    }.get(status, ("server_error", "server_error"))
     return JSONResponse(
-        {"error": {"message": message, "type": kind, "param": None, "code": kind}},
+        {"error": {"message": message, "type": kind, "param": None, "code": code}},
         status_code=status,
         headers=headers,
     )

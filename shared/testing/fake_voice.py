@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import fractions
 import json
+import logging
 import math
 import secrets
 import struct
@@ -80,7 +81,7 @@ LIVE_DEFAULT_VOICE = "marin"
 REALTIME_DEFAULT_MODEL = "gpt-realtime"
 SESSION_LIFETIME_S = 3600
 DATA_CHANNEL_LABEL = "oai-events"
-TRANSCRIPT_WORDS = ("Hello", " from", " the", " fake", " voice", ".")
+TRANSCRIPT_WORDS = ("Hello", " from", " the", " fake", " voice.")
 # Per Realtime response.done: a fixed, recognisable token bill.
 RESPONSE_TOKENS = {"input_tokens": 20, "output_tokens": 30, "total_tokens": 50}
 RESPONSE_USAGE: dict[str, Any] = {
@@ -97,6 +98,11 @@ TONE_SECOND = struct.pack(
     f"<{TONE_RATE}h",
     *(int(8000 * math.sin(2 * math.pi * TONE_HZ * i / TONE_RATE)) for i in range(TONE_RATE)),
 )
+
+
+def _quiet_denials(record: logging.LogRecord) -> bool:
+    """uvicorn logs a refused WebSocket handshake (an HTTP 401/404 we chose) as an error."""
+    return record.getMessage() != "ASGI callable returned without completing handshake."
 
 
 def _loopback_host_addresses(use_ipv4: bool, use_ipv6: bool) -> list[str]:
@@ -238,9 +244,12 @@ class VoiceFake:
 
     @contextlib.asynccontextmanager
     async def lifespan(self, _app: FastAPI) -> AsyncIterator[None]:
+        server_log = logging.getLogger("uvicorn.error")
+        server_log.addFilter(_quiet_denials)
         try:
             yield
         finally:
+            server_log.removeFilter(_quiet_denials)
             await self.close_all()
 
     async def close_all(self) -> None:
@@ -395,7 +404,10 @@ class VoiceFake:
         await self._send_sidebands(session, event)
 
     def _transcript_event(self, session: VoiceSession) -> dict[str, Any]:
-        word = TRANSCRIPT_WORDS[session.transcript_index % len(TRANSCRIPT_WORDS)]
+        index = session.transcript_index
+        word = TRANSCRIPT_WORDS[index % len(TRANSCRIPT_WORDS)]
+        if index and not index % len(TRANSCRIPT_WORDS):
+            word = " " + word  # the next sentence
         session.transcript_index += 1
         if session.api == "live":
             start_ms = int((time.time() - session.created_at) * 1000)

@@ -352,6 +352,7 @@ async def test_live_create_refuses_what_openai_refuses(
             error = response.json()["error"]
             assert set(error) == {"message", "type", "param", "code"}
             assert error["param"] == param
+            assert error["type"] == "invalid_request_error"
     assert httpx.get(f"{fake.url}/_fake/sessions").json()["sessions"] == []
 
 
