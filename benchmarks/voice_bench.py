@@ -291,8 +291,9 @@ async def main() -> None:
             processes.remove(proxy)
             await http.delete(f"{fake_url}/_fake/sessions")
             print(
-                f"sidebands: {held['attached']} of {held['requested']} attached ({held['opened']} opened) "
-                f"(opened in {held['open_seconds']} s), proxy RSS {held['rss_before_kib']} -> "
+                f"sidebands: {held['attached']} of {held['requested']} attached "
+                f"({held['opened']} opened in {held['open_seconds']} s), "
+                f"proxy RSS {held['rss_before_kib']} -> "
                 f"{held['rss_after_kib']} KiB = {held['kib_per_sideband']} KiB per sideband, "
                 f"ready while holding: {held['proxy_ready_while_holding']}, "
                 f"SIGTERM to exit while holding them: {held['shutdown_s_holding']} s"
