@@ -74,6 +74,9 @@ class VoicePolicy(BaseModel):
     max_session_s: int = Field(default=900, ge=5, le=4 * 3600)
     on_violation: Literal["revert", "close"] = "revert"
     max_sdp_bytes: int = Field(default=32 * 1024, ge=1024, le=256 * 1024)
+    # GPT-Live only: the client events the browser's data channel may send (the
+    # provider enforces it); None leaves the provider's default (all).
+    browser_events: list[str] | None = None
 
     @field_validator("live_models", "realtime_models", "voices")
     @classmethod
@@ -174,6 +177,8 @@ def build_session(
     if instructions:
         session["instructions"] = instructions
     session["audio"] = {"output": {"voice": _voice_of(requested, policy)}}
+    if api is VoiceApi.live and policy.browser_events is not None:
+        session["client"] = {"data_channel": {"allowed_client_events": policy.browser_events}}
     if api is VoiceApi.realtime:
         tools = _tools_of(requested, policy)
         if tools:

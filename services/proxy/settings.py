@@ -89,6 +89,9 @@ class Settings(EdgeSettings):
     voice_max_sdp_bytes: int = Field(
         default=32 * 1024, ge=1024, le=256 * 1024, validation_alias="VOICE_MAX_SDP_BYTES"
     )
+    voice_browser_events: CommaList | None = Field(
+        default=None, validation_alias="VOICE_BROWSER_EVENTS"
+    )
     voice_upstream_timeout_s: float = Field(
         default=10.0, gt=0, le=60, validation_alias="VOICE_UPSTREAM_TIMEOUT_S"
     )
@@ -99,7 +102,12 @@ class Settings(EdgeSettings):
     )
 
     _split_voice = field_validator(
-        "voice_live_models", "voice_realtime_models", "voice_voices", "voice_tools", mode="before"
+        "voice_live_models",
+        "voice_realtime_models",
+        "voice_voices",
+        "voice_tools",
+        "voice_browser_events",
+        mode="before",
     )(split_commas)
 
     @field_validator("voice_live_models", "voice_realtime_models", "voice_voices")
@@ -120,6 +128,7 @@ class Settings(EdgeSettings):
             max_session_s=self.voice_max_session_s,
             on_violation=self.voice_on_violation,
             max_sdp_bytes=self.voice_max_sdp_bytes,
+            browser_events=self.voice_browser_events,
         )
 
     @property

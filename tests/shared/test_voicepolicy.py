@@ -69,6 +69,18 @@ def test_outside_the_policy_is_refused(
     assert refused(requested, api, policy) == expected
 
 
+def test_the_browser_data_channel_can_be_pinned_for_live_sessions() -> None:
+    policy = POLICY.model_copy(update={"browser_events": ["session.input_audio.mute"]})
+    session = build_session({}, policy, LIVE)
+    assert session["client"] == {
+        "data_channel": {"allowed_client_events": ["session.input_audio.mute"]}
+    }
+    assert "client" not in build_session({}, POLICY, LIVE)
+    assert "client" not in build_session({}, policy, RT)
+    # The pinned client capabilities are no drift when the provider reports them back.
+    assert violations({**session, "id": "s"}, session, policy, LIVE) == []
+
+
 def test_client_instructions_fill_the_template_only_when_allowed() -> None:
     policy = POLICY.model_copy(update={"client_instructions": True})
     session = build_session({"instructions": "Speak French."}, policy, RT)

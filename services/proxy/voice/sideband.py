@@ -51,6 +51,8 @@ _BACKOFF = (0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0)
 _GIVE_UP_AFTER = 12
 _CLOSE_WAIT_S = 1.5
 _GONE = frozenset({404, 410})
+# A session reverted this often is closed on the next violation instead.
+_MAX_REVERTS = 3
 
 
 def upstream_url(base_url: str, suffix: str) -> str:
@@ -100,6 +102,7 @@ class Sideband:
         self._task: asyncio.Task[None] | None = None
         self._let_go = False
         self._closer: asyncio.Task[None] | None = None
+        self._reverts = 0
 
     @property
     def session_id(self) -> str:
@@ -234,7 +237,7 @@ class Sideband:
             await self._finish(reason)
         elif kind == "response.done":
             await self._bill_tokens(frame.get("response"))
-        elif kind == "session.updated":
+        elif kind in ("session.updated", "session.created"):
             session = frame.get("session")
             if isinstance(session, dict):
                 await self._check_policy(session)
@@ -248,6 +251,9 @@ class Sideband:
         if not found:
             return
         revert = revert_event(found, self.record.pinned, self.ctx.policy, self.api)
+        self._reverts += 1
+        if self._reverts > _MAX_REVERTS:
+            revert = None  # it keeps coming back: the provider or the browser insists
         action = "reverted" if revert is not None else "closed"
         POLICY_ACTIONS.labels(self.api.value, action).inc()
         self._audit(

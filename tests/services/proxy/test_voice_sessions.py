@@ -245,3 +245,34 @@ async def test_a_live_delegation_the_policy_does_not_grant_is_reverted(
 
 async def _audits_typed(bus: NATS, session_id: str, kind: str) -> list[dict[str, Any]]:
     return [a for a in await audits_of(bus, session_id) if a["type"] == kind]
+
+
+async def test_a_browser_that_keeps_widening_the_session_gets_it_closed(
+    browser: Browser, voice_fake: FakeUpstream, peer: Peer, bus: NATS
+) -> None:
+    call_id, _ = await open_call(browser, peer, {"type": "realtime"})
+    await until(lambda: fake_session(voice_fake, call_id)["sidebands"] == 1, "no sideband")
+    url = f"{voice_fake.url}/_fake/sessions/{call_id}/client_update"
+
+    def undone(text: str) -> bool:
+        state = fake_session(voice_fake, call_id)
+        return bool(state["state"] != "open" or state["session"]["instructions"] != text)
+
+    sent = 0
+    while fake_session(voice_fake, call_id)["state"] == "open" and sent < 6:
+        sent += 1
+        text = f"attempt {sent}"
+        update = httpx.post(url, json={"session": {"instructions": text}})
+        assert update.status_code == 200, update.text
+        await until(lambda t=text: undone(t), "neither reverted nor cut", timeout=2.0)
+    await until(
+        lambda: fake_session(voice_fake, call_id)["state"] == "closed",
+        "the insisting session is still open",
+        timeout=2.0,
+    )
+    assert sent == 4  # three reverts, then the fourth widening closes it
+    closed = await until(
+        lambda: _audits_typed(bus, call_id, "voice.policy.closed"), "no policy-close audit"
+    )
+    assert closed[0]["detail"]["fields"] == ["instructions"]
+    assert len(await _audits_typed(bus, call_id, "voice.policy.reverted")) == 3
