@@ -217,6 +217,9 @@ def create_app(settings: Settings, *, keys: KeySource | None = None) -> FastAPI:
                 yield
             finally:
                 live.handler = None
+                if voice is not None:
+                    # First, before any other clean-up: another replica takes over now.
+                    await voice.let_go()
 
     app = service_app("keyveil proxy", lifespan)
 

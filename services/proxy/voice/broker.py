@@ -181,6 +181,10 @@ class VoiceBroker:
         self._http = http
         self._sessions = sessions
 
+    async def let_go(self) -> None:
+        """Hand every sideband this replica holds over to the others (shutdown)."""
+        await self._sessions.aclose()
+
     async def open(
         self,
         *,

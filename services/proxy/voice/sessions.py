@@ -81,6 +81,7 @@ class VoiceSessions:
         self._held: dict[str, Sideband] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
+        self._closed = False
 
     @property
     def held(self) -> dict[str, Sideband]:
@@ -94,6 +95,9 @@ class VoiceSessions:
     async def register(self, record: VoiceSession) -> None:
         """A session this replica just brokered: record it, own it, attach its sideband."""
         await self.registry.create(record, owner=self.ctx.replica, lease_ms=self._lease_ms)
+        if self._closed:  # brokered while this replica stops: another one attaches it
+            await self.registry.release(record.id, owner=self.ctx.replica)
+            return
         self._hold(record)
 
     def _hold(self, record: VoiceSession) -> None:
@@ -201,11 +205,15 @@ class VoiceSessions:
         task.add_done_callback(self._tasks.discard)
 
     async def aclose(self) -> None:
-        """Stop supervising; let go of every sideband without ending its session."""
+        """Stop supervising; let go of every sideband without ending its session (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
         if self._loop_task is not None:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
+        started = time.monotonic()
         held = list(self._held.values())
         for sideband in held:
             self._forget(sideband, ended=False)
@@ -219,3 +227,4 @@ class VoiceSessions:
             task.cancel()
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=2)
+        log.info("let go of %d voice sidebands in %.2f s", len(held), time.monotonic() - started)

@@ -276,3 +276,40 @@ async def test_a_browser_that_keeps_widening_the_session_gets_it_closed(
     )
     assert closed[0]["detail"]["fields"] == ["instructions"]
     assert len(await _audits_typed(bus, call_id, "voice.policy.reverted")) == 3
+
+
+async def test_a_dropped_sideband_is_reattached_and_nothing_is_counted_twice(
+    browser: Browser,
+    voice_fake: FakeUpstream,
+    peer: Peer,
+    bus: NATS,
+    redis_client: aioredis.Redis,
+) -> None:
+    session_id, token = await open_live(browser, peer)
+    await until(lambda: fake_session(voice_fake, session_id)["sidebands"] == 1, "no sideband")
+    for _ in range(2):  # the provider cuts the sideband; the session itself stays up
+        before = fake_session(voice_fake, session_id)["sideband_connects"]
+        dropped = httpx.post(f"{voice_fake.url}/_fake/sessions/{session_id}/drop_sidebands")
+        assert dropped.json() == {"dropped": 1}
+        await until(
+            lambda b=before: fake_session(voice_fake, session_id)["sideband_connects"] > b,
+            "the sideband was not re-attached",
+            timeout=2.0,
+        )
+    await redis_client.set(revoked_key(token.claims.jti), "1", ex=60)
+    await until(
+        lambda: fake_session(voice_fake, session_id)["state"] == "closed",
+        "the session outlived its token",
+        timeout=2.0,
+    )
+    final = fake_session(voice_fake, session_id)["seconds"]
+
+    async def all_billed() -> list[dict[str, Any]]:
+        events = await usage_of(bus, session_id)
+        return events if events and max(e["seconds_total"] for e in events) >= final else []
+
+    events = await until(all_billed, "the final usage never reached JetStream")
+    assert sum(e["seconds"] for e in events) == pytest.approx(final)
+    record = await VoiceRegistry(redis_client).get(session_id)
+    assert record is not None
+    assert record.attachments == 3

@@ -7,6 +7,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 import redis.asyncio as aioredis
 from nats.aio.client import Client as NATS
@@ -119,3 +120,32 @@ async def test_kill_9_of_the_sideband_owner_is_taken_over_without_losing_usage(
     assert record.billed_s == final
     assert TEST_PROVIDER_KEY not in record.model_dump_json()
     print(f"takeover after kill -9: {took:.2f} s")
+
+
+async def test_a_replica_stopping_hands_its_sidebands_over_at_once(
+    replicas: tuple[ServiceProcess, ServiceProcess],
+    browser_a: Browser,
+    upstream: FakeUpstream,
+    peer: Peer,
+    redis_client: aioredis.Redis,
+) -> None:
+    upstream.behave(voice_tick_ms=100)
+    first, _ = replicas
+    session_id, _ = await open_live(browser_a, peer)
+    await until(lambda: fake_session(upstream, session_id)["sidebands"] == 1, "no sideband")
+    stopping = time.monotonic()
+    first.stop()  # SIGTERM: the session is let go (its lease released), not ended
+    await until(
+        lambda: fake_session(upstream, session_id)["sideband_connects"] >= 2,
+        "nobody took the session over",
+        timeout=5.0,
+    )
+    took = time.monotonic() - stopping
+    assert fake_session(upstream, session_id)["state"] == "open"
+    record = await VoiceRegistry(redis_client).get(session_id)
+    assert record is not None
+    assert record.status == "live"
+    # Released, not expired: far sooner than the 3 s lease.
+    print(f"hand-over after SIGTERM: {took:.2f} s")
+    assert took < 3.0
+    httpx.post(f"{upstream.url}/_fake/sessions/{session_id}/close", json={"reason": "expired"})
