@@ -44,6 +44,10 @@ from .metrics import BILLABLE_SECONDS, POLICY_ACTIONS, RECONNECTS, TOKENS
 __all__ = ["Sideband", "SidebandContext", "sideband_url", "upstream_url"]
 
 log = logging.getLogger(__name__)
+# websockets logs the handshake headers (the Authorization header with the provider key)
+# and every frame at DEBUG; its logger for sidebands never goes below WARNING.
+_WS_LOG = logging.getLogger("keyveil.voice.websocket")
+_WS_LOG.setLevel(logging.WARNING)
 
 # Reconnect back-off; a session whose sideband cannot be re-attached within about a
 # minute is given up (and counted) rather than retried forever.
@@ -167,6 +171,7 @@ class Sideband:
                     max_queue=4,
                     close_timeout=1.0,
                     user_agent_header="keyveil-proxy",
+                    logger=_WS_LOG,
                 ) as ws:
                     del authorization
                     self._ws = ws

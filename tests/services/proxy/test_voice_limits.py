@@ -39,6 +39,7 @@ def short_proxy(
         fake_upstream,
         VOICE_MAX_SESSION_S=str(MAX_S),
         VOICE_UPSTREAM_TIMEOUT_S="1",
+        LOG_LEVEL="DEBUG",  # even at DEBUG, no handshake header or frame is logged
     )
     service = ServiceProcess("proxy", env, tmp_path_factory.mktemp("short") / "proxy.log")
     service.start()
@@ -96,6 +97,10 @@ async def test_the_max_session_length_ends_the_session_and_is_metered(
     for secret_or_id in (session_id, token.claims.jti, token.claims.sid, TEST_PROVIDER_KEY):
         assert secret_or_id not in metrics
     assert "keyveil_voice_sideband_reconnects_total" in voice_lines
+    log = short_proxy.log()
+    assert "voice sideband" in log or "live/sessions" in log  # the log does see the session
+    for never in ("Authorization", "authorization:", "session.usage.updated", TEST_PROVIDER_KEY):
+        assert never not in log
 
 
 @pytest.mark.parametrize(
