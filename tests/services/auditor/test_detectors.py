@@ -178,3 +178,20 @@ def test_cooldown_expires_and_a_new_incident_alerts_again() -> None:
     later = feed(detectors, [denied("signature", ts=T0 + 400 + i) for i in range(20)])
     assert [f.type for f in first].count("auth_failure_burst") == 1
     assert [f.type for f in later].count("auth_failure_burst") == 1
+
+
+async def test_sampled_refusals_still_add_up_to_a_burst() -> None:
+    """The proxy sends one event per (reason, IP) per interval, with a `count`: the
+    detector must weigh it, or a flood of forged tokens would look like a trickle."""
+    from shared.refusals import RefusalSampler
+
+    sent: list[UsageEvent] = []
+    sampler = RefusalSampler(sent.append, interval_s=60)
+    for i in range(25):
+        sampler.refused(denied("invalid_token", ts=T0 + i))
+    sampler.close()
+    assert len(sent) == 2  # the first at once, the other 24 summed
+    assert sum(event.count or 1 for event in sent) == 25
+
+    found = [f for f in feed(Detectors(settings()), sent) if f.type == "auth_failure_burst"]
+    assert len(found) == 1  # two events, one of them standing for 24: over the 10 threshold

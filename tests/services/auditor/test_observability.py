@@ -29,7 +29,14 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 START_ORDER = ("keymanager", "token", "proxy", "auditor")
 SERVICES = [name for name in START_ORDER if (REPO / "services" / name / "__main__.py").exists()]
 # Families several services share, named by the shared idea rather than one service.
-SHARED_PREFIXES = ("keyveil_events_", "keyveil_ratelimit_", "keyveil_auth_", "keyveil_bus_")
+SHARED_PREFIXES = (
+    "keyveil_events_",
+    "keyveil_ratelimit_",
+    "keyveil_auth_",
+    "keyveil_bus_",
+    "keyveil_stream_",
+    "keyveil_http_",
+)
 DEFAULT_COLLECTORS = ("python_", "process_")
 TIME_WORDS = re.compile(r"(latency|duration|_age|_time|delay|_lag|elapsed|uptime)")
 SIZE_WORDS = re.compile(r"(_size|_length|body|payload)")
@@ -118,7 +125,7 @@ def test_the_checker_catches_what_it_must() -> None:
 def stack(
     tmp_path: Path, redis_url: str, fake_upstream: FakeUpstream
 ) -> Iterator[dict[str, ServiceProcess]]:
-    nats_server: ServerProcess = start_nats(tmp_path)
+    nats_server: ServerProcess = start_nats(tmp_path, streams=True)
     env = {
         "NATS_URL": nats_server.url,
         "REDIS_URL": redis_url,
@@ -187,7 +194,7 @@ async def test_multiprocess_metrics_mode(tmp_path: Path) -> None:
 
     prom_dir = tmp_path / "prom"
     prom_dir.mkdir()
-    nats_server = start_nats(tmp_path)
+    nats_server = start_nats(tmp_path, streams=True)
     auditor = ServiceProcess(
         "auditor",
         env={"NATS_URL": nats_server.url, "PROMETHEUS_MULTIPROC_DIR": str(prom_dir)},
