@@ -170,6 +170,7 @@ async def sideband_phase(
     await asyncio.sleep(2)  # let the set-up phase's sidebands finish closing
     before = rss_kib(proxy_pid)
     opened = 0
+    refused: dict[str, int] = {}
     gate = asyncio.Semaphore(4)
 
     async def open_one() -> None:
@@ -180,6 +181,11 @@ async def sideband_phase(
             )
             if answer.status_code == 201:
                 opened += 1
+            else:
+                code = answer.json().get("error", {}).get("code", "?")
+                refused[f"{answer.status_code} {code}"] = (
+                    refused.get(f"{answer.status_code} {code}", 0) + 1
+                )
 
     started = time.monotonic()
     await asyncio.gather(*(open_one() for _ in range(n)))
@@ -200,6 +206,7 @@ async def sideband_phase(
         "opened": opened,
         "attached": attached,
         "open_seconds": round(opened_s, 2),
+        "refused": refused,
         "rss_before_kib": before,
         "rss_after_kib": after,
         "kib_per_sideband": round((after - before) / max(attached, 1), 1),
@@ -214,7 +221,7 @@ async def main() -> None:
     parser.add_argument("--json", help="also write the numbers to this file")
     args = parser.parse_args()
     state = Path(tempfile.mkdtemp(prefix="keyveil-voice-bench-"))
-    nats_server = start_nats(state)
+    nats_server = start_nats(state, streams=True)  # as `keyveil bootstrap` makes them
     redis_server = start_redis(state)
     up_port = free_port()
     fake = ServerProcess(
