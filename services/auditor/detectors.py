@@ -8,7 +8,8 @@ Which events count as what:
 - token issuance: a "token.issued" event (or any successful token-service event with
   a mode);
 - proxy request: a proxy event that was not refused at the door (outcome ok/error);
-  an error is outcome "error" or a 5xx status;
+  an error is outcome "error" or a 5xx status; voice metering ("voice.usage", many per
+  session) is not a request: the session's set-up was one already;
 - replay: reason "replay"; tampering: reason "signature" / "digest" / "tampered";
 - rotation overdue: an `AuditEvent` of type "rotation_due" from the key-manager.
 """
@@ -28,6 +29,9 @@ from services.auditor.baselines import (
 )
 from services.auditor.settings import Settings
 from shared.events import AuditEvent, UsageEvent
+
+# Usage events that meter a running session rather than record a request.
+METERING_TYPES = frozenset({"voice.usage"})
 
 __all__ = ["ALERT_TYPES", "AUTH_REASONS", "Detectors", "Finding"]
 
@@ -135,7 +139,7 @@ class Detectors:
             event.service == "token" and event.outcome == "ok" and event.mode is not None
         ):
             findings.extend(self._token_issued(event))
-        elif event.service == "proxy":
+        elif event.service == "proxy" and event.type not in METERING_TYPES:
             findings.extend(self._proxy_request(event))
         findings.extend(self._geography(event))
         return self._pass_cooldown(findings)
