@@ -25,6 +25,7 @@ from typing import Any
 
 import httpx
 
+from keyveil.commands.audit import STATE_CHECKPOINTS, STATE_VERIFY_KEYS
 from keyveil.servers import (
     ServerProcess,
     bootstrap_nats,
@@ -35,6 +36,7 @@ from keyveil.servers import (
     start_redis,
     wait_for_port,
 )
+from services.auditor.ledgerkeys import LedgerSigner
 
 __all__ = ["StackOptions", "run_stack"]
 
@@ -50,6 +52,7 @@ _PRIVATE_VARIABLES = (
     "KEY_ENCRYPTION_SECRET_PREVIOUS",
     "PROXY_SIGNING_KEY",
     "PROXY_SIGNING_KEY_PREVIOUS",
+    "LEDGER_SIGNING_KEY",
     "NATS_USER",
     "NATS_PASSWORD",
     "KEYVEIL_PORT",
@@ -152,7 +155,25 @@ class Stack:
         for name in ("KEY_ENCRYPTION_SECRET_PREVIOUS", "PROXY_SIGNING_KEY_PREVIOUS"):
             if os.environ.get(name):
                 given[name] = os.environ[name]
+        given["LEDGER_SIGNING_KEY"] = self._ledger_key(production)
         return given
+
+    def _ledger_key(self, production: bool) -> str:
+        """The auditor's ledger signing seed (given, or generated once and kept 0600), with
+        its public half in `ledger/verify.keys` so `keyveil audit verify` needs no flags."""
+        seed = os.environ.get("LEDGER_SIGNING_KEY")
+        if not seed and production:
+            raise SystemExit("keyveil up: LEDGER_SIGNING_KEY must be set in production")
+        if not seed:
+            seed = self._state_file(
+                "ledger-key.json", {"seed": LedgerSigner.generate().seed_b64()}
+            )["seed"]
+        ledger = self.options.state_dir / "ledger"
+        (ledger / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (self.options.state_dir / STATE_VERIFY_KEYS).write_text(
+            LedgerSigner.from_seed(seed).public_key_b64 + "\n"
+        )
+        return seed
 
     # --- infrastructure --------------------------------------------------------------
 
@@ -340,8 +361,13 @@ class Stack:
             self.children.append(
                 self._service(name, "services.proxy", port, {**nats_env("proxy"), **edge}, logs)
             )
+        auditor_env = {
+            **nats_env("auditor"),
+            "LEDGER_SIGNING_KEY": keys["LEDGER_SIGNING_KEY"],
+            "LEDGER_CHECKPOINT_DIR": str((opts.state_dir / STATE_CHECKPOINTS).resolve()),
+        }
         self.children.append(
-            self._service("auditor", "services.auditor", auditor_port, nats_env("auditor"), logs)
+            self._service("auditor", "services.auditor", auditor_port, auditor_env, logs)
         )
         self.info.update(
             state_dir=str(opts.state_dir.resolve()),

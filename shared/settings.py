@@ -155,6 +155,26 @@ class EdgeSettings(CommonSettings):
     signature_window_s: float = Field(
         default=60.0, gt=0, le=600, validation_alias="SIGNATURE_WINDOW_S"
     )
+    # HTTP bounds enforced by the protocol (shared.httpprotocol), before the app runs.
+    max_header_count: int = Field(
+        default=100, ge=16, le=10_000, validation_alias="HTTP_MAX_HEADER_COUNT"
+    )
+    max_header_bytes: int = Field(
+        default=32 * 1024, ge=4096, le=1024 * 1024, validation_alias="HTTP_MAX_HEADER_BYTES"
+    )
+    max_url_bytes: int = Field(
+        default=8 * 1024, ge=1024, le=1024 * 1024, validation_alias="HTTP_MAX_URL_BYTES"
+    )
+    header_timeout_s: float = Field(
+        default=10.0, gt=0, le=300, validation_alias="HTTP_HEADER_TIMEOUT_S"
+    )
+    write_timeout_s: float = Field(
+        default=30.0, gt=0, le=3600, validation_alias="HTTP_WRITE_TIMEOUT_S"
+    )
+    body_timeout_s: float = Field(
+        default=10.0, gt=0, le=600, validation_alias="HTTP_BODY_TIMEOUT_S"
+    )
+    """A small request body (the token service's) must be all there this long after the head."""
 
     _split_edge = field_validator("allowed_origins", "trusted_proxies", mode="before")(split_commas)
 

@@ -3,8 +3,9 @@
 Outcomes per message: ack after the handler succeeded (or the event was already
 handled: its id is in the recent-ids window), nak with a delay when the handler
 failed (redelivered up to max_deliver), term when the payload is not an event at
-all (redelivery cannot fix it). The durable consumer remembers its position in the
-stream, so events published while the auditor was down are delivered when it returns.
+all or the handler refused it (`RefuseEvent`): redelivery cannot fix either. The
+durable consumer remembers its position in the stream, so events published while
+the auditor was down are delivered when it returns.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from pydantic import ValidationError
 from shared.events import Event
 from shared.telemetry import extract_context
 
-__all__ = ["DurableConsumer", "SeenIds"]
+__all__ = ["DurableConsumer", "RefuseEvent", "SeenIds"]
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +58,24 @@ LAG = Histogram(
     ["stream"],
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600),
 )
+REFUSED = Counter(
+    "keyveil_auditor_events_refused_total",
+    "Valid events the handler refused (terminated, never redelivered)",
+    ["stream"],
+)
 PENDING = Gauge(
     "keyveil_auditor_consumer_pending_messages",
     "Messages in the stream not yet delivered to the auditor",
     ["stream"],
 )
+
+
+class RefuseEvent(Exception):
+    """Raised by a handler for an event that must never be processed: the message is termed."""
+
+    def __init__(self, code: str) -> None:
+        super().__init__(code)
+        self.code = code
 
 
 class SeenIds:
@@ -197,6 +211,14 @@ class DurableConsumer(Generic[E]):
         ):
             try:
                 await self._handler(event, msg)
+            except RefuseEvent as refused:
+                REFUSED.labels(self.stream_name).inc()
+                log.warning(
+                    "%s refused on %s (%s); terminated", event.type, self.stream_name, refused.code
+                )
+                # Not added to `seen`: a forged copy must not shadow the genuine event's id.
+                await msg.term()
+                return
             except Exception:
                 FAILED.labels(self.stream_name).inc()
                 log.exception("handling %s from %s failed; nak", event.type, self.stream_name)

@@ -8,7 +8,8 @@ Which events count as what:
 - token issuance: a "token.issued" event (or any successful token-service event with
   a mode);
 - proxy request: a proxy event that was not refused at the door (outcome ok/error);
-  an error is outcome "error" or a 5xx status;
+  an error is outcome "error" or a 5xx status; voice metering ("voice.usage", many per
+  session) is not a request: the session's set-up was one already;
 - replay: reason "replay"; tampering: reason "signature" / "digest" / "tampered";
 - rotation overdue: an `AuditEvent` of type "rotation_due" from the key-manager.
 """
@@ -28,6 +29,9 @@ from services.auditor.baselines import (
 )
 from services.auditor.settings import Settings
 from shared.events import AuditEvent, UsageEvent
+
+# Usage events that meter a running session rather than record a request.
+METERING_TYPES = frozenset({"voice.usage"})
 
 __all__ = ["ALERT_TYPES", "AUTH_REASONS", "Detectors", "Finding"]
 
@@ -135,7 +139,7 @@ class Detectors:
             event.service == "token" and event.outcome == "ok" and event.mode is not None
         ):
             findings.extend(self._token_issued(event))
-        elif event.service == "proxy":
+        elif event.service == "proxy" and event.type not in METERING_TYPES:
             findings.extend(self._proxy_request(event))
         findings.extend(self._geography(event))
         return self._pass_cooldown(findings)
@@ -195,8 +199,9 @@ class Detectors:
         reason = (event.reason or "").lower()
         ip = event.client_ip or "unknown"
         s = self.settings
+        weight = event.count or 1  # a sampled refusal event stands for `count` refusals
         if reason in AUTH_REASONS or reason.startswith("invalid_"):
-            count = self.auth_failures.add(ip, event.ts)
+            count = self.auth_failures.add(ip, event.ts, weight)
             if count >= s.auth_failure_threshold:
                 yield Finding(
                     "auth_failure_burst",
@@ -209,7 +214,7 @@ class Detectors:
                 )
         who = f"token:{event.token_id}" if event.token_id else f"ip:{ip}"
         if reason in REPLAY_REASONS:
-            count = self.replays.add(who, event.ts)
+            count = self.replays.add(who, event.ts, weight)
             if count >= s.replay_threshold:
                 yield Finding(
                     "replay_attempts",
@@ -220,7 +225,7 @@ class Detectors:
                     self._who_labels(event),
                 )
         if reason in TAMPER_REASONS:
-            count = self.tampering.add(who, event.ts)
+            count = self.tampering.add(who, event.ts, weight)
             if count >= s.tamper_threshold:
                 yield Finding(
                     "tampering_attempts",
@@ -260,7 +265,7 @@ class Detectors:
     def _proxy_request(self, event: UsageEvent) -> Iterable[Finding]:
         s = self.settings
         bad = event.outcome == "error" or (event.status or 0) >= 500
-        ratio = self.proxy_errors.add(event.ts, bad=bad)
+        ratio = self.proxy_errors.add(event.ts, bad=bad, weight=event.count or 1)
         if self.proxy_errors.total >= s.proxy_error_min_requests and ratio >= s.proxy_error_ratio:
             yield Finding(
                 "proxy_error_rate",

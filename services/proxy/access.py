@@ -37,6 +37,14 @@ _REASONS = {
     "digest_unsupported": "digest",
     "digest_mismatch": "digest",
     "security_unavailable": "unavailable",
+    "body_timeout": "body_timeout",
+    "upload_capacity": "upload_capacity",
+    # A voice session outside the server's policy: refused, but not an auth failure.
+    "model_not_allowed": "policy",
+    "voice_not_allowed": "policy",
+    "instructions_not_allowed": "policy",
+    "tool_not_allowed": "policy",
+    "session_field_not_allowed": "policy",
 }
 
 

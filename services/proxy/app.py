@@ -37,6 +37,7 @@ from .handler import ProxyHandler
 from .routes import PREFIX
 from .settings import Settings
 from .upstream import Forwarder, KeySource, OpenedLeaseCache
+from .voice import open_voice
 
 __all__ = ["CORS_ALLOWED_HEADERS", "CORS_EXPOSED_HEADERS", "create_app"]
 
@@ -50,7 +51,14 @@ CORS_ALLOWED_HEADERS = [
     "Signature-Input",
     "X-Keyveil-Cache",
 ]
-CORS_EXPOSED_HEADERS = ["RateLimit", "RateLimit-Policy", "Retry-After", "X-Keyveil-Cache"]
+CORS_EXPOSED_HEADERS = [
+    "RateLimit",
+    "RateLimit-Policy",
+    "Retry-After",
+    "X-Keyveil-Cache",
+    "Location",  # a brokered Realtime call's proxy URL
+    "X-Keyveil-Call-Id",
+]
 _NOT_READY = orjson.dumps(
     {"error": {"code": "not_ready", "message": "the proxy is starting or stopping"}}
 )
@@ -149,6 +157,8 @@ def create_app(settings: Settings, *, keys: KeySource | None = None) -> FastAPI:
         async with AsyncExitStack() as stack:
             redis = redis_client(settings.redis_url, settings.redis_timeout_s)
             stack.push_async_callback(redis.aclose)
+            cache_redis = redis_client(settings.response_cache_redis_url, settings.redis_timeout_s)
+            stack.push_async_callback(cache_redis.aclose)
 
             def on_state(connected: bool) -> None:
                 state["nats"] = connected
@@ -190,6 +200,11 @@ def create_app(settings: Settings, *, keys: KeySource | None = None) -> FastAPI:
                 )
                 stack.push_async_callback(forwarder.aclose)
             keyring = settings.keyring()
+            voice = None
+            if not settings.demo_mode:
+                voice = await open_voice(
+                    stack, settings=settings, redis=redis, keys=key_source, publisher=publisher
+                )
             # One pipelined connection for the per-request admission script.
             admission = Admission(redis, service="proxy", pipelined=True)
             stack.push_async_callback(admission.aclose)
@@ -199,7 +214,7 @@ def create_app(settings: Settings, *, keys: KeySource | None = None) -> FastAPI:
                 admission=admission,
                 forwarder=forwarder,
                 cache=ResponseCache(
-                    redis,
+                    cache_redis,
                     ttl_s=settings.cache_ttl_s,
                     max_entry_bytes=settings.cache_max_entry_bytes,
                 )
@@ -207,6 +222,7 @@ def create_app(settings: Settings, *, keys: KeySource | None = None) -> FastAPI:
                 else None,
                 publisher=publisher,
                 trusted_proxies=parse_networks(settings.trusted_proxies),
+                voice=voice,
             )
             stack.push_async_callback(handler.drain)
             app.state.redis = redis
@@ -220,6 +236,9 @@ def create_app(settings: Settings, *, keys: KeySource | None = None) -> FastAPI:
                 yield
             finally:
                 live.handler = None
+                if voice is not None:
+                    # First, before any other clean-up: another replica takes over now.
+                    await voice.let_go()
 
     app = service_app("keyveil proxy", lifespan)
 

@@ -122,7 +122,9 @@ class TokenService:
             )
             if not decision.allowed:
                 raise await self._refusal(decision, ip)
-            body = await read_body_capped(request, self.settings.max_body_bytes)
+            body = await read_body_capped(
+                request, self.settings.max_body_bytes, self.settings.body_timeout_s
+            )
             wanted = parse_token_request(body)
             mode = wanted.mode
             issued = await self.issuer.issue(wanted, origin=origin)
@@ -140,7 +142,9 @@ class TokenService:
         extra = {**self.origins.response_headers(origin), **_NO_STORE}
         try:
             self.origins.check(origin, required=False)
-            body = await read_body_capped(request, self.settings.max_body_bytes)
+            body = await read_body_capped(
+                request, self.settings.max_body_bytes, self.settings.body_timeout_s
+            )
             claims = await self.revoker.revoke_signed(
                 token_id=token_id,
                 method=request.method,

@@ -254,7 +254,13 @@ def test_compose_demo_profile_adds_the_fake_upstream(compose: dict[str, Any]) ->
 
 
 def test_compose_secrets_are_required_not_defaulted(compose: dict[str, Any]) -> None:
-    secret_vars = ("OPENAI_API_KEY", "KEY_ENCRYPTION_SECRET", "PROXY_SIGNING_KEY", "NATS_PASSWORD")
+    secret_vars = (
+        "OPENAI_API_KEY",
+        "KEY_ENCRYPTION_SECRET",
+        "PROXY_SIGNING_KEY",
+        "LEDGER_SIGNING_KEY",
+        "NATS_PASSWORD",
+    )
     for service in compose["services"].values():
         for var, value in service.get("environment", {}).items():
             if var in secret_vars or var.startswith("KEYVEIL_NATS_PASSWORD_"):
@@ -266,7 +272,9 @@ def test_nothing_secret_is_committed() -> None:
     example = (REPO / "deploy/env.example").read_text()
     for line in example.splitlines():
         if re.match(
-            r"^(OPENAI_API_KEY|KEY_ENCRYPTION_SECRET|PROXY_SIGNING_KEY|KEYVEIL_NATS_PASS)", line
+            r"^(OPENAI_API_KEY|KEY_ENCRYPTION_SECRET|PROXY_SIGNING_KEY|LEDGER_SIGNING_KEY"
+            r"|KEYVEIL_NATS_PASS)",
+            line,
         ):
             assert line.split("=", 1)[1].startswith("<"), line
 

@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -140,14 +141,14 @@ def test_servers_and_the_fake_get_no_secret_and_redis_wants_a_password(stack: St
     secrets_held = [TEST_PROVIDER_KEY, *generated.values()]
     checked = 0
     for name in ("nats", "redis", "fake-upstream"):
-        environ = open(f"/proc/{stack.pid(name)}/environ", "rb").read()  # noqa: SIM115
+        environ = Path(f"/proc/{stack.pid(name)}/environ").read_bytes()
         assert environ, name
         for secret in secrets_held:
             assert secret.encode() not in environ, name
         checked += 1
     assert checked == 3
     for name in ("token", "proxy"):  # the services that need one still get theirs
-        environ = open(f"/proc/{stack.pid(name)}/environ", "rb").read()  # noqa: SIM115
+        environ = Path(f"/proc/{stack.pid(name)}/environ").read_bytes()
         assert generated["PROXY_SIGNING_KEY"].encode() in environ
         assert TEST_PROVIDER_KEY.encode() not in environ
 
@@ -157,3 +158,34 @@ def test_servers_and_the_fake_get_no_secret_and_redis_wants_a_password(stack: St
     with pytest.raises(redis.exceptions.AuthenticationError):
         anonymous.ping()
     anonymous.close()
+
+
+def test_audit_verify_passes_on_the_running_stack_with_no_flags(stack: Stack) -> None:
+    """keyveil up gives the auditor its ledger key and checkpoint directory and keeps the
+    public key in the state dir, so an operator's `keyveil audit verify` just works."""
+    import subprocess
+    import sys
+
+    from tests.support import REPO
+
+    token = issue_proxy_token(stack)
+    assert signed_chat(stack, token).status_code == 200
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "keyveil.cli",
+            "audit",
+            "verify",
+            "--state-dir",
+            str(stack.state_dir),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if not k.startswith(("NATS_", "LEDGER_"))},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith("ok"), result.stdout
+    assert (stack.state_dir / "ledger" / "verify.keys").read_text().strip()

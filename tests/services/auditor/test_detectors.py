@@ -100,6 +100,16 @@ def test_usage_spike_per_key_and_subject() -> None:
     assert found["usage_spike_subject"].labels["token_id"] == "tok-0"
 
 
+def test_voice_metering_is_not_counted_as_requests() -> None:
+    detectors = warmed_up()  # tok-0: 3 requests a minute
+    now = T0 + 30 * 60
+    ticks = [
+        proxied(ts=now + i * 0.5, key_id="key-openai-1", token_id="tok-0", type="voice.usage")
+        for i in range(80)
+    ]
+    assert feed(detectors, ticks) == []  # one voice session, metered every half second
+
+
 def test_usage_spike_new_key_cold_start_is_robust() -> None:
     detectors = warmed_up()
     now = T0 + 30 * 60
@@ -168,3 +178,20 @@ def test_cooldown_expires_and_a_new_incident_alerts_again() -> None:
     later = feed(detectors, [denied("signature", ts=T0 + 400 + i) for i in range(20)])
     assert [f.type for f in first].count("auth_failure_burst") == 1
     assert [f.type for f in later].count("auth_failure_burst") == 1
+
+
+async def test_sampled_refusals_still_add_up_to_a_burst() -> None:
+    """The proxy sends one event per (reason, IP) per interval, with a `count`: the
+    detector must weigh it, or a flood of forged tokens would look like a trickle."""
+    from shared.refusals import RefusalSampler
+
+    sent: list[UsageEvent] = []
+    sampler = RefusalSampler(sent.append, interval_s=60)
+    for i in range(25):
+        sampler.refused(denied("invalid_token", ts=T0 + i))
+    sampler.close()
+    assert len(sent) == 2  # the first at once, the other 24 summed
+    assert sum(event.count or 1 for event in sent) == 25
+
+    found = [f for f in feed(Detectors(settings()), sent) if f.type == "auth_failure_burst"]
+    assert len(found) == 1  # two events, one of them standing for 24: over the 10 threshold

@@ -35,6 +35,7 @@ SHARED_PREFIXES = (
     "keyveil_auth_",
     "keyveil_bus_",
     "keyveil_stream_",
+    "keyveil_http_",
 )
 DEFAULT_COLLECTORS = ("python_", "process_")
 TIME_WORDS = re.compile(r"(latency|duration|_age|_time|delay|_lag|elapsed|uptime)")
