@@ -36,6 +36,7 @@ def good_env(**overrides: str) -> dict[str, str]:
         "ALLOWED_ORIGINS": "https://app.keyveil.test",
         "VOICE_AGENT_DEMO_MODE": "false",
         "OPENAI_BASE_URL": "https://api.openai.com/v1",
+        "PROXY_PUBLIC_URL": "https://gw.keyveil.test/api/voice-agent/proxy/v1",
     }
     values.update(overrides)
     return values
