@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import socket
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -127,7 +128,9 @@ def add_edge_routes(app: FastAPI, checks: dict[str, ReadinessCheck]) -> None:
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+        # Which process answered: `keyveil up` counts a service ready only when its own
+        # child answers, not whatever else holds the port.
+        return {"status": "ok", "instance": f"{socket.gethostname()}:{os.getpid()}"}
 
     @app.get("/readyz", include_in_schema=False)
     async def readyz() -> Response:
