@@ -165,7 +165,8 @@ def _running(pid: int) -> bool:
 def test_a_refused_configuration_ends_the_stack_with_its_error_line(tmp_path: Path) -> None:
     state = tmp_path / "state"
     state.mkdir(mode=0o700)
-    kept = {name: secrets.token_urlsafe(32) for name in ("KEY_ENCRYPTION_SECRET", "PROXY_SIGNING_KEY")}
+    names = ("KEY_ENCRYPTION_SECRET", "PROXY_SIGNING_KEY")
+    kept = {name: secrets.token_urlsafe(32) for name in names}
     (state / "dev-secrets.json").write_text(json.dumps(kept))
     done = subprocess.run(
         [*_UP, "--base-port", "0", "--state-dir", str(state)],
