@@ -111,7 +111,7 @@ async def _tail(args: argparse.Namespace) -> int:
                     _print(alert, as_json=args.json)
     except nats.js.errors.NotFoundError:
         print(
-            f"keyveil alerts: no {stream} stream yet (run `keyveil bootstrap`; -f waits for it)",
+            f"keyveil alerts: no alerts stream ({stream}) yet; run `keyveil bootstrap` (-f waits)",
             file=sys.stderr,
         )
         return 2
