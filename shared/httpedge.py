@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import platform
 import socket
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -18,7 +19,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
@@ -27,6 +28,7 @@ from shared.settings import CommonSettings, load_settings
 from shared.telemetry import configure_logging, configure_tracing
 
 __all__ = [
+    "BUILD_INFO",
     "IpNetwork",
     "ReadinessCheck",
     "add_edge_routes",
@@ -35,6 +37,7 @@ __all__ = [
     "install_error_handlers",
     "parse_networks",
     "read_body_capped",
+    "record_build_info",
     "run_service",
     "serve_main",
     "service_app",
@@ -110,6 +113,24 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, unexpected)
+
+
+BUILD_INFO = Gauge(
+    "keyveil_build_info",
+    "1 for the running build: which service, keyveil version and Python version",
+    ["service", "version", "python"],
+    multiprocess_mode="max",
+)
+
+
+def record_build_info(service: str) -> None:
+    from importlib import metadata
+
+    try:
+        version = metadata.version("keyveil")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    BUILD_INFO.labels(service, version, platform.python_version()).set(1)
 
 
 def _metrics_payload() -> bytes:
@@ -212,6 +233,7 @@ def settings_or_exit(model: type[S], **overrides: Any) -> S:
 def serve_main(service: str, model: type[S], create_app: Callable[[S], FastAPI]) -> None:
     """A service's whole `main()`: settings (or exit 2), logs, traces, serve until SIGTERM."""
     settings = settings_or_exit(model)
+    record_build_info(service)
     configure_logging(service, level=settings.log_level, fmt=settings.log_format)
     configure_tracing(service)
     run_service(create_app(settings), settings)

@@ -87,6 +87,8 @@ def test_stack_json_paths_are_absolute_and_readiness_is_the_own_process(stack: S
         url = info["metrics_urls"][name].removesuffix("/metrics")
         instance = httpx.get(f"{url}/healthz", timeout=5).json()["instance"]
         assert instance.endswith(f":{info['pids'][name]}"), (name, instance)
+        metrics = httpx.get(f"{url}/metrics", timeout=5).text
+        assert re.search(rf'keyveil_build_info\{{[^}}]*service="{name}"[^}}]*\}} 1\.0', metrics)
 
 
 def test_a_second_stack_on_the_same_ports_exits_naming_the_port(
@@ -137,6 +139,8 @@ def test_the_readme_python_examples_run_as_written(stack: Stack) -> None:
     paths = [call["path"] for call in calls]
     assert paths.count("/v1/chat/completions") >= 3  # chat, streamed chat, openai package
     assert "/v1/audio/speech" in paths
+    metrics = httpx.get(f"{stack.url('proxy')}/metrics", timeout=5).text
+    assert 'keyveil_proxy_upstream_responses_total{status="200",status_class="2xx"}' in metrics
 
 
 def test_sighup_stops_every_child(stack: Stack) -> None:
