@@ -125,6 +125,19 @@ def _local_ports(code: str, stack: Stack) -> str:
     return code.replace("localhost:8080", f"localhost:{token.port}")
 
 
+def test_a_refused_origin_names_the_variable_to_set(stack: Stack) -> None:
+    answer = httpx.post(
+        f"{stack.url('token')}/api/voice-agent/secure-token",
+        json={"mode": "proxy"},
+        headers={"Origin": "https://app.test"},
+        timeout=10,
+    )
+    assert answer.status_code == 403
+    error = answer.json()["error"]
+    assert error["code"] == "origin_forbidden"
+    assert "ALLOWED_ORIGINS" in error["message"]
+
+
 def test_the_readme_python_examples_run_as_written(stack: Stack) -> None:
     sdk, openai_package = _readme_examples()
     assert "await" in sdk
