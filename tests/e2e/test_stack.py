@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -140,14 +141,14 @@ def test_servers_and_the_fake_get_no_secret_and_redis_wants_a_password(stack: St
     secrets_held = [TEST_PROVIDER_KEY, *generated.values()]
     checked = 0
     for name in ("nats", "redis", "fake-upstream"):
-        environ = open(f"/proc/{stack.pid(name)}/environ", "rb").read()  # noqa: SIM115
+        environ = Path(f"/proc/{stack.pid(name)}/environ").read_bytes()
         assert environ, name
         for secret in secrets_held:
             assert secret.encode() not in environ, name
         checked += 1
     assert checked == 3
     for name in ("token", "proxy"):  # the services that need one still get theirs
-        environ = open(f"/proc/{stack.pid(name)}/environ", "rb").read()  # noqa: SIM115
+        environ = Path(f"/proc/{stack.pid(name)}/environ").read_bytes()
         assert generated["PROXY_SIGNING_KEY"].encode() in environ
         assert TEST_PROVIDER_KEY.encode() not in environ
 
