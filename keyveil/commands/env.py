@@ -381,9 +381,16 @@ def _number(env: Mapping[str, str], name: str, default: int) -> int | None:
         return None
 
 
+def _token_default(field: str) -> int:
+    """A token-service default, read from its settings model (not restated here)."""
+    model = settings_model("token")
+    default = model.model_fields[field].default if model is not None else None
+    return int(default) if isinstance(default, int) else 0
+
+
 def _limits_checks(env: Mapping[str, str]) -> list[Check]:
-    duration = _number(env, "VOICE_AGENT_TOKEN_DURATION", 300)
-    rate = _number(env, "VOICE_AGENT_RATE_LIMIT", 10)
+    duration = _number(env, "VOICE_AGENT_TOKEN_DURATION", _token_default("token_duration_s"))
+    rate = _number(env, "VOICE_AGENT_RATE_LIMIT", _token_default("rate_limit_per_minute"))
     name = "token lifetime"
     if duration is None:
         life = Check(name, "VOICE_AGENT_TOKEN_DURATION", "missing", 5, "not a number")
