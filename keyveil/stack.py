@@ -43,6 +43,7 @@ from keyveil.servers import (
     start_redis,
     wait_for_port,
 )
+from shared.settings import Environment, parse_environment
 
 __all__ = ["StackOptions", "run_stack"]
 
@@ -325,10 +326,10 @@ class Stack:
         logs = opts.state_dir / "logs"
         logs.mkdir(exist_ok=True)
         ports = self.choose_ports()
-        production = os.environ.get("NODE_ENV", os.environ.get("APP_ENV", "")) in (
-            "production",
-            "prod",
+        environment = parse_environment(
+            os.environ.get("NODE_ENV") or os.environ.get("APP_ENV") or "development"
         )
+        production = environment is Environment.production
         keys = self.development_secrets(production)
         nats_url, passwords = self.start_nats()
         redis_url = self.start_redis()
@@ -438,7 +439,10 @@ class Stack:
             proxy_urls=[f"http://127.0.0.1:{p}" for p in proxy_ports],
             keymanager_url=f"http://127.0.0.1:{keymanager_port}",
             auditor_url=f"http://127.0.0.1:{auditor_port}",
-            demo_page_url=f"http://localhost:{token_port}/demo/" if not production else None,
+            # services/token/demo.py serves the page in development or demo mode only.
+            demo_page_url=f"http://localhost:{token_port}/demo/"
+            if demo or environment is Environment.development
+            else None,
             nats_url=nats_url,
             redis_url=redis_url,
             openai_base_url=base_url,
