@@ -214,3 +214,18 @@ def _cmdline_mentions(proc: Path, needle: str) -> bool:
         return needle in (proc / "cmdline").read_bytes().decode(errors="replace")
     except OSError:
         return False
+
+
+def test_children_die_with_a_killed_supervisor(tmp_path: Path) -> None:
+    """kill -9 of `keyveil up` itself (no chance to clean up) still ends every child."""
+    with running_stack(tmp_path, args=()) as local:
+        pids = [int(p) for p in local.info["pids"].values()]
+        assert len(pids) >= 6  # nats, redis, four services
+        local.process.kill()
+        local.process.wait(10)
+        deadline = time.monotonic() + 30
+        alive = pids
+        while alive and time.monotonic() < deadline:
+            alive = [pid for pid in alive if _running(pid)]
+            time.sleep(0.2)
+        assert alive == []
