@@ -17,6 +17,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from keyveil.operator import operator_nats
 from shared.bus import RemoteError
 from shared.errors import BusError
@@ -87,6 +89,8 @@ def _handler(operation: Operation) -> Callable[[argparse.Namespace], int]:
         except (BusError, OSError) as exc:
             print(f"keyveil keys: cannot reach the key-manager ({exc})", file=sys.stderr)
             return 3
+        except ValidationError:
+            raise  # keyveil.cli names the field and the rule, never the input
         except ValueError as exc:
             print(f"keyveil keys: {exc}", file=sys.stderr)
             return 2
@@ -218,6 +222,7 @@ def _age(seconds: float) -> str:
 
 def _print_table(infos: list[KeyInfo]) -> None:
     if not infos:
+        print("no keys matched")
         return
     now = time.time()
     rows = [("KEY ID", "VER", "PROVIDER", "ENV", "STATUS", "AGE", "FINGERPRINT", "LAST4")]

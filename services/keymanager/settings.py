@@ -35,6 +35,7 @@ class Settings(CommonSettings):
     """Environment of `python -m services.keymanager`."""
 
     port: int = Field(default=8082, ge=0, le=65535, validation_alias="KEYVEIL_PORT")
+    """TCP port the service listens on (HTTP: API, /healthz, /readyz, /metrics)."""
 
     # Key custody: where the KEK lives (see kek.py). `local` needs KEY_ENCRYPTION_SECRET.
     kek_provider: KekProviderName = Field(
@@ -74,28 +75,40 @@ class Settings(CommonSettings):
     key_encryption_secret: SecretStr | None = Field(
         default=None, validation_alias="KEY_ENCRYPTION_SECRET"
     )
+    """Key-encryption key source for the keys at rest while KEK_PROVIDER (or
+    KEK_PREVIOUS_PROVIDER) is `local`: 32+ characters, high entropy. Key-manager only."""
     key_encryption_secret_previous: SecretStr | None = Field(
         default=None, validation_alias="KEY_ENCRYPTION_SECRET_PREVIOUS"
     )
+    """The former KEY_ENCRYPTION_SECRET during a KEK rotation (`keyveil keys rewrap`); must
+    differ from the current one."""
     openai_api_key: SecretStr | None = Field(default=None, validation_alias="OPENAI_API_KEY")
+    """Provider key imported once at first start, then stored encrypted; give it to the
+    key-manager only."""
 
     # Storage: the JetStream KV bucket (a contract; overridable only to isolate tests).
     kv_bucket: str = Field(
         default="KEYVEIL_KEYS", pattern=r"^[A-Za-z0-9_-]+$", validation_alias="KEYMANAGER_KV_BUCKET"
     )
+    """JetStream KV bucket of the encrypted key records (override only to isolate tests)."""
     kv_replicas: int = Field(default=1, ge=1, le=5, validation_alias="KEYMANAGER_KV_REPLICAS")
+    """Replicas of the key bucket."""
     kv_history: int = Field(default=16, ge=1, le=64, validation_alias="KEYMANAGER_KV_HISTORY")
+    """Versions kept per key record in the bucket."""
 
     # Leases.
     lease_ttl_s: int = Field(default=300, ge=10, le=3600, validation_alias="KEYMANAGER_LEASE_TTL_S")
+    """Seconds a key lease is valid."""
     allowed_requesters: CommaList = Field(
         default_factory=lambda: ["token", "proxy"],
         validation_alias="KEYMANAGER_ALLOWED_REQUESTERS",
     )
+    """Comma-separated NATS users allowed to lease keys."""
     lease_kems: CommaList = Field(
         default_factory=lambda: [Kem.x25519.value, Kem.mlkem768_x25519.value],
         validation_alias="KEYMANAGER_LEASE_KEMS",
     )
+    """Comma-separated key encapsulation mechanisms a lease may be sealed with."""
     # Replies go only to `_INBOX_<requester>.…` (shared.bus.Responder): under the NATS
     # permissions only that user can subscribe there, so the inbox proves who asked.
 
@@ -103,15 +116,20 @@ class Settings(CommonSettings):
     rotation_grace_s: int = Field(
         default=3600, ge=0, le=30 * 86_400, validation_alias="KEYMANAGER_ROTATION_GRACE_S"
     )
+    """Seconds a rotated-out key version keeps serving."""
     max_key_age_days: float | None = Field(
         default=None, gt=0, le=3650, validation_alias="KEYMANAGER_MAX_KEY_AGE_DAYS"
     )
+    """Days after which a key is overdue for rotation (default 7 in staging/production, 30 in
+    development; the KeyveilKeyTooOld rule uses 7)."""
     policy_interval_s: float = Field(
         default=60.0, gt=0, le=86_400, validation_alias="KEYMANAGER_POLICY_INTERVAL_S"
     )
+    """Seconds between rotation-policy checks."""
     rotation_due_interval_s: float = Field(
         default=3600.0, ge=0, le=7 * 86_400, validation_alias="KEYMANAGER_ROTATION_DUE_INTERVAL_S"
     )
+    """Seconds between repeated rotation-due audit events for one key (0: every check)."""
 
     _split = field_validator("allowed_requesters", "lease_kems", mode="before")(split_commas)
 

@@ -26,17 +26,22 @@ class Settings(EdgeSettings):
     """Environment of `python -m services.proxy`."""
 
     port: int = Field(default=8081, ge=0, le=65535, validation_alias="KEYVEIL_PORT")
+    """TCP port the service listens on (HTTP: API, /healthz, /readyz, /metrics)."""
     rate_limit_per_min: int = Field(
         default=120, ge=1, le=1_000_000, validation_alias="VOICE_AGENT_PROXY_RATE_LIMIT"
     )
+    """Proxy requests per token per minute."""
     ip_rate_limit_per_min: int = Field(
         default=600, ge=1, le=10_000_000, validation_alias="VOICE_AGENT_PROXY_IP_RATE_LIMIT"
     )
+    """Proxy requests per client IP per minute."""
     key_environment: str | None = Field(default=None, validation_alias="KEY_ENVIRONMENT")
+    """Environment whose provider key the proxy leases (default: NODE_ENV)."""
 
     max_json_body_bytes: int = Field(
         default=4 * MIB, ge=1024, le=64 * MIB, validation_alias="PROXY_MAX_JSON_BYTES"
     )
+    """Largest JSON request body forwarded, in bytes."""
     # OpenAI's 25 MB file limit, plus room for the multipart framing and the model field.
     max_upload_bytes: int = Field(
         default=25 * MIB + 64 * 1024,
@@ -44,24 +49,31 @@ class Settings(EdgeSettings):
         le=256 * MIB,
         validation_alias="PROXY_MAX_UPLOAD_BYTES",
     )
+    """Largest multipart upload (speech-to-text) forwarded, in bytes."""
 
     upstream_connect_timeout_s: float = Field(
         default=5.0, gt=0, le=60, validation_alias="UPSTREAM_CONNECT_TIMEOUT_S"
     )
+    """Seconds to connect to the upstream."""
     upstream_read_timeout_s: float = Field(
         default=120.0, gt=0, le=900, validation_alias="UPSTREAM_READ_TIMEOUT_S"
     )
+    """Seconds the upstream may stay silent while answering."""
     upstream_max_connections: int = Field(
         default=200, ge=1, le=10_000, validation_alias="UPSTREAM_MAX_CONNECTIONS"
     )
+    """Pooled upstream connections per proxy process."""
     token_cache_size: int = Field(default=10_000, ge=1, validation_alias="PROXY_TOKEN_CACHE_SIZE")
+    """Verified tokens cached per proxy process."""
 
     cache_ttl_s: int = Field(
         default=3600, ge=1, le=7 * 86_400, validation_alias="PROXY_CACHE_TTL_S"
     )
+    """Seconds an opted-in (X-Keyveil-Cache) speech answer stays in the Redis cache."""
     cache_max_entry_bytes: int = Field(
         default=2 * MIB, ge=0, le=32 * MIB, validation_alias="PROXY_CACHE_MAX_ENTRY_BYTES"
     )
+    """Largest answer stored in the response cache, in bytes (0 disables it)."""
 
     cache_redis_url: str | None = Field(default=None, validation_alias="PROXY_CACHE_REDIS_URL")
     """The cache's own Redis (default: REDIS_URL's server, database 1), so that cache

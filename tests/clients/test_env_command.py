@@ -40,6 +40,7 @@ def good_env(**overrides: str) -> dict[str, str]:
         "OPENAI_BASE_URL": "https://api.openai.com/v1",
         "LEDGER_SIGNING_KEY": LEDGER_SEED,
         "LEDGER_CHECKPOINT_DIR": "/var/lib/keyveil/ledger-checkpoints",
+        "PROXY_PUBLIC_URL": "https://gw.keyveil.test/api/voice-agent/proxy/v1",
     }
     values.update(overrides)
     return values

@@ -19,6 +19,7 @@ PRODUCTION_OK = {
     "PROXY_SIGNING_KEY": TEST_PROXY_SIGNING_KEY,
     "ALLOWED_ORIGINS": "https://app.example.com",
     "OPENAI_BASE_URL": "https://api.openai.com/v1",
+    "PROXY_PUBLIC_URL": "https://keyveil.example.com/api/voice-agent/proxy/v1",
 }
 
 
