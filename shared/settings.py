@@ -229,18 +229,23 @@ class EdgeSettings(CommonSettings):
     max_header_count: int = Field(
         default=100, ge=16, le=10_000, validation_alias="HTTP_MAX_HEADER_COUNT"
     )
+    """Header fields a request may carry; more is refused with 431 before the app runs."""
     max_header_bytes: int = Field(
         default=32 * 1024, ge=4096, le=1024 * 1024, validation_alias="HTTP_MAX_HEADER_BYTES"
     )
+    """Total bytes of a request's header fields; more is refused with 431."""
     max_url_bytes: int = Field(
         default=8 * 1024, ge=1024, le=1024 * 1024, validation_alias="HTTP_MAX_URL_BYTES"
     )
+    """Longest request target (path and query); longer is refused with 414."""
     header_timeout_s: float = Field(
         default=10.0, gt=0, le=300, validation_alias="HTTP_HEADER_TIMEOUT_S"
     )
+    """Seconds a request head may take to arrive in full (slow-header clients get 408)."""
     write_timeout_s: float = Field(
         default=30.0, gt=0, le=3600, validation_alias="HTTP_WRITE_TIMEOUT_S"
     )
+    """Seconds an answer may wait for a client that stops reading before it is cut off."""
     body_timeout_s: float = Field(
         default=10.0, gt=0, le=600, validation_alias="HTTP_BODY_TIMEOUT_S"
     )

@@ -40,19 +40,26 @@ class Settings(CommonSettings):
     ledger_signing_key: SecretStr | None = Field(
         default=None, validation_alias="LEDGER_SIGNING_KEY"
     )
+    """Ed25519 seed (base64url, 32 bytes) signing ledger records and checkpoints; auditor
+    only, held by no NATS login; required in production (`keyveil audit keygen`)."""
     # Public keys of earlier signing keys, so records signed before a rotation verify.
     ledger_verify_keys: CommaList = Field(
         default_factory=list, validation_alias="LEDGER_VERIFY_KEY"
     )
+    """Extra public keys a record may be signed with (earlier signing keys after a rotation)."""
     ledger_checkpoint_dir: Path | None = Field(
         default=None, validation_alias="LEDGER_CHECKPOINT_DIR"
     )
+    """Where signed checkpoints of the ledger head are written, outside NATS; required in
+    production."""
     ledger_checkpoint_interval_s: float = Field(
         default=300.0, gt=0, le=86_400, validation_alias="LEDGER_CHECKPOINT_INTERVAL_S"
     )
+    """Seconds between ledger checkpoints."""
     ledger_checkpoint_keep: int = Field(
         default=48, ge=1, le=10_000, validation_alias="LEDGER_CHECKPOINT_KEEP"
     )
+    """Checkpoints kept (the oldest are pruned)."""
 
     # Auth-failure burst per IP.
     auth_failure_threshold: int = Field(

@@ -41,36 +41,58 @@ class Settings(CommonSettings):
     kek_provider: KekProviderName = Field(
         default=KekProviderName.local, validation_alias="KEK_PROVIDER"
     )
+    """Where the key-encryption key lives: local (KEY_ENCRYPTION_SECRET), vault-transit or
+    aws-kms."""
     kek_previous_provider: KekProviderName | None = Field(
         default=None, validation_alias="KEK_PREVIOUS_PROVIDER"
     )
+    """A previous provider still read while migrating (only `local`); `keyveil keys rewrap`
+    then moves every record to KEK_PROVIDER."""
     kek_cache_ttl_s: float = Field(
         default=300.0, ge=0, le=86_400, validation_alias="KEK_CACHE_TTL_S"
     )
+    """Seconds an unwrapped data key stays in memory after its unwrap (0: never cached)."""
     kek_cache_max: int = Field(default=1024, ge=0, le=1_000_000, validation_alias="KEK_CACHE_MAX")
+    """Most unwrapped data keys kept in memory at once."""
     kek_timeout_s: float = Field(default=5.0, gt=0, le=120, validation_alias="KEK_TIMEOUT_S")
+    """Seconds one Vault/KMS call may take."""
     kek_rewrap_interval_s: float | None = Field(
         default=None, gt=0, le=365 * _DAY_S, validation_alias="KEK_REWRAP_INTERVAL_S"
     )
+    """Rewrap every record under the current KEK version this often (unset: only on command)."""
     vault_addr: str | None = Field(default=None, validation_alias="VAULT_ADDR")
+    """Vault/OpenBao address for vault-transit (https in production)."""
     vault_token: SecretStr | None = Field(default=None, validation_alias="VAULT_TOKEN")
+    """A Vault token (prefer VAULT_K8S_ROLE or AppRole in production)."""
     vault_role_id: str | None = Field(default=None, validation_alias="VAULT_ROLE_ID")
+    """AppRole role id for the Vault login."""
     vault_secret_id: SecretStr | None = Field(default=None, validation_alias="VAULT_SECRET_ID")
+    """AppRole secret id for the Vault login."""
     vault_approle_mount: str = Field(default="approle", validation_alias="VAULT_APPROLE_MOUNT")
+    """Mount path of Vault's AppRole auth method."""
     vault_k8s_role: str | None = Field(default=None, validation_alias="VAULT_K8S_ROLE")
+    """Vault Kubernetes-auth role: the key-manager logs in with its service-account token."""
     vault_k8s_mount: str = Field(default="kubernetes", validation_alias="VAULT_K8S_MOUNT")
+    """Mount path of Vault's Kubernetes auth method."""
     vault_k8s_token_path: Path = Field(
         default=Path("/var/run/secrets/kubernetes.io/serviceaccount/token"),
         validation_alias="VAULT_K8S_TOKEN_PATH",
     )
+    """The projected service-account token used for Kubernetes auth."""
     vault_transit_mount: str = Field(default="transit", validation_alias="VAULT_TRANSIT_MOUNT")
+    """Mount path of Vault's transit secrets engine."""
     vault_transit_key: str | None = Field(default=None, validation_alias="VAULT_TRANSIT_KEY")
+    """The transit key (derived) that wraps data keys."""
     vault_cacert: str | None = Field(default=None, validation_alias="VAULT_CACERT")
+    """CA bundle that signs the Vault server's certificate."""
     kms_key_id: str | None = Field(default=None, validation_alias="KMS_KEY_ID")
+    """AWS KMS key id, ARN or alias that wraps data keys (aws-kms)."""
     aws_region: str | None = Field(
         default=None, validation_alias=AliasChoices("AWS_REGION", "AWS_DEFAULT_REGION")
     )
+    """AWS region of the KMS key (else from the standard AWS chain)."""
     aws_endpoint_url: str | None = Field(default=None, validation_alias="AWS_ENDPOINT_URL")
+    """A KMS endpoint other than AWS's own (tests, VPC endpoints)."""
 
     key_encryption_secret: SecretStr | None = Field(
         default=None, validation_alias="KEY_ENCRYPTION_SECRET"
