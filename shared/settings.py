@@ -10,6 +10,7 @@ import ipaddress
 import math
 from collections import Counter
 from enum import StrEnum
+from pathlib import Path
 from typing import Annotated, Any, Self, TypeVar
 from urllib.parse import urlsplit
 
@@ -142,6 +143,8 @@ class EdgeSettings(CommonSettings):
     signature_window_s: float = Field(
         default=60.0, gt=0, le=600, validation_alias="SIGNATURE_WINDOW_S"
     )
+    policy_file: Path | None = Field(default=None, validation_alias="KEYVEIL_POLICY_FILE")
+    """The usage policy (shared/policy.py), the same file for the token service and the proxy."""
 
     _split_edge = field_validator("allowed_origins", "trusted_proxies", mode="before")(split_commas)
 

@@ -25,6 +25,7 @@ from shared.errors import ApiError
 from shared.events import EventPublisher
 from shared.httpedge import add_edge_routes, parse_networks, service_app
 from shared.leases import LeaseClient
+from shared.policy import PolicyHolder
 from shared.ratelimit import Admission, redis_client
 from shared.telemetry import redactor
 
@@ -32,6 +33,7 @@ from .access import TokenCache
 from .apidocs import document_routes
 from .cache import ResponseCache
 from .handler import ProxyHandler
+from .policy import RequestPolicy
 from .routes import PREFIX
 from .settings import Settings
 from .upstream import Forwarder, KeySource, OpenedLeaseCache
@@ -139,6 +141,7 @@ async def _send_json(
 def create_app(settings: Settings, *, keys: KeySource | None = None) -> FastAPI:
     """The proxy app. `keys` replaces the key-manager lease client (benchmarks only)."""
     redactor.register(*settings.secret_values())
+    policy = PolicyHolder(settings.policy_file, service="proxy")  # ConfigError: refuse to start
     live = _Live()
     state = {"nats": False}
 
@@ -190,7 +193,10 @@ def create_app(settings: Settings, *, keys: KeySource | None = None) -> FastAPI:
                 else None,
                 publisher=publisher,
                 trusted_proxies=parse_networks(settings.trusted_proxies),
+                policy=RequestPolicy(policy),
             )
+            policy.start()
+            stack.push_async_callback(policy.stop)
             stack.push_async_callback(handler.drain)
             app.state.redis = redis
             app.state.nats = nc

@@ -58,6 +58,7 @@ from .metrics import (
     UPSTREAM_LATENCY,
     status_class,
 )
+from .policy import RequestPolicy
 from .routes import ROUTES, BodyKind, Route
 from .settings import Settings
 from .upstream import Forwarder, UpstreamResponse, UpstreamStreamError
@@ -201,8 +202,10 @@ class ProxyHandler:
         cache: ResponseCache | None,
         publisher: EventPublisher | None,
         trusted_proxies: list[IpNetwork],
+        policy: RequestPolicy,
     ) -> None:
         self._settings = settings
+        self._policy = policy
         self._tokens = tokens
         self._admission = admission
         self._forwarder = forwarder
@@ -290,11 +293,13 @@ class ProxyHandler:
             limits=[
                 Limit("per-token", jti, self._settings.rate_limit_per_min, 60.0),
                 Limit("per-ip", exchange.ip, self._settings.ip_rate_limit_per_min, 60.0),
+                *self._policy.user_limits(caller.claims, self._settings.user_rate_limit_per_min),
             ],
             client_ip=exchange.ip,
             nonce=f"{jti}:{caller.signature.nonce}",
             nonce_ttl_s=self._nonce_ttl_s,
             revoked_token_id=jti,
+            revoked_user=(caller.claims.sub, caller.claims.iat) if caller.claims.sub else None,
         )
         if not decision.allowed:
             raise _refusal(decision)
@@ -310,6 +315,7 @@ class ProxyHandler:
                 limit=self._settings.max_upload_bytes,
             )
             exchange.model = upload.model
+            self._policy.check_upload(route, caller.claims, upload)
             if self._settings.demo_mode:
                 upload.close()
                 return self._demo(exchange, stream=False)
@@ -327,6 +333,7 @@ class ProxyHandler:
             limit=self._settings.max_json_body_bytes,
         )
         exchange.model = body.model
+        body = self._policy.apply(route, caller.claims, body)
         if self._settings.demo_mode:
             return self._demo(exchange, stream=bool(body.payload.get("stream")))
         cache_key: str | None = None
