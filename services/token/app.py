@@ -61,7 +61,8 @@ SECURE_TOKEN_PATH = "/api/voice-agent/secure-token"  # noqa: S105 - a path
 LEGACY_TOKEN_PATH = "/api/voice-agent/token"  # noqa: S105 - a path
 ISSUE_LAYER = "token_ip"
 _ISSUE_METHODS = ("POST",)
-_ISSUE_HEADERS = ("Authorization", "Content-Type")
+_ISSUE_HEADERS = ("Content-Type",)
+_LOGIN_ISSUE_HEADERS = ("Authorization", "Content-Type")  # oidc and assertion modes
 _REVOKE_METHODS = ("DELETE",)
 _REVOKE_HEADERS = ("Authorization", "Content-Digest", "Signature", "Signature-Input")
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
@@ -436,7 +437,8 @@ def create_app(settings: Settings) -> FastAPI:
     @app.options(SECURE_TOKEN_PATH, include_in_schema=False)
     @app.options(LEGACY_TOKEN_PATH, include_in_schema=False)
     async def token_preflight(request: Request, service: Service) -> Response:
-        return service.preflight(request, methods=_ISSUE_METHODS, headers=_ISSUE_HEADERS)
+        headers = _ISSUE_HEADERS if settings.auth_mode == "anonymous" else _LOGIN_ISSUE_HEADERS
+        return service.preflight(request, methods=_ISSUE_METHODS, headers=headers)
 
     @app.delete(SECURE_TOKEN_PATH + "/{token_id}", **REVOKE_DOCS)
     async def revoke_token(token_id: str, request: Request, service: Service) -> Response:
