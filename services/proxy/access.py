@@ -17,7 +17,7 @@ from shared.tokens import ProxyClaims, TokenKeyring
 
 from .routes import Route
 
-__all__ = ["Caller", "TokenCache", "authenticate", "rejection_reason"]
+__all__ = ["NO_STRIKE_CODES", "Caller", "TokenCache", "authenticate", "rejection_reason"]
 
 # Error code -> the bounded `reason` label of keyveil_proxy_rejections_total.
 _REASONS = {
@@ -37,7 +37,15 @@ _REASONS = {
     "digest_unsupported": "digest",
     "digest_mismatch": "digest",
     "security_unavailable": "unavailable",
+    "model_not_allowed": "policy",
+    "model_required": "policy",
+    "policy_limit_exceeded": "policy",
 }
+# 401/403 answers that are not a sign of an attack, so they do not count toward an IP
+# block: the block itself, and a request the usage policy refused (a client that keeps
+# asking for a model it may not use is misconfigured, and blocking its IP would also
+# block everyone behind the same NAT).
+NO_STRIKE_CODES = frozenset({"ip_blocked", "model_not_allowed"})
 
 
 def rejection_reason(error: ApiError) -> str:

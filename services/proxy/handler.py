@@ -44,7 +44,7 @@ from shared.httpedge import IpNetwork, client_ip
 from shared.ratelimit import Admission, Decision, Limit
 from shared.telemetry import redactor
 
-from .access import Caller, TokenCache, authenticate, rejection_reason
+from .access import NO_STRIKE_CODES, Caller, TokenCache, authenticate, rejection_reason
 from .bodies import read_json, spool_multipart
 from .cache import OPT_IN_HEADER, ResponseCache
 from .demo import DemoAnswer, demo_response
@@ -499,7 +499,7 @@ class ProxyHandler:
         reason = rejection_reason(exc) if before_upstream else exc.code
         if before_upstream:
             REJECTIONS.labels(reason).inc()
-            if exc.status in (401, 403) and exc.code != "ip_blocked":
+            if exc.status in (401, 403) and exc.code not in NO_STRIKE_CODES:
                 AUTH_FAILURES.labels("proxy", reason).inc()
                 self._spawn(self._admission.strike(exchange.ip, reason))
         self._finish(exchange, exc.status, upstream_s=0.0, reason=reason, refused=before_upstream)
