@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from prometheus_client import REGISTRY
 
+from keyveil.client import AuthenticationError, TokenSource
 from services.token.settings import Settings
 from shared.crypto import b64url_encode
 from shared.errors import ConfigError
@@ -434,3 +435,40 @@ async def test_the_realtime_session_comes_from_the_policy_file_per_tier(
         pro = await client.post(SECURE, json=pro_asked, headers=login(idp.login(tier="pro")))
         assert pro.json()["session"]["model"] == "gpt-realtime"
         assert pro.json()["session"]["instructions"] == "be a pirate"
+
+
+# --- the Python SDK passes the login through ----------------------------------------------
+
+
+async def test_the_sdk_sends_the_login_and_refetches_when_it_changes(
+    token_app: AppFactory, idp: TestIssuer
+) -> None:
+    current = {"login": idp.login(sub="ann")}
+
+    async def auth() -> str:
+        return current["login"]
+
+    async with token_app(**oidc(idp)) as client:
+        keyring = TokenKeyring(TEST_PROXY_SIGNING_KEY)
+        tokens = TokenSource("http://token.test", origin=ORIGIN, auth=auth)
+        first = await tokens.get(client)
+        again = await tokens.get(client)
+        assert again is first
+        assert tokens.fetches == 1
+        current["login"] = idp.login(sub="ann", iat=int(time.time()) + 1)  # refreshed login
+        refreshed = await tokens.get(client)
+        assert tokens.fetches == 2
+        assert refreshed is not first
+        current["login"] = idp.login(sub="ben")  # another user signed in
+        other = await tokens.get(client)
+        ann = keyring.verify(first.token).sub
+        assert keyring.verify(refreshed.token).sub == ann
+        assert keyring.verify(other.token).sub not in (None, ann)
+
+        anonymous = TokenSource("http://token.test", origin=ORIGIN)
+        with pytest.raises(AuthenticationError) as refused:
+            await anonymous.get(client)
+        assert refused.value.code == "login_required"
+        sync = TokenSource("http://token.test", origin=ORIGIN, auth=auth)
+        with pytest.raises(TypeError):
+            sync.get_sync()
