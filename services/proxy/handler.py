@@ -554,6 +554,8 @@ class ProxyHandler:
                     "session_id": claims.sid if claims else None,
                     "path": exchange.route.upstream_suffix or None,
                     "model": exchange.model,
+                    "user": claims.sub if claims else None,
+                    "app": claims.app if claims else None,
                     "latency_ms": round(total * 1000, 3),
                     "upstream_latency_ms": round(upstream_s * 1000, 3) if upstream_s else None,
                     "prompt_tokens": usage.prompt_tokens if usage else None,

@@ -406,6 +406,7 @@ def create_app(settings: Settings) -> FastAPI:
             yield
         finally:
             await policy.stop()
+            await authenticator.aclose()
             await events.close()
             await leases.stop()
             await http.aclose()

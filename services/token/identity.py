@@ -21,6 +21,7 @@ Errors (all `ApiError`, mapped once in the HTTP edge):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -109,6 +110,10 @@ class Authenticator(Protocol):
 
     async def authenticate(self, headers: Mapping[str, str], *, origin: str | None) -> Principal:
         """The caller's principal; `LoginError` or `IdentityUnavailableError` otherwise."""
+        ...
+
+    async def aclose(self) -> None:
+        """Stop background work (a JWKS refresh in flight)."""
         ...
 
 
@@ -214,6 +219,9 @@ class AnonymousAuth:
     async def authenticate(self, headers: Mapping[str, str], *, origin: str | None) -> Principal:
         return Principal(sub=None, app=_app_from_origin(origin))
 
+    async def aclose(self) -> None:
+        return None
+
 
 class JwksKeys:
     """The identity provider's signing keys by `kid`, fetched off the event loop.
@@ -271,6 +279,13 @@ class JwksKeys:
         if not self._keys:
             raise IdentityUnavailableError
         raise LoginError("the login was signed with an unknown key", why="unknown_key")
+
+    async def aclose(self) -> None:
+        task, self._inflight = self._inflight, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     def _lookup(self, kid: str | None) -> jwt.PyJWK | None:
         if kid is None:
@@ -386,6 +401,9 @@ class OidcAuth:
         )
         return self._rules.principal(claims, origin=origin)
 
+    async def aclose(self) -> None:
+        await self._keys.aclose()
+
 
 class AssertionAuth:
     """A short-lived assertion from the app's backend: HS256 (shared key) or EdDSA."""
@@ -429,6 +447,9 @@ class AssertionAuth:
         if exp - iat > self._max_lifetime_s or iat > time.time() + self._leeway_s:
             raise LoginError("the assertion lives too long", why="lifetime")
         return self._rules.principal(claims, origin=origin)
+
+    async def aclose(self) -> None:
+        return None
 
 
 def authenticator_for(

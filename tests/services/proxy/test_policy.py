@@ -9,9 +9,12 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
 from keyveil.servers import ServerProcess
 from shared.principals import PrincipalHasher
@@ -221,9 +224,16 @@ async def test_the_policy_reloads_when_the_file_changes_and_survives_a_bad_edit(
 
 
 async def test_the_per_user_limit_spans_tokens_and_replicas(
-    browsers: list[Browser], upstream: FakeUpstream
+    browsers: list[Browser], upstream: FakeUpstream, bus: NATS
 ) -> None:
     user = f"frank-{uuid.uuid4().hex[:6]}"
+    seen: list[dict[str, Any]] = []
+
+    async def record(msg: Msg) -> None:
+        seen.append(orjson.loads(msg.data))
+
+    sub = await bus.subscribe("keyveil.usage.>", cb=record)
+    await bus.flush()
     first = user_token(browsers[0], user)
     for i in range(5):  # the per-token limit (5/min), spread over the replicas
         answer = await browsers[i % 3].post(CHAT, chat_body(), first)
@@ -236,6 +246,13 @@ async def test_the_per_user_limit_spans_tokens_and_replicas(
     assert refused.headers["ratelimit-policy"].startswith('"per-user"')
     other = user_token(browsers[0], f"grace-{uuid.uuid4().hex[:6]}")
     assert (await browsers[2].post(CHAT, chat_body(), other)).status_code == 200
+    await asyncio.sleep(0.5)
+    await sub.unsubscribe()
+    mine = [e for e in seen if e.get("token_id") in (first.claims.jti, second.claims.jti)]
+    assert len(mine) == USER_LIMIT + 1
+    assert {e["user"] for e in mine} == {HASHER.hash(user)}
+    assert {e["app"] for e in mine} == {"app.example.com"}
+    assert user not in orjson.dumps(seen).decode()
 
 
 async def _cli(*args: str, env: dict[str, str], cwd: Path) -> tuple[int, str, str]:
