@@ -124,6 +124,7 @@ class TestIssuer:
             "sub": "user-123@example.test",
             "iat": now,
             "exp": now + 300,
+            "jti": uuid.uuid4().hex,  # every login distinct (the service caches verified ones)
         }
         claims.update(overrides)
         return {k: v for k, v in claims.items() if v is not None}

@@ -19,10 +19,11 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from prometheus_client import REGISTRY
 
 from keyveil.client import AuthenticationError, TokenSource
+from services.token.identity import _VerifiedLogins
 from services.token.settings import Settings
 from shared.crypto import b64url_encode
 from shared.errors import ConfigError
-from shared.principals import PrincipalHasher
+from shared.principals import Principal, PrincipalHasher
 from shared.settings import load_settings
 from shared.tokens import TokenKeyring
 from tests.services.token.conftest import ORIGIN, AppFactory, EventLog, browser
@@ -472,3 +473,20 @@ async def test_the_sdk_sends_the_login_and_refetches_when_it_changes(
         sync = TokenSource("http://token.test", origin=ORIGIN, auth=auth)
         with pytest.raises(TypeError):
             sync.get_sync()
+
+
+def test_verified_logins_are_kept_until_expiry_or_the_cache_ttl() -> None:
+    cache = _VerifiedLogins(ttl_s=60, max_entries=2)
+    who = Principal(sub="u_x")
+    cache.put(b"a", who, exp=1_000_030, now=1_000_000)  # expires before the ttl
+    cache.put(b"b", who, exp=2_000_000, now=1_000_000)  # the ttl comes first
+    cache.put(b"c", who, exp="soon", now=1_000_000)  # no usable exp: never cached
+    assert cache.get(b"a", 1_000_029) is who
+    assert cache.get(b"a", 1_000_030) is None
+    assert cache.get(b"b", 1_000_059) is who
+    assert cache.get(b"b", 1_000_060) is None
+    assert cache.get(b"c", 1_000_000) is None
+    for key in (b"d", b"e", b"f"):
+        cache.put(key, who, exp=2_000_000, now=1_000_000)
+    assert cache.get(b"d", 1_000_000) is None  # bounded: the oldest went first
+    assert cache.get(b"f", 1_000_000) is who
