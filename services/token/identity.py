@@ -316,7 +316,9 @@ class JwksKeys:
     async def _refresh(self) -> None:
         try:
             keys = await asyncio.to_thread(self._fetch)
-        except (jwt.PyJWTError, httpx.HTTPError, OSError, ValueError) as exc:
+        # Whatever the IdP sends (or fails to), a refresh must not become a caller's 5xx:
+        # the callers see "keys as before", then 401 unknown_key or 503 identity_unavailable.
+        except Exception as exc:
             JWKS_FETCHES.labels("error").inc()
             log.warning(
                 "JWKS fetch failed (%s); keeping %d cached key(s)",
@@ -354,8 +356,9 @@ class JwksKeys:
         if not isinstance(document, dict) or document.get("issuer") != self._issuer:
             raise ValueError("the discovery document names another issuer")
         jwks_uri = document.get("jwks_uri")
-        if not isinstance(jwks_uri, str) or not jwks_uri.startswith(("https://", "http://")):
-            raise ValueError("the discovery document has no jwks_uri")
+        scheme = ("https://",) if self._issuer.startswith("https://") else ("https://", "http://")
+        if not isinstance(jwks_uri, str) or not jwks_uri.startswith(scheme):
+            raise ValueError("the discovery document has no usable jwks_uri")
         return jwks_uri
 
 
