@@ -403,7 +403,11 @@ async def test_client_instructions_are_refused_before_the_provider_by_default(
 
 
 async def test_the_realtime_session_comes_from_the_policy_file_per_tier(
-    token_app: AppFactory, idp: TestIssuer, fake_upstream: FakeUpstream, tmp_path: Any
+    token_app: AppFactory,
+    idp: TestIssuer,
+    fake_upstream: FakeUpstream,
+    tmp_path: Any,
+    events: EventLog,
 ) -> None:
     policy = tmp_path / "policy.toml"
     policy.write_text(
@@ -426,6 +430,11 @@ async def test_the_realtime_session_comes_from_the_policy_file_per_tier(
         assert session["model"] == "gpt-realtime-mini"
         assert session["instructions"] == "You are the shop's voice agent."
         assert session["audio"]["output"]["voice"] == "verse"
+        minted = await events.wait_for(type="token.issued", mode="realtime")
+        assert minted["user"] == PrincipalHasher.from_secrets(
+            principal_key=None, signing_key=TEST_PROXY_SIGNING_KEY
+        ).hash(SUB)
+        assert minted["app"] == "app.example.test"
         bigger = {"mode": "realtime", "session": {"model": "gpt-realtime"}}
         refused = await client.post(SECURE, json=bigger, headers=login(idp.login()))
         assert refused.json()["error"]["code"] == "model_not_allowed"
