@@ -1,0 +1,107 @@
+"""keyveil.js `getIdToken`: the browser client sends the app's login to a real token service.
+
+Node runs the unmodified module against a token service process in oidc mode; the
+only shim is the `Origin` header a browser would add to every cross-origin fetch.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from keyveil.servers import ServerProcess, start_nats
+from shared.principals import PrincipalHasher
+from shared.tokens import TokenKeyring
+from tests.services.token.issuer import TestIssuer
+from tests.support import REPO, TEST_PROXY_SIGNING_KEY, ServiceProcess
+
+pytestmark = [pytest.mark.slow]
+
+ORIGIN = "https://app.keyveil.test"
+NODE = shutil.which("node")
+
+SCRIPT = """
+const [moduleUrl, tokenUrl, origin, first, second] = process.argv.slice(2);
+const { KeyveilClient } = await import(moduleUrl);
+const realFetch = globalThis.fetch;
+globalThis.fetch = (url, init = {}) =>
+  realFetch(url, { ...init, headers: { ...init.headers, Origin: origin } });  // the browser's part
+
+let login = first;
+const kv = new KeyveilClient({ tokenUrl, getIdToken: async () => login });
+const a = await kv.requestToken();
+const again = await kv.requestToken();
+login = second;
+const b = await kv.requestToken();
+let refused = null;
+try {
+  await new KeyveilClient({ tokenUrl, maxAttempts: 1 }).requestToken();
+} catch (error) {
+  refused = { status: error.status, code: error.code };
+}
+console.log(JSON.stringify({
+  first: a.token, same: again === a, second: b.token, fetches: kv.tokenFetches, refused,
+}));
+"""
+
+
+@pytest.fixture(scope="module")
+def idp() -> Iterator[TestIssuer]:
+    issuer = TestIssuer()
+    yield issuer
+    issuer.close()
+
+
+@pytest.fixture(scope="module")
+def token_service(
+    idp: TestIssuer, redis_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServiceProcess]:
+    state = tmp_path_factory.mktemp("browser-login")
+    nats_server: ServerProcess = start_nats(state)
+    env = {
+        "NATS_URL": nats_server.url,
+        "REDIS_URL": redis_url,
+        "PROXY_SIGNING_KEY": TEST_PROXY_SIGNING_KEY,
+        "ALLOWED_ORIGINS": ORIGIN,
+        "KEYVEIL_AUTH_MODE": "oidc",
+        "OIDC_ISSUER": idp.issuer,
+        "OIDC_AUDIENCE": idp.audience,
+    }
+    service = ServiceProcess("token", env, Path(state) / "token.log").start()
+    try:
+        yield service
+    finally:
+        service.stop()
+        nats_server.stop()
+
+
+def test_get_id_token_is_sent_and_a_changed_login_fetches_a_new_token(
+    token_service: ServiceProcess, idp: TestIssuer, tmp_path: Path
+) -> None:
+    script = tmp_path / "login.mjs"
+    script.write_text(SCRIPT)
+    module = (REPO / "clients" / "browser" / "keyveil.js").as_uri()
+    tokens_url = f"{token_service.url}/api/voice-agent/secure-token"
+    first, second = idp.login(sub="ann"), idp.login(sub="ben")
+    assert NODE is not None, "node is needed for the browser client's tests"
+    done = subprocess.run(
+        [NODE, str(script), module, tokens_url, ORIGIN, first, second],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["same"] is True
+    assert result["fetches"] == 2
+    assert result["refused"] == {"status": 401, "code": "login_required"}
+    keyring = TokenKeyring(TEST_PROXY_SIGNING_KEY)
+    hasher = PrincipalHasher.from_secrets(principal_key=None, signing_key=TEST_PROXY_SIGNING_KEY)
+    assert keyring.verify(result["first"]).sub == hasher.hash("ann")
+    assert keyring.verify(result["second"]).sub == hasher.hash("ben")
