@@ -96,8 +96,8 @@ if KEYS[2] ~= '' and redis.call('EXISTS', KEYS[2]) == 1 then
   return {3, 0, 0, 0, 0}
 end
 if KEYS[4] ~= '' then
-  local cut = redis.call('GET', KEYS[4])
-  if cut and tonumber(ARGV[2]) <= tonumber(cut) then
+  local cut = tonumber(redis.call('GET', KEYS[4]) or '')
+  if cut and tonumber(ARGV[2]) <= cut then
     return {3, 0, 0, 0, 0}
   end
 end
