@@ -1,7 +1,7 @@
-"""keyveil.js `getIdToken`: the browser client sends the app's login to a real token service.
+"""The clients pass the app's login to a real token service process in oidc mode.
 
-Node runs the unmodified module against a token service process in oidc mode; the
-only shim is the `Origin` header a browser would add to every cross-origin fetch.
+keyveil.js `getIdToken` runs unmodified under node (the only shim is the `Origin`
+header a browser adds to every cross-origin fetch); the Python SDK's sync flow too.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from keyveil.client import TokenSource
 from keyveil.servers import ServerProcess, start_nats
 from shared.principals import PrincipalHasher
 from shared.tokens import TokenKeyring
@@ -105,3 +106,19 @@ def test_get_id_token_is_sent_and_a_changed_login_fetches_a_new_token(
     hasher = PrincipalHasher.from_secrets(principal_key=None, signing_key=TEST_PROXY_SIGNING_KEY)
     assert keyring.verify(result["first"]).sub == hasher.hash("ann")
     assert keyring.verify(result["second"]).sub == hasher.hash("ben")
+
+
+def test_the_python_sdk_sync_flow_sends_the_login_too(
+    token_service: ServiceProcess, idp: TestIssuer
+) -> None:
+    current = {"login": idp.login(sub="sync-user")}
+    tokens = TokenSource(token_service.url, origin=ORIGIN, auth=lambda: current["login"])
+    first = tokens.get_sync()
+    assert tokens.get_sync() is first
+    current["login"] = idp.login(sub="sync-user-2")
+    second = tokens.get_sync()
+    assert tokens.fetches == 2
+    keyring = TokenKeyring(TEST_PROXY_SIGNING_KEY)
+    hasher = PrincipalHasher.from_secrets(principal_key=None, signing_key=TEST_PROXY_SIGNING_KEY)
+    assert keyring.verify(first.token).sub == hasher.hash("sync-user")
+    assert keyring.verify(second.token).sub == hasher.hash("sync-user-2")
