@@ -120,6 +120,10 @@ def error_from_response(response: httpx.Response) -> ClientError:
     )
 
 
+def _login_expired(error: ClientError) -> bool:
+    return getattr(error, "code", None) == "login_expired"
+
+
 def _server_now(response: httpx.Response) -> float:
     """The later of our clock and the server's Date, so a lifetime is never overestimated."""
     now = time.time()
@@ -259,9 +263,27 @@ class TokenSource:
             if reusable and fresh is not None and self._same_login(mode, login):
                 return fresh
             if client is not None:
-                return await self._fetch(client, mode, session, login)
+                return await self._fetch_with_login(client, mode, session, login)
             async with httpx.AsyncClient(transport=self._transport, timeout=self.timeout_s) as own:
-                return await self._fetch(own, mode, session, login)
+                return await self._fetch_with_login(own, mode, session, login)
+
+    async def _fetch_with_login(
+        self,
+        client: httpx.AsyncClient,
+        mode: str,
+        session: Mapping[str, Any] | None,
+        login: str | None,
+    ) -> Token:
+        """`_fetch`; a login the token service found expired is asked for once more."""
+        try:
+            return await self._fetch(client, mode, session, login)
+        except ClientError as exc:
+            if not _login_expired(exc):
+                raise
+            fresh = await self._login()
+            if fresh is None or fresh == login:
+                raise
+            return await self._fetch(client, mode, session, fresh)
 
     async def _fetch(
         self,
@@ -301,9 +323,20 @@ class TokenSource:
             if reusable and fresh is not None and self._same_login(mode, login):
                 return fresh
             if client is not None:
-                return self._fetch_sync(client, mode, login)
+                return self._fetch_sync_with_login(client, mode, login)
             with httpx.Client(transport=self._sync_transport, timeout=self.timeout_s) as own:
-                return self._fetch_sync(own, mode, login)
+                return self._fetch_sync_with_login(own, mode, login)
+
+    def _fetch_sync_with_login(self, client: httpx.Client, mode: str, login: str | None) -> Token:
+        try:
+            return self._fetch_sync(client, mode, login)
+        except ClientError as exc:
+            if not _login_expired(exc):
+                raise
+            fresh = self._login_sync()
+            if fresh is None or fresh == login:
+                raise
+            return self._fetch_sync(client, mode, fresh)
 
     def _fetch_sync(self, client: httpx.Client, mode: str, login: str | None = None) -> Token:
         body, headers = self._request(mode, None, login)

@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from keyveil.client import TokenSource
+from keyveil.client import AuthenticationError, TokenSource
 from keyveil.servers import ServerProcess, start_nats
 from shared.principals import PrincipalHasher
 from shared.tokens import TokenKeyring
@@ -122,3 +123,24 @@ def test_the_python_sdk_sync_flow_sends_the_login_too(
     hasher = PrincipalHasher.from_secrets(principal_key=None, signing_key=TEST_PROXY_SIGNING_KEY)
     assert keyring.verify(first.token).sub == hasher.hash("sync-user")
     assert keyring.verify(second.token).sub == hasher.hash("sync-user-2")
+
+
+def test_an_expired_login_is_asked_for_again_once(
+    token_service: ServiceProcess, idp: TestIssuer
+) -> None:
+    now = int(time.time())
+    expired = idp.login(sub="late", iat=now - 900, exp=now - 600)
+    logins = iter([expired, idp.login(sub="late")])
+    asked: list[str] = []
+
+    def auth() -> str:
+        asked.append(next(logins, asked[-1] if asked else expired))
+        return asked[-1]
+
+    token = TokenSource(token_service.url, origin=ORIGIN, auth=auth).get_sync()
+    assert len(asked) == 2  # the expired one, then the refreshed one
+    assert token.mode == "proxy"
+    stuck = TokenSource(token_service.url, origin=ORIGIN, auth=lambda: expired)
+    with pytest.raises(AuthenticationError) as refused:
+        stuck.get_sync()
+    assert refused.value.code == "login_expired"
