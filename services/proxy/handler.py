@@ -202,10 +202,10 @@ class ProxyHandler:
         cache: ResponseCache | None,
         publisher: EventPublisher | None,
         trusted_proxies: list[IpNetwork],
-        policy: RequestPolicy,
+        policy: RequestPolicy | None = None,
     ) -> None:
         self._settings = settings
-        self._policy = policy
+        self._policy = policy or RequestPolicy.built_in()
         self._tokens = tokens
         self._admission = admission
         self._forwarder = forwarder

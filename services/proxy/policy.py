@@ -43,6 +43,11 @@ class RequestPolicy:
     def __init__(self, holder: PolicyHolder) -> None:
         self._holder = holder
 
+    @classmethod
+    def built_in(cls) -> RequestPolicy:
+        """The built-in policy (shared.policy.default_policy), for a handler built without one."""
+        return cls(PolicyHolder(None, service="proxy"))
+
     def _rules(self, route: Route, claims: ProxyClaims) -> EndpointRules | None:
         endpoint = endpoint_for(route.endpoint)
         return self._holder.current.rules(endpoint, claims.tier) if endpoint else None
