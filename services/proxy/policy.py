@@ -58,12 +58,15 @@ class RequestPolicy:
         return [Limit("per-user", claims.sub, per_minute, 60.0)] if claims.sub else []
 
     def check_upload(self, route: Route, claims: ProxyClaims, upload: Upload) -> None:
-        """A multipart upload (transcription): its model; a refused upload is closed."""
+        """A multipart upload (transcription): its model and size (the audio length
+        bound the policy can check without decoding); a refused upload is closed."""
         rules = self._rules(route, claims)
         if rules is None:
             return
         try:
             _check_model(rules, upload.model)
+            if rules.max_input_bytes is not None and upload.size > rules.max_input_bytes:
+                raise _limit("the upload", rules.max_input_bytes)
         except ApiError:
             upload.close()
             raise
