@@ -18,17 +18,13 @@ from nats.aio.client import Client as NATS
 
 from services.token.apidocs import ISSUE_DOCS, LEGACY_DOCS, REVOKE_DOCS
 from services.token.demo import demo_router
-from services.token.identity import (
-    LOGIN_FAILURES,
-    Authenticator,
-    LoginError,
-    authenticator_for,
-)
+from services.token.identity import Authenticator, LoginError, authenticator_for
 from services.token.issuance import Issued, TokenIssuer
 from services.token.metrics import (
     AUTH_FAILURES,
     ISSUANCE_LATENCY,
     LEGACY_REQUESTS,
+    LOGIN_FAILURES,
     TOKENS_ISSUED,
     mode_label,
 )

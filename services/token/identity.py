@@ -35,14 +35,13 @@ from urllib.parse import urlsplit
 import httpx
 import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from prometheus_client import Counter
 
-from services.token.settings import Settings, parse_ed25519_public_key
+from services.token.metrics import JWKS_FETCHES
+from services.token.settings import ASYMMETRIC_ALGORITHMS, Settings, parse_ed25519_public_key
 from shared.errors import AuthError, UnavailableError
 from shared.principals import Principal, PrincipalHasher
 
 __all__ = [
-    "ASYMMETRIC_ALGORITHMS",
     "MAX_LOGIN_BYTES",
     "AnonymousAuth",
     "AssertionAuth",
@@ -58,22 +57,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MAX_LOGIN_BYTES = 8192
-ASYMMETRIC_ALGORITHMS = frozenset(
-    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
-)
 _MAX_SUB_CHARS = 256
 _MAX_LABEL_CHARS = 64
 
-LOGIN_FAILURES = Counter(
-    "keyveil_token_login_failures_total",
-    "Refused logins at token issuance, by auth mode and bounded reason",
-    ["auth_mode", "reason"],
-)
-JWKS_FETCHES = Counter(
-    "keyveil_token_jwks_fetches_total",
-    "JWKS fetches from the identity provider (result: ok|error)",
-    ["result"],
-)
 
 # PyJWT's exceptions -> (code, why). Order matters: subclasses first.
 _DECODE_ERRORS: tuple[tuple[type[Exception], str, str], ...] = (

@@ -15,13 +15,13 @@ from shared.ratelimit import FailureMode
 from shared.settings import CommaList, EdgeSettings, check_secret_strength, split_commas
 from shared.tokens import Scope
 
-__all__ = ["Settings"]
+__all__ = ["ASYMMETRIC_ALGORITHMS", "AuthMode", "Settings", "parse_ed25519_public_key"]
 
 DEFAULT_REALTIME_MODELS = ["gpt-realtime", "gpt-realtime-mini"]
 DEFAULT_REALTIME_VOICES = ["alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse"]
-DEFAULT_OIDC_ALGORITHMS = ["RS256", "ES256", "EdDSA"]
+DEFAULTASYMMETRIC_ALGORITHMS = ["RS256", "ES256", "EdDSA"]
 # Asymmetric only: an HS* allowlist would let a JWKS's public key be used as an HMAC secret.
-_OIDC_ALGORITHMS = frozenset(
+ASYMMETRIC_ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
 )
 AuthMode = Literal["anonymous", "oidc", "assertion"]
@@ -101,7 +101,8 @@ class Settings(EdgeSettings):
     oidc_audience: CommaList = Field(default_factory=list, validation_alias="OIDC_AUDIENCE")
     oidc_jwks_url: str | None = Field(default=None, validation_alias="OIDC_JWKS_URL")
     oidc_algorithms: CommaList = Field(
-        default_factory=lambda: list(DEFAULT_OIDC_ALGORITHMS), validation_alias="OIDC_ALGORITHMS"
+        default_factory=lambda: list(DEFAULTASYMMETRIC_ALGORITHMS),
+        validation_alias="OIDC_ALGORITHMS",
     )
     oidc_leeway_s: float = Field(default=30.0, ge=0, le=300, validation_alias="OIDC_LEEWAY_S")
     oidc_jwks_timeout_s: float = Field(
@@ -140,10 +141,10 @@ class Settings(EdgeSettings):
     @field_validator("oidc_algorithms")
     @classmethod
     def _asymmetric_only(cls, value: list[str]) -> list[str]:
-        if not value or any(alg not in _OIDC_ALGORITHMS for alg in value):
+        if not value or any(alg not in ASYMMETRIC_ALGORITHMS for alg in value):
             raise ValueError(
                 "must be a comma list of asymmetric algorithms "
-                f"({', '.join(sorted(_OIDC_ALGORITHMS))}); none and HS* are refused"
+                f"({', '.join(sorted(ASYMMETRIC_ALGORITHMS))}); none and HS* are refused"
             )
         return value
 
