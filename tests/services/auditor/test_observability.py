@@ -29,7 +29,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 START_ORDER = ("keymanager", "token", "proxy", "auditor")
 SERVICES = [name for name in START_ORDER if (REPO / "services" / name / "__main__.py").exists()]
 # Families several services share, named by the shared idea rather than one service.
-SHARED_PREFIXES = ("keyveil_events_", "keyveil_ratelimit_", "keyveil_auth_", "keyveil_bus_")
+SHARED_PREFIXES = (
+    "keyveil_events_",
+    "keyveil_ratelimit_",
+    "keyveil_auth_",
+    "keyveil_bus_",
+    "keyveil_policy_",  # shared/policy.py, labelled by service
+)
 DEFAULT_COLLECTORS = ("python_", "process_")
 TIME_WORDS = re.compile(r"(latency|duration|_age|_time|delay|_lag|elapsed|uptime)")
 SIZE_WORDS = re.compile(r"(_size|_length|body|payload)")
