@@ -21,8 +21,7 @@ from benchmarks.common import add_json_option, write_json
 from keyveil.servers import start_nats
 from services.auditor.app import start_runtime, stop_runtime
 from services.auditor.settings import Settings
-from shared.bus import ensure_stream
-from shared.events import USAGE_STREAM, UsageEvent
+from shared.events import UsageEvent
 from shared.settings import load_settings
 
 
@@ -57,11 +56,10 @@ async def publish_all(js: nats.js.JetStreamContext, events: list[UsageEvent]) ->
 async def main(count: int, bursts: int) -> dict[str, float]:
     logging.basicConfig(level=logging.ERROR)
     workdir = Path(tempfile.mkdtemp(prefix="auditor-bench-"))
-    server = start_nats(workdir)
+    server = start_nats(workdir, streams=True)
     nc = await nats.connect(server.url)
     js = nc.jetstream()
     await asyncio.sleep(0.3)
-    await ensure_stream(js, USAGE_STREAM)
     try:
         # 1. Throughput: a backlog the auditor drains from its durable consumer.
         await publish_all(js, traffic(count, time.time() - count * 0.01))

@@ -79,7 +79,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="keyveil-bench-") as tmp:
         state = Path(tmp)
-        nats_server = start_nats(state)
+        nats_server = start_nats(state, streams=True)  # as `keyveil bootstrap` makes them
         redis_server = start_redis(state)
         env = {
             "NATS_URL": nats_server.url,

@@ -24,13 +24,14 @@ def load_stack(state_dir: Path) -> dict[str, Any]:
     return data
 
 
-async def operator_nats(state_dir: Path) -> NATS:
-    """Connect as the operator: NATS_URL/NATS_USER/NATS_PASSWORD, else the local stack's."""
+async def operator_nats(state_dir: Path, *, role: str = "operator") -> NATS:
+    """Connect as `role` (operator, or bootstrap for stream set-up): NATS_URL/NATS_USER/
+    NATS_PASSWORD, else the local stack's credential for that role."""
     stack = load_stack(state_dir)
     url = os.environ.get("NATS_URL") or stack.get("nats_url") or "nats://127.0.0.1:4222"
     user = os.environ.get("NATS_USER")
     password = os.environ.get("NATS_PASSWORD")
-    credential = stack.get("operator_credential")
+    credential = stack.get(f"{role}_credential")
     if not user and credential and Path(credential).exists():
         creds = json.loads(Path(credential).read_text())
         user, password = creds["user"], creds["password"]

@@ -7,19 +7,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "ServerProcess",
+    "bootstrap_nats",
     "free_port",
+    "minimal_environ",
     "nats_binary",
     "nats_password",
     "redis_binary",
@@ -28,6 +33,25 @@ __all__ = [
     "start_redis",
     "wait_for_port",
 ]
+
+
+_INHERITABLE = frozenset({"PATH", "HOME", "LANG", "TMPDIR", "TZ", "USER", "LOGNAME", "TERM"})
+
+
+def minimal_environ() -> dict[str, str]:
+    """The parts of our environment a child server may see: locale, paths, Python's own.
+
+    An allowlist, not a denylist: nats-server, Redis and the fake upstream never receive
+    OPENAI_API_KEY, KEY_ENCRYPTION_SECRET, PROXY_SIGNING_KEY or any other secret we hold.
+    """
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if k in _INHERITABLE
+        or k.startswith("LC_")
+        or (k.startswith("PYTHON") and k not in ("PYTHONSTARTUP", "PYTHONINSPECT"))
+        or k == "VIRTUAL_ENV"
+    }
 
 
 @dataclass
@@ -48,7 +72,7 @@ class ServerProcess:
             self.argv,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **self.env},
+            env={**minimal_environ(), **self.env},
             start_new_session=True,
         )
         log.close()
@@ -137,8 +161,13 @@ def start_nats(
     config: Path | None = None,
     env: dict[str, str] | None = None,
     name: str = "nats",
+    streams: bool = False,
 ) -> ServerProcess:
-    """Start nats-server with JetStream (file storage under `state_dir`)."""
+    """Start nats-server with JetStream (file storage under `state_dir`).
+
+    `streams=True` also creates the keyveil streams (an unauthenticated server, as tests
+    run it; `keyveil up` bootstraps with the bootstrap login instead).
+    """
     port = port or free_port()
     store = state_dir / f"{name}-jetstream"
     store.mkdir(parents=True, exist_ok=True)
@@ -154,6 +183,8 @@ def start_nats(
         env=env or {},
     )
     server.start()
+    if streams:
+        bootstrap_nats(server.url)
     return server
 
 
@@ -191,13 +222,32 @@ def start_nats_cluster(state_dir: Path, *, nodes: int = 3) -> list[ServerProcess
     return servers
 
 
-def start_redis(state_dir: Path, *, port: int | None = None, name: str = "redis") -> ServerProcess:
-    """Start a Redis-compatible server on loopback, append-only file under `state_dir`."""
+def start_redis(
+    state_dir: Path,
+    *,
+    port: int | None = None,
+    name: str = "redis",
+    password: str | None = None,
+    extra_args: tuple[str, ...] = (),
+) -> ServerProcess:
+    """Start a Redis-compatible server on loopback, append-only file under `state_dir`.
+
+    With `password` the server requires it (`requirepass`, from a 0600 config file, so the
+    password is not on the command line) and the URL carries it.
+    """
     port = port or free_port()
     data = state_dir / f"{name}-data"
     data.mkdir(parents=True, exist_ok=True)
-    argv = [
-        redis_binary(),
+    argv = [redis_binary()]
+    url = f"redis://127.0.0.1:{port}/0"
+    if password is not None:
+        config = state_dir / f"{name}.conf"
+        fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(f"requirepass {password}\n")
+        argv.append(str(config))
+        url = f"redis://:{password}@127.0.0.1:{port}/0"
+    argv += [
         "--bind", "127.0.0.1",
         "--port", str(port),
         "--dir", str(data),
@@ -205,13 +255,65 @@ def start_redis(state_dir: Path, *, port: int | None = None, name: str = "redis"
         "--appendonly", "yes",
         "--appendfsync", "everysec",
         "--protected-mode", "yes",
+        *extra_args,
     ]  # fmt: skip
     server = ServerProcess(
         name=name,
-        url=f"redis://127.0.0.1:{port}/0",
+        url=url,
         port=port,
         argv=argv,
         log_path=state_dir / f"{name}.log",
     )
     server.start()
     return server
+
+
+def bootstrap_nats(
+    url: str, *, user: str | None = None, password: str | None = None, replicas: int = 1
+) -> list[str]:
+    """Run `keyveil bootstrap` against `url` from synchronous code (keyveil up, fixtures)."""
+    from shared.bus import server_urls
+    from shared.streams import bootstrap_streams
+
+    async def run() -> list[str]:
+        import nats
+
+        options: dict[str, Any] = {"servers": server_urls(url), "connect_timeout": 5}
+        if user:
+            options.update(
+                user=user, password=password or "", inbox_prefix=f"_INBOX_{user}".encode()
+            )
+        import nats.errors
+        import nats.js.errors
+
+        nc = await nats.connect(**options)
+        js = nc.jetstream(timeout=10)
+        try:
+            # The port opens a moment before JetStream answers (and a cluster needs a
+            # meta leader): wait for the API, not the socket.
+            async with asyncio.timeout(30):
+                while True:
+                    try:
+                        await js.account_info()
+                        break
+                    except (nats.errors.Error, nats.js.errors.Error, TimeoutError):
+                        await asyncio.sleep(0.1)
+            return await bootstrap_streams(js, replicas=replicas)
+        finally:
+            await nc.close()
+
+    result: list[list[str]] = []
+    failure: list[BaseException] = []
+
+    def target() -> None:  # own thread: callers may be inside a running event loop
+        try:
+            result.append(asyncio.run(run()))
+        except BaseException as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=target, name="bootstrap")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+    return result[0]

@@ -25,14 +25,18 @@ from typing import Any
 
 import httpx
 
+from keyveil.commands.audit import STATE_CHECKPOINTS, STATE_VERIFY_KEYS
 from keyveil.servers import (
     ServerProcess,
+    bootstrap_nats,
     free_port,
+    minimal_environ,
     nats_password,
     start_nats,
     start_redis,
     wait_for_port,
 )
+from services.auditor.ledgerkeys import LedgerSigner
 
 __all__ = ["StackOptions", "run_stack"]
 
@@ -40,7 +44,7 @@ log = logging.getLogger("keyveil.up")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NATS_AUTH_CONF = REPO_ROOT / "deploy" / "nats" / "auth.conf"
-NATS_USERS = ("token", "proxy", "keymanager", "auditor", "operator", "observer")
+NATS_USERS = ("token", "proxy", "keymanager", "auditor", "operator", "observer", "bootstrap")
 # Variables only some services may see; everything else in the environment passes through.
 _PRIVATE_VARIABLES = (
     "OPENAI_API_KEY",
@@ -48,6 +52,7 @@ _PRIVATE_VARIABLES = (
     "KEY_ENCRYPTION_SECRET_PREVIOUS",
     "PROXY_SIGNING_KEY",
     "PROXY_SIGNING_KEY_PREVIOUS",
+    "LEDGER_SIGNING_KEY",
     "NATS_USER",
     "NATS_PASSWORD",
     "KEYVEIL_PORT",
@@ -150,14 +155,50 @@ class Stack:
         for name in ("KEY_ENCRYPTION_SECRET_PREVIOUS", "PROXY_SIGNING_KEY_PREVIOUS"):
             if os.environ.get(name):
                 given[name] = os.environ[name]
+        given["LEDGER_SIGNING_KEY"] = self._ledger_key(production)
         return given
+
+    def _ledger_key(self, production: bool) -> str:
+        """The auditor's ledger signing seed (given, or generated once and kept 0600), with
+        its public half in `ledger/verify.keys` so `keyveil audit verify` needs no flags."""
+        seed = os.environ.get("LEDGER_SIGNING_KEY")
+        if not seed and production:
+            raise SystemExit("keyveil up: LEDGER_SIGNING_KEY must be set in production")
+        if not seed:
+            seed = self._state_file(
+                "ledger-key.json", {"seed": LedgerSigner.generate().seed_b64()}
+            )["seed"]
+        ledger = self.options.state_dir / "ledger"
+        (ledger / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (self.options.state_dir / STATE_VERIFY_KEYS).write_text(
+            LedgerSigner.from_seed(seed).public_key_b64 + "\n"
+        )
+        return seed
 
     # --- infrastructure --------------------------------------------------------------
 
     def start_nats(self) -> tuple[str, dict[str, str] | None]:
-        """NATS_URL as given, or a local nats-server with one user per service."""
+        """NATS_URL as given, or a local nats-server with one user per service.
+
+        Either way the streams are created first (`keyveil bootstrap`): services never
+        create them. A given NATS_URL is bootstrapped with KEYVEIL_BOOTSTRAP_NATS_USER /
+        _PASSWORD when set, else without credentials (a development server).
+        """
         if os.environ.get("NATS_URL"):
-            return os.environ["NATS_URL"], None
+            url = os.environ["NATS_URL"]
+            try:
+                bootstrap_nats(
+                    url,
+                    user=os.environ.get("KEYVEIL_BOOTSTRAP_NATS_USER"),
+                    password=os.environ.get("KEYVEIL_BOOTSTRAP_NATS_PASSWORD"),
+                    replicas=_replicas(),
+                )
+            except Exception as exc:  # the operator may have bootstrapped it already
+                print(
+                    f"keyveil up: could not bootstrap the streams on NATS_URL "
+                    f"({type(exc).__name__}); run `keyveil bootstrap` with the bootstrap login"
+                )
+            return url, None
         passwords = self._state_file(
             "nats-passwords.json", {user: nats_password() for user in NATS_USERS}
         )
@@ -167,7 +208,12 @@ class Stack:
         env = {f"KEYVEIL_NATS_PASSWORD_{u.upper()}": p for u, p in passwords.items()}
         server = start_nats(self.options.state_dir, config=config, env=env)
         self._adopt(server)
-        for user in ("operator", "observer"):
+        lines = bootstrap_nats(
+            server.url, user="bootstrap", password=passwords["bootstrap"], replicas=_replicas()
+        )
+        for line in lines:
+            log.info("bootstrap: %s", line)
+        for user in ("operator", "observer", "bootstrap"):
             credential = self.options.state_dir / f"{user}-credential.json"
             self._write_private(
                 credential, {"url": server.url, "user": user, "password": passwords[user]}
@@ -176,9 +222,11 @@ class Stack:
         return server.url, passwords
 
     def start_redis(self) -> str:
+        """REDIS_URL as given, or a local server that requires a generated password."""
         if os.environ.get("REDIS_URL"):
             return os.environ["REDIS_URL"]
-        server = start_redis(self.options.state_dir)
+        password = self._state_file("redis-password.json", {"password": nats_password()})
+        server = start_redis(self.options.state_dir, password=password["password"])
         self._adopt(server)
         return server.url
 
@@ -187,7 +235,7 @@ class Stack:
         managed = Managed(
             name=server.name,
             argv=server.argv,
-            env={**os.environ, **server.env},
+            env={**minimal_environ(), **server.env},
             log_path=server.log_path,
             port=server.port,
             process=server.process,
@@ -250,7 +298,7 @@ class Stack:
                     "--port",
                     str(fake_port),
                 ],
-                env=dict(os.environ),
+                env=minimal_environ(),
                 log_path=logs / "fake-upstream.log",
                 port=fake_port,
             )
@@ -313,8 +361,13 @@ class Stack:
             self.children.append(
                 self._service(name, "services.proxy", port, {**nats_env("proxy"), **edge}, logs)
             )
+        auditor_env = {
+            **nats_env("auditor"),
+            "LEDGER_SIGNING_KEY": keys["LEDGER_SIGNING_KEY"],
+            "LEDGER_CHECKPOINT_DIR": str((opts.state_dir / STATE_CHECKPOINTS).resolve()),
+        }
         self.children.append(
-            self._service("auditor", "services.auditor", auditor_port, nats_env("auditor"), logs)
+            self._service("auditor", "services.auditor", auditor_port, auditor_env, logs)
         )
         self.info.update(
             state_dir=str(opts.state_dir.resolve()),
@@ -341,7 +394,7 @@ class Stack:
         )
         path = self.options.state_dir / "stack.json"
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.info, indent=2))
+        self._write_private(tmp, self.info)  # it names the Redis URL with its password
         tmp.replace(path)
 
     def wait_ready(self) -> bool:
@@ -386,6 +439,12 @@ class Stack:
             child.stop()
         for child in [c for c in self.children if c.server is not None]:
             child.stop()
+
+
+def _replicas() -> int:
+    """Stream replicas, as the services are told (JETSTREAM_REPLICAS)."""
+    value = os.environ.get("JETSTREAM_REPLICAS", "1")
+    return int(value) if value.isdigit() and 1 <= int(value) <= 5 else 1
 
 
 def run_stack(options: StackOptions) -> int:

@@ -1,23 +1,29 @@
-"""NATS connection, typed request/reply, and idempotent JetStream set-up.
+"""NATS connection and typed request/reply between keyveil services.
 
 Replies are JSON models; a responder that refuses answers `{"error": {"code", "message"}}`,
-which the requester raises as `RemoteError`. Trace context rides in message headers.
+which the requester raises as `RemoteError`. Trace context rides in request headers.
+
+Replies go only to user-scoped inboxes (`_INBOX_<user>.rpc.<id>`): a requester asks on an inbox
+of its own NATS user, and a responder (`Responder`) answers only inboxes of the users allowed
+to ask, without copying any request header onto the reply. A request naming any other reply
+subject (a KV subject, a stream subject, another user's inbox) is dropped unanswered, so a
+responder can never be turned into a publisher of someone else's subjects.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+import re
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 import nats
 import nats.errors
-import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
-from nats.js.api import StreamConfig
 from pydantic import BaseModel, ValidationError
 
 from shared.errors import BusError, BusTimeoutError, NoRespondersError
@@ -28,11 +34,11 @@ __all__ = [
     "ErrorBody",
     "ErrorReply",
     "RemoteError",
+    "Responder",
     "connect",
-    "ensure_stream",
+    "inbox_owner",
+    "inbox_prefix",
     "parse_request",
-    "reply_error",
-    "reply_model",
     "request",
     "server_urls",
     "traced_handler",
@@ -60,6 +66,27 @@ class RemoteError(BusError):
     def __init__(self, subject: str, code: str, message: str) -> None:
         self.code = code
         super().__init__(subject, f"{code}: {message}")
+
+
+# Request/reply between services uses `_INBOX_<user>.rpc.<id>`: the `rpc` token keeps
+# these apart from the client library's own inboxes (JetStream acks arrive on
+# `_INBOX_<user>.<nuid>...`), so a responder allowed to answer on `.rpc.>` can never
+# forge an acknowledgement. No wildcards, no spaces, nothing else.
+RPC_TOKEN = "rpc"  # noqa: S105 - a subject token, not a secret
+_SCOPED_INBOX = re.compile(r"^_INBOX_([a-z][a-z0-9_-]{0,31})\.rpc\.[A-Za-z0-9_-]{1,64}$")
+
+
+def inbox_prefix(user: str) -> str:
+    """The inbox prefix of a NATS user: its replies arrive under `<prefix>.>` only."""
+    return f"_INBOX_{user}"
+
+
+def inbox_owner(reply: str | None) -> str | None:
+    """The NATS user a reply subject belongs to, or None unless it is a scoped inbox."""
+    if not reply:
+        return None
+    match = _SCOPED_INBOX.match(reply)
+    return match.group(1) if match else None
 
 
 def server_urls(nats_url: str) -> list[str]:
@@ -105,7 +132,7 @@ async def connect(
         "disconnected_cb": disconnected,
         "reconnected_cb": reconnected,
         "error_cb": error,
-        "inbox_prefix": f"_INBOX_{user}".encode() if user else b"_INBOX",
+        "inbox_prefix": inbox_prefix(user or name).encode(),
     }
     if user:
         options["user"] = user
@@ -137,21 +164,40 @@ async def request(
     reply_type: type[M],
     *,
     timeout: float,
+    requester: str,
 ) -> M:
-    """Send `payload`, wait for a `reply_type`; raise a typed `BusError` otherwise."""
-    headers = dict(inject_context({}))
+    """Send `payload` from `requester`, wait for a `reply_type`; raise a typed `BusError`.
+
+    The reply comes back on a fresh inbox of `requester` (`_INBOX_<requester>.rpc.<id>`),
+    the only kind of reply subject a keyveil responder answers.
+    """
+    inbox = f"{inbox_prefix(requester)}.{RPC_TOKEN}.{uuid.uuid4().hex}"
     try:
-        msg = await nc.request(
-            subject, payload.model_dump_json().encode(), timeout=timeout, headers=headers
+        sub = await nc.subscribe(inbox, max_msgs=1)
+    except nats.errors.Error as exc:
+        raise BusError(subject, type(exc).__name__) from None
+    try:
+        await nc.publish(
+            subject,
+            payload.model_dump_json().encode(),
+            reply=inbox,
+            headers=dict(inject_context({})),
         )
-    except nats.errors.NoRespondersError:
-        raise NoRespondersError(subject, "no responders") from None
+        msg = await sub.next_msg(timeout=timeout)
     except nats.errors.TimeoutError:
         raise BusTimeoutError(subject, f"no reply within {timeout:g}s") from None
     except nats.errors.Error as exc:
         raise BusError(subject, type(exc).__name__) from None
+    finally:
+        with contextlib.suppress(nats.errors.Error):
+            await sub.unsubscribe()
+    if msg.headers and msg.headers.get("Status") == "503":
+        raise NoRespondersError(subject, "no responders")
     if msg.data.startswith(b'{"error"'):
-        failure = ErrorReply.model_validate_json(msg.data)
+        try:
+            failure = ErrorReply.model_validate_json(msg.data)
+        except ValidationError:
+            raise BusError(subject, "malformed reply") from None
         raise RemoteError(subject, failure.error.code, failure.error.message)
     try:
         return reply_type.model_validate_json(msg.data)
@@ -159,12 +205,30 @@ async def request(
         raise BusError(subject, "malformed reply") from None
 
 
-async def reply_model(msg: Msg, reply: BaseModel) -> None:
-    await msg.respond(reply.model_dump_json().encode())
+class Responder:
+    """Answers requests, only on inboxes of the users allowed to ask, with no headers.
 
+    `reply_user(msg)` is the first thing a handler calls: None means the request is
+    dropped (unanswered) and the handler audits it. Replies never carry the request's
+    headers (`Msg.respond` copies them, which let a requester smuggle e.g. `Nats-Rollup`
+    onto whatever it named as reply subject).
+    """
 
-async def reply_error(msg: Msg, code: str, message: str) -> None:
-    await reply_model(msg, ErrorReply(error=ErrorBody(code=code, message=message)))
+    def __init__(self, nc: NATS, allowed_users: Iterable[str]) -> None:
+        self._nc = nc
+        self._allowed = frozenset(allowed_users)
+
+    def reply_user(self, msg: Msg) -> str | None:
+        owner = inbox_owner(msg.reply)
+        return owner if owner in self._allowed else None
+
+    async def reply(self, msg: Msg, reply: BaseModel) -> None:
+        if self.reply_user(msg) is None:  # callers check first; this is the backstop
+            return
+        await self._nc.publish(msg.reply, reply.model_dump_json().encode())
+
+    async def error(self, msg: Msg, code: str, message: str) -> None:
+        await self.reply(msg, ErrorReply(error=ErrorBody(code=code, message=message)))
 
 
 def parse_request(msg: Msg, model: type[M]) -> M:
@@ -186,12 +250,3 @@ def traced_handler(tracer_name: str, span_name: str, handler: Handler) -> Handle
             await handler(msg)
 
     return wrapped
-
-
-async def ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
-    """Create the stream, or bring an existing one to `config`; safe on every start."""
-    try:
-        await js.add_stream(config)
-    except nats.js.errors.BadRequestError:
-        # Exists with another configuration (e.g. retention changed): converge.
-        await js.update_stream(config)

@@ -10,6 +10,7 @@
         ├── AuthError               401
         ├── ForbiddenError          403
         ├── NotFoundError           404
+        ├── RequestTimeoutError     408 (a body that did not arrive in time)
         ├── PayloadTooLargeError    413
         ├── RateLimitedError        429
         ├── UpstreamError           502
@@ -36,6 +37,7 @@ __all__ = [
     "NotFoundError",
     "PayloadTooLargeError",
     "RateLimitedError",
+    "RequestTimeoutError",
     "UnavailableError",
     "UpstreamError",
     "UpstreamTimeoutError",
@@ -109,6 +111,11 @@ class ForbiddenError(ApiError):
 class NotFoundError(ApiError):
     status = 404
     default_code = "not_found"
+
+
+class RequestTimeoutError(ApiError):
+    status = 408
+    default_code = "body_timeout"
 
 
 class PayloadTooLargeError(ApiError):

@@ -3,8 +3,9 @@
 Schema is versioned (`schema_version`); consumers ignore fields they do not know.
 The publisher never blocks a request: events go into a bounded buffer and a background
 task publishes them to JetStream with `Nats-Msg-Id` = event id, so a retry after a lost
-ack is deduplicated by the stream. While JetStream is unreachable events wait in the
-buffer; only when it is full is the oldest dropped, and counted.
+ack is deduplicated by the stream. While JetStream is unreachable (or a stream is missing:
+services never create streams, `keyveil bootstrap` does) events wait in the buffer; only
+when it is full is the oldest dropped, and counted.
 """
 
 from __future__ import annotations
@@ -15,16 +16,14 @@ import logging
 import time
 import uuid
 from collections import deque
-from dataclasses import replace
-from datetime import timedelta
+from collections.abc import Callable
 from typing import Any, Literal
 
 from nats.js import JetStreamContext
-from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from prometheus_client import Counter, Gauge
 from pydantic import BaseModel, ConfigDict, Field
 
-from shared.bus import ensure_stream
+from shared.streams import ALERTS_STREAM, AUDIT_STREAM, USAGE_STREAM, Drift
 from shared.telemetry import inject_context
 
 __all__ = [
@@ -36,6 +35,7 @@ __all__ = [
     "Event",
     "EventPublisher",
     "UsageEvent",
+    "drift_reporter",
 ]
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,8 @@ class UsageEvent(Event):
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     total_tokens: int | None = None
+    count: int | None = None
+    """How many refusals this one event stands for (sampled refusals); None means one."""
 
 
 class AuditEvent(Event):
@@ -126,24 +128,6 @@ class AlertEvent(Event):
         return f"{self.subject_prefix}.{self.type}"
 
 
-def _stream(name: str, subject: str, *, max_age_days: int, append_only: bool) -> StreamConfig:
-    return StreamConfig(
-        name=name,
-        subjects=[subject],
-        retention=RetentionPolicy.LIMITS,
-        storage=StorageType.FILE,
-        max_age=timedelta(days=max_age_days).total_seconds(),
-        discard=DiscardPolicy.OLD,
-        duplicate_window=120.0,
-        deny_delete=append_only,
-        deny_purge=append_only,
-    )
-
-
-USAGE_STREAM = _stream("KEYVEIL_USAGE", "keyveil.usage.>", max_age_days=14, append_only=False)
-AUDIT_STREAM = _stream("KEYVEIL_AUDIT", "keyveil.audit.>", max_age_days=400, append_only=True)
-ALERTS_STREAM = _stream("KEYVEIL_ALERTS", "keyveil.alerts.>", max_age_days=90, append_only=False)
-STREAMS = (USAGE_STREAM, AUDIT_STREAM, ALERTS_STREAM)
 _STREAM_OF = {
     "keyveil.usage": USAGE_STREAM,
     "keyveil.audit": AUDIT_STREAM,
@@ -160,16 +144,13 @@ class EventPublisher:
         *,
         max_buffer: int = 10_000,
         publish_timeout_s: float = 2.0,
-        num_replicas: int = 1,
     ) -> None:
         self._js = js
         self._buffer: deque[Event] = deque()
         self._max_buffer = max_buffer
         self._timeout = publish_timeout_s
-        self._replicas = num_replicas
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._ready: set[str] = set()
         # Trace context captured when an event is emitted (the request's span), since the
         # background publishing task runs outside that request's context.
         self._trace: dict[str, dict[str, str]] = {}
@@ -241,11 +222,8 @@ class EventPublisher:
                 backoff = 0.1
 
     async def _publish(self, event: Event) -> None:
-        """Publish one event, creating its stream on first use; raises on failure."""
+        """Publish one event; raises on failure (the caller keeps it and retries)."""
         stream = _STREAM_OF[event.subject_prefix]
-        if stream.name not in self._ready:
-            await ensure_stream(self._js, replace(stream, num_replicas=self._replicas))
-            self._ready.add(stream.name or "")
         headers = {**self._trace.get(event.event_id, {}), "Nats-Msg-Id": event.event_id}
         await self._js.publish(
             event.subject,
@@ -255,3 +233,20 @@ class EventPublisher:
         )
         self._trace.pop(event.event_id, None)
         EVENTS_PUBLISHED.labels(stream.name).inc()
+
+
+def drift_reporter(publisher: EventPublisher, service: str) -> Callable[[list[Drift]], None]:
+    """`StreamGuard.on_drift` for `service`: one audit event naming what drifted."""
+
+    def report(drifts: list[Drift]) -> None:
+        publisher.emit(
+            AuditEvent(
+                service=service,
+                type="stream.drift",
+                actor=service,
+                outcome="failure",
+                detail={"streams": {d.stream: list(d.fields) for d in drifts}},
+            )
+        )
+
+    return report

@@ -6,6 +6,7 @@ from the request is echoed and no stack trace is ever sent.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import os
@@ -19,20 +20,22 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
-from shared.errors import ApiError, ConfigError, PayloadTooLargeError
-from shared.settings import CommonSettings, load_settings
+from shared.errors import ApiError, ConfigError, PayloadTooLargeError, RequestTimeoutError
+from shared.httpprotocol import EdgeProtocol, JsonParseErrorProtocol, ProtocolLimits
+from shared.settings import CommonSettings, EdgeSettings, load_settings
 from shared.telemetry import configure_logging, configure_tracing
 
 __all__ = [
     "IpNetwork",
+    "JsonParseErrorProtocol",
     "ReadinessCheck",
     "add_edge_routes",
     "client_ip",
     "error_response",
     "install_error_handlers",
     "parse_networks",
+    "protocol_limits",
     "read_body_capped",
     "run_service",
     "serve_main",
@@ -182,18 +185,25 @@ def _is_trusted(address: str, trusted: Sequence[IpNetwork]) -> bool:
     return any(ip in net for net in trusted)
 
 
-async def read_body_capped(request: Request, limit: int) -> bytes:
-    """Read the body, refusing with 413 as soon as it exceeds `limit` bytes."""
+async def read_body_capped(request: Request, limit: int, timeout_s: float = 10.0) -> bytes:
+    """Read the body, refusing with 413 as soon as it exceeds `limit` bytes, and with
+    408 `body_timeout` when it is not all there within `timeout_s` (a held body)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLargeError(f"body exceeds {limit} bytes")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLargeError(f"body exceeds {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout_s):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLargeError(f"body exceeds {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeoutError(
+            "the request body did not arrive in time", headers={"Connection": "close"}
+        ) from None
     return b"".join(chunks)
 
 
@@ -214,30 +224,17 @@ def serve_main(service: str, model: type[S], create_app: Callable[[S], FastAPI])
     run_service(create_app(settings), settings)
 
 
-class JsonParseErrorProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, whose parser-level 400 is a JSON error like ours.
-
-    A request that is not valid HTTP (a CR, LF or NUL inside a header value, ...)
-    never reaches the app; uvicorn answers it itself, by default in plain text.
-    """
-
-    _BODY = b'{"error":{"code":"invalid_http","message":"the request is not valid HTTP"}}'
-
-    def send_400_response(self, msg: str) -> None:
-        content = [STATUS_LINE[400]]
-        for name, value in self.server_state.default_headers:
-            content.extend([name, b": ", value, b"\r\n"])
-        content.extend(
-            [
-                b"content-type: application/json\r\n",
-                b"content-length: " + str(len(self._BODY)).encode("ascii") + b"\r\n",
-                b"connection: close\r\n",
-                b"\r\n",
-                self._BODY,
-            ]
-        )
-        self.transport.write(b"".join(content))
-        self.transport.close()
+def protocol_limits(settings: CommonSettings) -> ProtocolLimits:
+    """The HTTP bounds of a service: the edges' settings, defaults elsewhere."""
+    if not isinstance(settings, EdgeSettings):
+        return ProtocolLimits()
+    return ProtocolLimits(
+        max_header_count=settings.max_header_count,
+        max_header_bytes=settings.max_header_bytes,
+        max_url_bytes=settings.max_url_bytes,
+        header_timeout_s=settings.header_timeout_s,
+        write_timeout_s=settings.write_timeout_s,
+    )
 
 
 def run_service(app: FastAPI, settings: CommonSettings) -> None:
@@ -252,5 +249,5 @@ def run_service(app: FastAPI, settings: CommonSettings) -> None:
         proxy_headers=False,  # client_ip() applies TRUSTED_PROXIES itself
         timeout_graceful_shutdown=10,
         loop="uvloop",
-        http=JsonParseErrorProtocol,
+        http=EdgeProtocol.bounded(protocol_limits(settings)),
     )

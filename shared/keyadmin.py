@@ -26,6 +26,7 @@ __all__ = [
     "ADMIN_SUBJECTS",
     "ENVIRONMENT_PATTERN",
     "KEY_ID_PATTERN",
+    "OPERATOR_USER",
     "PROVIDER_PATTERN",
     "AddKeyRequest",
     "AdminOp",
@@ -48,6 +49,8 @@ __all__ = [
 ]
 
 ADMIN_PREFIX = "keyveil.km.admin"
+OPERATOR_USER = "operator"
+"""The only NATS user whose inbox the key-manager answers admin requests on."""
 PROVIDER_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,31}$"
 ENVIRONMENT_PATTERN = r"^(development|staging|production)$"
 KEY_ID_PATTERN = r"^key_[0-9a-f]{16}$"
@@ -194,7 +197,12 @@ class KeyAdminClient:
 
     async def _call(self, op: AdminOp, request: BaseModel, reply_type: type[R]) -> R:
         return await bus.request(
-            self._nc, admin_subject(op), request, reply_type, timeout=self._timeout
+            self._nc,
+            admin_subject(op),
+            request,
+            reply_type,
+            timeout=self._timeout,
+            requester=OPERATOR_USER,
         )
 
     async def _seal(self, op: AdminOp, target: str, secret: bytes) -> SealedSecret:

@@ -147,7 +147,12 @@ class LeaseClient:
             )
             try:
                 reply = await bus.request(
-                    self._nc, LEASE_SUBJECT, request, LeaseReply, timeout=self._timeout
+                    self._nc,
+                    LEASE_SUBJECT,
+                    request,
+                    LeaseReply,
+                    timeout=self._timeout,
+                    requester=self._requester,
                 )
             except BusError as exc:
                 log.warning("key lease failed: %s", exc)

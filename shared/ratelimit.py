@@ -13,6 +13,17 @@ TAT + T - now > period. Time comes from Redis (`TIME`), so replicas need no cloc
 When Redis is unreachable each layer follows its `FailureMode`: `closed` refuses
 (callers answer 503), `open` admits, `local` applies the same GCRA in process.
 The Redis client must have socket timeouts (`redis_client`), so nothing hangs.
+
+"Unreachable" includes a server that answers but cannot serve: full (`OOM` under
+`noeviction`), loading, busy with a script, a read-only replica, a cluster or
+replication problem. `redis_unavailable` is the one place that decides what counts:
+
+    RedisUnavailableError (a redis ConnectionError)
+      <- ConnectionError, TimeoutError, OSError, asyncio's TimeoutError
+      <- a ResponseError whose code is OOM, LOADING, BUSY, MASTERDOWN, READONLY,
+         CLUSTERDOWN, TRYAGAIN or NOREPLICAS (redis-py's classes for them, or a raw
+         reply from `PipelinedScript`)
+    anything else (a script bug, a wrong type) is raised unchanged: a bug, not an outage.
 """
 
 from __future__ import annotations
@@ -23,7 +34,8 @@ import logging
 import math
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Final
@@ -45,10 +57,13 @@ __all__ = [
     "Limit",
     "LocalGcra",
     "PipelinedScript",
+    "RedisUnavailableError",
+    "as_unavailable",
     "block_key",
     "nonce_key",
     "rate_key",
     "redis_client",
+    "redis_unavailable",
     "strikes_key",
 ]
 
@@ -77,7 +92,70 @@ _REASONS: Final = {
 }
 # Metric layer names for the checks that are not rate-limit layers.
 _CHECK_LAYERS: Final = {_REPLAY: "nonce", _REVOKED: "revocation", _BLOCKED: "block"}
-_REDIS_TROUBLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+_REDIS_TROUBLE = (
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+    OSError,
+    TimeoutError,
+)
+# Error replies that mean "cannot serve now", not "this command is wrong".
+_UNAVAILABLE_REPLIES: Final = frozenset(
+    {"OOM", "LOADING", "BUSY", "MASTERDOWN", "READONLY", "CLUSTERDOWN", "TRYAGAIN", "NOREPLICAS"}
+)
+
+# redis-py's classes for some of them (it moves the code into `status_code`).
+_UNAVAILABLE_CLASSES = (
+    redis.exceptions.OutOfMemoryError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.ClusterDownError,  # and MasterDownError
+    redis.exceptions.TryAgainError,
+)
+
+
+class RedisUnavailableError(redis.exceptions.ConnectionError):
+    """Redis cannot serve now: unreachable, timed out, or refusing (full, loading, ...)."""
+
+    def __init__(self, cause: BaseException) -> None:
+        self.cause_name = type(cause).__name__
+        self.reply_code = (
+            _reply_code(cause) if isinstance(cause, redis.exceptions.RedisError) else None
+        )
+        super().__init__(self.reply_code or self.cause_name)
+
+
+def _reply_code(exc: redis.exceptions.RedisError) -> str | None:
+    # redis-py strips the code it knows into `status_code`; a raw reply keeps it first.
+    code = getattr(exc, "status_code", None)
+    if isinstance(code, str) and code:
+        return code
+    first = str(exc).split(" ", 1)[0]
+    return first if first.isupper() else None
+
+
+def as_unavailable(exc: BaseException) -> RedisUnavailableError | None:
+    """The outage `exc` stands for, or None when it is not one (see the module docstring)."""
+    if isinstance(exc, RedisUnavailableError):
+        return exc
+    if isinstance(exc, _REDIS_TROUBLE):
+        return RedisUnavailableError(exc)
+    if isinstance(exc, _UNAVAILABLE_CLASSES) or (
+        isinstance(exc, redis.exceptions.ResponseError) and _reply_code(exc) in _UNAVAILABLE_REPLIES
+    ):
+        return RedisUnavailableError(exc)
+    return None
+
+
+@contextmanager
+def redis_unavailable() -> Iterator[None]:
+    """Raise `RedisUnavailableError` for every Redis outage inside the block."""
+    try:
+        yield
+    except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
+        outage = as_unavailable(exc)
+        if outage is None:
+            raise
+        raise outage from None
+
 
 # KEYS: block, revoked ("" when unused), nonce ("" when unused), revoked user ("" when
 # unused), then one per layer.
@@ -564,10 +642,11 @@ class Admission:
             args += [max(1, round(item.period_s * _US)), item.limit]
         script = self._pipelined or self._admit
         try:
-            async with asyncio.timeout(self._deadline_s):
-                raw: Any = await script(keys=keys, args=args)
-        except (*_REDIS_TROUBLE, TimeoutError) as exc:
-            if self._pipelined is not None:
+            with redis_unavailable():
+                async with asyncio.timeout(self._deadline_s):
+                    raw: Any = await script(keys=keys, args=args)
+        except RedisUnavailableError as exc:
+            if self._pipelined is not None and exc.reply_code is None:
                 self._pipelined.reset()  # a stuck or broken connection is not reused
             return self._fallback(limits, nonce, nonce_ttl_s, exc)
         self._recovered()
@@ -581,14 +660,15 @@ class Admission:
     async def strike(self, client_ip: str, reason: str) -> bool:
         """Count an auth failure or limit hit; True when this strike blocked `client_ip`."""
         try:
-            async with asyncio.timeout(self._deadline_s):
-                blocked = await self._strike(
-                    keys=[strikes_key(client_ip), block_key(client_ip)],
-                    args=[self._block_after, self._strike_window_ms, self._block_ms],
-                )
-        except (*_REDIS_TROUBLE, TimeoutError) as exc:
+            with redis_unavailable():
+                async with asyncio.timeout(self._deadline_s):
+                    blocked = await self._strike(
+                        keys=[strikes_key(client_ip), block_key(client_ip)],
+                        args=[self._block_after, self._strike_window_ms, self._block_ms],
+                    )
+        except RedisUnavailableError as exc:
             BACKEND_ERRORS.labels(self._service).inc()
-            log.warning("strike not recorded, redis unreachable (%s)", type(exc).__name__)
+            log.warning("strike not recorded, redis unavailable (%s)", exc)
             return False
         if blocked:
             log.warning(
@@ -639,7 +719,7 @@ class Admission:
             self._degraded = True
             log.error(
                 "rate limiting backend unreachable (%s); layers fall back to %s",
-                type(exc).__name__,
+                exc,
                 ", ".join(f"{layer}={mode}" for layer, mode in modes.items()) or "closed",
                 extra={"fields": {"service": self._service}},
             )

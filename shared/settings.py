@@ -7,6 +7,7 @@ A violation raises `ConfigError` naming the variable and the rule, never the val
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import math
 from collections import Counter
 from enum import StrEnum
@@ -78,7 +79,19 @@ def check_secret_strength(value: str) -> str | None:
         return "looks like a placeholder"
     if len(set(value)) < 12 or secret_entropy_bits(value) < MIN_SECRET_ENTROPY_BITS:
         return "has too little entropy (use `keyveil env template` or secrets.token_urlsafe(32))"
+    if _sequential_share(value) > 0.25:
+        return "is a predictable sequence (use `keyveil env template` or secrets.token_urlsafe(32))"
     return None
+
+
+def _sequential_share(value: str) -> float:
+    """Share of neighbouring characters that repeat or step by one ("abcd", "9876", "aaaa").
+
+    Character counts alone rate `abcdefghijklmnopqrstuvwxyz012345` as high entropy; a
+    random 32-character secret has about 3 such steps in 31, a keyboard walk nearly all.
+    """
+    steps = sum(1 for a, b in itertools.pairwise(value) if abs(ord(a) - ord(b)) <= 1)
+    return steps / max(len(value) - 1, 1)
 
 
 class CommonSettings(BaseSettings):
@@ -145,6 +158,26 @@ class EdgeSettings(CommonSettings):
     )
     policy_file: Path | None = Field(default=None, validation_alias="KEYVEIL_POLICY_FILE")
     """The usage policy (shared/policy.py), the same file for the token service and the proxy."""
+    # HTTP bounds enforced by the protocol (shared.httpprotocol), before the app runs.
+    max_header_count: int = Field(
+        default=100, ge=16, le=10_000, validation_alias="HTTP_MAX_HEADER_COUNT"
+    )
+    max_header_bytes: int = Field(
+        default=32 * 1024, ge=4096, le=1024 * 1024, validation_alias="HTTP_MAX_HEADER_BYTES"
+    )
+    max_url_bytes: int = Field(
+        default=8 * 1024, ge=1024, le=1024 * 1024, validation_alias="HTTP_MAX_URL_BYTES"
+    )
+    header_timeout_s: float = Field(
+        default=10.0, gt=0, le=300, validation_alias="HTTP_HEADER_TIMEOUT_S"
+    )
+    write_timeout_s: float = Field(
+        default=30.0, gt=0, le=3600, validation_alias="HTTP_WRITE_TIMEOUT_S"
+    )
+    body_timeout_s: float = Field(
+        default=10.0, gt=0, le=600, validation_alias="HTTP_BODY_TIMEOUT_S"
+    )
+    """A small request body (the token service's) must be all there this long after the head."""
 
     _split_edge = field_validator("allowed_origins", "trusted_proxies", mode="before")(split_commas)
 

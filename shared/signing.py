@@ -329,7 +329,8 @@ _SF_STRING = r'"[\x20\x21\x23-\x5b\x5d-\x7e]*"'
 _SF_INT = r"(?:0|-?[1-9][0-9]{0,14})"
 _FAST_LIST = rf"\((?:{_SF_STRING}(?: {_SF_STRING})*)?\)"
 _FAST_PARAMS = rf"(?:;{_SF_KEY}=(?:{_SF_INT}|{_SF_STRING}))*"
-_FAST_INPUT = re.compile(rf"({_SF_KEY})=({_FAST_LIST}{_FAST_PARAMS})")
+_FAST_INPUT = re.compile(rf"({_SF_KEY})=(({_FAST_LIST})({_FAST_PARAMS}))")
+_FAST_ITEM = re.compile(_SF_STRING)
 _FAST_PARAM = re.compile(rf";({_SF_KEY})=({_SF_INT}|{_SF_STRING})")
 _FAST_BYTES = re.compile(rf"({_SF_KEY})=:([A-Za-z0-9+/]*={{0,2}}):")
 
@@ -339,12 +340,11 @@ def _fast_input(value: str) -> tuple[str, list[str], dict[str, Any], str] | None
     match = _FAST_INPUT.fullmatch(value)
     if match is None:
         return None
-    label, inner = match.group(1), match.group(2)
-    close = inner.index(")")
-    listed = inner[1:close]
-    names = [item[1:-1] for item in listed.split(" ")] if listed else []
+    label, inner, listed, tail = match.groups()
+    # Items are matched, not split: a quoted name may itself hold ")" or " ".
+    names = [item[1:-1] for item in _FAST_ITEM.findall(listed)]
     params: dict[str, Any] = {}
-    for key, raw in _FAST_PARAM.findall(inner[close + 1 :]):
+    for key, raw in _FAST_PARAM.findall(tail):
         if key in params:
             return None  # repeated parameter: let the full parser decide
         params[key] = raw[1:-1] if raw.startswith('"') else int(raw)

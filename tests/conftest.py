@@ -19,7 +19,7 @@ import redis as sync_redis
 import redis.asyncio as aioredis
 from nats.aio.client import Client as NATS
 
-from keyveil.servers import ServerProcess, start_nats, start_redis
+from keyveil.servers import ServerProcess, bootstrap_nats, start_nats, start_redis
 from tests.support import FakeUpstream, start_fake_upstream
 
 
@@ -65,14 +65,18 @@ def docker_engine() -> bool:
 
 @pytest.fixture(scope="session")
 def nats_url(infra_dir: Path, docker_engine: bool) -> Iterator[str]:
+    """A JetStream server with the keyveil streams made, as `keyveil bootstrap` makes them."""
     given = os.environ.get("KEYVEIL_TEST_NATS_URL")
     if given:
+        bootstrap_nats(given)
         yield given
     elif docker_engine:
         with _container("nats:2.11-alpine", "-js", 4222, "Server is ready") as address:
+            bootstrap_nats(f"nats://{address}")
             yield f"nats://{address}"
     else:
         server: ServerProcess = start_nats(infra_dir)
+        bootstrap_nats(server.url)
         yield server.url
         server.stop()
 

@@ -56,13 +56,14 @@ class WindowCounter:
         self.cap = max(cap, 1)
         self._keys: BoundedMap[deque[float]] = BoundedMap(max_keys)
 
-    def add(self, key: str, ts: float) -> int:
-        """Record one occurrence at `ts`; return the count within the window ending at `ts`."""
+    def add(self, key: str, ts: float, weight: int = 1) -> int:
+        """Record `weight` occurrences at `ts` (a sampled event stands for several);
+        return the count within the window ending at `ts`."""
         times = self._keys.get(key)
         if times is None:
             times = deque(maxlen=self.cap)
             self._keys.put(key, times)
-        times.append(ts)
+        times.extend([ts] * min(max(weight, 1), self.cap))
         horizon = ts - self.window_s
         return sum(1 for t in times if t > horizon)
 
@@ -76,17 +77,19 @@ class RatioWindow:
         self.total = 0
         self.bad = 0
 
-    def add(self, ts: float, *, bad: bool) -> float:
+    def add(self, ts: float, *, bad: bool, weight: int = 1) -> float:
+        """Record `weight` outcomes at `ts`; the bad share over the window."""
+        weight = max(weight, 1)
         second = int(ts)
         if self._buckets and self._buckets[-1][0] >= second:
             bucket = self._buckets[-1]
         else:
             bucket = [second, 0, 0]
             self._buckets.append(bucket)
-        bucket[1] += 1
-        bucket[2] += int(bad)
-        self.total += 1
-        self.bad += int(bad)
+        bucket[1] += weight
+        bucket[2] += weight * int(bad)
+        self.total += weight
+        self.bad += weight * int(bad)
         while self._buckets and self._buckets[0][0] <= second - self.window_s:
             _, total, old_bad = self._buckets.popleft()
             self.total -= total

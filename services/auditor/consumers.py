@@ -3,8 +3,9 @@
 Outcomes per message: ack after the handler succeeded (or the event was already
 handled: its id is in the recent-ids window), nak with a delay when the handler
 failed (redelivered up to max_deliver), term when the payload is not an event at
-all (redelivery cannot fix it). The durable consumer remembers its position in the
-stream, so events published while the auditor was down are delivered when it returns.
+all or the handler refused it (`RefuseEvent`): redelivery cannot fix either. The
+durable consumer remembers its position in the stream, so events published while
+the auditor was down are delivered when it returns.
 """
 
 from __future__ import annotations
@@ -26,11 +27,10 @@ from opentelemetry import trace
 from prometheus_client import Counter, Gauge, Histogram
 from pydantic import ValidationError
 
-from shared.bus import ensure_stream
 from shared.events import Event
 from shared.telemetry import extract_context
 
-__all__ = ["DurableConsumer", "SeenIds"]
+__all__ = ["DurableConsumer", "RefuseEvent", "SeenIds"]
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +58,24 @@ LAG = Histogram(
     ["stream"],
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600),
 )
+REFUSED = Counter(
+    "keyveil_auditor_events_refused_total",
+    "Valid events the handler refused (terminated, never redelivered)",
+    ["stream"],
+)
 PENDING = Gauge(
     "keyveil_auditor_consumer_pending_messages",
     "Messages in the stream not yet delivered to the auditor",
     ["stream"],
 )
+
+
+class RefuseEvent(Exception):
+    """Raised by a handler for an event that must never be processed: the message is termed."""
+
+    def __init__(self, code: str) -> None:
+        super().__init__(code)
+        self.code = code
 
 
 class SeenIds:
@@ -102,7 +115,6 @@ class DurableConsumer(Generic[E]):
         max_deliver: int = 10,
         batch: int = 256,
         seen_capacity: int = 200_000,
-        create_stream: bool = True,
     ) -> None:
         self._js = js
         self._stream = stream
@@ -111,7 +123,6 @@ class DurableConsumer(Generic[E]):
         self._model = model
         self._handler = handler
         self._batch = batch
-        self._create_stream = create_stream
         self._config = ConsumerConfig(
             durable_name=durable,
             ack_policy=AckPolicy.EXPLICIT,
@@ -156,11 +167,7 @@ class DurableConsumer(Generic[E]):
         delay = 0.2
         while not stop.is_set():
             try:
-                if self._create_stream:
-                    try:
-                        await self._js.stream_info(self.stream_name)
-                    except nats.js.errors.NotFoundError:
-                        await ensure_stream(self._js, self._stream)
+                # The stream is made by `keyveil bootstrap`; until then, keep waiting.
                 sub = await self._js.pull_subscribe(
                     (self._stream.subjects or [">"])[0],
                     durable=self.durable,
@@ -204,6 +211,14 @@ class DurableConsumer(Generic[E]):
         ):
             try:
                 await self._handler(event, msg)
+            except RefuseEvent as refused:
+                REFUSED.labels(self.stream_name).inc()
+                log.warning(
+                    "%s refused on %s (%s); terminated", event.type, self.stream_name, refused.code
+                )
+                # Not added to `seen`: a forged copy must not shadow the genuine event's id.
+                await msg.term()
+                return
             except Exception:
                 FAILED.labels(self.stream_name).inc()
                 log.exception("handling %s from %s failed; nak", event.type, self.stream_name)

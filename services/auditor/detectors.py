@@ -58,6 +58,7 @@ REPLAY_REASONS = frozenset({"replay", "nonce_reused"})
 TAMPER_REASONS = frozenset({"signature", "digest", "tampered", "bad_signature"})
 TOKEN_ISSUED_TYPES = frozenset({"token.issued", "token.issue"})
 ROTATION_DUE_TYPES = frozenset({"rotation_due", "key.rotation_due", "keymanager.rotation_due"})
+BUS_DROPPED_TYPES = frozenset({"lease_dropped", "admin_dropped"})
 
 ALERT_TYPES = (
     "auth_failure_burst",
@@ -160,6 +161,7 @@ class Detectors:
         return self._pass_cooldown(findings)
 
     def observe_audit(self, event: AuditEvent) -> list[Finding]:
+        """Rotation overdue, stream drift, and requests the key-manager had to drop."""
         findings: list[Finding] = []
         if event.type in ROTATION_DUE_TYPES:
             key = event.key_id or "unknown"
@@ -179,6 +181,32 @@ class Detectors:
                     cooldown_s=self.settings.rotation_cooldown_s,
                 )
             )
+        if event.type == "stream.drift":
+            streams = event.detail.get("streams")
+            names = ", ".join(sorted(streams)) if isinstance(streams, dict) else "unknown"
+            findings.append(
+                Finding(
+                    "stream_config_drift",
+                    "critical",
+                    f"{event.service}:{names}",
+                    f"{event.service} found JetStream streams missing or changed: {names} "
+                    "(run `keyveil bootstrap --check`)",
+                    event.ts,
+                    {"service": event.service, "streams": names},
+                )
+            )
+        if event.type in BUS_DROPPED_TYPES:
+            findings.append(
+                Finding(
+                    "bus_reply_refused",
+                    "critical",
+                    event.type,
+                    f"the key-manager dropped a request with a forbidden reply subject "
+                    f"({event.type}): a NATS login is misused",
+                    event.ts,
+                    {"service": event.service, "type": event.type},
+                )
+            )
         return self._pass_cooldown(findings)
 
     # -- detectors -----------------------------------------------------------------------
@@ -187,8 +215,9 @@ class Detectors:
         reason = (event.reason or "").lower()
         ip = event.client_ip or "unknown"
         s = self.settings
+        weight = event.count or 1  # a sampled refusal event stands for `count` refusals
         if reason in AUTH_REASONS or reason.startswith("invalid_"):
-            count = self.auth_failures.add(ip, event.ts)
+            count = self.auth_failures.add(ip, event.ts, weight)
             if count >= s.auth_failure_threshold:
                 yield Finding(
                     "auth_failure_burst",
@@ -201,7 +230,7 @@ class Detectors:
                 )
         who = f"token:{event.token_id}" if event.token_id else f"ip:{ip}"
         if reason in REPLAY_REASONS:
-            count = self.replays.add(who, event.ts)
+            count = self.replays.add(who, event.ts, weight)
             if count >= s.replay_threshold:
                 yield Finding(
                     "replay_attempts",
@@ -212,7 +241,7 @@ class Detectors:
                     self._who_labels(event),
                 )
         if reason in TAMPER_REASONS:
-            count = self.tampering.add(who, event.ts)
+            count = self.tampering.add(who, event.ts, weight)
             if count >= s.tamper_threshold:
                 yield Finding(
                     "tampering_attempts",
@@ -287,7 +316,7 @@ class Detectors:
     def _proxy_request(self, event: UsageEvent) -> Iterable[Finding]:
         s = self.settings
         bad = event.outcome == "error" or (event.status or 0) >= 500
-        ratio = self.proxy_errors.add(event.ts, bad=bad)
+        ratio = self.proxy_errors.add(event.ts, bad=bad, weight=event.count or 1)
         if self.proxy_errors.total >= s.proxy_error_min_requests and ratio >= s.proxy_error_ratio:
             yield Finding(
                 "proxy_error_rate",

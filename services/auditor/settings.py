@@ -1,10 +1,15 @@
-"""Auditor settings: the bus, detector thresholds and cooldowns, alert delivery."""
+"""Auditor settings: the bus, the ledger's keys and checkpoints, detector thresholds and
+cooldowns, alert delivery."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from shared.settings import CommonSettings
+from services.auditor.ledgerkeys import LedgerKeyError, LedgerSigner, LedgerVerifier
+from shared.settings import CommaList, CommonSettings, split_commas
 
 __all__ = ["Settings"]
 
@@ -22,6 +27,26 @@ class Settings(CommonSettings):
         default=200_000, ge=1000, le=10_000_000, validation_alias="AUDITOR_DEDUPE_WINDOW"
     )
     ledger_enabled: bool = Field(default=True, validation_alias="AUDITOR_LEDGER_ENABLED")
+
+    # Ledger signing (Ed25519, base64url raw 32-byte seed): held by this process only.
+    # Required in production; in development a missing one is generated per process
+    # (its public key is logged and written next to the checkpoints, so verify works).
+    ledger_signing_key: SecretStr | None = Field(
+        default=None, validation_alias="LEDGER_SIGNING_KEY"
+    )
+    # Public keys of earlier signing keys, so records signed before a rotation verify.
+    ledger_verify_keys: CommaList = Field(
+        default_factory=list, validation_alias="LEDGER_VERIFY_KEY"
+    )
+    ledger_checkpoint_dir: Path | None = Field(
+        default=None, validation_alias="LEDGER_CHECKPOINT_DIR"
+    )
+    ledger_checkpoint_interval_s: float = Field(
+        default=300.0, gt=0, le=86_400, validation_alias="LEDGER_CHECKPOINT_INTERVAL_S"
+    )
+    ledger_checkpoint_keep: int = Field(
+        default=48, ge=1, le=10_000, validation_alias="LEDGER_CHECKPOINT_KEEP"
+    )
 
     # Auth-failure burst per IP.
     auth_failure_threshold: int = Field(
@@ -110,6 +135,53 @@ class Settings(CommonSettings):
         validation_alias="ALERT_WEBHOOK_MIN_SEVERITY",
     )
 
+    @field_validator("ledger_verify_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: Any) -> Any:
+        return split_commas(value)
+
+    @field_validator("ledger_checkpoint_dir", mode="before")
+    @classmethod
+    def _empty_dir_is_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("ledger_signing_key")
+    @classmethod
+    def _seed_is_a_seed(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        try:
+            LedgerSigner.from_seed(value.get_secret_value())
+        except (LedgerKeyError, ValueError):
+            raise ValueError("must be a base64url Ed25519 seed of 32 bytes") from None
+        return value
+
+    @field_validator("ledger_verify_keys")
+    @classmethod
+    def _keys_are_keys(cls, value: list[str]) -> list[str]:
+        try:
+            LedgerVerifier.from_strings(value)
+        except (LedgerKeyError, ValueError):
+            raise ValueError("must be base64url Ed25519 public keys of 32 bytes") from None
+        return value
+
+    def ledger_signer(self) -> LedgerSigner | None:
+        """The configured signing key, or None (development: the caller generates one)."""
+        if self.ledger_signing_key is None:
+            return None
+        return LedgerSigner.from_seed(self.ledger_signing_key.get_secret_value())
+
+    def ledger_verifier(self) -> LedgerVerifier:
+        return LedgerVerifier.from_strings(self.ledger_verify_keys)
+
+    def secret_values(self) -> list[str]:
+        values = super().secret_values()
+        if self.ledger_signing_key is not None:
+            values.append(self.ledger_signing_key.get_secret_value())
+        if self.alert_webhook_url is not None:
+            values.append(self.alert_webhook_url.get_secret_value())
+        return values
+
     @field_validator("alert_webhook_url")
     @classmethod
     def _webhook_is_http(cls, value: SecretStr | None) -> SecretStr | None:
@@ -124,4 +196,8 @@ class Settings(CommonSettings):
         url = self.alert_webhook_url.get_secret_value() if self.alert_webhook_url else ""
         if self.is_production and url.startswith("http://"):
             raise ValueError("ALERT_WEBHOOK_URL must use https in production")
+        if self.is_production and self.ledger_enabled and self.ledger_signing_key is None:
+            raise ValueError("LEDGER_SIGNING_KEY must be set in production")
+        if self.is_production and self.ledger_enabled and self.ledger_checkpoint_dir is None:
+            raise ValueError("LEDGER_CHECKPOINT_DIR must be set in production")
         return self

@@ -11,9 +11,8 @@ from pydantic import BaseModel, ValidationError
 
 from services.keymanager import metrics
 from services.keymanager.keys import KeyService
-from services.keymanager.leasing import inbox_owner
 from services.keymanager.settings import Settings
-from shared.bus import parse_request, reply_error, reply_model
+from shared.bus import Responder, parse_request
 from shared.crypto import (
     KekRing,
     Kem,
@@ -23,8 +22,9 @@ from shared.crypto import (
     b64url_encode,
     open_sealed,
 )
-from shared.errors import ApiError, BadRequestError, ForbiddenError
+from shared.errors import ApiError, BadRequestError
 from shared.keyadmin import (
+    OPERATOR_USER,
     AddKeyRequest,
     AdminOp,
     IntakeReply,
@@ -44,50 +44,55 @@ __all__ = ["OPERATOR", "AdminDesk"]
 
 log = logging.getLogger(__name__)
 
-OPERATOR = "operator"
+OPERATOR = OPERATOR_USER
 M = TypeVar("M", bound=BaseModel)
 _MAX_REQUEST_BYTES = 32_768
 
 
 class AdminDesk:
-    def __init__(self, *, keys: KeyService, keyring: KekRing, settings: Settings) -> None:
+    def __init__(
+        self, *, keys: KeyService, keyring: KekRing, settings: Settings, responder: Responder
+    ) -> None:
         self._keys = keys
         self._keyring = keyring
         self._settings = settings
+        self._responder = responder
 
     async def handle(self, msg: Msg) -> None:
-        name = msg.subject.rsplit(".", 1)[-1]
+        """Only requests answered on the operator's own inbox are heard; others are dropped."""
+        name = msg.subject.rsplit(".", 1)[-1][:32]
+        if self._responder.reply_user(msg) is None:
+            metrics.ADMIN_OPERATIONS.labels("unknown", "dropped").inc()
+            self._keys.audit(
+                "admin_dropped",
+                actor="unknown",
+                outcome="denied",
+                reason="reply_not_allowed",
+                operation=name,
+                reply=(msg.reply or "")[:80],
+            )
+            return
         try:
             op = AdminOp(name)
         except ValueError:
-            await reply_error(msg, "unknown_operation", "no such admin operation")
+            await self._responder.error(msg, "unknown_operation", "no such admin operation")
             return
         try:
-            self._authorise(msg)
+            if len(msg.data) > _MAX_REQUEST_BYTES:
+                raise BadRequestError("request too large", code="malformed_request")
             reply = await self._dispatch(op, msg)
         except ApiError as exc:
             metrics.ADMIN_OPERATIONS.labels(op.value, "denied").inc()
             self._keys.audit(f"admin_{op.value}", actor=OPERATOR, outcome="denied", reason=exc.code)
-            await reply_error(msg, exc.code, exc.message)
+            await self._responder.error(msg, exc.code, exc.message)
             return
         except Exception as exc:  # an admin mistake must never take the service down
             log.error("admin %s failed: %s", op.value, type(exc).__name__, exc_info=exc)
             metrics.ADMIN_OPERATIONS.labels(op.value, "error").inc()
-            await reply_error(msg, "internal_error", f"{op.value} failed")
+            await self._responder.error(msg, "internal_error", f"{op.value} failed")
             return
         metrics.ADMIN_OPERATIONS.labels(op.value, "ok").inc()
-        await reply_model(msg, reply)
-
-    def _authorise(self, msg: Msg) -> None:
-        if not msg.reply:
-            raise BadRequestError("admin operations are requests", code="no_reply")
-        if len(msg.data) > _MAX_REQUEST_BYTES:
-            raise BadRequestError("request too large", code="malformed_request")
-        owner = inbox_owner(msg.reply)
-        if owner is not None and owner != OPERATOR:
-            raise ForbiddenError("only the operator may administer keys", code="not_operator")
-        if owner is None and self._settings.scoped_inbox_required:
-            raise ForbiddenError("reply inbox is not user-scoped", code="unscoped_inbox")
+        await self._responder.reply(msg, reply)
 
     async def _dispatch(self, op: AdminOp, msg: Msg) -> BaseModel:
         keys = self._keys

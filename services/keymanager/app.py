@@ -23,12 +23,13 @@ from services.keymanager.keys import SERVICE, KeyPolicy, KeyService
 from services.keymanager.leasing import LeaseDesk
 from services.keymanager.settings import Settings
 from services.keymanager.store import KeyStore
-from shared.bus import connect, traced_handler
+from shared.bus import Responder, connect, traced_handler
 from shared.crypto import KekRing
-from shared.events import EventPublisher
+from shared.events import EventPublisher, drift_reporter
 from shared.httpedge import add_edge_routes, service_app
-from shared.keyadmin import ADMIN_PREFIX
+from shared.keyadmin import ADMIN_PREFIX, OPERATOR_USER
 from shared.leases import KEYMANAGER_QUEUE, LEASE_SUBJECT, ROTATED_SUBJECT, RotatedNotice
+from shared.streams import EDGE_STREAMS, StreamGuard
 from shared.telemetry import inject_context, redactor
 
 __all__ = ["KeyManager", "create_app"]
@@ -58,6 +59,7 @@ class KeyManager:
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(_MAX_IN_FLIGHT)
         self._policy_task: asyncio.Task[None] | None = None
+        self._streams: StreamGuard | None = None
         self._stopping = asyncio.Event()
 
     @property
@@ -76,8 +78,15 @@ class KeyManager:
         settings = self.settings
         self._nc = await connect(settings, name=SERVICE, on_state=self._on_state)
         js = self._nc.jetstream(timeout=settings.nats_request_timeout_s)
-        self._events = EventPublisher(js, num_replicas=settings.jetstream_replicas)
+        self._events = EventPublisher(js)
         self._events.start()
+        self._streams = StreamGuard(
+            js,
+            EDGE_STREAMS,
+            replicas=settings.jetstream_replicas,
+            on_drift=drift_reporter(self._events, SERVICE),
+        )
+        self._streams.start()
         store = KeyStore(
             js,
             bucket=settings.kv_bucket,
@@ -103,8 +112,17 @@ class KeyManager:
                 provider="openai",
                 environment=settings.node_env.value,
             )
-        leases = LeaseDesk(keys=self._keys, settings=settings)
-        admin = AdminDesk(keys=self._keys, keyring=self.keyring, settings=settings)
+        leases = LeaseDesk(
+            keys=self._keys,
+            settings=settings,
+            responder=Responder(self._nc, settings.allowed_requesters),
+        )
+        admin = AdminDesk(
+            keys=self._keys,
+            keyring=self.keyring,
+            settings=settings,
+            responder=Responder(self._nc, {OPERATOR_USER}),
+        )
         self._subscriptions = [
             await self._nc.subscribe(
                 LEASE_SUBJECT,
@@ -132,6 +150,8 @@ class KeyManager:
                 await subscription.unsubscribe()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=10)
+        if self._streams is not None:
+            await self._streams.stop()
         if self._events is not None:
             await self._events.close()
         if self._nc is not None and not self._nc.is_closed:
@@ -152,6 +172,9 @@ class KeyManager:
 
     async def ready(self) -> bool:
         return self._connected and self._keys is not None
+
+    async def streams_ready(self) -> bool:
+        return self._streams is not None and await self._streams.ready()
 
     @property
     def events(self) -> EventPublisher:
@@ -209,5 +232,5 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = service_app("keyveil key-manager", lifespan)
     app.state.manager = manager
-    add_edge_routes(app, {"nats": manager.ready})
+    add_edge_routes(app, {"nats": manager.ready, "streams": manager.streams_ready})
     return app

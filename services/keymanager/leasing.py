@@ -1,7 +1,11 @@
 """Lease requests on `keyveil.km.lease`: check who asks, then seal the key to them.
 
-A refusal is a typed error reply (`{"error": {"code", "message"}}`), never a crash;
-every answer is counted and audited, with the requester's service identity as actor.
+The reply subject is checked before anything else: only a fresh inbox of an allowed
+requester's own NATS user (`_INBOX_token.…`, `_INBOX_proxy.…`), whose user is also the
+requester the body names. Anything else is dropped unanswered and audited, so nobody can
+aim the key-manager's reply at a stream, a bucket or another service's inbox, nor lease
+a key in another service's name. A refusal is a typed error reply, never a crash; every
+answer is counted and audited, with the requester's service identity as actor.
 """
 
 from __future__ import annotations
@@ -17,41 +21,44 @@ from pydantic import ValidationError
 from services.keymanager import metrics
 from services.keymanager.keys import KeyService
 from services.keymanager.settings import Settings
-from shared.bus import parse_request, reply_error, reply_model
+from shared.bus import Responder, parse_request
 from shared.crypto import SealError, b64url_decode, b64url_encode, seal_for_requester
 from shared.errors import ApiError, BadRequestError, ForbiddenError
 from shared.keyadmin import PROVIDER_PATTERN, KeyStatus
 from shared.leases import LeaseReply, LeaseRequest
 
-__all__ = ["LeaseDesk", "inbox_owner"]
+__all__ = ["LeaseDesk"]
 
 log = logging.getLogger(__name__)
 
-_IDENTITY = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 _PROVIDER = re.compile(PROVIDER_PATTERN)
 _MAX_REQUEST_BYTES = 8192
 
 
-def inbox_owner(reply: str | None) -> str | None:
-    """The NATS user a reply subject belongs to (`_INBOX_<user>.…`), if it is user-scoped."""
-    if not reply or not reply.startswith("_INBOX_"):
-        return None
-    return reply[len("_INBOX_") :].split(".", 1)[0] or None
-
-
 class LeaseDesk:
-    def __init__(self, *, keys: KeyService, settings: Settings) -> None:
+    def __init__(self, *, keys: KeyService, settings: Settings, responder: Responder) -> None:
         self._keys = keys
         self._settings = settings
         self._allowed = frozenset(settings.allowed_requesters)
+        self._responder = responder
 
     async def handle(self, msg: Msg) -> None:
         started = time.perf_counter()
-        actor = "unknown"
+        user = self._responder.reply_user(msg)
+        if user is None:
+            self._count("unknown", "dropped")
+            self._keys.audit(
+                "lease_dropped",
+                actor="unknown",
+                outcome="denied",
+                reason="reply_not_allowed",
+                reply=(msg.reply or "")[:80],
+            )
+            return
+        actor = user
         try:
             request = self._parse(msg)
-            actor = request.requester if _IDENTITY.match(request.requester) else "unknown"
-            self._authorise(request, msg.reply)
+            self._authorise(request, user)
             reply = await self._grant(request)
         except ApiError as exc:
             refused = isinstance(exc, BadRequestError | ForbiddenError)
@@ -64,17 +71,17 @@ class LeaseDesk:
                 key_id=getattr(exc, "key_id", None),
                 reason=exc.code,
             )
-            await reply_error(msg, exc.code, exc.message)
+            await self._responder.error(msg, exc.code, exc.message)
             return
         except Exception as exc:  # a lease request must never take the service down
             log.error("lease request failed: %s", type(exc).__name__, exc_info=exc)
             self._count(actor, "error")
             self._keys.audit("lease_failed", actor=actor, outcome="failure", reason="internal")
-            await reply_error(msg, "internal_error", "the key manager could not answer")
+            await self._responder.error(msg, "internal_error", "the key manager could not answer")
             return
         finally:
             metrics.LEASE_SECONDS.observe(time.perf_counter() - started)
-        await reply_model(msg, reply)
+        await self._responder.reply(msg, reply)
         self._count(actor, "granted")
 
     def _parse(self, msg: Msg) -> LeaseRequest:
@@ -89,18 +96,11 @@ class LeaseDesk:
                 f"malformed lease request{detail}", code="malformed_request"
             ) from None
 
-    def _authorise(self, request: LeaseRequest, reply: str | None) -> None:
-        if not reply:
-            raise BadRequestError("a lease is a request: no reply subject", code="no_reply")
-        if request.requester not in self._allowed:
-            raise ForbiddenError("requester is not allowed to lease keys", code="requester_denied")
-        owner = inbox_owner(reply)
-        if owner is not None and owner != request.requester:
+    def _authorise(self, request: LeaseRequest, user: str) -> None:
+        if request.requester != user:
             raise ForbiddenError(
                 "requester does not match the reply inbox", code="requester_mismatch"
             )
-        if owner is None and self._settings.scoped_inbox_required:
-            raise ForbiddenError("reply inbox is not user-scoped", code="unscoped_inbox")
         if request.environment != self._settings.node_env.value:
             raise ForbiddenError(
                 f"this key manager serves {self._settings.node_env.value} only",

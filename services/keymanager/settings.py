@@ -41,10 +41,8 @@ class Settings(CommonSettings):
         default_factory=lambda: [Kem.x25519.value, Kem.mlkem768_x25519.value],
         validation_alias="KEYMANAGER_LEASE_KEMS",
     )
-    # With per-user NATS inboxes (`_INBOX_<user>`), the reply subject proves who asked.
-    require_scoped_inbox: bool | None = Field(
-        default=None, validation_alias="KEYMANAGER_REQUIRE_SCOPED_INBOX"
-    )
+    # Replies go only to `_INBOX_<requester>.…` (shared.bus.Responder): under the NATS
+    # permissions only that user can subscribe there, so the inbox proves who asked.
 
     # Rotation policy.
     rotation_grace_s: int = Field(
@@ -100,12 +98,6 @@ class Settings(CommonSettings):
         if self.max_key_age_days is not None:
             return self.max_key_age_days * _DAY_S
         return (30.0 if self.node_env.value == "development" else 7.0) * _DAY_S
-
-    @property
-    def scoped_inbox_required(self) -> bool:
-        if self.require_scoped_inbox is not None:
-            return self.require_scoped_inbox
-        return self.is_production
 
     @property
     def kems(self) -> frozenset[Kem]:

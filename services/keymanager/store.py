@@ -12,12 +12,12 @@ from typing import NamedTuple
 
 import nats.js.errors
 from nats.js import JetStreamContext
-from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
 from services.keymanager.errors import ConflictError
 from services.keymanager.records import KeyRecord
+from shared.streams import keys_bucket_config
 
 __all__ = ["KeyStore", "StoredRecord"]
 
@@ -32,17 +32,12 @@ class StoredRecord(NamedTuple):
 
 
 class KeyStore:
-    """The bucket, opened (or created: file storage, history, replicas) at start-up."""
+    """The bucket, opened at start-up (created by `keyveil bootstrap`, or here if absent:
+    the key-manager owns it; it may create it, never update or delete it)."""
 
     def __init__(self, js: JetStreamContext, *, bucket: str, replicas: int, history: int) -> None:
         self._js = js
-        self._config = KeyValueConfig(
-            bucket=bucket,
-            description="keyveil provider keys (envelope-encrypted, one entry per version)",
-            history=history,
-            storage=StorageType.FILE,
-            replicas=replicas,
-        )
+        self._config = keys_bucket_config(bucket=bucket, replicas=replicas, history=history)
         self._kv: KeyValue | None = None
 
     @property

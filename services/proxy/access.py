@@ -40,6 +40,8 @@ _REASONS = {
     "model_not_allowed": "policy",
     "model_required": "policy",
     "policy_limit_exceeded": "policy",
+    "body_timeout": "body_timeout",
+    "upload_capacity": "upload_capacity",
 }
 # 401/403 answers that are not a sign of an attack, so they do not count toward an IP
 # block: the block itself, and a request the usage policy refused (a client that keeps

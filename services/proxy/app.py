@@ -13,6 +13,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 from fastapi import FastAPI
@@ -22,11 +23,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from shared import bus
 from shared.errors import ApiError
-from shared.events import EventPublisher
+from shared.events import EventPublisher, drift_reporter
 from shared.httpedge import add_edge_routes, parse_networks, service_app
 from shared.leases import LeaseClient
 from shared.policy import PolicyHolder
 from shared.ratelimit import Admission, redis_client
+from shared.streams import EDGE_STREAMS, StreamGuard
 from shared.telemetry import redactor
 
 from .access import TokenCache
@@ -143,25 +145,42 @@ def create_app(settings: Settings, *, keys: KeySource | None = None) -> FastAPI:
     redactor.register(*settings.secret_values())
     policy = PolicyHolder(settings.policy_file, service="proxy")  # ConfigError: refuse to start
     live = _Live()
-    state = {"nats": False}
+    state: dict[str, Any] = {"nats": False, "streams": None}
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
             redis = redis_client(settings.redis_url, settings.redis_timeout_s)
             stack.push_async_callback(redis.aclose)
+            cache_redis = redis_client(settings.response_cache_redis_url, settings.redis_timeout_s)
+            stack.push_async_callback(cache_redis.aclose)
 
             def on_state(connected: bool) -> None:
                 state["nats"] = connected
 
             nc: NATS = await bus.connect(settings, name="proxy", on_state=on_state)
             stack.push_async_callback(nc.drain)
-            publisher = EventPublisher(nc.jetstream(), num_replicas=settings.jetstream_replicas)
+            js = nc.jetstream()
+            publisher = EventPublisher(js)
             publisher.start()
             stack.push_async_callback(publisher.close)
+            guard = StreamGuard(
+                js,
+                EDGE_STREAMS,
+                replicas=settings.jetstream_replicas,
+                on_drift=drift_reporter(publisher, "proxy"),
+            )
+            guard.start()
+            stack.push_async_callback(guard.stop)
+            state["streams"] = guard
             key_source = keys
             if key_source is None:
-                leases = LeaseClient(nc, requester="proxy", environment=settings.lease_environment)
+                leases = LeaseClient(
+                    nc,
+                    requester="proxy",
+                    environment=settings.lease_environment,
+                    timeout_s=settings.nats_request_timeout_s,
+                )
                 await leases.start()
                 stack.push_async_callback(leases.stop)
                 key_source = OpenedLeaseCache(leases)
@@ -185,7 +204,7 @@ def create_app(settings: Settings, *, keys: KeySource | None = None) -> FastAPI:
                 admission=admission,
                 forwarder=forwarder,
                 cache=ResponseCache(
-                    redis,
+                    cache_redis,
                     ttl_s=settings.cache_ttl_s,
                     max_entry_bytes=settings.cache_max_entry_bytes,
                 )
@@ -218,7 +237,11 @@ def create_app(settings: Settings, *, keys: KeySource | None = None) -> FastAPI:
     async def redis_ready() -> bool:
         return bool(await app.state.redis.ping())
 
-    add_edge_routes(app, {"nats": nats_ready, "redis": redis_ready})
+    async def streams_ready() -> bool:
+        guard: StreamGuard | None = state["streams"]
+        return guard is not None and await guard.ready()
+
+    add_edge_routes(app, {"nats": nats_ready, "redis": redis_ready, "streams": streams_ready})
     document_routes(app)  # the spec only: _ProxyPaths answers these paths first
     app.add_middleware(
         CORSMiddleware,

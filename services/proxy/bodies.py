@@ -4,25 +4,43 @@ JSON bodies are small and held in memory. Uploads (speech to text) are spooled t
 temporary file past 1 MiB, so a 25 MB upload never sits whole in memory, and they go
 upstream only after the digest matched and the form was seen to carry a file: a
 tampered or malformed upload never reaches the provider.
+
+Bounds against clients that hold or flood: every body is read with an idle timeout
+between chunks and an overall deadline (`read_chunks`, 408), and the uploads in flight
+in one process share a byte budget (`SpoolBudget`, 503 before any byte is read), so
+the spool directory cannot be filled.
 """
 
 from __future__ import annotations
 
+import asyncio
 import tempfile
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO, Any
 
 import orjson
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from shared.errors import ApiError, BadRequestError, PayloadTooLargeError
+from shared.errors import (
+    ApiError,
+    BadRequestError,
+    PayloadTooLargeError,
+    RequestTimeoutError,
+    UnavailableError,
+)
 from shared.signing import ExpectedDigest
 
 __all__ = [
+    "BodyTimeoutError",
+    "ClientGoneError",
     "JsonBody",
+    "SpoolBudget",
     "UnsupportedMediaTypeError",
     "Upload",
+    "read_chunks",
     "read_json",
     "spool_multipart",
 ]
@@ -34,6 +52,74 @@ _UPLOAD_CHUNK = 256 * 1024
 class UnsupportedMediaTypeError(ApiError):
     status = 415
     default_code = "unsupported_media_type"
+
+
+class BodyTimeoutError(RequestTimeoutError):
+    """The proxy's request body was held too long (idle, or past its deadline)."""
+
+
+class ClientGoneError(Exception):
+    """The client disconnected while its request body was being read."""
+
+
+async def read_chunks(
+    receive: Callable[[], Awaitable[Any]], *, idle_s: float, total_s: float
+) -> AsyncIterator[bytes]:
+    """The request body as it arrives (raw ASGI), or 408 when the client holds it.
+
+    `idle_s` bounds the wait for each chunk, `total_s` the whole body: a client that
+    stops sending, or trickles a byte now and then, is answered and let go.
+    """
+    deadline = time.monotonic() + total_s
+    while True:
+        wait = min(idle_s, deadline - time.monotonic())
+        try:
+            if wait <= 0:
+                raise TimeoutError
+            async with asyncio.timeout(wait):
+                message = await receive()
+        except TimeoutError:
+            raise BodyTimeoutError(
+                "the request body did not arrive in time",
+                headers={"Connection": "close"},
+            ) from None
+        if message["type"] == "http.disconnect":
+            raise ClientGoneError
+        chunk = message.get("body", b"")
+        if chunk:
+            yield chunk
+        if not message.get("more_body", False):
+            return
+
+
+class SpoolBudget:
+    """Bytes of uploads in flight in this process, against a fixed budget.
+
+    A reservation is taken before the body is read, for its declared length (or the
+    size cap when none is declared), and returned when the upload is closed.
+    """
+
+    def __init__(self, budget_bytes: int, *, retry_after_s: int = 2) -> None:
+        self.budget_bytes = budget_bytes
+        self.in_use = 0
+        self._retry_after = str(retry_after_s)
+
+    def reserve(self, *, content_length: str | None, limit: int) -> int:
+        """Reserve room for one upload (returned by `release`), or 503 `upload_capacity`."""
+        wanted = limit
+        if content_length is not None and content_length.isdigit():
+            wanted = min(int(content_length), limit)
+        if self.in_use + wanted > self.budget_bytes:
+            raise UnavailableError(
+                "too many uploads in progress; try again shortly",
+                code="upload_capacity",
+                headers={"Retry-After": self._retry_after},
+            )
+        self.in_use += wanted
+        return wanted
+
+    def release(self, reserved: int) -> None:
+        self.in_use = max(0, self.in_use - reserved)
 
 
 def _check_declared_length(content_length: str | None, limit: int) -> None:
@@ -149,6 +235,7 @@ async def spool_multipart(
     content_length: str | None,
     digest: ExpectedDigest,
     limit: int,
+    spool_dir: Path | None = None,
 ) -> Upload:
     kind, options = parse_options_header(content_type or "")
     boundary = options.get(b"boundary")
@@ -168,7 +255,9 @@ async def spool_multipart(
         },
     )
     hasher = digest.new_hasher()
-    spool = tempfile.SpooledTemporaryFile(max_size=_SPOOL_IN_MEMORY)  # noqa: SIM115 - closed by Upload
+    spool = tempfile.SpooledTemporaryFile(  # noqa: SIM115 - closed by Upload
+        max_size=_SPOOL_IN_MEMORY, dir=str(spool_dir) if spool_dir else None
+    )
     size = 0
     try:
         async for chunk in chunks:

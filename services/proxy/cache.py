@@ -2,7 +2,11 @@
 
 Entries are per token subject (`sid`), keyed by a hash of the canonical request, with
 a TTL and a size cap. The cache is an optimisation, never a security decision: a
-Redis failure is a miss.
+Redis failure (unreachable, or full: `OOM`) is a miss, logged once per outage.
+
+It lives in a Redis logical space of its own (PROXY_CACHE_REDIS_URL; by default
+database 1 of REDIS_URL's server), which can be its own server with `maxmemory` and
+`allkeys-lru`: cache entries are evicted, never the limits, nonces and revocations.
 """
 
 from __future__ import annotations
@@ -33,6 +37,18 @@ class ResponseCache:
         self._redis = redis
         self._ttl_s = ttl_s
         self.max_entry_bytes = max_entry_bytes
+        # Reads and writes fail apart: a full server still reads (OOM refuses writes).
+        self._failing: set[str] = set()
+
+    def _trouble(self, what: str, exc: BaseException) -> None:
+        if what not in self._failing:
+            self._failing.add(what)
+            log.warning("response cache %s failed (%s); serving misses", what, type(exc).__name__)
+
+    def _working(self, what: str) -> None:
+        if what in self._failing:
+            self._failing.discard(what)
+            log.info("response cache %s works again", what)
 
     @staticmethod
     def key(*, sid: str, route: Route, payload: dict[str, Any]) -> str:
@@ -45,9 +61,10 @@ class ResponseCache:
         try:
             raw = await self._redis.get(key)
         except _TROUBLE as exc:
-            log.warning("response cache unavailable (%s)", type(exc).__name__)
+            self._trouble("read", exc)
             CACHE.labels("miss").inc()
             return None
+        self._working("read")
         if not isinstance(raw, bytes) or b"\n" not in raw:
             CACHE.labels("miss").inc()
             return None
@@ -63,4 +80,7 @@ class ResponseCache:
                 key, content_type.encode("latin-1") + b"\n" + body, ex=self._ttl_s
             )
         except _TROUBLE as exc:
-            log.warning("response cache not written (%s)", type(exc).__name__)
+            self._trouble("write", exc)
+            CACHE.labels("write_failed").inc()
+            return
+        self._working("write")

@@ -11,7 +11,12 @@ per response. A small fixed-length provider answer (the usual JSON completion) i
 whole (at most `_INLINE_MAX` bytes) and sent with a Content-Length; everything else
 (SSE, audio, large or chunked bodies) is relayed chunk by chunk as it arrives, with
 one watcher task per stream that closes the provider connection as soon as the client
-goes away.
+goes away (which includes a client the edge protocol cut for not reading its answer).
+
+Bounds against hostile clients here: request bodies are read with an idle timeout and
+a deadline (408), uploads in flight share the process's spool budget (503, before the
+body is read), and refusals made before any token was verified are counted in metrics
+but their usage events are sampled (`shared.refusals`).
 """
 
 from __future__ import annotations
@@ -42,10 +47,11 @@ from shared.errors import (
 from shared.events import EventPublisher, UsageEvent
 from shared.httpedge import IpNetwork, client_ip
 from shared.ratelimit import Admission, Decision, Limit
+from shared.refusals import RefusalSampler
 from shared.telemetry import redactor
 
 from .access import NO_STRIKE_CODES, Caller, TokenCache, authenticate, rejection_reason
-from .bodies import read_json, spool_multipart
+from .bodies import ClientGoneError, SpoolBudget, read_chunks, read_json, spool_multipart
 from .cache import OPT_IN_HEADER, ResponseCache
 from .demo import DemoAnswer, demo_response
 from .metrics import (
@@ -61,7 +67,7 @@ from .metrics import (
 from .policy import RequestPolicy
 from .routes import ROUTES, BodyKind, Route
 from .settings import Settings
-from .upstream import Forwarder, UpstreamResponse, UpstreamStreamError
+from .upstream import Forwarder, UpstreamResponse, UpstreamStreamError, combine_headers
 from .usage import TokenUsage, UsageTap
 
 __all__ = ["ProxyHandler"]
@@ -78,15 +84,15 @@ _OTHER = Route("other", None, "", BodyKind.json)  # type: ignore[arg-type]
 _JSON = (b"content-type", b"application/json")
 _SSE_HEADERS: Headers = [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
 _CLIENT_GONE = 499
+# Refusals decided before any token was verified: their usage events are sampled.
+_UNVERIFIED = frozenset(
+    {"not_found", "method_not_allowed", "token_missing", "token_invalid", "token_expired"}
+)
 
 
 class _MethodNotAllowedError(ApiError):
     status = 405
     default_code = "method_not_allowed"
-
-
-class _ClientGoneError(Exception):
-    """The client disconnected while its request body was being read."""
 
 
 @dataclass
@@ -129,26 +135,11 @@ def _encode(headers: dict[str, str]) -> Headers:
 
 
 def _headers(scope: Scope) -> dict[str, str]:
-    """Lower-cased request headers, repeated fields combined as RFC 9110 says."""
-    out: dict[str, str] = {}
-    for raw_name, raw_value in scope["headers"]:
-        name = raw_name.decode("latin-1").lower()
-        value = raw_value.decode("latin-1")
-        out[name] = f"{out[name]}, {value}" if name in out else value
-    return out
+    """Lower-cased request headers, repeated fields combined as RFC 9110 says.
 
-
-async def _body(receive: Receive) -> AsyncIterator[bytes]:
-    """The request body as it arrives (raw ASGI, no Request object)."""
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise _ClientGoneError
-        chunk = message.get("body", b"")
-        if chunk:
-            yield chunk
-        if not message.get("more_body", False):
-            return
+    Repeats are collected and joined once: joining per repeat is quadratic.
+    """
+    return combine_headers(scope["headers"])
 
 
 def _refusal(decision: Decision) -> ApiError:
@@ -218,7 +209,13 @@ class ProxyHandler:
         self._nonce_ttl_s = math.ceil(2 * settings.signature_window_s) + 1
         self._background: set[asyncio.Task[Any]] = set()
         self._meters = _Meters()
+        self._spool = SpoolBudget(settings.spool_budget_bytes)
         self._event_template = UsageEvent(service="proxy", type="proxy.request", mode="proxy")
+        self._refusals = (
+            RefusalSampler(publisher.emit, interval_s=settings.refusal_event_interval_s)
+            if publisher is not None
+            else None
+        )
 
     async def __call__(
         self, scope: Scope, receive: Receive, send: Send, extra_headers: Headers | None = None
@@ -261,7 +258,7 @@ class ProxyHandler:
             return await self._admitted(scope, receive, route, headers, exchange)
         except ApiError as exc:
             return self._refused(exchange, exc, before_upstream=True)
-        except _ClientGoneError:
+        except ClientGoneError:
             self._finish(exchange, _CLIENT_GONE, upstream_s=0.0, reason="client_gone")
             return _Reply(_CLIENT_GONE, [])
 
@@ -307,26 +304,34 @@ class ProxyHandler:
         digest = caller.signature.digest
         assert digest is not None  # verify_request(require_digest=True) guarantees it
         if route.body is BodyKind.multipart:
-            upload = await spool_multipart(
-                _body(receive),
-                content_type=headers.get("content-type"),
+            reserved = self._spool.reserve(
                 content_length=headers.get("content-length"),
-                digest=digest,
                 limit=self._settings.max_upload_bytes,
             )
-            exchange.model = upload.model
-            self._policy.check_upload(route, caller.claims, upload)
-            if self._settings.demo_mode:
-                upload.close()
-                return self._demo(exchange, stream=False)
             try:
-                return await self._forward(
-                    exchange, headers, upload.stream(), content_length=upload.size
+                upload = await spool_multipart(
+                    self._body(receive),
+                    content_type=headers.get("content-type"),
+                    content_length=headers.get("content-length"),
+                    digest=digest,
+                    limit=self._settings.max_upload_bytes,
+                    spool_dir=self._settings.spool_dir,
                 )
+                exchange.model = upload.model
+                self._policy.check_upload(route, caller.claims, upload)
+                if self._settings.demo_mode:
+                    upload.close()
+                    return self._demo(exchange, stream=False)
+                try:
+                    return await self._forward(
+                        exchange, headers, upload.stream(), content_length=upload.size
+                    )
+                finally:
+                    upload.close()
             finally:
-                upload.close()
+                self._spool.release(reserved)
         body = await read_json(
-            _body(receive),
+            self._body(receive),
             content_type=headers.get("content-type"),
             content_length=headers.get("content-length"),
             digest=digest,
@@ -347,6 +352,13 @@ class ProxyHandler:
                 out["x-keyveil-cache"] = "hit"
                 return _Reply(200, _encode(out), cached)
         return await self._forward(exchange, headers, body.raw, cache_key=cache_key)
+
+    def _body(self, receive: Receive) -> AsyncIterator[bytes]:
+        return read_chunks(
+            receive,
+            idle_s=self._settings.body_read_timeout_s,
+            total_s=self._settings.body_total_timeout_s,
+        )
 
     def _scheme(self, scope: Scope, headers: dict[str, str], ip: str) -> str:
         # Behind a trusted TLS-terminating ingress the client signed the https URL.
@@ -502,7 +514,16 @@ class ProxyHandler:
             if exc.status in (401, 403) and exc.code not in NO_STRIKE_CODES:
                 AUTH_FAILURES.labels("proxy", reason).inc()
                 self._spawn(self._admission.strike(exchange.ip, reason))
-        self._finish(exchange, exc.status, upstream_s=0.0, reason=reason, refused=before_upstream)
+        # Nobody was authenticated yet: counted always, but its usage event is sampled.
+        sampled = before_upstream and exchange.caller is None and exc.code in _UNVERIFIED
+        self._finish(
+            exchange,
+            exc.status,
+            upstream_s=0.0,
+            reason=reason,
+            refused=before_upstream,
+            sampled=sampled,
+        )
         headers = _encode({**exchange.rate_headers, **exc.headers})
         headers.append(_JSON)
         body = orjson.dumps({"error": {"code": exc.code, "message": exc.message}})
@@ -523,6 +544,7 @@ class ProxyHandler:
         *,
         reason: str | None = None,
         refused: bool = False,
+        sampled: bool = False,
         usage: TokenUsage | None = None,
     ) -> None:
         total = perf_counter() - exchange.started
@@ -541,7 +563,8 @@ class ProxyHandler:
         )
         # A copy of a validated template with fresh values: a quarter of the cost of
         # building the model (every value here comes from checked data).
-        self._publisher.emit(
+        emit = self._refusals.refused if sampled and self._refusals else self._publisher.emit
+        emit(
             self._event_template.model_copy(
                 update={
                     "event_id": uuid.uuid4().hex,
@@ -567,5 +590,7 @@ class ProxyHandler:
 
     async def drain(self) -> None:
         """Let background work (strikes, cache writes) finish at shutdown."""
+        if self._refusals is not None:
+            self._refusals.close()
         if self._background:
             await asyncio.wait(self._background, timeout=5)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pathlib import Path
+from typing import Self
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from pydantic import Field, field_validator, model_validator
+
+from shared.errors import ConfigError
 from shared.settings import EdgeSettings
 
-__all__ = ["Settings"]
+__all__ = ["Settings", "with_database"]
 
 MIB = 1024 * 1024
 
@@ -55,6 +60,61 @@ class Settings(EdgeSettings):
         default=2 * MIB, ge=0, le=32 * MIB, validation_alias="PROXY_CACHE_MAX_ENTRY_BYTES"
     )
 
+    cache_redis_url: str | None = Field(default=None, validation_alias="PROXY_CACHE_REDIS_URL")
+    """The cache's own Redis (default: REDIS_URL's server, database 1), so that cache
+    entries can be evicted (allkeys-lru) without ever evicting a limit or a nonce."""
+
+    # A client that does not read its answer for this long is cut (shared.httpprotocol).
+    write_timeout_s: float = Field(
+        default=30.0, gt=0, le=3600, validation_alias="PROXY_WRITE_TIMEOUT_S"
+    )
+    body_read_timeout_s: float = Field(
+        default=15.0, gt=0, le=600, validation_alias="PROXY_BODY_READ_TIMEOUT_S"
+    )
+    body_total_timeout_s: float = Field(
+        default=300.0, gt=0, le=3600, validation_alias="PROXY_BODY_TOTAL_TIMEOUT_S"
+    )
+    # Uploads in flight at once, in bytes: the spool (memory, then PROXY_SPOOL_DIR) never
+    # holds more. The default leaves room in the 64 MiB /tmp of the deployment.
+    spool_budget_bytes: int = Field(
+        default=56 * MIB, ge=1024, le=64 * 1024 * MIB, validation_alias="PROXY_SPOOL_BUDGET_BYTES"
+    )
+    spool_dir: Path | None = Field(default=None, validation_alias="PROXY_SPOOL_DIR")
+
+    refusal_event_interval_s: float = Field(
+        default=1.0, gt=0, le=300, validation_alias="PROXY_REFUSAL_EVENT_INTERVAL_S"
+    )
+    """Unauthenticated refusals: at most one usage event per reason and client per interval."""
+
+    @field_validator("spool_dir")
+    @classmethod
+    def _spool_dir_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_dir():
+            raise ValueError("must be an existing directory")
+        return value
+
+    @model_validator(mode="after")
+    def _budget_fits_an_upload(self) -> Self:
+        if self.spool_budget_bytes < self.max_upload_bytes:
+            raise ConfigError(
+                [("PROXY_SPOOL_BUDGET_BYTES", "must be at least PROXY_MAX_UPLOAD_BYTES")]
+            )
+        return self
+
+    @property
+    def response_cache_redis_url(self) -> str:
+        return self.cache_redis_url or with_database(self.redis_url, 1)
+
     @property
     def lease_environment(self) -> str:
         return self.key_environment or self.node_env.value
+
+
+def with_database(url: str, db: int) -> str:
+    """`url` (redis://, rediss://, unix://) pointing at logical database `db`."""
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query) if k != "db"]
+    if parts.scheme == "unix":
+        # Built by hand: urlunsplit would drop the empty authority ("unix:/path").
+        return f"unix://{parts.netloc}{parts.path}?{urlencode([*query, ('db', str(db))])}"
+    return urlunsplit(parts._replace(path=f"/{db}", query=urlencode(query)))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Protocol
 from urllib.parse import urlsplit
 
@@ -38,6 +38,7 @@ __all__ = [
     "OpenedLeaseCache",
     "UpstreamResponse",
     "UpstreamStreamError",
+    "combine_headers",
 ]
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,28 @@ _RESPONSE_HEADERS = frozenset(
         "x-ratelimit-reset-tokens",
     }
 )
+
+
+def combine_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
+    """Lower-cased header fields, repeats joined with ", " (RFC 9110), in linear time.
+
+    Joining the string once per repeat copies it every time: quadratic in the number
+    of repeats, which one hostile message can make large.
+    """
+    out: dict[str, str] = {}
+    repeats: dict[str, list[str]] = {}
+    for raw_name, raw_value in raw:
+        name = raw_name.decode("latin-1").lower()
+        value = raw_value.decode("latin-1")
+        if name not in out:
+            out[name] = value
+        elif name in repeats:
+            repeats[name].append(value)
+        else:
+            repeats[name] = [out[name], value]
+    for name, values in repeats.items():
+        out[name] = ", ".join(values)
+    return out
 
 
 class KeySource(Protocol):
@@ -122,11 +145,7 @@ class UpstreamResponse:
         self.status = conn.status
         self.lease = lease
         # Lower-cased names; only what a browser may see is ever relayed.
-        headers: dict[str, str] = {}
-        for raw_name, raw_value in conn.headers:
-            name, value = raw_name.decode("latin-1").lower(), raw_value.decode("latin-1")
-            headers[name] = f"{headers[name]}, {value}" if name in headers else value
-        self.headers = headers
+        self.headers = combine_headers(conn.headers)
 
     @property
     def content_length(self) -> int | None:

@@ -35,7 +35,7 @@ from services.token.revocation import Revoker
 from services.token.settings import Settings
 from shared import bus
 from shared.errors import ApiError, RateLimitedError, UnavailableError
-from shared.events import AuditEvent, EventPublisher, UsageEvent
+from shared.events import AuditEvent, EventPublisher, UsageEvent, drift_reporter
 from shared.httpedge import (
     IpNetwork,
     add_edge_routes,
@@ -47,6 +47,7 @@ from shared.httpedge import (
 from shared.leases import LeaseClient
 from shared.policy import PolicyHolder, default_policy
 from shared.ratelimit import Admission, Decision, Limit, redis_client
+from shared.streams import EDGE_STREAMS, StreamGuard
 from shared.telemetry import redactor
 
 __all__ = ["SECURE_TOKEN_PATH", "TokenService", "create_app"]
@@ -127,7 +128,9 @@ class TokenService:
             if not decision.allowed:
                 raise await self._refusal(decision, ip)
             principal = await self.authenticator.authenticate(request.headers, origin=origin)
-            body = await read_body_capped(request, self.settings.max_body_bytes)
+            body = await read_body_capped(
+                request, self.settings.max_body_bytes, self.settings.body_timeout_s
+            )
             wanted = parse_token_request(body)
             mode = wanted.mode
             issued = await self.issuer.issue(wanted, origin=origin, principal=principal)
@@ -153,7 +156,9 @@ class TokenService:
         extra = {**self.origins.response_headers(origin), **_NO_STORE}
         try:
             self.origins.check(origin, required=False)
-            body = await read_body_capped(request, self.settings.max_body_bytes)
+            body = await read_body_capped(
+                request, self.settings.max_body_bytes, self.settings.body_timeout_s
+            )
             claims = await self.revoker.revoke_signed(
                 token_id=token_id,
                 method=request.method,
@@ -334,8 +339,17 @@ def create_app(settings: Settings) -> FastAPI:
 
         store = redis_client(settings.redis_url, settings.redis_timeout_s)
         nc = await bus.connect(settings, name="token", on_state=on_state)
-        events = EventPublisher(nc.jetstream(), num_replicas=settings.jetstream_replicas)
+        js = nc.jetstream()
+        events = EventPublisher(js)
         events.start()
+        streams = StreamGuard(
+            js,
+            EDGE_STREAMS,
+            replicas=settings.jetstream_replicas,
+            on_drift=drift_reporter(events, "token"),
+        )
+        streams.start()
+        state["streams"] = streams
         leases = LeaseClient(
             nc,
             requester="token",
@@ -401,6 +415,7 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             yield
         finally:
+            await streams.stop()
             await policy.stop()
             await authenticator.aclose()
             await events.close()
@@ -418,7 +433,11 @@ def create_app(settings: Settings) -> FastAPI:
         service: TokenService = app.state.service
         return bool(await service.redis.ping())
 
-    add_edge_routes(app, {"nats": nats_ready, "redis": redis_ready})
+    async def streams_ready() -> bool:
+        guard: StreamGuard | None = state.get("streams")
+        return guard is not None and await guard.ready()
+
+    add_edge_routes(app, {"nats": nats_ready, "redis": redis_ready, "streams": streams_ready})
     demo = demo_router(settings)  # the browser demo page: development or demo mode only
     if demo is not None:
         app.include_router(demo)

@@ -10,10 +10,9 @@ import time
 from collections.abc import Mapping
 
 import redis.asyncio as aioredis
-import redis.exceptions
 
 from shared.errors import AuthError, ForbiddenError, RateLimitedError, UnavailableError
-from shared.ratelimit import Admission
+from shared.ratelimit import Admission, RedisUnavailableError, redis_unavailable
 from shared.signing import SignatureError, verify_request
 from shared.tokens import ProxyClaims, TokenKeyring, revoked_key
 
@@ -23,8 +22,9 @@ __all__ = ["Revoker", "revoke_token"]
 async def revoke_token(client: aioredis.Redis, token_id: str, ttl_s: int) -> None:
     """Mark `token_id` revoked for `ttl_s` seconds; `UnavailableError` when Redis is away."""
     try:
-        await client.set(revoked_key(token_id), "1", ex=max(1, ttl_s))
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
+        with redis_unavailable():
+            await client.set(revoked_key(token_id), "1", ex=max(1, ttl_s))
+    except RedisUnavailableError:
         raise UnavailableError(
             "revocation store is unavailable", code="revocation_unavailable"
         ) from None

@@ -11,10 +11,12 @@ import pytest
 
 from keyveil.cli import main
 from keyveil.commands.env import parse_env_file
+from services.auditor.ledgerkeys import LedgerSigner
 from shared.sealedconfig import encrypt_value
 from tests.support import TEST_KEY_ENCRYPTION_SECRET, TEST_PROXY_SIGNING_KEY
 
 WEAK = "weak-but-long-secret-aaaaaaaaaaaaaaaaaaaaaa"
+LEDGER_SEED = LedgerSigner.generate().seed_b64()
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -39,6 +41,8 @@ def good_env(**overrides: str) -> dict[str, str]:
         "KEYVEIL_AUTH_MODE": "oidc",
         "OIDC_ISSUER": "https://login.keyveil.test",
         "OIDC_AUDIENCE": "keyveil-app",
+        "LEDGER_SIGNING_KEY": LEDGER_SEED,
+        "LEDGER_CHECKPOINT_DIR": "/var/lib/keyveil/ledger-checkpoints",
     }
     values.update(overrides)
     return values
@@ -99,6 +103,9 @@ def test_validate_accepts_a_good_production_environment(
         ({"NODE_ENV": "sandbox"}, "NODE_ENV"),
         ({"PROXY_SIGNING_KEY": TEST_KEY_ENCRYPTION_SECRET}, "PROXY_SIGNING_KEY"),
         ({"OPENAI_BASE_URL": "http://plain.example"}, "OPENAI_BASE_URL"),
+        ({"LEDGER_SIGNING_KEY": ""}, "LEDGER_SIGNING_KEY"),
+        ({"LEDGER_SIGNING_KEY": LEDGER_SEED[:-4]}, "LEDGER_SIGNING_KEY"),
+        ({"LEDGER_CHECKPOINT_DIR": ""}, "LEDGER_CHECKPOINT_DIR"),
     ],
 )
 def test_validate_names_the_bad_variable_never_its_value(
@@ -112,7 +119,8 @@ def test_validate_names_the_bad_variable_never_its_value(
     code, out, err = run(capsys, "validate", "--env-file", str(env_file))
     assert code == 1
     assert f"ERROR {variable}:" in out
-    for secret in (values["KEY_ENCRYPTION_SECRET"], values["PROXY_SIGNING_KEY"], WEAK):
+    secrets = (values["KEY_ENCRYPTION_SECRET"], values["PROXY_SIGNING_KEY"], WEAK, LEDGER_SEED[:-4])
+    for secret in secrets:
         assert secret not in out + err
 
 

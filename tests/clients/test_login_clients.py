@@ -64,7 +64,7 @@ def token_service(
     idp: TestIssuer, redis_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServiceProcess]:
     state = tmp_path_factory.mktemp("browser-login")
-    nats_server: ServerProcess = start_nats(state)
+    nats_server: ServerProcess = start_nats(state, streams=True)
     env = {
         "NATS_URL": nats_server.url,
         "REDIS_URL": redis_url,

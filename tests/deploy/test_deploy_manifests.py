@@ -178,7 +178,7 @@ def test_nats_values_three_nodes_jetstream_and_our_users() -> None:
     assert jetstream["fileStore"]["pvc"]["enabled"]
     assert values["config"]["merge"]["$include"] == "./auth.conf"
     env = values["container"]["env"]
-    for user in ("token", "proxy", "keymanager", "auditor", "operator", "observer"):
+    for user in ("token", "proxy", "keymanager", "auditor", "operator", "observer", "bootstrap"):
         ref = env[f"KEYVEIL_NATS_PASSWORD_{user.upper()}"]["valueFrom"]["secretKeyRef"]
         assert ref == {"name": "keyveil-nats", "key": user}
 
@@ -195,7 +195,7 @@ def test_auth_conf_passwords_are_environment_references() -> None:
     passwords = re.findall(r"^\s*password:\s*(\S+)", text, flags=re.MULTILINE)
     assert passwords == [
         f"$KEYVEIL_NATS_PASSWORD_{u}"
-        for u in ("TOKEN", "PROXY", "KEYMANAGER", "AUDITOR", "OPERATOR", "OBSERVER")
+        for u in ("TOKEN", "PROXY", "KEYMANAGER", "AUDITOR", "OPERATOR", "BOOTSTRAP", "OBSERVER")
     ]
 
 
@@ -235,7 +235,10 @@ def test_compose_runs_the_whole_system(compose: dict[str, Any]) -> None:
         assert service["environment"]["KEYVEIL_HOST"] == "0.0.0.0"
         assert service["environment"]["NATS_USER"] == name
         assert f"127.0.0.1:{port}/readyz" in " ".join(service["healthcheck"]["test"])
-        for dependency in service["depends_on"].values():
+        dependencies = dict(service["depends_on"])
+        # The streams exist before any service starts: services may not create them.
+        assert dependencies.pop("bootstrap") == {"condition": "service_completed_successfully"}
+        for dependency in dependencies.values():
             assert dependency == {"condition": "service_healthy"}
     for name in ("nats", "redis"):
         assert services[name]["healthcheck"]["test"]
@@ -251,7 +254,13 @@ def test_compose_demo_profile_adds_the_fake_upstream(compose: dict[str, Any]) ->
 
 
 def test_compose_secrets_are_required_not_defaulted(compose: dict[str, Any]) -> None:
-    secret_vars = ("OPENAI_API_KEY", "KEY_ENCRYPTION_SECRET", "PROXY_SIGNING_KEY", "NATS_PASSWORD")
+    secret_vars = (
+        "OPENAI_API_KEY",
+        "KEY_ENCRYPTION_SECRET",
+        "PROXY_SIGNING_KEY",
+        "LEDGER_SIGNING_KEY",
+        "NATS_PASSWORD",
+    )
     for service in compose["services"].values():
         for var, value in service.get("environment", {}).items():
             if var in secret_vars or var.startswith("KEYVEIL_NATS_PASSWORD_"):
@@ -263,7 +272,9 @@ def test_nothing_secret_is_committed() -> None:
     example = (REPO / "deploy/env.example").read_text()
     for line in example.splitlines():
         if re.match(
-            r"^(OPENAI_API_KEY|KEY_ENCRYPTION_SECRET|PROXY_SIGNING_KEY|KEYVEIL_NATS_PASS)", line
+            r"^(OPENAI_API_KEY|KEY_ENCRYPTION_SECRET|PROXY_SIGNING_KEY|LEDGER_SIGNING_KEY"
+            r"|KEYVEIL_NATS_PASS)",
+            line,
         ):
             assert line.split("=", 1)[1].startswith("<"), line
 

@@ -10,6 +10,7 @@ from tests.deploy.kustomize import Doc
 
 PROVIDER_SECRETS = {"OPENAI_API_KEY", "KEY_ENCRYPTION_SECRET", "KEY_ENCRYPTION_SECRET_PREVIOUS"}
 SIGNING_SECRETS = {"PROXY_SIGNING_KEY", "PROXY_SIGNING_KEY_PREVIOUS"}
+LEDGER_SECRETS = {"LEDGER_SIGNING_KEY"}
 
 
 def by_kind(docs: list[Doc], kind: str) -> list[Doc]:
@@ -67,6 +68,18 @@ def test_compose_gives_the_signing_key_to_token_and_proxy_only(compose: dict[str
     assert holders == {"token", "proxy"}
 
 
+def test_compose_gives_the_ledger_key_to_the_auditor_only(compose: dict[str, Any]) -> None:
+    holders = {
+        name
+        for name, service in compose["services"].items()
+        if LEDGER_SECRETS & set(service.get("environment", {}))
+    }
+    assert holders == {"auditor"}
+    auditor = compose["services"]["auditor"]
+    directory = auditor["environment"]["LEDGER_CHECKPOINT_DIR"]
+    assert any(v.endswith(f":{directory}") for v in auditor["volumes"])  # survives restarts
+
+
 def test_compose_each_service_has_its_own_nats_password(compose: dict[str, Any]) -> None:
     for name in SERVICES:
         env = compose["services"][name]["environment"]
@@ -93,7 +106,10 @@ def test_k8s_commits_no_secret_objects(overlay: tuple[str, list[Doc]]) -> None:
     assert by_kind(docs, "Secret") == []
     for deployment in by_kind(docs, "Deployment"):
         for name, env in container_env(deployment).items():
-            if name in PROVIDER_SECRETS | SIGNING_SECRETS | {"NATS_PASSWORD", "REDIS_URL"}:
+            if name in PROVIDER_SECRETS | SIGNING_SECRETS | LEDGER_SECRETS | {
+                "NATS_PASSWORD",
+                "REDIS_URL",
+            }:
                 assert "value" not in env, name
                 assert env["valueFrom"]["secretKeyRef"]["name"].startswith("keyveil-")
 
@@ -105,6 +121,7 @@ def test_k8s_provider_secret_is_mounted_into_the_keymanager_only(
     mounts = {component(d): secret_names(d) for d in by_kind(docs, "Deployment")}
     assert {c for c, names in mounts.items() if "keyveil-provider" in names} == {"keymanager"}
     assert {c for c, names in mounts.items() if "keyveil-signing" in names} == {"token", "proxy"}
+    assert {c for c, names in mounts.items() if "keyveil-ledger" in names} == {"auditor"}
     for deployment in by_kind(docs, "Deployment"):
         env = container_env(deployment)
         has_provider_env = bool(PROVIDER_SECRETS & set(env))

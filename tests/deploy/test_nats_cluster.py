@@ -18,7 +18,7 @@ import nats.js.errors
 import pytest
 from nats.js.api import AckPolicy, ConsumerConfig
 
-from keyveil.servers import start_nats_cluster
+from keyveil.servers import bootstrap_nats, start_nats_cluster
 from shared.events import EventPublisher, UsageEvent
 from tests.stack import Traffic, backlog, operator_nats, read_stream, running_stack
 
@@ -49,7 +49,8 @@ async def test_no_event_lost_when_a_node_dies(tmp_path: Path) -> None:
     consumer_nc = await nats.connect(**options)
     try:
         await _wait_for_meta_leader(publisher_nc)
-        publisher = EventPublisher(publisher_nc.jetstream(), num_replicas=3, publish_timeout_s=1)
+        bootstrap_nats(",".join(urls), replicas=3)
+        publisher = EventPublisher(publisher_nc.jetstream(), publish_timeout_s=1)
         publisher.start()
         first = UsageEvent(service="cluster", type="proxy.request")
         publisher.emit(first)

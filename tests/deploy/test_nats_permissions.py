@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import nats
@@ -25,37 +25,24 @@ import nats.errors
 import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js.api import StorageType, StreamConfig
 
 from keyveil.servers import nats_password
+from services.keymanager.app import KeyManager
+from services.keymanager.settings import Settings as KeyManagerSettings
+from shared.crypto import RequesterKeyPair, b64url_encode
+from shared.leases import LeaseClient, LeaseRequest
+from shared.settings import load_settings
+from shared.streams import STREAMS as KEYVEIL_STREAMS
+from shared.streams import bootstrap_streams, check_streams, keys_bucket_config
+from tests.support import TEST_KEY_ENCRYPTION_SECRET, TEST_PROVIDER_KEY
 
 REPO = Path(__file__).resolve().parents[2]
 AUTH_CONF = REPO / "deploy" / "nats" / "auth.conf"
-USERS = ("token", "proxy", "keymanager", "auditor", "operator", "observer")
+USERS = ("token", "proxy", "keymanager", "auditor", "operator", "observer", "bootstrap")
+SERVICES = ("token", "proxy", "keymanager", "auditor")
 DENIED = 0.5  # seconds to wait for something that must not happen
 
-STREAMS = {
-    "KEYVEIL_USAGE": StreamConfig(
-        name="KEYVEIL_USAGE", subjects=["keyveil.usage.>"], storage=StorageType.FILE
-    ),
-    "KEYVEIL_AUDIT": StreamConfig(
-        name="KEYVEIL_AUDIT",
-        subjects=["keyveil.audit.>"],
-        storage=StorageType.FILE,
-        deny_delete=True,
-        deny_purge=True,
-    ),
-    "KEYVEIL_ALERTS": StreamConfig(
-        name="KEYVEIL_ALERTS", subjects=["keyveil.alerts.>"], storage=StorageType.FILE
-    ),
-    "KEYVEIL_AUDIT_LEDGER": StreamConfig(
-        name="KEYVEIL_AUDIT_LEDGER",
-        subjects=["keyveil.ledger.audit"],
-        storage=StorageType.FILE,
-        deny_delete=True,
-        deny_purge=True,
-    ),
-}
+STREAMS = {stream.name or "": stream for stream in KEYVEIL_STREAMS}
 
 
 def password_env(user: str) -> str:
@@ -155,6 +142,17 @@ async def connect(nats_server: NatsServer) -> AsyncIterator[Connect]:
         await session.nc.close()
 
 
+async def rpc(session: Session, subject: str, *, timeout: float) -> Msg:
+    """A request as keyveil services make them: the reply on `_INBOX_<user>.rpc.<id>`."""
+    inbox = f"_INBOX_{session.user}.rpc.{secrets.token_hex(8)}"
+    sub = await session.nc.subscribe(inbox, max_msgs=1)
+    try:
+        await session.nc.publish(subject, b"{}", reply=inbox)
+        return await sub.next_msg(timeout=timeout)
+    finally:
+        await sub.unsubscribe()
+
+
 class Collector:
     """Records what a subscription receives."""
 
@@ -171,7 +169,7 @@ async def lease_responder(session: Session) -> Collector:
 
     async def answer(msg: Msg) -> None:
         await seen.add(msg)
-        await msg.respond(b'{"sealed":"lease"}')
+        await session.nc.publish(msg.reply, b'{"sealed":"lease"}')
 
     await session.nc.subscribe("keyveil.km.lease", queue="keymanager", cb=answer)
     await session.nc.flush()
@@ -179,12 +177,10 @@ async def lease_responder(session: Session) -> Collector:
 
 
 async def ensure_streams(connect: Connect) -> None:
-    token = await connect("token")
-    auditor = await connect("auditor")
-    for name in ("KEYVEIL_USAGE", "KEYVEIL_AUDIT"):
-        await token.nc.jetstream().add_stream(STREAMS[name])
-    await auditor.nc.jetstream().add_stream(STREAMS["KEYVEIL_ALERTS"])
-    await auditor.nc.jetstream().add_stream(STREAMS["KEYVEIL_AUDIT_LEDGER"])
+    """What the deploy step does: `keyveil bootstrap` with the bootstrap login."""
+    bootstrap = await connect("bootstrap")
+    await bootstrap_streams(bootstrap.nc.jetstream(), keys_bucket="KEYVEIL_KEYS")
+    assert await bootstrap.violations() == []
 
 
 async def stream_count(connect: Connect, stream: str) -> int:
@@ -226,7 +222,7 @@ async def test_token_and_proxy_get_a_lease_from_keymanager(
     seen = await lease_responder(await connect("keymanager"))
     session = await connect(requester)
 
-    reply = await session.nc.request("keyveil.km.lease", b"{}", timeout=2)
+    reply = await rpc(session, "keyveil.km.lease", timeout=2)
 
     assert reply.data == b'{"sealed":"lease"}'
     assert reply.subject.startswith(f"_INBOX_{requester}.")
@@ -240,7 +236,7 @@ async def test_others_cannot_request_a_lease(connect: Connect, requester: str) -
     session = await connect(requester)
 
     with pytest.raises(nats.errors.TimeoutError):
-        await session.nc.request("keyveil.km.lease", b"{}", timeout=DENIED)
+        await rpc(session, "keyveil.km.lease", timeout=DENIED)
 
     assert seen.messages == []
     assert any('publish to "keyveil.km.lease"' in v for v in await session.violations())
@@ -254,7 +250,7 @@ async def test_only_keymanager_subscribes_to_lease_requests(connect: Connect, us
     await eavesdropper.nc.subscribe("keyveil.km.lease", cb=overheard.add)
     requester = await connect("proxy")
 
-    await requester.nc.request("keyveil.km.lease", b"{}", timeout=2)
+    await rpc(requester, "keyveil.km.lease", timeout=2)
     await asyncio.sleep(0.1)
 
     assert overheard.messages == []
@@ -274,7 +270,7 @@ async def test_no_one_reads_another_users_replies(
     await eavesdropper.nc.subscribe(victim_inbox, cb=overheard.add)
     proxy = await connect("proxy")
 
-    reply = await proxy.nc.request("keyveil.km.lease", b"{}", timeout=2)
+    reply = await rpc(proxy, "keyveil.km.lease", timeout=2)
     await asyncio.sleep(0.1)
 
     assert reply.data == b'{"sealed":"lease"}'  # the rightful requester still gets it
@@ -325,7 +321,7 @@ async def admin_responder(connect: Connect) -> Collector:
 
     async def answer(msg: Msg) -> None:
         await seen.add(msg)
-        await msg.respond(b'{"ok":true}')
+        await keymanager.nc.publish(msg.reply, b'{"ok":true}')
 
     await keymanager.nc.subscribe("keyveil.km.admin.>", queue="keymanager", cb=answer)
     await keymanager.nc.flush()
@@ -336,7 +332,7 @@ async def test_operator_calls_admin(connect: Connect) -> None:
     seen = await admin_responder(connect)
     operator = await connect("operator")
 
-    reply = await operator.nc.request("keyveil.km.admin.rotate", b"{}", timeout=2)
+    reply = await rpc(operator, "keyveil.km.admin.rotate", timeout=2)
 
     assert reply.data == b'{"ok":true}'
     assert [m.subject for m in seen.messages] == ["keyveil.km.admin.rotate"]
@@ -348,7 +344,7 @@ async def test_services_cannot_call_admin(connect: Connect, user: str) -> None:
     session = await connect(user)
 
     with pytest.raises(nats.errors.TimeoutError):
-        await session.nc.request("keyveil.km.admin.rotate", b"{}", timeout=DENIED)
+        await rpc(session, "keyveil.km.admin.rotate", timeout=DENIED)
 
     assert seen.messages == []
     assert any("keyveil.km.admin.rotate" in v for v in await session.violations())
@@ -369,8 +365,8 @@ async def test_publishers_write_their_own_usage_and_audit_events(
     audit = await js.publish(
         f"keyveil.audit.{user}", b"{}", headers={"Nats-Msg-Id": secrets.token_hex(8)}, timeout=2
     )
-    # Each publisher may (re)ensure the streams it writes to.
-    await js.add_stream(STREAMS["KEYVEIL_USAGE"])
+    # ... and read the streams' configuration, to check it has not drifted.
+    assert await check_streams(js, ["KEYVEIL_USAGE", "KEYVEIL_AUDIT"]) == []
 
     assert usage.stream == "KEYVEIL_USAGE"
     assert audit.stream == "KEYVEIL_AUDIT"
@@ -401,7 +397,7 @@ async def test_no_one_forges_events(connect: Connect, user: str, subject: str, s
     assert any(subject in v for v in await session.violations())
 
 
-@pytest.mark.parametrize("user", ["token", "proxy", "keymanager", "auditor", "operator"])
+@pytest.mark.parametrize("user", [*SERVICES, "operator", "bootstrap"])
 async def test_no_one_deletes_or_purges_streams(connect: Connect, user: str) -> None:
     await ensure_streams(connect)
     session = await connect(user)
@@ -416,18 +412,148 @@ async def test_no_one_deletes_or_purges_streams(connect: Connect, user: str) -> 
     assert len(await session.violations()) == 2
 
 
-@pytest.mark.parametrize("user", ["token", "proxy", "keymanager", "operator"])
-async def test_only_permitted_users_create_streams(connect: Connect, user: str) -> None:
+@pytest.mark.parametrize("user", [*SERVICES, "operator", "observer"])
+async def test_no_runtime_login_creates_or_changes_a_stream(connect: Connect, user: str) -> None:
+    """The red-team finding: `max_msgs=1` from the token login erased the audit trail."""
+    await ensure_streams(connect)
+    before = {name: await stream_count(connect, name) for name in STREAMS}
     session = await connect(user)
     js = session.nc.jetstream(timeout=DENIED)
 
     with pytest.raises(nats.errors.TimeoutError):
         await js.add_stream(name="KEYVEIL_ROGUE", subjects=["keyveil.km.>"])
-    if user != "keymanager":
+    for config in STREAMS.values():
         with pytest.raises(nats.errors.TimeoutError):
-            await js.add_stream(name="KEYVEIL_ALERTS_COPY", subjects=["keyveil.alerts.copy"])
+            await js.update_stream(replace(config, max_msgs=1, max_age=1.0))
+        with pytest.raises(nats.errors.TimeoutError):
+            await js.update_stream(replace(config, subjects=["keyveil.elsewhere.>"]))
 
-    assert await session.violations() != []
+    bootstrap = await connect("bootstrap")
+    assert await check_streams(bootstrap.nc.jetstream(), list(STREAMS)) == []
+    assert {name: await stream_count(connect, name) for name in STREAMS} == before
+    assert len(await session.violations()) == 1 + 2 * len(STREAMS)
+
+
+async def test_bootstrap_creates_and_converges_but_cannot_destroy(connect: Connect) -> None:
+    bootstrap = await connect("bootstrap")
+    js = bootstrap.nc.jetstream(timeout=DENIED)
+    first = await bootstrap_streams(js, keys_bucket="KEYVEIL_KEYS")
+    assert len(first) == len(STREAMS) + 1  # the module's server may have them already
+    again = await bootstrap_streams(js, keys_bucket="KEYVEIL_KEYS")
+    assert all("as defined" in line or "exists" in line for line in again)
+
+    with pytest.raises(nats.errors.TimeoutError):
+        await js.delete_stream("KEYVEIL_AUDIT")
+    with pytest.raises(nats.errors.TimeoutError):
+        await js.purge_stream("KEYVEIL_USAGE")
+    with pytest.raises(nats.errors.TimeoutError):
+        await js.add_stream(name="KEYVEIL_ROGUE", subjects=["keyveil.km.>"])
+    assert len(await bootstrap.violations()) == 3
+
+
+# Every JetStream API verb, on every keyveil stream, for every login: allowed exactly
+# where the table below says (and nothing else is even asked of the server).
+_PER_STREAM_VERBS = (
+    "STREAM.CREATE.{s}",
+    "STREAM.UPDATE.{s}",
+    "STREAM.DELETE.{s}",
+    "STREAM.PURGE.{s}",
+    "STREAM.INFO.{s}",
+    "STREAM.MSG.GET.{s}",
+    "STREAM.MSG.DELETE.{s}",
+    "STREAM.SNAPSHOT.{s}",
+    "STREAM.RESTORE.{s}",
+    "STREAM.LEADER.STEPDOWN.{s}",
+    "STREAM.PEER.REMOVE.{s}",
+    "DIRECT.GET.{s}",
+    "CONSUMER.CREATE.{s}",
+    "CONSUMER.CREATE.{s}.probe",
+    "CONSUMER.DURABLE.CREATE.{s}.probe",
+    "CONSUMER.DELETE.{s}.probe",
+    "CONSUMER.INFO.{s}.probe",
+    "CONSUMER.NAMES.{s}",
+    "CONSUMER.LIST.{s}",
+    "CONSUMER.MSG.NEXT.{s}.probe",
+    "CONSUMER.LEADER.STEPDOWN.{s}.probe",
+)
+_GLOBAL_VERBS = (
+    "INFO",
+    "STREAM.NAMES",
+    "STREAM.LIST",
+    "STREAM.TEMPLATE.CREATE.probe",
+    "ACCOUNT.PURGE.probe",
+    "META.LEADER.STEPDOWN",
+    "SERVER.REMOVE",
+)
+_JS_STREAMS = (*STREAMS, "KV_KEYVEIL_KEYS")
+_LOGGED = ("KEYVEIL_USAGE", "KEYVEIL_AUDIT", "KEYVEIL_ALERTS", "KEYVEIL_AUDIT_LEDGER")
+
+
+def _allowed_verbs(user: str) -> set[str]:
+    """The JetStream API subjects (minus `$JS.API.`) `user` may send, per auth.conf."""
+    edge = {"STREAM.INFO.KEYVEIL_USAGE", "STREAM.INFO.KEYVEIL_AUDIT"}
+    if user in ("token", "proxy"):
+        return edge
+    if user == "keymanager":
+        kv = "KV_KEYVEIL_KEYS"
+        return edge | {
+            f"STREAM.INFO.{kv}",
+            f"STREAM.CREATE.{kv}",
+            f"STREAM.MSG.GET.{kv}",
+            f"DIRECT.GET.{kv}",
+            f"CONSUMER.CREATE.{kv}",
+            f"CONSUMER.CREATE.{kv}.probe",
+            f"CONSUMER.INFO.{kv}.probe",
+            f"CONSUMER.DELETE.{kv}.probe",
+        }
+    if user == "auditor":
+        return {
+            "STREAM.NAMES",
+            *(f"STREAM.INFO.{s}" for s in _LOGGED),
+            "STREAM.MSG.GET.KEYVEIL_AUDIT_LEDGER",
+            "DIRECT.GET.KEYVEIL_AUDIT_LEDGER",
+        }
+    if user == "operator":
+        return {
+            "INFO",
+            "STREAM.NAMES",
+            "STREAM.LIST",
+            *(f"STREAM.INFO.{s}" for s in _LOGGED),
+            *(f"STREAM.MSG.GET.{s}" for s in _LOGGED if s != "KEYVEIL_USAGE"),
+            *(f"CONSUMER.{verb}.{s}" for verb in ("CREATE",) for s in _LOGGED),
+            *(
+                f"CONSUMER.{verb}.{s}.probe"
+                for verb in ("INFO", "DELETE", "MSG.NEXT")
+                for s in _LOGGED
+            ),
+        }
+    if user == "bootstrap":
+        return {
+            "INFO",
+            *(f"STREAM.{verb}.{s}" for verb in ("INFO", "CREATE", "UPDATE") for s in _LOGGED),
+            "STREAM.INFO.KV_KEYVEIL_KEYS",
+            "STREAM.CREATE.KV_KEYVEIL_KEYS",
+        }
+    return set()  # observer
+
+
+@pytest.mark.parametrize("user", USERS)
+async def test_every_jetstream_api_verb_for_every_user(connect: Connect, user: str) -> None:
+    session = await connect(user)
+    verbs = [*_GLOBAL_VERBS, *(v.format(s=s) for v in _PER_STREAM_VERBS for s in _JS_STREAMS)]
+    for verb in verbs:
+        # A body no API accepts: an allowed verb gets an error answer and changes nothing.
+        await session.nc.publish(f"$JS.API.{verb}", b"not json")
+    await session.violations()
+    await asyncio.sleep(DENIED)  # error callbacks run after the flush returns
+    # Each violation names its subject: 'permissions violation for publish to "$js.api.…"'.
+    denied = {
+        verb
+        for verb in verbs
+        if any(f'"$js.api.{verb.lower()}"' in v for v in await session.violations())
+    }
+    allowed = set(verbs) - denied
+    assert allowed == _allowed_verbs(user) & set(verbs)
 
 
 # --- JetStream: the auditor's durable consumers and alerts --------------------------------
@@ -475,16 +601,6 @@ async def test_auditor_cannot_make_other_consumers(connect: Connect) -> None:
         )
 
     assert len(await auditor.violations()) == 2
-
-
-async def test_auditor_ensures_the_streams_it_consumes(connect: Connect) -> None:
-    auditor = await connect("auditor")
-    js = auditor.nc.jetstream()
-
-    for name in ("KEYVEIL_USAGE", "KEYVEIL_AUDIT", "KEYVEIL_ALERTS"):
-        await js.add_stream(STREAMS[name])
-
-    assert await auditor.violations() == []
 
 
 async def test_auditor_chains_the_audit_ledger(connect: Connect) -> None:
@@ -581,7 +697,7 @@ async def test_keymanager_owns_the_key_bucket(connect: Connect) -> None:
     keymanager = await connect("keymanager")
     js = keymanager.nc.jetstream()
 
-    kv = await js.create_key_value(bucket="KEYVEIL_KEYS", history=5)
+    kv = await js.create_key_value(keys_bucket_config())
     revision = await kv.create(f"key-{secrets.token_hex(4)}", b"sealed-record")
     await kv.put("openai.primary", b"sealed-record-v1")
     again = await js.key_value("KEYVEIL_KEYS")
@@ -597,7 +713,7 @@ async def test_keymanager_owns_the_key_bucket(connect: Connect) -> None:
 @pytest.mark.parametrize("user", ["token", "proxy", "auditor", "operator"])
 async def test_no_one_else_reads_or_writes_the_key_bucket(connect: Connect, user: str) -> None:
     keymanager = await connect("keymanager")
-    await keymanager.nc.jetstream().create_key_value(bucket="KEYVEIL_KEYS", history=5)
+    await keymanager.nc.jetstream().create_key_value(keys_bucket_config())
     session = await connect(user)
     js = session.nc.jetstream(timeout=DENIED)
 
@@ -627,7 +743,7 @@ async def test_observer_hears_every_subject_but_cannot_publish(connect: Connect)
     await observer.nc.flush()
     proxy = await connect("proxy")
 
-    await proxy.nc.request("keyveil.km.lease", b"{}", timeout=2)
+    await rpc(proxy, "keyveil.km.lease", timeout=2)
     await asyncio.sleep(0.1)
     subjects = {m.subject for m in heard.messages}
     assert "keyveil.km.lease" in subjects
@@ -635,7 +751,115 @@ async def test_observer_hears_every_subject_but_cannot_publish(connect: Connect)
     assert await observer.violations() == []
 
     with pytest.raises(nats.errors.Error):
-        await observer.nc.request("keyveil.km.lease", b"{}", timeout=DENIED)
+        await rpc(observer, "keyveil.km.lease", timeout=DENIED)
     await observer.nc.publish("keyveil.km.admin.rotate", b"{}")
     await asyncio.sleep(DENIED)
     assert len(await observer.violations()) == 2
+
+
+# --- the red-team attacks, with the real key-manager and the real service logins ----------
+
+
+@pytest.fixture
+async def real_keymanager(nats_server: NatsServer, connect: Connect) -> AsyncIterator[KeyManager]:
+    """The key-manager as deployed: its own login, the real bucket, a bootstrapped key."""
+    await ensure_streams(connect)
+    settings = load_settings(
+        KeyManagerSettings,
+        NATS_URL=nats_server.url,
+        NATS_USER="keymanager",
+        NATS_PASSWORD=nats_server.passwords["keymanager"],
+        KEY_ENCRYPTION_SECRET=TEST_KEY_ENCRYPTION_SECRET,
+        OPENAI_API_KEY=TEST_PROVIDER_KEY,
+        NODE_ENV="development",
+    )
+    manager = KeyManager(settings)
+    await manager.start()
+    yield manager
+    await manager.stop()
+
+
+async def _bucket_and_ledger(connect: Connect) -> tuple[int, int, int]:
+    bootstrap = await connect("bootstrap")
+    js = bootstrap.nc.jetstream()
+    keys = (await js.stream_info("KV_KEYVEIL_KEYS")).state
+    ledger = (await js.stream_info("KEYVEIL_AUDIT_LEDGER")).state
+    return keys.messages, keys.last_seq, ledger.messages
+
+
+def _lease_body(requester: str) -> bytes:
+    return (
+        LeaseRequest(
+            requester=requester,
+            instance_id="red-team",
+            environment="development",
+            public_key=b64url_encode(RequesterKeyPair().public_bytes),
+        )
+        .model_dump_json()
+        .encode()
+    )
+
+
+async def test_reply_subject_injection_cannot_touch_keys_or_ledger(
+    connect: Connect, real_keymanager: KeyManager
+) -> None:
+    """`reply="$KV.KEYVEIL_KEYS.x"` + `Nats-Rollup: all` once rolled the key bucket up into
+    one junk entry; `reply="keyveil.ledger.audit"` broke the ledger for ever."""
+    proxy = await connect("proxy")
+    leases = LeaseClient(proxy.nc, requester="proxy", environment="development")
+    assert (await leases.authorization())[0] == f"Bearer {TEST_PROVIDER_KEY}"
+    before = await _bucket_and_ledger(connect)
+
+    for reply in ("$KV.KEYVEIL_KEYS.openai.x", "keyveil.ledger.audit", "keyveil.km.rotated"):
+        await proxy.nc.publish(
+            "keyveil.km.lease", _lease_body("proxy"), reply=reply, headers={"Nats-Rollup": "all"}
+        )
+    await proxy.nc.flush()
+    await asyncio.sleep(DENIED)
+
+    assert await _bucket_and_ledger(connect) == before
+    leases.invalidate()
+    assert (await leases.authorization())[0] == f"Bearer {TEST_PROVIDER_KEY}"
+    assert await real_keymanager.events.flush(5)
+
+
+async def test_proxy_login_cannot_lease_in_the_token_services_name(
+    connect: Connect, real_keymanager: KeyManager
+) -> None:
+    proxy = await connect("proxy")
+    rotated = Collector()
+    await proxy.nc.subscribe("keyveil.km.rotated", cb=rotated.add)  # proxy may hear these
+    inbox = f"_INBOX_proxy.rpc.{secrets.token_hex(8)}"
+    sub = await proxy.nc.subscribe(inbox, max_msgs=1)
+    await proxy.nc.publish("keyveil.km.lease", _lease_body("token"), reply=inbox)
+    answer = json.loads((await sub.next_msg(timeout=2)).data)
+    await proxy.nc.publish("keyveil.km.lease", _lease_body("token"), reply="keyveil.km.rotated")
+    await asyncio.sleep(DENIED)
+
+    assert answer["error"]["code"] == "requester_mismatch"
+    assert "sealed" not in answer
+    assert rotated.messages == []  # the request itself is not echoed there either
+
+
+async def test_service_logins_cannot_rewrite_the_audit_trail(
+    connect: Connect, real_keymanager: KeyManager
+) -> None:
+    """`max_msgs=1` from the token login erased 22 of 23 audit events; the auditor's
+    login emptied the ledger with a short max_age."""
+    keymanager = await connect("keymanager")
+    for _ in range(5):
+        await keymanager.nc.jetstream().publish(
+            "keyveil.audit.keymanager", b"{}", headers={"Nats-Msg-Id": secrets.token_hex(8)}
+        )
+    audited = await stream_count(connect, "KEYVEIL_AUDIT")
+    for user, stream in (("token", "KEYVEIL_AUDIT"), ("auditor", "KEYVEIL_AUDIT_LEDGER")):
+        session = await connect(user)
+        js = session.nc.jetstream(timeout=DENIED)
+        with pytest.raises(nats.errors.TimeoutError):
+            await js.update_stream(replace(STREAMS[stream], max_msgs=1, max_age=1.0))
+        assert any("stream.update" in v for v in await session.violations())
+
+    await asyncio.sleep(1.2)
+    bootstrap = await connect("bootstrap")
+    assert await check_streams(bootstrap.nc.jetstream(), list(STREAMS)) == []
+    assert await stream_count(connect, "KEYVEIL_AUDIT") == audited

@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -129,3 +130,62 @@ async def test_killed_service_is_restarted_and_no_usage_event_is_lost(
     # Every usage event published, before, during and after, is processed by the auditor.
     last, floor = await wait_auditor_caught_up(stack, timeout=45)
     assert floor == last
+
+
+def test_servers_and_the_fake_get_no_secret_and_redis_wants_a_password(stack: Stack) -> None:
+    """The red-team finding: nats-server and the fake upstream inherited OPENAI_API_KEY,
+    KEY_ENCRYPTION_SECRET and PROXY_SIGNING_KEY; the local Redis had no password."""
+    import redis
+
+    generated = json.loads((stack.state_dir / "dev-secrets.json").read_text())
+    secrets_held = [TEST_PROVIDER_KEY, *generated.values()]
+    checked = 0
+    for name in ("nats", "redis", "fake-upstream"):
+        environ = Path(f"/proc/{stack.pid(name)}/environ").read_bytes()
+        assert environ, name
+        for secret in secrets_held:
+            assert secret.encode() not in environ, name
+        checked += 1
+    assert checked == 3
+    for name in ("token", "proxy"):  # the services that need one still get theirs
+        environ = Path(f"/proc/{stack.pid(name)}/environ").read_bytes()
+        assert generated["PROXY_SIGNING_KEY"].encode() in environ
+        assert TEST_PROVIDER_KEY.encode() not in environ
+
+    url = urlsplit(stack.info["redis_url"])
+    assert url.password
+    anonymous = redis.Redis(host=url.hostname, port=url.port, socket_timeout=2)
+    with pytest.raises(redis.exceptions.AuthenticationError):
+        anonymous.ping()
+    anonymous.close()
+
+
+def test_audit_verify_passes_on_the_running_stack_with_no_flags(stack: Stack) -> None:
+    """keyveil up gives the auditor its ledger key and checkpoint directory and keeps the
+    public key in the state dir, so an operator's `keyveil audit verify` just works."""
+    import subprocess
+    import sys
+
+    from tests.support import REPO
+
+    token = issue_proxy_token(stack)
+    assert signed_chat(stack, token).status_code == 200
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "keyveil.cli",
+            "audit",
+            "verify",
+            "--state-dir",
+            str(stack.state_dir),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if not k.startswith(("NATS_", "LEDGER_"))},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith("ok"), result.stdout
+    assert (stack.state_dir / "ledger" / "verify.keys").read_text().strip()

@@ -28,6 +28,7 @@ import nats
 import pytest
 import redis
 
+from services.proxy.settings import with_database
 from tests.stack import ORIGIN, Stack, fake_calls, operator_nats, running_stack, signed_headers
 
 pytestmark = pytest.mark.slow
@@ -255,7 +256,15 @@ async def sniff(stack: Stack, findings: Findings, done: asyncio.Event) -> int:
 
 
 def scan_redis(stack: Stack, findings: Findings) -> int:
-    client = redis.Redis.from_url(stack.info["redis_url"])
+    count = 0
+    # Database 0: limits, nonces, revocations; database 1: the proxy's response cache.
+    for db in (0, 1):
+        url = with_database(stack.info["redis_url"], db)
+        count += _scan_database(redis.Redis.from_url(url), findings)
+    return count
+
+
+def _scan_database(client: redis.Redis, findings: Findings) -> int:
     count = 0
     for key in client.scan_iter(count=500):
         count += 1

@@ -53,7 +53,7 @@ async def test_events_are_published_with_their_subject_and_deduplicated(nc: NATS
 
 
 async def test_events_wait_out_a_nats_outage(tmp_path: Path) -> None:
-    server = start_nats(tmp_path)
+    server = start_nats(tmp_path, streams=True)
     nc = await nats.connect(server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2)
     publisher = EventPublisher(nc.jetstream(), publish_timeout_s=0.5)
     publisher.start()

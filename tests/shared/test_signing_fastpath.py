@@ -22,6 +22,9 @@ _PIECES = st.sampled_from(
     [
         'sig1=("@method" "@path")',
         '("@method" "content-digest")',
+        '("@method" "a)b")',
+        '("x y" "@path")',
+        ';keyid=")"',
         ";created=1700000000",
         ";created=007",
         ";created=-0",
@@ -146,3 +149,13 @@ def test_verify_accepts_both_paths_identically() -> None:
         window_s=60,
     )
     assert fast == full
+
+
+def test_component_names_with_parentheses_or_spaces_are_read_whole() -> None:
+    """The red-team finding: `"a)b"` was cut at its `)` and the rest read as parameters."""
+    value = 'sig1=("@method" "a)b;created=1" "x y");created=1700000000;keyid="k"'
+    fast = _fast_input(value)
+    assert fast is not None
+    assert fast == _full(value)
+    assert fast[1] == ["@method", "a)b;created=1", "x y"]
+    assert fast[2] == {"created": 1700000000, "keyid": "k"}

@@ -178,7 +178,7 @@ def SimpleSpanExporterShim(exporter: InMemorySpanExporter) -> InMemorySpanExport
 
 @pytest.fixture
 async def private_nc(tmp_path: Path) -> AsyncIterator[NATS]:
-    server = start_nats(tmp_path)
+    server = start_nats(tmp_path, streams=True)
     client = await nats.connect(server.url)
     async with asyncio.timeout(10):
         while True:
@@ -210,9 +210,11 @@ async def test_one_trace_spans_http_edge_nats_responder_and_auditor(
     publisher = EventPublisher(nc.jetstream())
     publisher.start()
 
+    responder = bus.Responder(nc, {"token"})
+
     async def lease(msg: Msg) -> None:  # the key-manager side
         request = bus.parse_request(msg, Ping)
-        await bus.reply_model(msg, Pong(n=request.n + 1))
+        await responder.reply(msg, Pong(n=request.n + 1))
 
     await nc.subscribe("keyveil.km.lease", cb=bus.traced_handler("keymanager", "km.lease", lease))
 
@@ -221,7 +223,9 @@ async def test_one_trace_spans_http_edge_nats_responder_and_auditor(
 
     @app.post("/api/voice-agent/secure-token")
     async def issue() -> dict[str, int]:  # the token edge
-        reply = await bus.request(nc, "keyveil.km.lease", Ping(n=1), Pong, timeout=5)
+        reply = await bus.request(
+            nc, "keyveil.km.lease", Ping(n=1), Pong, timeout=5, requester="token"
+        )
         publisher.emit(UsageEvent(service="token", type="token.issued", mode="proxy"))
         return {"n": reply.n}
 

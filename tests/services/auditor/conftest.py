@@ -18,7 +18,7 @@ from keyveil.servers import ServerProcess, start_nats
 
 @pytest.fixture
 async def private_nats(tmp_path: Path) -> AsyncIterator[ServerProcess]:
-    server = start_nats(tmp_path)
+    server = start_nats(tmp_path, streams=True)
     # The port opens a moment before JetStream answers; wait for the API, not the socket.
     client = await nats.connect(server.url)
     try:

@@ -1,14 +1,30 @@
-"""Builders shared by the auditor tests: settings, events on a timeline."""
+"""Builders shared by the auditor tests: settings, events on a timeline, ledger keys."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from nats.aio.client import Client as NATS
+from nats.js.api import StreamConfig
+
+from services.auditor.ledger import LEDGER_STREAM, Ledger
+from services.auditor.ledgerkeys import LedgerSigner
 from services.auditor.settings import Settings
 from shared.events import AuditEvent, UsageEvent
 from shared.settings import load_settings
 
 T0 = 1_700_000_000.0
+
+# One signing key for the test session; verifiers get only its public half.
+SIGNER = LedgerSigner.generate()
+VERIFIER = SIGNER.verifier()
+KM_SUBJECT = "keyveil.audit.keymanager"
+
+
+def ledger(
+    nc: NATS, *, stream: StreamConfig = LEDGER_STREAM, signer: LedgerSigner = SIGNER
+) -> Ledger:
+    return Ledger(nc.jetstream(), instance="test", signer=signer, stream=stream)
 
 
 def settings(**overrides: Any) -> Settings:

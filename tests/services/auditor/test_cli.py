@@ -5,17 +5,18 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from pathlib import Path
 
 import pytest
 from nats.aio.client import Client as NATS
 
 from keyveil import cli
 from keyveil.commands.audit import parse_since
-from keyveil.servers import ServerProcess
+from keyveil.servers import ServerProcess, start_nats
 from services.auditor.alerts import AlertSink
 from services.auditor.detectors import Finding
-from services.auditor.ledger import Ledger
 from shared.events import EventPublisher
+from tests.services.auditor.helpers import KM_SUBJECT, ledger
 
 
 @pytest.fixture(autouse=True)
@@ -29,20 +30,20 @@ async def run_cli(*argv: str) -> int:
 
 
 async def seed_ledger(nc: NATS) -> None:
-    ledger = Ledger(nc.jetstream(), instance="test")
-    await ledger.ensure()
+    writer = ledger(nc)
+    await writer.ensure()
     now = time.time()
     rows = [
-        ("lease.granted", now - 7200, "k1"),
-        ("key.rotated", now - 600, "k1"),
-        ("lease.granted", now - 300, "k2"),
-        ("lease.denied", now - 60, "k2"),
+        ("lease_granted", now - 7200, "k1"),
+        ("key_rotate", now - 600, "k1"),
+        ("lease_granted", now - 300, "k2"),
+        ("lease_denied", now - 60, "k2"),
     ]
     for n, (kind, ts, key) in enumerate(rows):
         event = {"event_id": f"e{n}", "service": "keymanager", "type": kind, "actor": "proxy",
-                 "outcome": "denied" if kind == "lease.denied" else "success", "key_id": key,
+                 "outcome": "denied" if kind == "lease_denied" else "success", "key_id": key,
                  "ts": ts}  # fmt: skip
-        await ledger.append(event, event_id=f"e{n}")
+        await writer.append(event, event_id=f"e{n}", subject=KM_SUBJECT)
 
 
 async def test_audit_tail_shows_the_last_records(
@@ -53,23 +54,23 @@ async def test_audit_tail_shows_the_last_records(
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 2
     assert "seq=3" in lines[0]
-    assert "lease.granted" in lines[0]
+    assert "lease_granted" in lines[0]
     assert "seq=4" in lines[1]
-    assert "lease.denied" in lines[1]
+    assert "lease_denied" in lines[1]
     assert "hash=" in lines[1]
 
 
 async def test_audit_query_since_and_type(pnc: NATS, capsys: pytest.CaptureFixture[str]) -> None:
     await seed_ledger(pnc)
-    assert await run_cli("audit", "query", "--since", "1h", "--type", "lease.*", "--json") == 0
+    assert await run_cli("audit", "query", "--since", "1h", "--type", "lease_*", "--json") == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    # The 2-hour-old grant is before --since; the rotation is not a lease.* type.
-    assert [r["event"]["type"] for r in rows] == ["lease.granted", "lease.denied"]
+    # The 2-hour-old grant is before --since; the rotation is not a lease_* type.
+    assert [r["event"]["type"] for r in rows] == ["lease_granted", "lease_denied"]
     assert all(len(r["hash"]) == 64 for r in rows)
     assert await run_cli("audit", "query", "--since", "3h", "--outcome", "denied") == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1
-    assert "lease.denied" in out[0]
+    assert "lease_denied" in out[0]
 
 
 def test_parse_since() -> None:
@@ -112,6 +113,13 @@ async def test_alerts_tail_filters_by_severity_and_type(
     assert "geo_new_country" in only
 
 
-async def test_alerts_tail_without_a_stream_says_so(capsys: pytest.CaptureFixture[str]) -> None:
-    assert await run_cli("alerts", "tail") == 2
+async def test_alerts_tail_without_a_stream_says_so(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bare = start_nats(tmp_path / "bare")  # never bootstrapped: no streams at all
+    monkeypatch.setenv("NATS_URL", bare.url)
+    try:
+        assert await run_cli("alerts", "tail") == 2
+    finally:
+        bare.stop()
     assert "no alerts stream" in capsys.readouterr().err

@@ -210,3 +210,20 @@ def test_an_identity_outage_alerts_once_per_cooldown() -> None:
     ]
     found = feed(detectors, outage)
     assert [(f.type, f.severity) for f in found] == [("identity_unavailable", "critical")]
+
+
+async def test_sampled_refusals_still_add_up_to_a_burst() -> None:
+    """The proxy sends one event per (reason, IP) per interval, with a `count`: the
+    detector must weigh it, or a flood of forged tokens would look like a trickle."""
+    from shared.refusals import RefusalSampler
+
+    sent: list[UsageEvent] = []
+    sampler = RefusalSampler(sent.append, interval_s=60)
+    for i in range(25):
+        sampler.refused(denied("invalid_token", ts=T0 + i))
+    sampler.close()
+    assert len(sent) == 2  # the first at once, the other 24 summed
+    assert sum(event.count or 1 for event in sent) == 25
+
+    found = [f for f in feed(Detectors(settings()), sent) if f.type == "auth_failure_burst"]
+    assert len(found) == 1  # two events, one of them standing for 24: over the 10 threshold

@@ -34,6 +34,8 @@ SHARED_PREFIXES = (
     "keyveil_ratelimit_",
     "keyveil_auth_",
     "keyveil_bus_",
+    "keyveil_stream_",
+    "keyveil_http_",
     "keyveil_policy_",  # shared/policy.py, labelled by service
 )
 DEFAULT_COLLECTORS = ("python_", "process_")
@@ -124,7 +126,7 @@ def test_the_checker_catches_what_it_must() -> None:
 def stack(
     tmp_path: Path, redis_url: str, fake_upstream: FakeUpstream
 ) -> Iterator[dict[str, ServiceProcess]]:
-    nats_server: ServerProcess = start_nats(tmp_path)
+    nats_server: ServerProcess = start_nats(tmp_path, streams=True)
     env = {
         "NATS_URL": nats_server.url,
         "REDIS_URL": redis_url,
@@ -193,7 +195,7 @@ async def test_multiprocess_metrics_mode(tmp_path: Path) -> None:
 
     prom_dir = tmp_path / "prom"
     prom_dir.mkdir()
-    nats_server = start_nats(tmp_path)
+    nats_server = start_nats(tmp_path, streams=True)
     auditor = ServiceProcess(
         "auditor",
         env={"NATS_URL": nats_server.url, "PROMETHEUS_MULTIPROC_DIR": str(prom_dir)},

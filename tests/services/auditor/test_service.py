@@ -187,7 +187,7 @@ async def test_audit_events_are_chained_into_the_ledger(runtime: AuditorRuntime,
     from shared.events import AuditEvent
 
     events = [
-        AuditEvent(service="keymanager", type="lease.granted", actor="proxy", key_id="k1")
+        AuditEvent(service="keymanager", type="lease_granted", actor="proxy", key_id="k1")
         for _ in range(5)
     ]
     await publish(pnc, events)
@@ -202,7 +202,9 @@ async def test_audit_events_are_chained_into_the_ledger(runtime: AuditorRuntime,
     assert {json.loads(raw)["event"]["event_id"] for _, raw in stored} == {
         e.event_id for e in events
     }
-    assert verify_chain(stored).ok
+    assert runtime.auditor.ledger is not None
+    assert verify_chain(stored, verifier=runtime.auditor.ledger.verifier).ok
+    assert {json.loads(raw)["subject"] for _, raw in stored} == {"keyveil.audit.keymanager"}
     # The audit stream itself stays append-only.
     assert (await pnc.jetstream().stream_info("KEYVEIL_AUDIT")).config.deny_delete
     assert AUDIT_STREAM.deny_purge

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import json
+import uuid
 
+import nats.errors
 import pytest
 from nats.aio.client import Client as NATS
 from prometheus_client import REGISTRY
 
+from services.auditor.detectors import Detectors
 from services.keymanager.app import KeyManager
 from shared import bus
 from shared.crypto import Kem, RequesterKeyPair, b64url_encode
 from shared.errors import UnavailableError
+from shared.events import AuditEvent
 from shared.keyadmin import KeyAdminClient, KeyStatus
 from shared.leases import LEASE_SUBJECT, LeaseClient, LeaseReply, LeaseRequest
-from tests.services.keymanager.conftest import KeyManagerFactory, new_provider_key
+from tests.services.auditor.helpers import settings as auditor_settings
+from tests.services.keymanager.conftest import new_provider_key
 
 
 def leases(result: str) -> float:
@@ -62,7 +67,7 @@ async def test_lease_is_bound_to_its_metadata(nc: NATS, keymanager: KeyManager) 
         environment="development",
         public_key=b64url_encode(pair.public_bytes),
     )
-    reply = await bus.request(nc, LEASE_SUBJECT, request, LeaseReply, timeout=5)
+    reply = await bus.request(nc, LEASE_SUBJECT, request, LeaseReply, timeout=5, requester="proxy")
     from shared.crypto import SealError, b64url_decode
 
     assert pair.open(b64url_decode(reply.sealed), info=reply.info_for(request)) == key.encode()
@@ -86,12 +91,26 @@ async def test_malformed_requests_get_typed_errors(
     nc: NATS, keymanager: KeyManager, payload: bytes, code: str
 ) -> None:
     denied = leases("denied")
-    answer = await nc.request(LEASE_SUBJECT, payload, timeout=5)
-    assert json.loads(answer.data)["error"]["code"] == code
+    answer = await _ask(nc, payload, reply=f"_INBOX_proxy.rpc.{uuid.uuid4().hex}")
+    assert answer is not None
+    assert json.loads(answer)["error"]["code"] == code
     assert leases("denied") == denied + 1
 
 
-async def _lease_error(nc: NATS, **fields: object) -> str:
+async def _ask(nc: NATS, payload: bytes, *, reply: str, timeout: float = 5) -> bytes | None:
+    """Publish a lease request naming `reply`; its answer there, or None if none came."""
+    sub = await nc.subscribe(reply, max_msgs=1)
+    try:
+        await nc.publish(LEASE_SUBJECT, payload, reply=reply)
+        return (await sub.next_msg(timeout=timeout)).data
+    except nats.errors.TimeoutError:
+        return None
+    finally:
+        await sub.unsubscribe()
+
+
+async def _lease_error(nc: NATS, inbox: str | None = None, **fields: object) -> str:
+    """The error code a lease request gets, or "dropped" when it goes unanswered."""
     pair = RequesterKeyPair()
     base: dict[str, object] = {
         "requester": "proxy",
@@ -100,15 +119,18 @@ async def _lease_error(nc: NATS, **fields: object) -> str:
         "public_key": b64url_encode(pair.public_bytes),
     }
     base.update(fields)
-    answer = await nc.request(LEASE_SUBJECT, json.dumps(base).encode(), timeout=5)
-    body = json.loads(answer.data)
+    reply = f"{inbox or '_INBOX_' + str(base['requester']) + '.rpc'}.{uuid.uuid4().hex}"
+    answer = await _ask(nc, json.dumps(base).encode(), reply=reply, timeout=1)
+    if answer is None:
+        return "dropped"
+    body = json.loads(answer)
     assert "sealed" not in body
     return str(body["error"]["code"])
 
 
 async def test_unauthorised_and_bad_requests_are_refused(nc: NATS, keymanager: KeyManager) -> None:
     await KeyAdminClient(nc).add(new_provider_key().encode(), environment="development")
-    assert await _lease_error(nc, requester="auditor") == "requester_denied"
+    assert await _lease_error(nc, requester="auditor") == "dropped"  # not a lease requester
     assert await _lease_error(nc, environment="production") == "environment_mismatch"
     assert await _lease_error(nc, public_key="AAAA") == "invalid_public_key"
     assert await _lease_error(nc, public_key="!!not base64!!") == "invalid_public_key"
@@ -119,20 +141,16 @@ async def test_unauthorised_and_bad_requests_are_refused(nc: NATS, keymanager: K
     assert header.startswith("Bearer sk-test-")
 
 
-async def test_requester_must_own_the_reply_inbox(
-    nats_url: str, start_keymanager: KeyManagerFactory
-) -> None:
-    import nats
-
-    await start_keymanager(KEYMANAGER_REQUIRE_SCOPED_INBOX=True)
-    impostor = await nats.connect(nats_url, inbox_prefix=b"_INBOX_token")
-    plain = await nats.connect(nats_url)
-    try:
-        assert await _lease_error(impostor, requester="proxy") == "requester_mismatch"
-        assert await _lease_error(plain, requester="proxy") == "unscoped_inbox"
-    finally:
-        await impostor.drain()
-        await plain.drain()
+async def test_requester_must_own_the_reply_inbox(nc: NATS, keymanager: KeyManager) -> None:
+    await KeyAdminClient(nc).add(new_provider_key().encode(), environment="development")
+    assert await _lease_error(nc, "_INBOX_token.rpc", requester="proxy") == "requester_mismatch"
+    dropped = leases("dropped")
+    # Anything but an allowed requester's own inbox is never answered: not the plain
+    # inbox, not another user's, not a stream, bucket or broadcast subject.
+    inboxes = ("_INBOX", "_INBOX_proxy", "_INBOX_auditor.rpc", "_INBOX_proxy.*", "$KV.KEYS")
+    for inbox in inboxes:
+        assert await _lease_error(nc, inbox, requester="proxy") == "dropped", inbox
+    assert leases("dropped") == dropped + len(inboxes)
 
 
 async def test_no_key_means_key_unavailable(nc: NATS, keymanager: KeyManager) -> None:
@@ -165,5 +183,12 @@ async def test_audit_events_name_the_actor_and_carry_no_key(
     kinds = {(e["type"], e["actor"], e["outcome"]) for e in mine}
     assert ("key_store", "operator", "success") in kinds
     assert ("lease_granted", "token", "success") in kinds
-    assert any(e["type"] == "lease_denied" and e["actor"] == "auditor" for e in events)
+    dropped = next(
+        e
+        for e in events
+        if e["type"] == "lease_dropped" and e["detail"]["reason"] == "reply_not_allowed"
+    )
+    # The auditor alerts on it, fed the event as the key-manager recorded it.
+    findings = Detectors(auditor_settings()).observe_audit(AuditEvent.model_validate(dropped))
+    assert [f.type for f in findings] == ["bus_reply_refused"]
     assert all(key not in json.dumps(e) for e in events)

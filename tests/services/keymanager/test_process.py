@@ -76,7 +76,7 @@ def test_weak_kek_refuses_to_start(tmp_path: Path, nats_url: str) -> None:
 
 async def test_survives_a_nats_restart(tmp_path: Path) -> None:
     port = free_port()
-    server: ServerProcess = start_nats(tmp_path, port=port, name="private")
+    server: ServerProcess = start_nats(tmp_path, port=port, name="private", streams=True)
     env = _env(server.url, "KEYVEIL_KEYS") | {
         "OPENAI_API_KEY": "sk-test-restart-" + uuid.uuid4().hex
     }

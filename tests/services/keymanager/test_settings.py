@@ -39,8 +39,6 @@ def test_defaults_per_environment() -> None:
     dev = load_settings(Settings, KEY_ENCRYPTION_SECRET=TEST_KEY_ENCRYPTION_SECRET)
     assert prod.port == dev.port == 8082
     assert prod.max_key_age_s == 7 * 86_400
-    assert prod.scoped_inbox_required
-    assert not dev.scoped_inbox_required
     assert dev.allowed_requesters == ["token", "proxy"]
 
 

@@ -37,7 +37,7 @@ STT = f"{PREFIX}/audio/transcriptions"
 @pytest.fixture(scope="package")
 def proxy_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """A NATS of the proxy tests' own, so no other key manager answers their leases."""
-    server = start_nats(tmp_path_factory.mktemp("proxy-nats"))
+    server = start_nats(tmp_path_factory.mktemp("proxy-nats"), streams=True)
     yield server
     server.stop()
 

@@ -9,8 +9,6 @@ from typing import Any
 import orjson
 from nats.aio.client import Client as NATS
 
-from shared.bus import ensure_stream
-from shared.events import USAGE_STREAM
 from shared.leases import ROTATED_SUBJECT, RotatedNotice
 from tests.support import TEST_PROVIDER_KEY, FakeUpstream, ServiceProcess
 
@@ -168,7 +166,6 @@ async def test_key_manager_unreachable_is_503(
 async def _usage_event(bus: NATS, token_id: str, timeout: float = 10.0) -> dict[str, Any] | None:
     """The proxy's usage event for `token_id`, from the KEYVEIL_USAGE stream."""
     js = bus.jetstream()
-    await ensure_stream(js, USAGE_STREAM)  # the proxy may not have published yet
     sub = await js.subscribe("keyveil.usage.proxy", ordered_consumer=True)
     deadline = time.monotonic() + timeout
     try:

@@ -32,7 +32,7 @@ ORIGIN = "https://app.example.test"
 
 @pytest.fixture(scope="module")
 def private_nats(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    server = start_nats(tmp_path_factory.mktemp("token-nats"))
+    server = start_nats(tmp_path_factory.mktemp("token-nats"), streams=True)
     yield server
     server.stop()
 

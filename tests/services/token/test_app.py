@@ -481,6 +481,9 @@ async def test_readiness_and_metrics(token_app: AppFactory) -> None:
     async with token_app() as client:
         ready = await client.get("/readyz")
         metrics = await client.get("/metrics")
-    assert ready.json() == {"status": "ready", "checks": {"nats": True, "redis": True}}
+    assert ready.json() == {
+        "status": "ready",
+        "checks": {"nats": True, "redis": True, "streams": True},
+    }
     assert "keyveil_token_issued_total" in metrics.text
     assert "keyveil_ratelimit_decisions_total" in metrics.text

@@ -13,7 +13,6 @@ import redis.asyncio as aioredis
 from nats.aio.client import Client as NATS
 
 from keyveil.servers import ServerProcess
-from shared.bus import ensure_stream
 from shared.events import AUDIT_STREAM
 from shared.tokens import revoked_key
 from tests.support import REPO
@@ -44,7 +43,6 @@ async def test_revoke_writes_redis_and_an_audit_event(
     tmp_path: Path,
 ) -> None:
     js = bus.jetstream()
-    await ensure_stream(js, AUDIT_STREAM)  # the services create it; the operator may not
     token_id = uuid.uuid4().hex
     env = {"REDIS_URL": redis_url, "NATS_URL": private_nats.url}
     code, out, err = await _cli(
