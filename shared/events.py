@@ -98,6 +98,11 @@ class UsageEvent(Event):
     total_tokens: int | None = None
     count: int | None = None
     """How many refusals this one event stands for (sampled refusals); None means one."""
+    # Voice sessions (type "voice.usage"): billable seconds since the previous usage event
+    # of the same session, the session's cumulative total, and the brokered session id.
+    seconds: float | None = None
+    seconds_total: float | None = None
+    voice_session_id: str | None = None
 
 
 class AuditEvent(Event):
@@ -220,6 +225,13 @@ class EventPublisher:
                 backoff = min(backoff * 2, 2.0)
             else:
                 backoff = 0.1
+
+    async def publish_now(self, event: Event) -> None:
+        """Publish one event and wait for JetStream's ack; raises on failure.
+
+        For callers that move a watermark only after the ack (the voice usage outbox).
+        """
+        await self._publish(event)
 
     async def _publish(self, event: Event) -> None:
         """Publish one event; raises on failure (the caller keeps it and retries)."""

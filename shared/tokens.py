@@ -43,6 +43,8 @@ class Scope(StrEnum):
     chat = "chat/completions"
     speech = "audio/speech"
     transcriptions = "audio/transcriptions"
+    # Brokered voice sessions: live/sessions (GPT-Live) and realtime/calls (Realtime).
+    voice = "voice"
 
 
 class ProxyClaims(BaseModel):

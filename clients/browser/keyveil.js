@@ -4,10 +4,15 @@
 //   const kv = new KeyveilClient({ tokenUrl: "/api/voice-agent/secure-token" });
 //   for await (const text of kv.chatText([{ role: "user", content: "hi" }])) show(text);
 //   await kv.playSpeech("Hello", document.querySelector("audio"));
+//   const voice = await kv.startVoice({ api: "live", voice: "marin", audio: audioElement,
+//     onTranscript: (text) => show(text), onUsage: (u) => show(u.seconds) });
+//   await voice.stop();
 //   // with KEYVEIL_AUTH_MODE=oidc: new KeyveilClient({ getIdToken: () => auth.currentIdToken() })
 //
 // Dependency free: WebCrypto HMAC-SHA256 signs "@method" "@path" "content-digest"
-// (RFC 9530 sha-256) with the per-token signing key; keyid is the token id.
+// (RFC 9530 sha-256) with the per-token signing key; keyid is the token id. Voice is
+// WebRTC straight to the provider; only the SDP offer goes through the keyveil proxy,
+// which adds the key and the server-pinned session policy.
 
 const TOKEN_PATH = "/api/voice-agent/secure-token";
 const PROXY_API_PATH = "/api/voice-agent/proxy/v1";
@@ -143,6 +148,7 @@ export class KeyveilClient {
     tokenUrl = TOKEN_PATH,
     proxyUrl = null,
     mode = "proxy",
+    scopes = null,
     session = null,
     refreshMarginS = 30,
     maxAttempts = 4,
@@ -155,6 +161,7 @@ export class KeyveilClient {
     this.getIdToken = getIdToken;
     this.proxyUrl = proxyUrl;
     this.mode = mode;
+    this.scopes = scopes;
     this.session = session;
     this.refreshMarginS = refreshMarginS;
     this.retry = { maxAttempts, baseDelayMs, maxDelayMs, maxRetryAfterS };
@@ -208,6 +215,7 @@ export class KeyveilClient {
     if (this._pending) return this._pending;
     this._pending = (async () => {
       const body = { mode: this.mode };
+      if (this.scopes) body.scopes = this.scopes;
       if (this.session) body.session = this.session;
       const headers = { "Content-Type": "application/json" };
       if (login) headers.Authorization = `Bearer ${login}`;
@@ -330,6 +338,17 @@ export class KeyveilClient {
     return audio.src;
   }
 
+  /**
+   * A brokered voice session (see `connectVoice`): the offer is a signed POST to the
+   * proxy's `live/sessions` (GPT-Live, JSON) or `realtime/calls` (Realtime, multipart).
+   */
+  async startVoice(options = {}) {
+    return connectVoice({
+      ...options,
+      post: (endpoint, body, contentType) => this._post(endpoint, body, contentType),
+    });
+  }
+
   /** Speech to text from a Blob (multipart, signed over the exact bytes sent). */
   async transcribe(file, { model = "whisper-1", filename = "audio.webm" } = {}) {
     const form = new FormData();
@@ -341,4 +360,229 @@ export class KeyveilClient {
     const body = new Uint8Array(await encoded.arrayBuffer());
     return (await this._post("audio/transcriptions", body, contentType)).json();
   }
+}
+
+// --- Voice ------------------------------------------------------------------------
+
+const VOICE_CHANNEL = "oai-events";
+const VOICE_READY = { live: "session.started", realtime: "session.created" };
+const VOICE_TRANSCRIPT = {
+  live: new Set(["session.output_transcript.delta"]),
+  realtime: new Set(["response.output_audio_transcript.delta", "response.output_text.delta"]),
+};
+
+function iceGathered(pc, timeoutMs) {
+  if (pc.iceGatheringState === "complete") return Promise.resolve();
+  return new Promise((resolve) => {
+    const done = () => {
+      if (pc.iceGatheringState !== "complete") return;
+      pc.removeEventListener("icegatheringstatechange", done);
+      clearTimeout(timer);
+      resolve();
+    };
+    // Without a STUN server gathering ends fast; on timeout send what was gathered.
+    const timer = setTimeout(() => {
+      pc.removeEventListener("icegatheringstatechange", done);
+      resolve();
+    }, timeoutMs);
+    pc.addEventListener("icegatheringstatechange", done);
+  });
+}
+
+async function offerRequest(api, sdp, session) {
+  if (api === "live") {
+    const body = { session, transport: { type: "webrtc", sdp } };
+    const bytes = encoder.encode(JSON.stringify(body));
+    return { endpoint: "live/sessions", body: bytes, type: "application/json" };
+  }
+  // The Realtime unified interface: multipart with the SDP and the session JSON.
+  const form = new FormData();
+  form.append("sdp", sdp);
+  form.append("session", JSON.stringify({ type: "realtime", ...session }));
+  // Serialise once so the signature's digest covers exactly the bytes sent.
+  const encoded = new Response(form);
+  const type = encoded.headers.get("Content-Type");
+  return { endpoint: "realtime/calls", body: new Uint8Array(await encoded.arrayBuffer()), type };
+}
+
+async function answerFrom(api, response) {
+  if (api === "live") {
+    const data = await response.json();
+    return { id: data.session && data.session.id, sdp: data.transport && data.transport.sdp };
+  }
+  const location = response.headers.get("Location") || "";
+  const id = response.headers.get("X-Keyveil-Call-Id") || location.split("/").pop() || null;
+  return { id, sdp: await response.text() };
+}
+
+/**
+ * The WebRTC dance of a voice agent: microphone track, `oai-events` data channel, offer
+ * (ICE gathered), `post(endpoint, body, contentType)` to the broker, answer applied,
+ * resolved once the provider says `session.started` (GPT-Live) or `session.created`
+ * (Realtime). The returned session has `stop()` and reports through the callbacks:
+ * `onTranscript(delta, event)`, `onUsage(usage, event)` (GPT-Live: cumulative billable
+ * `seconds`; Realtime: token totals so far), `onClosed({reason, usage})`, `onEvent(event)`.
+ */
+export async function connectVoice({
+  post,
+  api = "live",
+  model = null,
+  voice = null,
+  instructions = null,
+  audio = null,
+  microphone = null,
+  rtcConfiguration = {},
+  readyTimeoutMs = 15000,
+  iceTimeoutMs = 3000,
+  onTranscript = () => {},
+  onUsage = () => {},
+  onClosed = () => {},
+  onEvent = () => {},
+} = {}) {
+  if (!VOICE_READY[api]) throw new Error(`api must be "live" or "realtime", not ${api}`);
+  const session = {};
+  if (model) session.model = model;
+  if (instructions) session.instructions = instructions;
+  if (voice) session.audio = { output: { voice } };
+
+  const ownMicrophone = !microphone;
+  const mic = microphone || (await navigator.mediaDevices.getUserMedia({ audio: true }));
+  const pc = new RTCPeerConnection(rtcConfiguration);
+  const remote = new MediaStream();
+  let closed = null;
+  let readyResolve;
+  let readyReject;
+  const ready = new Promise((resolve, reject) => {
+    readyResolve = resolve;
+    readyReject = reject;
+  });
+  ready.catch(() => {}); // a session that ends during set-up is reported by the set-up itself
+  const tokens = { input_tokens: 0, output_tokens: 0, total_tokens: 0 };
+  const state = {
+    id: null,
+    api,
+    pc,
+    transcript: "",
+    seconds: 0,
+    tokens,
+    remoteStream: remote,
+    get closed() {
+      return closed;
+    },
+  };
+
+  function finish(reason, usage = null) {
+    if (closed) return;
+    closed = { reason, usage };
+    readyReject(new Error(`the voice session ended before it started (${reason})`));
+    try {
+      pc.close();
+    } catch {
+      // already closed
+    }
+    if (ownMicrophone) for (const track of mic.getTracks()) track.stop();
+    onClosed(closed);
+  }
+
+  for (const track of mic.getAudioTracks()) pc.addTrack(track, mic);
+  pc.addEventListener("track", (event) => {
+    remote.addTrack(event.track);
+    if (audio) {
+      audio.srcObject = remote;
+      audio.play().catch(() => {}); // autoplay may wait for a gesture; the stream stays set
+    }
+  });
+  pc.addEventListener("connectionstatechange", () => {
+    if (pc.connectionState === "failed" || pc.connectionState === "closed") {
+      finish(pc.connectionState === "failed" ? "connection_lost" : "remote_hangup");
+    }
+  });
+
+  const channel = pc.createDataChannel(VOICE_CHANNEL);
+  channel.addEventListener("close", () => finish("remote_hangup"));
+  channel.addEventListener("message", (message) => {
+    let event;
+    try {
+      event = JSON.parse(message.data);
+    } catch {
+      return;
+    }
+    onEvent(event);
+    if (event.type === VOICE_READY[api]) {
+      readyResolve();
+    } else if (VOICE_TRANSCRIPT[api].has(event.type)) {
+      state.transcript += event.delta || "";
+      onTranscript(event.delta || "", event);
+    } else if (event.type === "session.usage.updated" && event.usage) {
+      state.seconds = Number(event.usage.seconds) || 0;
+      onUsage(event.usage, event);
+    } else if (event.type === "response.done" && event.response && event.response.usage) {
+      for (const key of Object.keys(tokens)) tokens[key] += event.response.usage[key] || 0;
+      onUsage({ ...tokens }, event);
+    } else if (event.type === "session.closed") {
+      if (event.usage) state.seconds = Number(event.usage.seconds) || state.seconds;
+      finish(event.reason || "closed", event.usage || null);
+    }
+  });
+
+  try {
+    await pc.setLocalDescription(await pc.createOffer());
+    await iceGathered(pc, iceTimeoutMs);
+    const request = await offerRequest(api, pc.localDescription.sdp, session);
+    const response = await post(request.endpoint, request.body, request.type);
+    const answer = await answerFrom(api, response);
+    if (!answer.sdp) throw new Error("the voice broker answered without an SDP answer");
+    state.id = answer.id;
+    await pc.setRemoteDescription({ type: "answer", sdp: answer.sdp });
+    let timer;
+    const timeout = new Promise((_, reject) => {
+      timer = setTimeout(
+        () => reject(new Error(`no ${VOICE_READY[api]} within ${readyTimeoutMs} ms`)),
+        readyTimeoutMs,
+      );
+    });
+    try {
+      await Promise.race([ready, timeout]);
+    } finally {
+      clearTimeout(timer);
+    }
+  } catch (error) {
+    finish("setup_failed");
+    throw error;
+  }
+
+  /** Inbound audio so far (RTP packets and bytes), from the peer connection's stats. */
+  state.audioStats = async () => {
+    let packets = 0;
+    let bytes = 0;
+    const stats = await pc.getStats();
+    stats.forEach((report) => {
+      if (report.type === "inbound-rtp" && report.kind === "audio") {
+        packets += report.packetsReceived || 0;
+        bytes += report.bytesReceived || 0;
+      }
+    });
+    return { packets, bytes };
+  };
+
+  /** Send a client event on the data channel (what the provider allows the browser). */
+  state.send = (event) => {
+    if (channel.readyState !== "open") throw new Error("the voice session is not open");
+    channel.send(JSON.stringify(event));
+  };
+
+  /** End the session: GPT-Live is asked to close (final usage), then the peer goes. */
+  state.stop = async ({ waitMs = 1000 } = {}) => {
+    if (closed) return closed;
+    if (api === "live" && channel.readyState === "open") {
+      channel.send(JSON.stringify({ type: "session.close" }));
+      const deadline = performance.now() + waitMs;
+      while (!closed && performance.now() < deadline) {
+        await new Promise((resolve) => setTimeout(resolve, 25));
+      }
+    }
+    finish("client_stopped");
+    return closed;
+  };
+  return state;
 }

@@ -11,7 +11,8 @@ Which events count as what:
 - identity outage: a token-service error with reason "identity_unavailable" (the
   IdP's JWKS unreachable and no key cached: logins are refused with 503);
 - proxy request: a proxy event that was not refused at the door (outcome ok/error);
-  an error is outcome "error" or a 5xx status;
+  an error is outcome "error" or a 5xx status; voice metering ("voice.usage", many per
+  session) is not a request: the session's set-up was one already;
 - replay: reason "replay"; tampering: reason "signature" / "digest" / "tampered";
 - rotation overdue: an `AuditEvent` of type "rotation_due" from the key-manager.
 """
@@ -31,6 +32,9 @@ from services.auditor.baselines import (
 )
 from services.auditor.settings import Settings
 from shared.events import AuditEvent, UsageEvent
+
+# Usage events that meter a running session rather than record a request.
+METERING_TYPES = frozenset({"voice.usage"})
 
 __all__ = ["ALERT_TYPES", "AUTH_REASONS", "Detectors", "Finding"]
 
@@ -143,7 +147,7 @@ class Detectors:
             event.service == "token" and event.outcome == "ok" and event.mode is not None
         ):
             findings.extend(self._token_issued(event))
-        elif event.service == "proxy":
+        elif event.service == "proxy" and event.type not in METERING_TYPES:
             findings.extend(self._proxy_request(event))
         elif event.service == "token" and event.reason == "identity_unavailable":
             findings.append(

@@ -72,6 +72,52 @@ _REQUEST_SCHEMAS: dict[str, dict[str, Any]] = {
             "response_format": {"type": "string", "enum": ["json", "text", "verbose_json"]},
         },
     },
+    "live/sessions": {
+        "type": "object",
+        "required": ["transport"],
+        "additionalProperties": False,
+        "properties": {
+            "session": {
+                "type": "object",
+                "additionalProperties": False,
+                "description": "Choices within the server's voice policy",
+                "properties": {
+                    "model": {"type": "string", "maxLength": 200},
+                    "instructions": {"type": "string"},
+                    "audio": {
+                        "type": "object",
+                        "properties": {
+                            "output": {
+                                "type": "object",
+                                "properties": {"voice": {"type": "string"}},
+                            }
+                        },
+                    },
+                },
+            },
+            "transport": {
+                "type": "object",
+                "required": ["type", "sdp"],
+                "additionalProperties": False,
+                "properties": {
+                    "type": {"type": "string", "enum": ["webrtc"]},
+                    "sdp": {"type": "string", "description": "The browser's SDP offer"},
+                },
+            },
+        },
+    },
+    "realtime/calls": {
+        "type": "object",
+        "required": ["sdp"],
+        "properties": {
+            "sdp": {"type": "string", "description": "The browser's SDP offer"},
+            "session": {
+                "type": "string",
+                "description": "Session JSON (type, model, instructions, audio, tools) "
+                "within the server's voice policy",
+            },
+        },
+    },
 }
 _ANSWERS: dict[str, dict[str, Any]] = {
     "chat/completions": {
@@ -92,7 +138,25 @@ _ANSWERS: dict[str, dict[str, Any]] = {
     },
     "audio/speech": {"audio/*": {"schema": {"type": "string", "format": "binary"}}},
     "audio/transcriptions": {"application/json": {"schema": _ANY_JSON}},
+    "live/sessions": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["session", "transport"],
+                "properties": {
+                    "session": {"type": "object", "properties": {"id": {"type": "string"}}},
+                    "transport": {
+                        "type": "object",
+                        "properties": {"type": {"type": "string"}, "sdp": {"type": "string"}},
+                    },
+                },
+            }
+        }
+    },
+    "realtime/calls": {"application/sdp": {"schema": {"type": "string"}}},
 }
+_MEDIA = {BodyKind.multipart: "multipart/form-data", BodyKind.json: "application/json"}
+_VOICE_MEDIA = {"voice_live": "application/json", "voice_calls": "multipart/form-data"}
 _RATE_HEADERS = {
     "RateLimit": {"description": 'IETF draft: "per-token";r=<remaining>;t=<reset s>'},
     "RateLimit-Policy": {"description": 'IETF draft: "per-token";q=<limit>;w=60'},
@@ -107,7 +171,8 @@ def document_routes(app: FastAPI) -> None:
     """Add one documentation-only POST route per allowlisted proxy path."""
     for path, route in ROUTES.items():
         name = path.removeprefix(PREFIX)
-        media = "multipart/form-data" if route.body is BodyKind.multipart else "application/json"
+        media = _MEDIA.get(route.body) or _VOICE_MEDIA[route.endpoint]
+        ok = 201 if route.body is BodyKind.voice else 200
         parameters = signature_headers(digest_required=True)
         if route.cacheable:
             parameters.append(
@@ -125,8 +190,10 @@ def document_routes(app: FastAPI) -> None:
             summary=f"Forward to the provider's /{name} (scope {route.scope.value})",
             dependencies=[Depends(PROXY_TOKEN)],
             responses={
-                200: {
-                    "description": "The provider's answer, streamed through",
+                ok: {
+                    "description": "The provider's answer, streamed through"
+                    if ok == 200
+                    else "The session's id and SDP answer (Location names a call)",
                     "content": _ANSWERS[name],
                     "headers": _RATE_HEADERS,
                 },

@@ -39,6 +39,7 @@ from .policy import RequestPolicy
 from .routes import PREFIX
 from .settings import Settings
 from .upstream import Forwarder, KeySource, OpenedLeaseCache
+from .voice import open_voice
 
 __all__ = ["CORS_ALLOWED_HEADERS", "CORS_EXPOSED_HEADERS", "create_app"]
 
@@ -52,7 +53,14 @@ CORS_ALLOWED_HEADERS = [
     "Signature-Input",
     "X-Keyveil-Cache",
 ]
-CORS_EXPOSED_HEADERS = ["RateLimit", "RateLimit-Policy", "Retry-After", "X-Keyveil-Cache"]
+CORS_EXPOSED_HEADERS = [
+    "RateLimit",
+    "RateLimit-Policy",
+    "Retry-After",
+    "X-Keyveil-Cache",
+    "Location",  # a brokered Realtime call's proxy URL
+    "X-Keyveil-Call-Id",
+]
 _NOT_READY = orjson.dumps(
     {"error": {"code": "not_ready", "message": "the proxy is starting or stopping"}}
 )
@@ -195,6 +203,16 @@ def create_app(settings: Settings, *, keys: KeySource | None = None) -> FastAPI:
                 )
                 stack.push_async_callback(forwarder.aclose)
             keyring = settings.keyring()
+            voice = None
+            if not settings.demo_mode:
+                voice = await open_voice(
+                    stack,
+                    settings=settings,
+                    redis=redis,
+                    keys=key_source,
+                    publisher=publisher,
+                    policy=policy.current.voice,
+                )
             # One pipelined connection for the per-request admission script.
             admission = Admission(redis, service="proxy", pipelined=True)
             stack.push_async_callback(admission.aclose)
@@ -212,6 +230,7 @@ def create_app(settings: Settings, *, keys: KeySource | None = None) -> FastAPI:
                 else None,
                 publisher=publisher,
                 trusted_proxies=parse_networks(settings.trusted_proxies),
+                voice=voice,
                 policy=RequestPolicy(policy),
             )
             policy.start()
@@ -228,6 +247,9 @@ def create_app(settings: Settings, *, keys: KeySource | None = None) -> FastAPI:
                 yield
             finally:
                 live.handler = None
+                if voice is not None:
+                    # First, before any other clean-up: another replica takes over now.
+                    await voice.let_go()
 
     app = service_app("keyveil proxy", lifespan)
 

@@ -43,14 +43,16 @@ from shared.errors import (
     RateLimitedError,
     UnavailableError,
     UpstreamError,
+    UpstreamTimeoutError,
 )
 from shared.events import EventPublisher, UsageEvent
 from shared.httpedge import IpNetwork, client_ip
 from shared.ratelimit import Admission, Decision, Limit
 from shared.refusals import RefusalSampler
+from shared.signing import ExpectedDigest
 from shared.telemetry import redactor
 
-from .access import NO_STRIKE_CODES, Caller, TokenCache, authenticate, rejection_reason
+from .access import Caller, TokenCache, authenticate, rejection_reason
 from .bodies import ClientGoneError, SpoolBudget, read_chunks, read_json, spool_multipart
 from .cache import OPT_IN_HEADER, ResponseCache
 from .demo import DemoAnswer, demo_response
@@ -69,6 +71,7 @@ from .routes import ROUTES, BodyKind, Route
 from .settings import Settings
 from .upstream import Forwarder, UpstreamResponse, UpstreamStreamError, combine_headers
 from .usage import TokenUsage, UsageTap
+from .voice.broker import VoiceBroker
 
 __all__ = ["ProxyHandler"]
 
@@ -193,9 +196,11 @@ class ProxyHandler:
         cache: ResponseCache | None,
         publisher: EventPublisher | None,
         trusted_proxies: list[IpNetwork],
+        voice: VoiceBroker | None = None,
         policy: RequestPolicy | None = None,
     ) -> None:
         self._settings = settings
+        self._voice = voice
         self._policy = policy or RequestPolicy.built_in()
         self._tokens = tokens
         self._admission = admission
@@ -303,6 +308,8 @@ class ProxyHandler:
         exchange.rate_headers = decision.headers()
         digest = caller.signature.digest
         assert digest is not None  # verify_request(require_digest=True) guarantees it
+        if route.body is BodyKind.voice:
+            return await self._voice_session(exchange, route, headers, receive, digest)
         if route.body is BodyKind.multipart:
             reserved = self._spool.reserve(
                 content_length=headers.get("content-length"),
@@ -358,6 +365,34 @@ class ProxyHandler:
             receive,
             idle_s=self._settings.body_read_timeout_s,
             total_s=self._settings.body_total_timeout_s,
+        )
+
+    async def _voice_session(
+        self,
+        exchange: _Exchange,
+        route: Route,
+        headers: dict[str, str],
+        receive: Receive,
+        digest: ExpectedDigest,
+    ) -> _Reply:
+        """A brokered voice session (services.proxy.voice), admitted like any call."""
+        if self._voice is None:
+            raise UnavailableError("voice sessions are off in demo mode", code="voice_unavailable")
+        assert exchange.caller is not None
+        try:
+            answer = await self._voice.open(
+                route=route,
+                claims=exchange.caller.claims,
+                headers=headers,
+                body=self._body(receive),
+                digest=digest,
+            )
+        except (UpstreamError, UpstreamTimeoutError) as exc:
+            return self._refused(exchange, exc, before_upstream=False)
+        exchange.model = answer.model
+        self._finish(exchange, answer.status, answer.upstream_s)
+        return _Reply(
+            answer.status, _encode({**exchange.rate_headers, **answer.headers}), answer.body
         )
 
     def _scheme(self, scope: Scope, headers: dict[str, str], ip: str) -> str:
@@ -511,7 +546,7 @@ class ProxyHandler:
         reason = rejection_reason(exc) if before_upstream else exc.code
         if before_upstream:
             REJECTIONS.labels(reason).inc()
-            if exc.status in (401, 403) and exc.code not in NO_STRIKE_CODES:
+            if exc.status in (401, 403) and exc.code != "ip_blocked" and reason != "policy":
                 AUTH_FAILURES.labels("proxy", reason).inc()
                 self._spawn(self._admission.strike(exchange.ip, reason))
         # Nobody was authenticated yet: counted always, but its usage event is sampled.

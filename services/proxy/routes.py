@@ -15,6 +15,7 @@ PREFIX = "/api/voice-agent/proxy/v1/"
 class BodyKind(StrEnum):
     json = "json"
     multipart = "multipart"
+    voice = "voice"  # an SDP offer for a brokered voice session (services.proxy.voice)
 
 
 @dataclass(frozen=True)
@@ -36,4 +37,6 @@ ROUTES: dict[str, Route] = {
     PREFIX + "audio/transcriptions": Route(
         "audio_transcriptions", Scope.transcriptions, "/audio/transcriptions", BodyKind.multipart
     ),
+    PREFIX + "live/sessions": Route("voice_live", Scope.voice, "/live/sessions", BodyKind.voice),
+    PREFIX + "realtime/calls": Route("voice_calls", Scope.voice, "/realtime/calls", BodyKind.voice),
 }

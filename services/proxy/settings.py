@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Self
+from typing import Literal, Self
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from pydantic import Field, field_validator, model_validator
 
 from shared.errors import ConfigError
-from shared.settings import EdgeSettings
+from shared.settings import CommaList, EdgeSettings, split_commas
+from shared.voicepolicy import (
+    DEFAULT_LIVE_MODELS,
+    DEFAULT_REALTIME_MODELS,
+    DEFAULT_VOICES,
+    VoicePolicy,
+)
 
 __all__ = ["Settings", "with_database"]
 
@@ -104,6 +110,77 @@ class Settings(EdgeSettings):
     @property
     def response_cache_redis_url(self) -> str:
         return self.cache_redis_url or with_database(self.redis_url, 1)
+
+    # The voice session policy (shared.voicepolicy); a policy file may replace it.
+    voice_live_models: CommaList = Field(
+        default_factory=lambda: list(DEFAULT_LIVE_MODELS), validation_alias="VOICE_LIVE_MODELS"
+    )
+    voice_realtime_models: CommaList = Field(
+        default_factory=lambda: list(DEFAULT_REALTIME_MODELS),
+        validation_alias="VOICE_REALTIME_MODELS",
+    )
+    voice_voices: CommaList = Field(
+        default_factory=lambda: list(DEFAULT_VOICES), validation_alias="VOICE_VOICES"
+    )
+    voice_instructions: str = Field(
+        default="You are a helpful voice assistant.",
+        max_length=8192,
+        validation_alias="VOICE_INSTRUCTIONS",
+    )
+    voice_client_instructions: bool = Field(
+        default=False, validation_alias="VOICE_CLIENT_INSTRUCTIONS"
+    )
+    voice_tools: CommaList = Field(default_factory=list, validation_alias="VOICE_TOOLS")
+    voice_max_session_s: int = Field(
+        default=900, ge=5, le=4 * 3600, validation_alias="VOICE_MAX_SESSION_S"
+    )
+    voice_on_violation: Literal["revert", "close"] = Field(
+        default="revert", validation_alias="VOICE_ON_VIOLATION"
+    )
+    voice_max_sdp_bytes: int = Field(
+        default=32 * 1024, ge=1024, le=256 * 1024, validation_alias="VOICE_MAX_SDP_BYTES"
+    )
+    voice_browser_events: CommaList | None = Field(
+        default=None, validation_alias="VOICE_BROWSER_EVENTS"
+    )
+    voice_upstream_timeout_s: float = Field(
+        default=10.0, gt=0, le=60, validation_alias="VOICE_UPSTREAM_TIMEOUT_S"
+    )
+    # A sideband's owner lease: another replica takes a session over this long after
+    # its owner died (plus one scan, 1 s).
+    voice_lease_ms: int = Field(
+        default=4000, ge=1000, le=8000, validation_alias="VOICE_SIDEBAND_LEASE_MS"
+    )
+
+    _split_voice = field_validator(
+        "voice_live_models",
+        "voice_realtime_models",
+        "voice_voices",
+        "voice_tools",
+        "voice_browser_events",
+        mode="before",
+    )(split_commas)
+
+    @field_validator("voice_live_models", "voice_realtime_models", "voice_voices")
+    @classmethod
+    def _voice_not_empty(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("must name at least one allowed value")
+        return value
+
+    def voice_policy(self) -> VoicePolicy:
+        return VoicePolicy(
+            live_models=self.voice_live_models,
+            realtime_models=self.voice_realtime_models,
+            voices=self.voice_voices,
+            instructions=self.voice_instructions,
+            client_instructions=self.voice_client_instructions,
+            tools=self.voice_tools,
+            max_session_s=self.voice_max_session_s,
+            on_violation=self.voice_on_violation,
+            max_sdp_bytes=self.voice_max_sdp_bytes,
+            browser_events=self.voice_browser_events,
+        )
 
     @property
     def lease_environment(self) -> str:

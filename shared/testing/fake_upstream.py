@@ -1,9 +1,10 @@
 """An OpenAI-compatible fake upstream for demos, tests and benchmarks.
 
-It answers the four endpoints keyveil forwards to, records the Authorization header
-of every call (so tests can prove which key reached the provider), and can be told to
-fail or to be slow through `POST /_fake/behaviour`. It is the only fake in the project:
-the network here reaches no real provider.
+It answers the four REST endpoints keyveil forwards to and, through `fake_voice`, the
+voice endpoints (GPT-Live sessions, Realtime calls, their WebRTC peers and sidebands). It
+records the Authorization header of every call (so tests can prove which key reached the
+provider), and can be told to fail or to be slow through `POST /_fake/behaviour`. It is
+the only fake in the project: the network here reaches no real provider.
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
+from starlette.requests import HTTPConnection
+
+from shared.testing.fake_voice import VoiceFake, VoiceSettings
 
 __all__ = ["Behaviour", "create_app", "main"]
 
@@ -35,6 +39,18 @@ class Behaviour(BaseModel):
     chunk_delay_ms: int = 0
     stream_chunks: int = 5
     retry_after: int | None = None
+    # Voice: one tick bills `voice_seconds_per_tick` (GPT-Live) or one response.done
+    # (Realtime) and sends a transcript delta; `voice_max_seconds` ends Live sessions.
+    voice_tick_ms: int = Field(default=1000, ge=10, le=60_000)
+    voice_seconds_per_tick: int = Field(default=1, ge=0)
+    voice_max_seconds: int | None = None
+
+    def voice(self) -> VoiceSettings:
+        return VoiceSettings(
+            tick_ms=self.voice_tick_ms,
+            seconds_per_tick=self.voice_seconds_per_tick,
+            max_seconds=self.voice_max_seconds,
+        )
 
 
 class Recorder:
@@ -42,7 +58,7 @@ class Recorder:
         self.calls: list[dict[str, Any]] = []
         self.limit = limit
 
-    def record(self, request: Request, body_size: int) -> None:
+    def record(self, request: HTTPConnection, body_size: int, **details: Any) -> None:
         if len(self.calls) >= self.limit:
             self.calls.pop(0)
         self.calls.append(
@@ -51,27 +67,30 @@ class Recorder:
                 "authorization": request.headers.get("authorization"),
                 "body_size": body_size,
                 "ts": time.time(),
+                **details,
             }
         )
 
 
 def _error(status: int, message: str, retry_after: int | None) -> JSONResponse:
     headers = {"retry-after": str(retry_after)} if retry_after is not None else None
-    kind = "rate_limit_exceeded" if status == 429 else "server_error"
+    kind, code = {
+        401: ("invalid_request_error", "invalid_api_key"),
+        429: ("rate_limit_exceeded", "rate_limit_exceeded"),
+    }.get(status, ("server_error", "server_error"))
     return JSONResponse(
-        {"error": {"message": message, "type": kind, "param": None, "code": kind}},
+        {"error": {"message": message, "type": kind, "param": None, "code": code}},
         status_code=status,
         headers=headers,
     )
 
 
 def create_app() -> FastAPI:
-    app = FastAPI(title="fake-openai", docs_url=None, redoc_url=None, openapi_url=None)
     state = {"behaviour": Behaviour()}
     recorder = Recorder()
 
-    async def misbehave(request: Request, body_size: int) -> Response | None:
-        recorder.record(request, body_size)
+    async def misbehave(request: HTTPConnection, body_size: int, **details: Any) -> Response | None:
+        recorder.record(request, body_size, **details)
         behaviour = state["behaviour"]
         if behaviour.delay_ms:
             await asyncio.sleep(behaviour.delay_ms / 1000)
@@ -81,6 +100,16 @@ def create_app() -> FastAPI:
         if behaviour.fail_status and (not wanted or request.url.path in wanted):
             return _error(behaviour.fail_status, "injected failure", behaviour.retry_after)
         return None
+
+    voice = VoiceFake(settings=lambda: state["behaviour"].voice(), misbehave=misbehave)
+    app = FastAPI(
+        title="fake-openai",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        lifespan=voice.lifespan,
+    )
+    voice.mount(app)
 
     @app.post("/_fake/behaviour")
     async def set_behaviour(behaviour: Behaviour) -> dict[str, Any]:

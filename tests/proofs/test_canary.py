@@ -18,6 +18,7 @@ import json
 import secrets
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -216,7 +217,7 @@ class Driver:
         assert self.record(deleted).is_success
         assert self.chat(held).status_code == 401
         operator_revoked = self.token("proxy")
-        assert self.cli("tokens", "revoke", operator_revoked["token_id"]).returncode == 0
+        assert self.cli("tokens", "revoke", "--", operator_revoked["token_id"]).returncode == 0
 
         # Key administration: list, show, rotate to a second canary, use it, revoke.
         listed = self.cli("keys", "list", "--json")
@@ -229,12 +230,75 @@ class Driver:
         assert self.cli("keys", "rewrap").returncode == 0
         assert self.cli("keys", "list", "--all").returncode == 0
 
+        self.voice_flows()
+
         # Alerts: a burst of forged tokens from one client.
         for _ in range(30):
             self.chat(forged)
         self.cli("alerts", "tail", "-n", "50")
         self.cli("audit", "tail", "-n", "200")
         self.cli("audit", "verify")
+
+    def voice_flows(self) -> None:
+        """Brokered voice: sessions, sidebands metering usage, policy refusals, endings."""
+        offer = asyncio.run(_real_offer())
+        self.fake(voice_tick_ms=100)
+        token = self.token("proxy")
+        live = {"session": {"model": "gpt-live-1"}, "transport": {"type": "webrtc", "sdp": offer}}
+        answer = self.call(token, "live/sessions", json.dumps(live).encode(), "application/json")
+        assert answer.status_code == 201, answer.text
+        session_id = answer.json()["session"]["id"]
+        boundary = "keyveilvoice"
+        call = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="sdp"\r\n\r\n{offer}\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="session"\r\n\r\n'
+            '{"type": "realtime", "model": "gpt-realtime"}\r\n'
+            f"--{boundary}--\r\n"
+        ).encode()
+        called = self.call(
+            token, "realtime/calls", call, f"multipart/form-data; boundary={boundary}"
+        )
+        assert called.status_code == 201, called.text
+        call_id = called.headers["x-keyveil-call-id"]
+        refused = dict(live, session={"model": "gpt-live-1", "store": True})
+        assert (
+            self.call(
+                token, "live/sessions", json.dumps(refused).encode(), "application/json"
+            ).status_code
+            == 400
+        )
+        self.fake(voice_tick_ms=100, fail_status=500, fail_paths=["/v1/live/sessions"])
+        failed = self.call(token, "live/sessions", json.dumps(live).encode(), "application/json")
+        assert failed.status_code == 502
+        self.fake(voice_tick_ms=100)
+        time.sleep(1.5)  # usage ticks through both sidebands
+        assert self.cli("sessions", "list", "--json").returncode == 0
+        assert self.cli("sessions", "show", session_id).returncode == 0
+        assert self.cli("sessions", "close", call_id).returncode == 0
+        assert self.cli("tokens", "revoke", "--", token["token_id"]).returncode == 0
+        time.sleep(1.5)  # the revocation ends the live session
+        self.fake()
+        fake = self.stack.info["fake_upstream_url"]
+        for ident in (session_id, call_id):
+            state = httpx.get(f"{fake}/_fake/sessions/{ident}").json()
+            # Positive control: the key did reach the provider, and the sideband attached.
+            assert state["authorization"] in (f"Bearer {CANARY}", f"Bearer {ROTATED_CANARY}")
+            assert state["sideband_connects"] >= 1
+            assert state["state"] == "closed"
+
+
+async def _real_offer() -> str:
+    from aiortc import AudioStreamTrack, RTCConfiguration, RTCPeerConnection
+
+    from shared.testing import fake_voice  # noqa: F401 - ICE on loopback
+
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    pc.addTrack(AudioStreamTrack())
+    pc.createDataChannel("oai-events")
+    await pc.setLocalDescription(await pc.createOffer())
+    sdp = str(pc.localDescription.sdp)
+    await pc.close()
+    return sdp
 
 
 async def sniff(stack: Stack, findings: Findings, done: asyncio.Event) -> int:

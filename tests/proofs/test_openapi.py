@@ -103,7 +103,14 @@ def test_proxy_spec_describes_every_allowlisted_path() -> None:
         "POST /api/voice-agent/proxy/v1/chat/completions",
         "POST /api/voice-agent/proxy/v1/audio/speech",
         "POST /api/voice-agent/proxy/v1/audio/transcriptions",
+        "POST /api/voice-agent/proxy/v1/live/sessions",
+        "POST /api/voice-agent/proxy/v1/realtime/calls",
     }
+    live = operations["POST /api/voice-agent/proxy/v1/live/sessions"]
+    assert "201" in live["responses"]
+    assert live["requestBody"]["content"]["application/json"]["schema"]["required"] == ["transport"]
+    calls = operations["POST /api/voice-agent/proxy/v1/realtime/calls"]
+    assert "application/sdp" in calls["responses"]["201"]["content"]
     for name, operation in operations.items():
         assert operation["security"] == [{"proxyToken": []}], name
         headers = _header_names(operation)

@@ -69,10 +69,8 @@ def issued(*, ts: float, ip: str = "198.51.100.1", **fields: Any) -> UsageEvent:
 
 def proxied(*, ts: float, status: int = 200, **fields: Any) -> UsageEvent:
     fields.setdefault("outcome", "ok" if status < 500 else "error")
-    return UsageEvent(
-        service="proxy", type="proxy.request", status=status, path="/v1/chat/completions",
-        ts=ts, **fields,
-    )  # fmt: skip
+    fields.setdefault("type", "proxy.request")
+    return UsageEvent(service="proxy", status=status, path="/v1/chat/completions", ts=ts, **fields)
 
 
 def rotation_due(*, ts: float, key_id: str = "key-openai-1") -> AuditEvent:

@@ -100,6 +100,16 @@ def test_usage_spike_per_key_and_subject() -> None:
     assert found["usage_spike_subject"].labels["token_id"] == "tok-0"
 
 
+def test_voice_metering_is_not_counted_as_requests() -> None:
+    detectors = warmed_up()  # tok-0: 3 requests a minute
+    now = T0 + 30 * 60
+    ticks = [
+        proxied(ts=now + i * 0.5, key_id="key-openai-1", token_id="tok-0", type="voice.usage")
+        for i in range(80)
+    ]
+    assert feed(detectors, ticks) == []  # one voice session, metered every half second
+
+
 def test_usage_spike_new_key_cold_start_is_robust() -> None:
     detectors = warmed_up()
     now = T0 + 30 * 60

@@ -17,8 +17,6 @@ from nats.js.api import DeliverPolicy
 
 from keyveil.servers import ServerProcess, free_port, redis_binary
 from services.proxy.settings import with_database
-from shared.bus import ensure_stream
-from shared.events import USAGE_STREAM
 from shared.tokens import Scope
 from tests.attacks import close_raw, healthz_latency, open_raw, read_response, request_head
 from tests.support import FakeUpstream, ServiceProcess
@@ -303,7 +301,6 @@ async def test_uploads_over_the_spool_budget_get_503(
 
 async def _usage_events(bus: NATS, since: float, settle_s: float = 2.0) -> list[dict[str, Any]]:
     js = bus.jetstream()
-    await ensure_stream(js, USAGE_STREAM)
     sub = await js.subscribe(
         "keyveil.usage.proxy", ordered_consumer=True, deliver_policy=DeliverPolicy.ALL
     )
