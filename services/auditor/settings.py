@@ -83,6 +83,14 @@ class Settings(CommonSettings):
         default=50, ge=1, validation_alias="AUDITOR_TOKEN_RATE_MIN_COUNT"
     )
     """Tokens per baseline bucket below which the overall issuance spike detector stays quiet."""
+    # Per user (the hashed principal): an issuance burst, and one login used from many IPs.
+    token_user_threshold: int = Field(
+        default=20, ge=1, validation_alias="AUDITOR_TOKEN_USER_THRESHOLD"
+    )
+    user_ip_threshold: int = Field(default=5, ge=2, validation_alias="AUDITOR_USER_IP_THRESHOLD")
+    user_ip_window_s: float = Field(
+        default=600.0, gt=0, validation_alias="AUDITOR_USER_IP_WINDOW_S"
+    )
 
     # Proxy error rate.
     proxy_error_ratio: float = Field(

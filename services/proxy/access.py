@@ -39,8 +39,11 @@ _REASONS = {
     "security_unavailable": "unavailable",
     "body_timeout": "body_timeout",
     "upload_capacity": "upload_capacity",
-    # A voice session outside the server's policy: refused, but not an auth failure.
+    # A request or voice session outside the server's usage policy: refused, but not
+    # an auth failure (no IP strike: blocking would also block everyone behind a NAT).
     "model_not_allowed": "policy",
+    "model_required": "policy",
+    "policy_limit_exceeded": "policy",
     "voice_not_allowed": "policy",
     "instructions_not_allowed": "policy",
     "tool_not_allowed": "policy",

@@ -35,6 +35,9 @@ class Settings(EdgeSettings):
         default=600, ge=1, le=10_000_000, validation_alias="VOICE_AGENT_PROXY_IP_RATE_LIMIT"
     )
     """Proxy requests per client IP per minute."""
+    user_rate_limit_per_min: int = Field(
+        default=300, ge=1, le=1_000_000, validation_alias="VOICE_AGENT_USER_RATE_LIMIT"
+    )
     key_environment: str | None = Field(default=None, validation_alias="KEY_ENVIRONMENT")
     """Environment whose provider key the proxy leases (default: NODE_ENV)."""
 
