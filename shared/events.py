@@ -160,6 +160,7 @@ class EventPublisher:
         # background publishing task runs outside that request's context.
         self._trace: dict[str, dict[str, str]] = {}
         self._in_flight = 0
+        self._closing = False
 
     def emit(self, event: Event) -> None:
         """Queue an event; never blocks and never raises."""
@@ -194,16 +195,22 @@ class EventPublisher:
     async def close(self, timeout: float = 5.0) -> None:
         """Publish what is buffered (bounded by `timeout`), then stop the background task."""
         await self.flush(timeout)
+        self._closing = True
+        self._wake.set()
         if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            # Signalled first: a cancellation can be swallowed by a NATS call completing
+            # at that moment, and the loop would then wait on `_wake` for ever.
+            _, pending = await asyncio.wait({self._task}, timeout=1.0)
+            for task in pending:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.pending:
             log.warning("%d events not published at shutdown", self.pending)
 
     async def _run(self) -> None:
         backoff = 0.1
-        while True:
+        while not self._closing:
             if not self._buffer:
                 self._wake.clear()
                 await self._wake.wait()

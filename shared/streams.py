@@ -282,6 +282,7 @@ class StreamGuard:
         self._on_drift = on_drift
         self._reported: frozenset[Drift] = frozenset()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
         self.ok = False
 
     async def check(self) -> bool:
@@ -309,12 +310,21 @@ class StreamGuard:
         self._task = asyncio.create_task(self._run(), name="stream-guard")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        """Stop by signal, not by cancel alone: a cancellation that lands as a NATS reply
+        completes is swallowed by `wait_for` (Python 3.11), and the round's sleep would
+        then hold the shutdown for a whole interval."""
+        self._stopping.set()
+        if self._task is None:
+            return
+        _, pending = await asyncio.wait({self._task}, timeout=5.0)
+        for task in pending:
+            task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
 
     async def _run(self) -> None:
-        while True:
+        while not self._stopping.is_set():
             await self.check()
-            await asyncio.sleep(self._interval_s if self.ok else min(self._interval_s, 2.0))
+            pause = self._interval_s if self.ok else min(self._interval_s, 2.0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), pause)

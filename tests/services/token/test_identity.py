@@ -332,6 +332,7 @@ def _production(**values: Any) -> dict[str, Any]:
     return {
         "NODE_ENV": "production",
         "ALLOWED_ORIGINS": ORIGIN,
+        "PROXY_PUBLIC_URL": "https://gw.keyveil.test/api/voice-agent/proxy/v1",
         **values,
     }
 
