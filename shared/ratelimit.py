@@ -47,6 +47,8 @@ from redis.asyncio.connection import Connection as _TcpConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from shared.contract import Category, Refusal
+from shared.principals import revoked_user_key
 from shared.tokens import revoked_key
 
 __all__ = [
@@ -82,13 +84,15 @@ BACKEND_ERRORS = Counter(
 _US: Final = 1_000_000
 # Refusal codes returned by the Lua script, in the order the checks run.
 _OK, _LIMITED, _REPLAY, _REVOKED, _BLOCKED = 0, 1, 2, 3, 4
-_REASONS: Final = {
-    _OK: "ok",
-    _LIMITED: "rate_limited",
-    _REPLAY: "replay",
-    _REVOKED: "revoked",
-    _BLOCKED: "blocked",
+_REFUSALS: Final[dict[int, Refusal | None]] = {
+    _OK: None,
+    _LIMITED: Refusal.RATE_LIMITED,
+    _REPLAY: Refusal.REPLAY_DETECTED,
+    _REVOKED: Refusal.TOKEN_REVOKED,
+    _BLOCKED: Refusal.IP_BLOCKED,
 }
+# Categories whose answer carries Retry-After: they pass with time.
+_RETRYABLE: Final = frozenset({Category.limit, Category.blocked, Category.unavailable})
 # Metric layer names for the checks that are not rate-limit layers.
 _CHECK_LAYERS: Final = {_REPLAY: "nonce", _REVOKED: "revocation", _BLOCKED: "block"}
 _REDIS_TROUBLE = (
@@ -156,8 +160,10 @@ def redis_unavailable() -> Iterator[None]:
         raise outage from None
 
 
-# KEYS: block, revoked ("" when unused), nonce ("" when unused), then one per layer.
-# ARGV: nonce_ttl_ms, then (period_us, limit) per layer.
+# KEYS: block, revoked ("" when unused), nonce ("" when unused), revoked user ("" when
+# unused), then one per layer.
+# ARGV: nonce_ttl_ms, token iat (s; a user's tokens issued at or before the stored time
+# are revoked), then (period_us, limit) per layer.
 # Returns {code, layer_index (1-based, 0 = none), remaining, reset_after_us, retry_after_us}.
 _ADMIT_LUA: Final = """
 local t = redis.call('TIME')
@@ -170,17 +176,23 @@ end
 if KEYS[2] ~= '' and redis.call('EXISTS', KEYS[2]) == 1 then
   return {3, 0, 0, 0, 0}
 end
+if KEYS[4] ~= '' then
+  local cut = tonumber(redis.call('GET', KEYS[4]) or '')
+  if cut and tonumber(ARGV[2]) <= cut then
+    return {3, 0, 0, 0, 0}
+  end
+end
 if KEYS[3] ~= '' and redis.call('EXISTS', KEYS[3]) == 1 then
   return {2, 0, 0, 0, 0}
 end
-local n = #KEYS - 3
+local n = #KEYS - 4
 local new_tats = {}
 local best, best_remaining, best_reset = 0, -1, 0
 for i = 1, n do
-  local period = tonumber(ARGV[2 * i])
-  local limit = tonumber(ARGV[2 * i + 1])
+  local period = tonumber(ARGV[2 * i + 1])
+  local limit = tonumber(ARGV[2 * i + 2])
   local interval = period / limit
-  local tat = tonumber(redis.call('GET', KEYS[3 + i]) or '0')
+  local tat = tonumber(redis.call('GET', KEYS[4 + i]) or '0')
   if tat < now then tat = now end
   local new_tat = tat + interval
   local allow_at = new_tat - period
@@ -196,7 +208,7 @@ for i = 1, n do
 end
 for i = 1, n do
   local ttl_ms = math.ceil((new_tats[i] - now) / 1000)
-  redis.call('SET', KEYS[3 + i], string.format('%.17g', new_tats[i]), 'PX', ttl_ms)
+  redis.call('SET', KEYS[4 + i], string.format('%.17g', new_tats[i]), 'PX', ttl_ms)
 end
 if KEYS[3] ~= '' then
   redis.call('SET', KEYS[3], '1', 'PX', tonumber(ARGV[1]))
@@ -271,7 +283,7 @@ class Decision:
     """The answer to one admission check, with the headers a response should carry."""
 
     allowed: bool
-    reason: str  # ok | rate_limited | replay | revoked | blocked | unavailable
+    refusal: Refusal | None = None  # None when allowed
     layer: str | None = None
     limit: int | None = None
     remaining: int | None = None
@@ -287,7 +299,7 @@ class Decision:
             out["RateLimit"] = (
                 f'"{self.layer}";r={self.remaining or 0};t={math.ceil(self.reset_after_s)}'
             )
-        if not self.allowed and self.reason in ("rate_limited", "blocked", "unavailable"):
+        if self.refusal is not None and self.refusal.category in _RETRYABLE:
             out["Retry-After"] = str(max(1, math.ceil(self.retry_after_s)))
         return out
 
@@ -323,7 +335,7 @@ class LocalGcra:
             if now < allow_at - 1e-6:  # the script's 1 us of float slack
                 return Decision(
                     allowed=False,
-                    reason="rate_limited",
+                    refusal=Refusal.RATE_LIMITED,
                     layer=item.layer,
                     limit=item.limit,
                     remaining=0,
@@ -336,7 +348,6 @@ class LocalGcra:
             if best is None or remaining < (best.remaining or 0):
                 best = Decision(
                     allowed=True,
-                    reason="ok",
                     layer=item.layer,
                     limit=item.limit,
                     remaining=remaining,
@@ -348,7 +359,7 @@ class LocalGcra:
             self._tats.move_to_end(key)
         while len(self._tats) > self._max:
             self._tats.popitem(last=False)
-        return best or Decision(allowed=True, reason="ok")
+        return best or Decision(allowed=True)
 
 
 class _LocalNonces:
@@ -618,14 +629,17 @@ class Admission:
         nonce: str | None = None,
         nonce_ttl_s: int = 0,
         revoked_token_id: str | None = None,
+        revoked_user: tuple[str, int] | None = None,
     ) -> Decision:
+        """`revoked_user` is (user hash, token iat): refused when revoked at or after iat."""
         keys = [
             block_key(client_ip),
             revoked_key(revoked_token_id) if revoked_token_id else "",
             nonce_key(nonce) if nonce else "",
+            revoked_user_key(revoked_user[0]) if revoked_user else "",
             *(rate_key(item.layer, item.subject) for item in limits),
         ]
-        args: list[int] = [max(1, nonce_ttl_s) * 1000]
+        args: list[int] = [max(1, nonce_ttl_s) * 1000, revoked_user[1] if revoked_user else 0]
         for item in limits:
             args += [max(1, round(item.period_s * _US)), item.limit]
         script = self._pipelined or self._admit
@@ -645,7 +659,7 @@ class Admission:
         if self._pipelined is not None:
             await self._pipelined.aclose()
 
-    async def strike(self, client_ip: str, reason: str) -> bool:
+    async def strike(self, client_ip: str, reason: Category) -> bool:
         """Count an auth failure or limit hit; True when this strike blocked `client_ip`."""
         try:
             with redis_unavailable():
@@ -672,7 +686,7 @@ class Admission:
             DECISIONS.labels(self._service, _CHECK_LAYERS[code], "blocked").inc()
             return Decision(
                 allowed=False,
-                reason=_REASONS[code],
+                refusal=_REFUSALS[code],
                 reset_after_s=reset_us / _US,
                 retry_after_s=retry_us / _US,
             )
@@ -685,7 +699,7 @@ class Admission:
                 DECISIONS.labels(self._service, each.layer, "allowed").inc()
         return Decision(
             allowed=code == _OK,
-            reason=_REASONS[code],
+            refusal=_REFUSALS[code],
             layer=item.layer if item else None,
             limit=item.limit if item else None,
             remaining=remaining if item else None,
@@ -717,15 +731,15 @@ class Admission:
                 DECISIONS.labels(self._service, item.layer, "unavailable").inc()
             return Decision(
                 allowed=False,
-                reason="unavailable",
+                refusal=Refusal.SECURITY_UNAVAILABLE,
                 layer=closed[0].layer if closed else None,
                 retry_after_s=1.0,
             )
         if nonce and not self._local_nonces.first_use(nonce, nonce_ttl_s):
             DECISIONS.labels(self._service, "nonce", "blocked").inc()
-            return Decision(allowed=False, reason="replay")
+            return Decision(allowed=False, refusal=Refusal.REPLAY_DETECTED)
         local = [item for item in limits if modes[item.layer] is FailureMode.local]
-        decision = self._local.check(local) if local else Decision(allowed=True, reason="ok")
+        decision = self._local.check(local) if local else Decision(allowed=True)
         if not decision.allowed:
             DECISIONS.labels(self._service, decision.layer or "local", "limited").inc()
             return decision

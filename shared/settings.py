@@ -11,6 +11,7 @@ import itertools
 import math
 from collections import Counter
 from enum import StrEnum
+from pathlib import Path
 from typing import Annotated, Any, Self, TypeVar
 from urllib.parse import urlsplit
 
@@ -148,6 +149,11 @@ class EdgeSettings(CommonSettings):
     )
     allowed_origins: CommaList = Field(default_factory=list, validation_alias="ALLOWED_ORIGINS")
     trusted_proxies: CommaList = Field(default_factory=list, validation_alias="TRUSTED_PROXIES")
+    # The ingress header with the client's country (e.g. CF-IPCountry); believed only
+    # from a TRUSTED_PROXIES peer, it feeds the auditor's geography detectors.
+    country_header: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9-]{1,64}$", validation_alias="COUNTRY_HEADER"
+    )
     demo_mode: bool = Field(default=False, validation_alias="VOICE_AGENT_DEMO_MODE")
     openai_base_url: str = Field(
         default="https://api.openai.com/v1", validation_alias="OPENAI_BASE_URL"
@@ -155,6 +161,8 @@ class EdgeSettings(CommonSettings):
     signature_window_s: float = Field(
         default=60.0, gt=0, le=600, validation_alias="SIGNATURE_WINDOW_S"
     )
+    policy_file: Path | None = Field(default=None, validation_alias="KEYVEIL_POLICY_FILE")
+    """The usage policy (shared/policy.py), the same file for the token service and the proxy."""
     # HTTP bounds enforced by the protocol (shared.httpprotocol), before the app runs.
     max_header_count: int = Field(
         default=100, ge=16, le=10_000, validation_alias="HTTP_MAX_HEADER_COUNT"

@@ -3,14 +3,18 @@
 Detectors are pure (no I/O, event time only) so they can be unit-tested and replayed.
 Which events count as what:
 
-- auth failure: a `UsageEvent` with outcome "denied" and an authentication reason
-  (`AUTH_REASONS`); rate-limit and block decisions are not authentication failures;
+- auth failure: a `UsageEvent` with outcome "denied" whose reason's category is auth,
+  tamper or replay (`AUTH_CATEGORIES`); limit, block and policy refusals are not;
 - token issuance: a "token.issued" event (or any successful token-service event with
-  a mode);
+  a mode); with a principal (`user`, a keyed hash) it also counts per user and per
+  user's client IPs;
+- identity outage: a token-service error with reason "identity_unavailable" (the
+  IdP's JWKS unreachable and no key cached: logins are refused with 503);
 - proxy request: a proxy event that was not refused at the door (outcome ok/error);
   an error is outcome "error" or a 5xx status; voice metering ("voice.usage", many per
   session) is not a request: the session's set-up was one already;
-- replay: reason "replay"; tampering: reason "signature" / "digest" / "tampered";
+- replay: a refusal of category replay; tampering: category tamper (a signature or
+  digest that does not match); v1 reasons ("replay", "signature", ...) map onto them;
 - rotation overdue: an `AuditEvent` of type "rotation_due" from the key-manager.
 """
 
@@ -28,35 +32,21 @@ from services.auditor.baselines import (
     WindowCounter,
 )
 from services.auditor.settings import Settings
+from shared.contract import Category, Refusal, category_of
 from shared.events import AuditEvent, UsageEvent
 
 # Usage events that meter a running session rather than record a request.
 METERING_TYPES = frozenset({"voice.usage"})
 
-__all__ = ["ALERT_TYPES", "AUTH_REASONS", "Detectors", "Finding"]
+__all__ = ["ALERT_TYPES", "AUTH_CATEGORIES", "Detectors", "Finding"]
 
 Severity = Literal["info", "warning", "critical"]
 
-AUTH_REASONS = frozenset(
-    {
-        "signature",
-        "digest",
-        "replay",
-        "expired",
-        "scope",
-        "revoked",
-        "origin",
-        "invalid_token",
-        "token",
-        "unauthorized",
-        "forbidden",
-        "tampered",
-        "missing_token",
-        "missing_signature",
-    }
-)
-REPLAY_REASONS = frozenset({"replay", "nonce_reused"})
-TAMPER_REASONS = frozenset({"signature", "digest", "tampered", "bad_signature"})
+# Categories (`shared.contract.Category`) of the refusals each detector counts. A
+# reason is a refusal code, a category, or a v1 reason (`shared.contract.category_of`).
+AUTH_CATEGORIES = frozenset({Category.auth, Category.tamper, Category.replay})
+REPLAY_CATEGORIES = frozenset({Category.replay})
+TAMPER_CATEGORIES = frozenset({Category.tamper})
 TOKEN_ISSUED_TYPES = frozenset({"token.issued", "token.issue"})
 ROTATION_DUE_TYPES = frozenset({"rotation_due", "key.rotation_due", "keymanager.rotation_due"})
 BUS_DROPPED_TYPES = frozenset({"lease_dropped", "admin_dropped"})
@@ -65,6 +55,9 @@ ALERT_TYPES = (
     "auth_failure_burst",
     "token_rate_ip",
     "token_rate_spike",
+    "token_rate_user",
+    "user_many_ips",
+    "identity_unavailable",
     "proxy_error_rate",
     "usage_spike_key",
     "usage_spike_subject",
@@ -99,6 +92,15 @@ def _country(value: str | None) -> str | None:
     return code
 
 
+def _age_days(detail: dict[str, object]) -> float | None:
+    # The key-manager writes `age_s`; `age_days` is what older events carried.
+    seconds = detail.get("age_s")
+    if isinstance(seconds, int | float):
+        return seconds / 86_400
+    days = detail.get("age_days")
+    return float(days) if isinstance(days, int | float) else None
+
+
 class Detectors:
     """All detectors, fed event by event; `observe_*` returns the findings that passed cooldown."""
 
@@ -110,6 +112,8 @@ class Detectors:
         self.auth_failures = WindowCounter(s.auth_failure_window_s, s.auth_failure_threshold, cap)
         self.token_per_ip = WindowCounter(s.token_window_s, s.token_ip_threshold, cap)
         self.token_overall = self._baseline(min_count=s.token_rate_min_count)
+        self.token_per_user = WindowCounter(s.token_window_s, s.token_user_threshold, cap)
+        self.user_ips: BoundedMap[dict[str, float]] = BoundedMap(cap)
         self.proxy_errors = RatioWindow(s.proxy_error_window_s)
         self.key_usage: BoundedMap[Baseline] = BoundedMap(cap)
         self.subject_usage: BoundedMap[Baseline] = BoundedMap(cap)
@@ -141,6 +145,18 @@ class Detectors:
             findings.extend(self._token_issued(event))
         elif event.service == "proxy" and event.type not in METERING_TYPES:
             findings.extend(self._proxy_request(event))
+        elif event.service == "token" and event.reason == Refusal.IDENTITY_UNAVAILABLE:
+            findings.append(
+                Finding(
+                    "identity_unavailable",
+                    "critical",
+                    "token",
+                    "logins cannot be checked: the identity provider's JWKS is unreachable "
+                    "and no key is cached (token requests answer 503)",
+                    event.ts,
+                    {"service": event.service},
+                )
+            )
         findings.extend(self._geography(event))
         return self._pass_cooldown(findings)
 
@@ -150,10 +166,10 @@ class Detectors:
         if event.type in ROTATION_DUE_TYPES:
             key = event.key_id or "unknown"
             env = event.environment or "unknown"
-            age = event.detail.get("age_days")
             summary = f"key {key} ({event.provider or 'provider'}, {env}) is overdue for rotation"
-            if isinstance(age, int | float):
-                summary += f": {age:g} days old"
+            days = _age_days(event.detail)
+            if days is not None:
+                summary += f": {days:.1f} days old"
             findings.append(
                 Finding(
                     "rotation_overdue",
@@ -197,10 +213,11 @@ class Detectors:
 
     def _denied(self, event: UsageEvent) -> Iterable[Finding]:
         reason = (event.reason or "").lower()
+        category = category_of(reason)
         ip = event.client_ip or "unknown"
         s = self.settings
         weight = event.count or 1  # a sampled refusal event stands for `count` refusals
-        if reason in AUTH_REASONS or reason.startswith("invalid_"):
+        if category in AUTH_CATEGORIES:
             count = self.auth_failures.add(ip, event.ts, weight)
             if count >= s.auth_failure_threshold:
                 yield Finding(
@@ -213,7 +230,7 @@ class Detectors:
                     {"client_ip": ip, "reason": reason, "service": event.service},
                 )
         who = f"token:{event.token_id}" if event.token_id else f"ip:{ip}"
-        if reason in REPLAY_REASONS:
+        if category in REPLAY_CATEGORIES:
             count = self.replays.add(who, event.ts, weight)
             if count >= s.replay_threshold:
                 yield Finding(
@@ -224,7 +241,7 @@ class Detectors:
                     event.ts,
                     self._who_labels(event),
                 )
-        if reason in TAMPER_REASONS:
+        if category in TAMPER_CATEGORIES:
             count = self.tampering.add(who, event.ts, weight)
             if count >= s.tamper_threshold:
                 yield Finding(
@@ -249,6 +266,8 @@ class Detectors:
                 event.ts,
                 {"client_ip": ip},
             )
+        if event.user:
+            yield from self._user_issued(event.user, ip, event.ts)
         verdict = self.token_overall.add(event.ts)
         if verdict.spike:
             baseline = self.token_overall.stats.mean
@@ -260,6 +279,39 @@ class Detectors:
                 f"bucket against a baseline of {baseline:.1f}",
                 event.ts,
                 {"count": f"{verdict.count:g}", "baseline": f"{baseline:.1f}"},
+            )
+
+    def _user_issued(self, user: str, ip: str, ts: float) -> Iterable[Finding]:
+        s = self.settings
+        count = self.token_per_user.add(user, ts)
+        if count >= s.token_user_threshold:
+            yield Finding(
+                "token_rate_user",
+                "warning",
+                user,
+                f"{count} tokens issued to user {user} within {s.token_window_s:g}s",
+                ts,
+                {"user": user},
+            )
+        seen = self.user_ips.get(user)
+        if seen is None:
+            seen = {}
+            self.user_ips.put(user, seen)
+        seen[ip] = ts
+        for old in [a for a, t in seen.items() if ts - t > s.user_ip_window_s]:
+            del seen[old]
+        if len(seen) > 4 * s.user_ip_threshold:  # bounded: keep the newest
+            for old in sorted(seen, key=seen.__getitem__)[: len(seen) - 4 * s.user_ip_threshold]:
+                del seen[old]
+        if len(seen) >= s.user_ip_threshold:
+            yield Finding(
+                "user_many_ips",
+                "warning",
+                user,
+                f"user {user} got tokens from {len(seen)} client IPs within "
+                f"{s.user_ip_window_s:g}s (a shared or stolen login?)",
+                ts,
+                {"user": user, "ips": str(len(seen))},
             )
 
     def _proxy_request(self, event: UsageEvent) -> Iterable[Finding]:
