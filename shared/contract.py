@@ -39,6 +39,7 @@ __all__ = [
     "Category",
     "Refusal",
     "category_of",
+    "counts_as_strike",
     "refusal_category",
 ]
 
@@ -261,7 +262,14 @@ _ERROR_BY_STATUS: Final[dict[int, type[ApiError]]] = {
 # Refusals that count toward blocking the client IP: signs of a credential attack. A
 # policy refusal (a misconfigured client) or a block itself does not count: blocking
 # everyone behind one NAT for a wrong model name would be worse than the request.
+# Only 401/403 answers count: a malformed signature header (400) is a broken client.
 STRIKE_CATEGORIES: Final = frozenset({Category.auth, Category.tamper, Category.replay})
+
+
+def counts_as_strike(error: ApiError) -> bool:
+    """True when this refusal counts toward blocking the client IP."""
+    return error.status in (401, 403) and refusal_category(error) in STRIKE_CATEGORIES
+
 
 _BY_STATUS_CATEGORY: Final[dict[int, Category]] = {
     401: Category.auth,

@@ -169,7 +169,7 @@ class Detectors:
             summary = f"key {key} ({event.provider or 'provider'}, {env}) is overdue for rotation"
             days = _age_days(event.detail)
             if days is not None:
-                summary += f": {days:.1f} days old"
+                summary += f": {round(days, 1):g} days old"
             findings.append(
                 Finding(
                     "rotation_overdue",

@@ -34,7 +34,7 @@ import orjson
 from prometheus_client import Counter, Histogram
 from starlette.types import Message, Receive, Scope, Send
 
-from shared.contract import STRIKE_CATEGORIES, Refusal, refusal_category
+from shared.contract import Refusal, counts_as_strike, refusal_category
 from shared.errors import (
     ApiError,
     UpstreamError,
@@ -539,7 +539,7 @@ class ProxyHandler:
         if before_upstream:
             category = refusal_category(exc)
             REJECTIONS.labels(category).inc()
-            if category in STRIKE_CATEGORIES:
+            if counts_as_strike(exc):
                 AUTH_FAILURES.labels("proxy", category).inc()
                 self._spawn(self._admission.strike(exchange.ip, category))
         # Nobody was authenticated yet: counted always, but its usage event is sampled.

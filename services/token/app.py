@@ -34,7 +34,7 @@ from services.token.realtime import RealtimeMinter, SessionPolicy
 from services.token.revocation import Revoker
 from services.token.settings import Settings
 from shared import bus
-from shared.contract import STRIKE_CATEGORIES, Category, Refusal, refusal_category
+from shared.contract import Category, Refusal, counts_as_strike, refusal_category
 from shared.errors import ApiError
 from shared.events import AuditEvent, EventPublisher, UsageEvent, drift_reporter
 from shared.guard import SignedRequest
@@ -164,7 +164,7 @@ class TokenService:
             )
         except ApiError as exc:
             category = refusal_category(exc)
-            if category in STRIKE_CATEGORIES:
+            if counts_as_strike(exc):
                 AUTH_FAILURES.labels("token", category).inc()
                 if await self.admission.strike(ip, category):
                     self._blocked_event(ip)

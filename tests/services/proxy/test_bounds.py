@@ -321,7 +321,7 @@ async def _usage_events(bus: NATS, since: float, settle_s: float = 2.0) -> list[
 async def test_unauthenticated_refusals_are_counted_but_sampled(
     client: Browser, bus: NATS, bounded_proxy: ServiceProcess
 ) -> None:
-    rejections = 'keyveil_proxy_rejections_total{reason="invalid_token"}'
+    rejections = 'keyveil_proxy_rejections_total{reason="auth"}'
     before = _metric((await _get(bounded_proxy, "/metrics")).decode(), rejections)
     since = time.time()
 
