@@ -40,6 +40,7 @@ __all__ = [
     "Refusal",
     "category_of",
     "counts_as_strike",
+    "markdown_table",
     "refusal_category",
 ]
 
@@ -225,7 +226,7 @@ class Refusal(StrEnum):
     # -- not_found / internal --------------------------------------------------------
     NOT_FOUND = ("not_found", 404, _C.not_found, "not found")
     KEY_NOT_FOUND = ("key_not_found", 404, _C.not_found, "no such key")
-    KEY_INTEGRITY = ("key_integrity", 500, _C.internal, "a key record failed its integrity check")
+    KEY_INTEGRITY = ("key_integrity", 503, _C.internal, "a key record failed its integrity check")
     INTERNAL_ERROR = ("internal_error", 500, _C.internal, "internal error")
 
     @classmethod
@@ -331,3 +332,20 @@ def category_of(reason: str | None) -> Category | None:
     if reason.startswith("signature_"):
         return _C.auth
     return None
+
+
+def markdown_table() -> str:
+    """The README's error table (`python -m shared.contract` prints it)."""
+    rows = ["| code | status | category | meaning |", "|---|---|---|---|"]
+    for category in Category:
+        for refusal in Refusal:
+            if refusal.category is category:
+                rows.append(
+                    f"| `{refusal.value}` | {refusal.status} | {category.value} | "
+                    f"{refusal.message} |"
+                )
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown_table(), end="")

@@ -13,8 +13,8 @@ import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
 from keyveil.servers import start_redis
-from shared.principals import revoked_user_key
 from shared.contract import Refusal
+from shared.principals import revoked_user_key
 from shared.ratelimit import (
     Admission,
     Decision,

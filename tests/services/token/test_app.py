@@ -109,8 +109,8 @@ async def test_realtime_session_stays_inside_the_allowlists(
             headers=browser(),
         )
         voice = await client.post(SECURE, json={"session": {"voice": "darth"}}, headers=browser())
-    assert (wider.status_code, wider.json()["error"]["code"]) == (400, "model_not_allowed")
-    assert (voice.status_code, voice.json()["error"]["code"]) == (400, "voice_not_allowed")
+    assert (wider.status_code, wider.json()["error"]["code"]) == (403, "model_not_allowed")
+    assert (voice.status_code, voice.json()["error"]["code"]) == (403, "voice_not_allowed")
     assert "gpt-4-expensive" not in wider.text
     assert fake_upstream.calls() == []
 
