@@ -149,6 +149,15 @@ class EdgeSettings(CommonSettings):
     )
     allowed_origins: CommaList = Field(default_factory=list, validation_alias="ALLOWED_ORIGINS")
     trusted_proxies: CommaList = Field(default_factory=list, validation_alias="TRUSTED_PROXIES")
+    # IP blocking after repeated auth failures: one rule for both edges (they share
+    # the Redis strike counter, so differing thresholds would make no sense).
+    block_after_strikes: int = Field(
+        default=20, ge=1, validation_alias="RATE_LIMIT_BLOCK_AFTER_STRIKES"
+    )
+    strike_window_s: float = Field(
+        default=60.0, gt=0, validation_alias="RATE_LIMIT_STRIKE_WINDOW_S"
+    )
+    block_for_s: float = Field(default=300.0, gt=0, validation_alias="RATE_LIMIT_BLOCK_FOR_S")
     # The ingress header with the client's country (e.g. CF-IPCountry); believed only
     # from a TRUSTED_PROXIES peer, it feeds the auditor's geography detectors.
     country_header: str | None = Field(

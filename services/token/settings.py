@@ -50,13 +50,6 @@ class Settings(EdgeSettings):
     rate_limit_failure_mode: FailureMode = Field(
         default=FailureMode.closed, validation_alias="TOKEN_RATE_LIMIT_FAILURE_MODE"
     )
-    block_after_strikes: int = Field(
-        default=20, ge=1, validation_alias="RATE_LIMIT_BLOCK_AFTER_STRIKES"
-    )
-    strike_window_s: float = Field(
-        default=60.0, gt=0, validation_alias="RATE_LIMIT_STRIKE_WINDOW_S"
-    )
-    block_for_s: float = Field(default=300.0, gt=0, validation_alias="RATE_LIMIT_BLOCK_FOR_S")
 
     token_duration_s: int = Field(
         default=300, ge=10, le=7200, validation_alias="VOICE_AGENT_TOKEN_DURATION"
