@@ -133,12 +133,6 @@ class Refusal(StrEnum):
         _C.unavailable,
         "security checks are unavailable; try again",
     )
-    RATE_LIMIT_UNAVAILABLE = (
-        "rate_limit_unavailable",
-        503,
-        _C.unavailable,
-        "rate limiting is unavailable; try again shortly",
-    )
     REVOCATION_UNAVAILABLE = (
         "revocation_unavailable",
         503,

@@ -58,6 +58,7 @@ class SignedRequestCases:
         token: dict[str, Any],
         headers: list[tuple[str, str | bytes]] | None = None,
         times: int = 1,
+        content: bytes | None = None,
         **sign: Any,
     ) -> Answer:
         raise NotImplementedError
@@ -101,6 +102,11 @@ class SignedRequestCases:
         answer = self.send(bench, ip=next(_addresses), token=token, created=2**33)
         self._expect("signature from the future", answer, Refusal.SIGNATURE_FUTURE)
 
+    def test_body_without_digest(self, bench: Bench) -> None:
+        token = bench.issue()
+        answer = self.send(bench, ip=next(_addresses), token=token, body=None, content=b"{}")
+        self._expect("body without digest", answer, Refusal.DIGEST_MISSING)
+
     def test_replay(self, bench: Bench) -> None:
         token = bench.issue()
         nonce = secrets.token_hex(8)
@@ -129,10 +135,12 @@ class TestProxyEdge(SignedRequestCases):
         token: dict[str, Any],
         headers: list[tuple[str, str | bytes]] | None = None,
         times: int = 1,
+        content: bytes | None = None,
         **sign: Any,
     ) -> Answer:
         wire = headers if headers is not None else signed(bench, token, **sign)
-        return _send(f"{bench.proxy_url}{CHAT}", "POST", wire, GOOD_CHAT.encode(), ip, times)
+        body = GOOD_CHAT.encode() if content is None else content
+        return _send(f"{bench.proxy_url}{CHAT}", "POST", wire, body, ip, times)
 
 
 class TestRevocationEdge(SignedRequestCases):
@@ -146,15 +154,16 @@ class TestRevocationEdge(SignedRequestCases):
         token: dict[str, Any],
         headers: list[tuple[str, str | bytes]] | None = None,
         times: int = 1,
+        content: bytes | None = None,
         **sign: Any,
     ) -> Answer:
         path = f"{TOKEN}/{token['token_id']}"
         wire = (
             headers
             if headers is not None
-            else signed(bench, token, path=path, body=b"", method="DELETE", **sign)
+            else signed(bench, token, path=path, method="DELETE", **{"body": b"", **sign})
         )
-        return _send(f"{bench.token_url}{path}", "DELETE", wire, b"", ip, times)
+        return _send(f"{bench.token_url}{path}", "DELETE", wire, content or b"", ip, times)
 
 
 def _send(
@@ -188,3 +197,13 @@ def test_the_edges_agree(bench: Bench) -> None:
     for name, by_edge in ANSWERS.items():
         assert set(by_edge) == {"proxy", "token"}, name
         assert by_edge["proxy"] == by_edge["token"], (name, by_edge)
+
+
+def test_a_preflight_for_another_method_is_refused(bench: Bench) -> None:
+    with httpx_client_from(next(_addresses)) as client:
+        answer = client.options(
+            f"{bench.token_url}{TOKEN}",
+            headers={"Origin": ORIGIN, "Access-Control-Request-Method": "PUT"},
+        )
+    refusal = Refusal.CORS_METHOD_FORBIDDEN
+    assert (answer.status_code, answer.json()["error"]["code"]) == (refusal.status, refusal.value)
