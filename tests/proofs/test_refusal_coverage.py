@@ -67,9 +67,13 @@ def _codes_in(paths: list[Path], *, strings: bool) -> set[str]:
                 for keyword in node.keywords:
                     if keyword.arg == "code" and isinstance(keyword.value, ast.Constant):
                         found.add(str(keyword.value.value))
-            elif strings and isinstance(node, ast.Constant) and isinstance(node.value, str):
-                if Refusal.parse(node.value) is not None:
-                    found.add(node.value)
+            elif (
+                strings
+                and isinstance(node, ast.Constant)
+                and isinstance(node.value, str)
+                and Refusal.parse(node.value) is not None
+            ):
+                found.add(node.value)
     return found
 
 
