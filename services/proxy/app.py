@@ -206,7 +206,12 @@ def create_app(settings: Settings, *, keys: KeySource | None = None) -> FastAPI:
             voice = None
             if not settings.demo_mode:
                 voice = await open_voice(
-                    stack, settings=settings, redis=redis, keys=key_source, publisher=publisher
+                    stack,
+                    settings=settings,
+                    redis=redis,
+                    keys=key_source,
+                    publisher=publisher,
+                    policy=policy.current.voice,
                 )
             # One pipelined connection for the per-request admission script.
             admission = Admission(
