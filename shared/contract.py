@@ -146,6 +146,7 @@ class Refusal(StrEnum):
         "the identity provider cannot be reached; try again shortly",
     )
     KEY_UNAVAILABLE = ("key_unavailable", 503, _C.unavailable, "no provider key is available")
+    KEK_UNAVAILABLE = ("kek_unavailable", 503, _C.unavailable, "the key custody is unavailable")
     VOICE_UNAVAILABLE = ("voice_unavailable", 503, _C.unavailable, "voice is unavailable")
     UPLOAD_CAPACITY = ("upload_capacity", 503, _C.unavailable, "upload capacity is exhausted")
     UNAVAILABLE = ("unavailable", 503, _C.unavailable, "unavailable; try again")
@@ -166,6 +167,13 @@ class Refusal(StrEnum):
     SDP_INVALID = ("sdp_invalid", 400, _C.bad_request, "invalid SDP offer")
     SDP_NOT_OFFER = ("sdp_not_offer", 400, _C.bad_request, "the SDP is not an offer")
     SDP_TOO_LARGE = ("sdp_too_large", 400, _C.bad_request, "the SDP offer is too large")
+    BAD_BACKUP = ("bad_backup", 400, _C.bad_request, "not a valid backup document")
+    BAD_BACKUP_SIGNATURE = (
+        "bad_backup_signature",
+        400,
+        _C.bad_request,
+        "the backup's signature does not verify",
+    )
     BAD_SEAL = ("bad_seal", 400, _C.bad_request, "the sealed request is malformed")
     INVALID_PUBLIC_KEY = ("invalid_public_key", 400, _C.bad_request, "invalid public key")
     KEM_NOT_ALLOWED = ("kem_not_allowed", 400, _C.bad_request, "key encapsulation not allowed")
