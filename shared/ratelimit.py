@@ -32,6 +32,7 @@ import asyncio
 import hashlib
 import logging
 import math
+import ssl
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -44,6 +45,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from prometheus_client import Counter
 from redis.asyncio.connection import Connection as _TcpConnection
+from redis.asyncio.connection import SSLConnection as _SslConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -481,15 +483,33 @@ class _Pipe(asyncio.Protocol):
         self.connection_lost(None)
 
 
+def tls_context(kwargs: Mapping[str, Any]) -> ssl.SSLContext:
+    """The TLS context redis-py would use for a `rediss://` URL's connection kwargs."""
+    context = ssl.create_default_context(
+        cafile=kwargs.get("ssl_ca_certs"), cadata=kwargs.get("ssl_ca_data")
+    )
+    certfile = kwargs.get("ssl_certfile")
+    if certfile:
+        context.load_cert_chain(certfile, kwargs.get("ssl_keyfile"), kwargs.get("ssl_password"))
+    reqs = kwargs.get("ssl_cert_reqs", "required")
+    modes = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+    mode = modes.get(reqs, ssl.CERT_REQUIRED) if isinstance(reqs, str) else ssl.VerifyMode(reqs)
+    context.check_hostname = bool(kwargs.get("ssl_check_hostname", True)) and (
+        mode is not ssl.CERT_NONE
+    )
+    context.verify_mode = mode
+    return context
+
+
 class PipelinedScript:
     """EVALSHA of one Lua script over a single pipelined connection of its own.
 
     redis-py's asyncio client spends ~250 us of CPU per call (pool checkout, retry
     wrapper, timeouts, parsing); concurrent requests here share one connection and
-    only pay for packing and parsing a five-integer reply. Plain TCP only (no TLS,
-    no unix socket): `for_client` returns None otherwise and callers keep redis-py.
-    Any connection trouble raises `redis.exceptions.ConnectionError`, and the next
-    call reconnects.
+    only pay for packing and parsing a five-integer reply. TCP or TLS (`rediss://`,
+    the server certificate verified unless the URL says `ssl_cert_reqs=none`); for a
+    unix socket `for_client` returns None and callers keep redis-py. Any connection
+    trouble raises `redis.exceptions.ConnectionError`, and the next call reconnects.
     """
 
     def __init__(
@@ -502,8 +522,10 @@ class PipelinedScript:
         password: str | None = None,
         connect_timeout_s: float = 0.5,
         script: str,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self._host, self._port, self._db = host, port, db
+        self._tls = tls
         self._username, self._password = username, password
         self._connect_timeout_s = connect_timeout_s
         self._script = script.encode()
@@ -514,10 +536,15 @@ class PipelinedScript:
     @classmethod
     def for_client(cls, client: aioredis.Redis, script: str) -> PipelinedScript | None:
         pool = client.connection_pool
-        if pool.connection_class is not _TcpConnection:
-            return None
         kw = pool.connection_kwargs
+        if pool.connection_class is _SslConnection:
+            tls: ssl.SSLContext | None = tls_context(kw)
+        elif pool.connection_class is _TcpConnection:
+            tls = None
+        else:
+            return None
         return cls(
+            tls=tls,
             host=str(kw.get("host", "localhost")),
             port=int(kw.get("port", 6379)),
             db=int(kw.get("db", 0) or 0),
@@ -537,7 +564,13 @@ class PipelinedScript:
             loop = asyncio.get_running_loop()
             try:
                 async with asyncio.timeout(self._connect_timeout_s):
-                    _, pipe = await loop.create_connection(_Pipe, self._host, self._port)
+                    _, pipe = await loop.create_connection(
+                        _Pipe,
+                        self._host,
+                        self._port,
+                        ssl=self._tls,
+                        server_hostname=self._host if self._tls is not None else None,
+                    )
                     setup = []
                     if self._password is not None:
                         auth = (
@@ -602,6 +635,13 @@ class Admission:
         self._block_ms = max(1, int(block_for_s * 1000))
         self._admit = redis.register_script(_ADMIT_LUA)
         self._pipelined = PipelinedScript.for_client(redis, _ADMIT_LUA) if pipelined else None
+        if pipelined and self._pipelined is None:
+            log.warning(
+                "pipelined admission not in use for this Redis connection (%s); "
+                "checks go through redis-py",
+                redis.connection_pool.connection_class.__name__,
+                extra={"fields": {"service": service}},
+            )
         self._strike = redis.register_script(_STRIKE_LUA)
         self._local = LocalGcra()
         self._local_nonces = _LocalNonces()
