@@ -230,8 +230,9 @@ class EdgeSettings(CommonSettings):
     country_header: str | None = Field(
         default=None, pattern=r"^[A-Za-z0-9-]{1,64}$", validation_alias="COUNTRY_HEADER"
     )
-    """Ingress header with the client's ISO country code (e.g. CF-IPCountry), believed only
-    from a TRUSTED_PROXIES peer; feeds the auditor's geography detectors."""
+    """Ingress header with the client's ISO country code (e.g. X-Country set from
+    CF-IPCountry), believed only from a TRUSTED_PROXIES peer; the proxy puts it on its usage
+    events for the auditor's geography detectors."""
     demo_mode: bool = Field(default=False, validation_alias="VOICE_AGENT_DEMO_MODE")
     """Canned answers, never an upstream call; refused in production."""
     openai_base_url: str = Field(
