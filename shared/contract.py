@@ -149,6 +149,7 @@ class Refusal(StrEnum):
     KEK_UNAVAILABLE = ("kek_unavailable", 503, _C.unavailable, "the key custody is unavailable")
     VOICE_UNAVAILABLE = ("voice_unavailable", 503, _C.unavailable, "voice is unavailable")
     UPLOAD_CAPACITY = ("upload_capacity", 503, _C.unavailable, "upload capacity is exhausted")
+    NOT_READY = ("not_ready", 503, _C.unavailable, "the service is starting or stopping")
     UNAVAILABLE = ("unavailable", 503, _C.unavailable, "unavailable; try again")
     # -- bad_request -----------------------------------------------------------------
     BAD_REQUEST = ("bad_request", 400, _C.bad_request, "bad request")
@@ -178,6 +179,15 @@ class Refusal(StrEnum):
     INVALID_PUBLIC_KEY = ("invalid_public_key", 400, _C.bad_request, "invalid public key")
     KEM_NOT_ALLOWED = ("kem_not_allowed", 400, _C.bad_request, "key encapsulation not allowed")
     STALE_INTAKE_KEY = ("stale_intake_key", 400, _C.bad_request, "the intake key is stale")
+    INVALID_HTTP = ("invalid_http", 400, _C.bad_request, "the request is not valid HTTP")
+    URL_TOO_LONG = ("url_too_long", 414, _C.bad_request, "the request target is too long")
+    HEADERS_TOO_LARGE = (
+        "headers_too_large",
+        431,
+        _C.bad_request,
+        "too many or too large request header fields",
+    )
+    HEADER_TIMEOUT = ("header_timeout", 408, _C.bad_request, "the request head took too long")
     BODY_TIMEOUT = ("body_timeout", 408, _C.bad_request, "the body did not arrive in time")
     PAYLOAD_TOO_LARGE = ("payload_too_large", 413, _C.bad_request, "the body is too large")
     UNSUPPORTED_MEDIA_TYPE = (

@@ -38,6 +38,13 @@ def _raise_sites() -> list[tuple[str, str, str]]:
                 if not isinstance(node, ast.Call):
                     continue
                 name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+                if name in ("_refuse", "error_response"):  # (status, code, message) answers
+                    status, code = node.args[:2] if len(node.args) >= 2 else (None, None)
+                    if isinstance(status, ast.Constant) and isinstance(code, ast.Constant):
+                        where = f"{path.relative_to(ROOT)}:{node.lineno}"
+                        sites.append((where, f"status {status.value}", str(code.value)))
+                        _STATUS[f"status {status.value}"] = int(status.value)
+                    continue
                 if not name or not name.endswith("Error"):
                     continue
                 for keyword in node.keywords:
