@@ -25,14 +25,24 @@ AUDIT_SUBJECT_PREFIX = "keyveil.audit."
 _DRIFT = "stream.drift"
 
 PUBLISHERS: Mapping[str, tuple[str, ...]] = {
-    # services/keymanager: keys.py, leasing.py, admin.py
-    "keymanager": ("key_*", "lease_*", "admin_*", "rotation_*", "decrypt_failed", _DRIFT),
+    # services/keymanager: keys.py, leasing.py, admin.py, custody.py, recovery.py
+    "keymanager": (
+        "key_*",
+        "keys_*",
+        "kek_*",
+        "custody_*",
+        "lease_*",
+        "admin_*",
+        "rotation_*",
+        "decrypt_failed",
+        _DRIFT,
+    ),
     # services/token/app.py: a token holder's signed DELETE
     "token": ("token.revoked", _DRIFT),
     # keyveil/commands (the operator login): `keyveil tokens revoke` and operator actions
-    "operator": ("token.revoked", "operator.*"),
-    # The proxy and the auditor publish only stream drift.
-    "proxy": (_DRIFT,),
+    "operator": ("token.revoked", "operator.*", "voice.session.close_requested"),
+    # The proxy: the voice broker's sideband actions (services/proxy/voice), and drift.
+    "proxy": ("voice.policy.*", "voice.session.*", _DRIFT),
     "auditor": (_DRIFT,),
 }
 
