@@ -239,7 +239,7 @@ AREAS = {
     "upstream client (proxy/http1.py)": ("proxy/http1.py", "proxy/upstream.py:send"),
     "redis client (admission round trip)": ("redis/",),
     "signature + digest verify": ("shared/signing.py", "http_sf"),
-    "token cache and checks (access.py)": ("proxy/access.py",),
+    "token cache and checks (guard.py, access.py)": ("shared/guard.py", "proxy/access.py"),
     "request body read + JSON parse": ("proxy/bodies.py",),
     "usage event (build + publish)": ("shared/events.py", "_finish", "nats/"),
     "prometheus metrics": ("prometheus_client/",),

@@ -36,6 +36,7 @@ __all__ = [
     "add_edge_routes",
     "client_ip",
     "error_response",
+    "from_trusted_proxy",
     "install_error_handlers",
     "parse_networks",
     "protocol_limits",
@@ -45,6 +46,7 @@ __all__ = [
     "serve_main",
     "service_app",
     "settings_or_exit",
+    "signed_scheme",
 ]
 
 log = logging.getLogger(__name__)
@@ -199,6 +201,33 @@ def client_ip(peer: str | None, forwarded_for: str | None, trusted: Sequence[IpN
         if not _is_trusted(hop, trusted):
             return hop
     return hops[0] if hops else peer
+
+
+def from_trusted_proxy(
+    peer: str | None, value: str | None, trusted: Sequence[IpNetwork]
+) -> str | None:
+    """A header set by the ingress (`X-Forwarded-Proto`, a country), only if `peer` is one."""
+    if not value or not peer or not _is_trusted(peer, trusted):
+        return None
+    return value.split(",")[0].strip() or None
+
+
+def country_code(value: str | None) -> str | None:
+    """An ISO 3166 alpha-2 code from an ingress header; "XX"/"T1"-style unknowns are None."""
+    if not value:
+        return None
+    code = value.strip().upper()
+    if len(code) != 2 or not code.isalpha() or code in ("XX", "ZZ"):
+        return None
+    return code
+
+
+def signed_scheme(
+    scheme: str, peer: str | None, forwarded_proto: str | None, trusted: Sequence[IpNetwork]
+) -> str:
+    """The scheme the client signed: behind a trusted TLS-terminating ingress, its https."""
+    forwarded = from_trusted_proxy(peer, forwarded_proto, trusted)
+    return forwarded.lower() if forwarded else scheme
 
 
 def _is_trusted(address: str, trusted: Sequence[IpNetwork]) -> bool:

@@ -32,6 +32,7 @@ import asyncio
 import hashlib
 import logging
 import math
+import ssl
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -44,9 +45,11 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from prometheus_client import Counter
 from redis.asyncio.connection import Connection as _TcpConnection
+from redis.asyncio.connection import SSLConnection as _SslConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from shared.contract import Category, Refusal
 from shared.principals import revoked_user_key
 from shared.tokens import revoked_key
 
@@ -83,13 +86,15 @@ BACKEND_ERRORS = Counter(
 _US: Final = 1_000_000
 # Refusal codes returned by the Lua script, in the order the checks run.
 _OK, _LIMITED, _REPLAY, _REVOKED, _BLOCKED = 0, 1, 2, 3, 4
-_REASONS: Final = {
-    _OK: "ok",
-    _LIMITED: "rate_limited",
-    _REPLAY: "replay",
-    _REVOKED: "revoked",
-    _BLOCKED: "blocked",
+_REFUSALS: Final[dict[int, Refusal | None]] = {
+    _OK: None,
+    _LIMITED: Refusal.RATE_LIMITED,
+    _REPLAY: Refusal.REPLAY_DETECTED,
+    _REVOKED: Refusal.TOKEN_REVOKED,
+    _BLOCKED: Refusal.IP_BLOCKED,
 }
+# Categories whose answer carries Retry-After: they pass with time.
+_RETRYABLE: Final = frozenset({Category.limit, Category.blocked, Category.unavailable})
 # Metric layer names for the checks that are not rate-limit layers.
 _CHECK_LAYERS: Final = {_REPLAY: "nonce", _REVOKED: "revocation", _BLOCKED: "block"}
 _REDIS_TROUBLE = (
@@ -280,7 +285,7 @@ class Decision:
     """The answer to one admission check, with the headers a response should carry."""
 
     allowed: bool
-    reason: str  # ok | rate_limited | replay | revoked | blocked | unavailable
+    refusal: Refusal | None = None  # None when allowed
     layer: str | None = None
     limit: int | None = None
     remaining: int | None = None
@@ -296,7 +301,7 @@ class Decision:
             out["RateLimit"] = (
                 f'"{self.layer}";r={self.remaining or 0};t={math.ceil(self.reset_after_s)}'
             )
-        if not self.allowed and self.reason in ("rate_limited", "blocked", "unavailable"):
+        if self.refusal is not None and self.refusal.category in _RETRYABLE:
             out["Retry-After"] = str(max(1, math.ceil(self.retry_after_s)))
         return out
 
@@ -332,7 +337,7 @@ class LocalGcra:
             if now < allow_at - 1e-6:  # the script's 1 us of float slack
                 return Decision(
                     allowed=False,
-                    reason="rate_limited",
+                    refusal=Refusal.RATE_LIMITED,
                     layer=item.layer,
                     limit=item.limit,
                     remaining=0,
@@ -345,7 +350,6 @@ class LocalGcra:
             if best is None or remaining < (best.remaining or 0):
                 best = Decision(
                     allowed=True,
-                    reason="ok",
                     layer=item.layer,
                     limit=item.limit,
                     remaining=remaining,
@@ -357,7 +361,7 @@ class LocalGcra:
             self._tats.move_to_end(key)
         while len(self._tats) > self._max:
             self._tats.popitem(last=False)
-        return best or Decision(allowed=True, reason="ok")
+        return best or Decision(allowed=True)
 
 
 class _LocalNonces:
@@ -479,15 +483,33 @@ class _Pipe(asyncio.Protocol):
         self.connection_lost(None)
 
 
+def tls_context(kwargs: Mapping[str, Any]) -> ssl.SSLContext:
+    """The TLS context redis-py would use for a `rediss://` URL's connection kwargs."""
+    context = ssl.create_default_context(
+        cafile=kwargs.get("ssl_ca_certs"), cadata=kwargs.get("ssl_ca_data")
+    )
+    certfile = kwargs.get("ssl_certfile")
+    if certfile:
+        context.load_cert_chain(certfile, kwargs.get("ssl_keyfile"), kwargs.get("ssl_password"))
+    reqs = kwargs.get("ssl_cert_reqs", "required")
+    modes = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+    mode = modes.get(reqs, ssl.CERT_REQUIRED) if isinstance(reqs, str) else ssl.VerifyMode(reqs)
+    context.check_hostname = bool(kwargs.get("ssl_check_hostname", True)) and (
+        mode is not ssl.CERT_NONE
+    )
+    context.verify_mode = mode
+    return context
+
+
 class PipelinedScript:
     """EVALSHA of one Lua script over a single pipelined connection of its own.
 
     redis-py's asyncio client spends ~250 us of CPU per call (pool checkout, retry
     wrapper, timeouts, parsing); concurrent requests here share one connection and
-    only pay for packing and parsing a five-integer reply. Plain TCP only (no TLS,
-    no unix socket): `for_client` returns None otherwise and callers keep redis-py.
-    Any connection trouble raises `redis.exceptions.ConnectionError`, and the next
-    call reconnects.
+    only pay for packing and parsing a five-integer reply. TCP or TLS (`rediss://`,
+    the server certificate verified unless the URL says `ssl_cert_reqs=none`); for a
+    unix socket `for_client` returns None and callers keep redis-py. Any connection
+    trouble raises `redis.exceptions.ConnectionError`, and the next call reconnects.
     """
 
     def __init__(
@@ -500,8 +522,10 @@ class PipelinedScript:
         password: str | None = None,
         connect_timeout_s: float = 0.5,
         script: str,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self._host, self._port, self._db = host, port, db
+        self._tls = tls
         self._username, self._password = username, password
         self._connect_timeout_s = connect_timeout_s
         self._script = script.encode()
@@ -512,10 +536,15 @@ class PipelinedScript:
     @classmethod
     def for_client(cls, client: aioredis.Redis, script: str) -> PipelinedScript | None:
         pool = client.connection_pool
-        if pool.connection_class is not _TcpConnection:
-            return None
         kw = pool.connection_kwargs
+        if pool.connection_class is _SslConnection:
+            tls: ssl.SSLContext | None = tls_context(kw)
+        elif pool.connection_class is _TcpConnection:
+            tls = None
+        else:
+            return None
         return cls(
+            tls=tls,
             host=str(kw.get("host", "localhost")),
             port=int(kw.get("port", 6379)),
             db=int(kw.get("db", 0) or 0),
@@ -535,7 +564,13 @@ class PipelinedScript:
             loop = asyncio.get_running_loop()
             try:
                 async with asyncio.timeout(self._connect_timeout_s):
-                    _, pipe = await loop.create_connection(_Pipe, self._host, self._port)
+                    _, pipe = await loop.create_connection(
+                        _Pipe,
+                        self._host,
+                        self._port,
+                        ssl=self._tls,
+                        server_hostname=self._host if self._tls is not None else None,
+                    )
                     setup = []
                     if self._password is not None:
                         auth = (
@@ -600,6 +635,13 @@ class Admission:
         self._block_ms = max(1, int(block_for_s * 1000))
         self._admit = redis.register_script(_ADMIT_LUA)
         self._pipelined = PipelinedScript.for_client(redis, _ADMIT_LUA) if pipelined else None
+        if pipelined and self._pipelined is None:
+            log.warning(
+                "pipelined admission not in use for this Redis connection (%s); "
+                "checks go through redis-py",
+                redis.connection_pool.connection_class.__name__,
+                extra={"fields": {"service": service}},
+            )
         self._strike = redis.register_script(_STRIKE_LUA)
         self._local = LocalGcra()
         self._local_nonces = _LocalNonces()
@@ -657,7 +699,7 @@ class Admission:
         if self._pipelined is not None:
             await self._pipelined.aclose()
 
-    async def strike(self, client_ip: str, reason: str) -> bool:
+    async def strike(self, client_ip: str, reason: Category) -> bool:
         """Count an auth failure or limit hit; True when this strike blocked `client_ip`."""
         try:
             with redis_unavailable():
@@ -684,7 +726,7 @@ class Admission:
             DECISIONS.labels(self._service, _CHECK_LAYERS[code], "blocked").inc()
             return Decision(
                 allowed=False,
-                reason=_REASONS[code],
+                refusal=_REFUSALS[code],
                 reset_after_s=reset_us / _US,
                 retry_after_s=retry_us / _US,
             )
@@ -697,7 +739,7 @@ class Admission:
                 DECISIONS.labels(self._service, each.layer, "allowed").inc()
         return Decision(
             allowed=code == _OK,
-            reason=_REASONS[code],
+            refusal=_REFUSALS[code],
             layer=item.layer if item else None,
             limit=item.limit if item else None,
             remaining=remaining if item else None,
@@ -729,15 +771,15 @@ class Admission:
                 DECISIONS.labels(self._service, item.layer, "unavailable").inc()
             return Decision(
                 allowed=False,
-                reason="unavailable",
+                refusal=Refusal.SECURITY_UNAVAILABLE,
                 layer=closed[0].layer if closed else None,
                 retry_after_s=1.0,
             )
         if nonce and not self._local_nonces.first_use(nonce, nonce_ttl_s):
             DECISIONS.labels(self._service, "nonce", "blocked").inc()
-            return Decision(allowed=False, reason="replay")
+            return Decision(allowed=False, refusal=Refusal.REPLAY_DETECTED)
         local = [item for item in limits if modes[item.layer] is FailureMode.local]
-        decision = self._local.check(local) if local else Decision(allowed=True, reason="ok")
+        decision = self._local.check(local) if local else Decision(allowed=True)
         if not decision.allowed:
             DECISIONS.labels(self._service, decision.layer or "local", "limited").inc()
             return decision

@@ -214,6 +214,25 @@ class EdgeSettings(CommonSettings):
     trusted_proxies: CommaList = Field(default_factory=list, validation_alias="TRUSTED_PROXIES")
     """Comma-separated IPs/CIDRs of ingress proxies whose X-Forwarded-For is believed (counted
     from the right)."""
+    # IP blocking after repeated auth failures: one rule for both edges (they share
+    # the Redis strike counter, so differing thresholds would make no sense).
+    block_after_strikes: int = Field(
+        default=20, ge=1, validation_alias="RATE_LIMIT_BLOCK_AFTER_STRIKES"
+    )
+    """Auth failures or limit hits within RATE_LIMIT_STRIKE_WINDOW_S that block a client IP
+    at both edges (`keyveil blocks` lists and lifts blocks)."""
+    strike_window_s: float = Field(
+        default=60.0, gt=0, validation_alias="RATE_LIMIT_STRIKE_WINDOW_S"
+    )
+    """Seconds over which strikes are counted."""
+    block_for_s: float = Field(default=300.0, gt=0, validation_alias="RATE_LIMIT_BLOCK_FOR_S")
+    """Seconds a blocked client IP stays blocked."""
+    country_header: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9-]{1,64}$", validation_alias="COUNTRY_HEADER"
+    )
+    """Ingress header with the client's ISO country code (e.g. X-Country set from
+    CF-IPCountry), believed only from a TRUSTED_PROXIES peer; the proxy puts it on its usage
+    events for the auditor's geography detectors."""
     demo_mode: bool = Field(default=False, validation_alias="VOICE_AGENT_DEMO_MODE")
     """Canned answers, never an upstream call; refused in production."""
     openai_base_url: str = Field(

@@ -3,8 +3,8 @@
 Detectors are pure (no I/O, event time only) so they can be unit-tested and replayed.
 Which events count as what:
 
-- auth failure: a `UsageEvent` with outcome "denied" and an authentication reason
-  (`AUTH_REASONS`); rate-limit and block decisions are not authentication failures;
+- auth failure: a `UsageEvent` with outcome "denied" whose reason's category is auth,
+  tamper or replay (`AUTH_CATEGORIES`); limit, block and policy refusals are not;
 - token issuance: a "token.issued" event (or any successful token-service event with
   a mode); with a principal (`user`, a keyed hash) it also counts per user and per
   user's client IPs;
@@ -13,7 +13,8 @@ Which events count as what:
 - proxy request: a proxy event that was not refused at the door (outcome ok/error);
   an error is outcome "error" or a 5xx status; voice metering ("voice.usage", many per
   session) is not a request: the session's set-up was one already;
-- replay: reason "replay"; tampering: reason "signature" / "digest" / "tampered";
+- replay: a refusal of category replay; tampering: category tamper (a signature or
+  digest that does not match); v1 reasons ("replay", "signature", ...) map onto them;
 - rotation overdue: an `AuditEvent` of type "rotation_due" from the key-manager.
 """
 
@@ -31,35 +32,21 @@ from services.auditor.baselines import (
     WindowCounter,
 )
 from services.auditor.settings import Settings
+from shared.contract import Category, Refusal, category_of
 from shared.events import AuditEvent, UsageEvent
 
 # Usage events that meter a running session rather than record a request.
 METERING_TYPES = frozenset({"voice.usage"})
 
-__all__ = ["ALERT_TYPES", "AUTH_REASONS", "Detectors", "Finding"]
+__all__ = ["ALERT_TYPES", "AUTH_CATEGORIES", "Detectors", "Finding"]
 
 Severity = Literal["info", "warning", "critical"]
 
-AUTH_REASONS = frozenset(
-    {
-        "signature",
-        "digest",
-        "replay",
-        "expired",
-        "scope",
-        "revoked",
-        "origin",
-        "invalid_token",
-        "token",
-        "unauthorized",
-        "forbidden",
-        "tampered",
-        "missing_token",
-        "missing_signature",
-    }
-)
-REPLAY_REASONS = frozenset({"replay", "nonce_reused"})
-TAMPER_REASONS = frozenset({"signature", "digest", "tampered", "bad_signature"})
+# Categories (`shared.contract.Category`) of the refusals each detector counts. A
+# reason is a refusal code, a category, or a v1 reason (`shared.contract.category_of`).
+AUTH_CATEGORIES = frozenset({Category.auth, Category.tamper, Category.replay})
+REPLAY_CATEGORIES = frozenset({Category.replay})
+TAMPER_CATEGORIES = frozenset({Category.tamper})
 TOKEN_ISSUED_TYPES = frozenset({"token.issued", "token.issue"})
 ROTATION_DUE_TYPES = frozenset({"rotation_due", "key.rotation_due", "keymanager.rotation_due"})
 BUS_DROPPED_TYPES = frozenset({"lease_dropped", "admin_dropped"})
@@ -103,6 +90,15 @@ def _country(value: str | None) -> str | None:
     if len(code) != 2 or not code.isalpha() or code in ("XX", "ZZ"):
         return None
     return code
+
+
+def _age_days(detail: dict[str, object]) -> float | None:
+    # The key-manager writes `age_s`; `age_days` is what older events carried.
+    seconds = detail.get("age_s")
+    if isinstance(seconds, int | float):
+        return seconds / 86_400
+    days = detail.get("age_days")
+    return float(days) if isinstance(days, int | float) else None
 
 
 class Detectors:
@@ -149,7 +145,7 @@ class Detectors:
             findings.extend(self._token_issued(event))
         elif event.service == "proxy" and event.type not in METERING_TYPES:
             findings.extend(self._proxy_request(event))
-        elif event.service == "token" and event.reason == "identity_unavailable":
+        elif event.service == "token" and event.reason == Refusal.IDENTITY_UNAVAILABLE:
             findings.append(
                 Finding(
                     "identity_unavailable",
@@ -170,10 +166,10 @@ class Detectors:
         if event.type in ROTATION_DUE_TYPES:
             key = event.key_id or "unknown"
             env = event.environment or "unknown"
-            age = event.detail.get("age_days")
             summary = f"key {key} ({event.provider or 'provider'}, {env}) is overdue for rotation"
-            if isinstance(age, int | float):
-                summary += f": {age:g} days old"
+            days = _age_days(event.detail)
+            if days is not None:
+                summary += f": {round(days, 1):g} days old"
             findings.append(
                 Finding(
                     "rotation_overdue",
@@ -217,10 +213,11 @@ class Detectors:
 
     def _denied(self, event: UsageEvent) -> Iterable[Finding]:
         reason = (event.reason or "").lower()
+        category = category_of(reason)
         ip = event.client_ip or "unknown"
         s = self.settings
         weight = event.count or 1  # a sampled refusal event stands for `count` refusals
-        if reason in AUTH_REASONS or reason.startswith("invalid_"):
+        if category in AUTH_CATEGORIES:
             count = self.auth_failures.add(ip, event.ts, weight)
             if count >= s.auth_failure_threshold:
                 yield Finding(
@@ -233,7 +230,7 @@ class Detectors:
                     {"client_ip": ip, "reason": reason, "service": event.service},
                 )
         who = f"token:{event.token_id}" if event.token_id else f"ip:{ip}"
-        if reason in REPLAY_REASONS:
+        if category in REPLAY_CATEGORIES:
             count = self.replays.add(who, event.ts, weight)
             if count >= s.replay_threshold:
                 yield Finding(
@@ -244,7 +241,7 @@ class Detectors:
                     event.ts,
                     self._who_labels(event),
                 )
-        if reason in TAMPER_REASONS:
+        if category in TAMPER_CATEGORIES:
             count = self.tampering.add(who, event.ts, weight)
             if count >= s.tamper_threshold:
                 yield Finding(

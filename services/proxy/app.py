@@ -214,7 +214,14 @@ def create_app(settings: Settings, *, keys: KeySource | None = None) -> FastAPI:
                     policy=policy.current.voice,
                 )
             # One pipelined connection for the per-request admission script.
-            admission = Admission(redis, service="proxy", pipelined=True)
+            admission = Admission(
+                redis,
+                service="proxy",
+                pipelined=True,
+                block_after_strikes=settings.block_after_strikes,
+                strike_window_s=settings.strike_window_s,
+                block_for_s=settings.block_for_s,
+            )
             stack.push_async_callback(admission.aclose)
             handler = ProxyHandler(
                 settings=settings,

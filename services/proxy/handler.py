@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -35,24 +34,27 @@ import orjson
 from prometheus_client import Counter, Histogram
 from starlette.types import Message, Receive, Scope, Send
 
+from shared.contract import Refusal, counts_as_strike, refusal_category
 from shared.errors import (
     ApiError,
-    AuthError,
-    ForbiddenError,
-    NotFoundError,
-    RateLimitedError,
-    UnavailableError,
     UpstreamError,
     UpstreamTimeoutError,
 )
 from shared.events import EventPublisher, UsageEvent
-from shared.httpedge import IpNetwork, client_ip
-from shared.ratelimit import Admission, Decision, Limit
+from shared.guard import SignedRequest, SignedRequestGuard
+from shared.httpedge import (
+    IpNetwork,
+    client_ip,
+    country_code,
+    from_trusted_proxy,
+    signed_scheme,
+)
+from shared.ratelimit import Admission, Limit
 from shared.refusals import RefusalSampler
 from shared.signing import ExpectedDigest
 from shared.telemetry import redactor
 
-from .access import Caller, TokenCache, authenticate, rejection_reason
+from .access import Caller, TokenCache, authenticate
 from .bodies import ClientGoneError, SpoolBudget, read_chunks, read_json, spool_multipart
 from .cache import OPT_IN_HEADER, ResponseCache
 from .demo import DemoAnswer, demo_response
@@ -107,6 +109,8 @@ class _Exchange:
     started: float
     caller: Caller | None = None
     model: str | None = None
+    key_id: str | None = None  # the leased provider key that served the call
+    country: str | None = None
     rate_headers: dict[str, str] = field(default_factory=dict)
 
 
@@ -143,21 +147,6 @@ def _headers(scope: Scope) -> dict[str, str]:
     Repeats are collected and joined once: joining per repeat is quadratic.
     """
     return combine_headers(scope["headers"])
-
-
-def _refusal(decision: Decision) -> ApiError:
-    headers = decision.headers()
-    if decision.reason == "rate_limited":
-        return RateLimitedError("rate limit exceeded", code="rate_limited", headers=headers)
-    if decision.reason == "replay":
-        return AuthError("this request was already seen", code="replay_detected")
-    if decision.reason == "revoked":
-        return AuthError("the proxy token was revoked", code="token_revoked")
-    if decision.reason == "blocked":
-        return ForbiddenError("this client is blocked", code="ip_blocked", headers=headers)
-    return UnavailableError(
-        "security checks are unavailable; try again", code="security_unavailable", headers=headers
-    )
 
 
 class _Meters:
@@ -209,9 +198,13 @@ class ProxyHandler:
         self._publisher = publisher
         self._trusted = trusted_proxies
         self._origins = frozenset(settings.allowed_origins)
-        self._window = settings.signature_window_s
-        # A nonce must outlive every moment its `created` is still acceptable.
-        self._nonce_ttl_s = math.ceil(2 * settings.signature_window_s) + 1
+        self._country_header = (settings.country_header or "").lower() or None
+        self._guard = SignedRequestGuard(
+            tokens=tokens,
+            admission=admission,
+            window_s=settings.signature_window_s,
+            require_digest=True,  # the body is streamed and checked against the digest
+        )
         self._background: set[asyncio.Task[Any]] = set()
         self._meters = _Meters()
         self._spool = SpoolBudget(settings.spool_budget_bytes)
@@ -253,9 +246,14 @@ class ProxyHandler:
         headers = _headers(scope)
         ip = client_ip(client[0] if client else None, headers.get("x-forwarded-for"), self._trusted)
         exchange = _Exchange(route or _OTHER, ip, started)
+        if self._country_header is not None:
+            peer = client[0] if client else None
+            exchange.country = country_code(
+                from_trusted_proxy(peer, headers.get(self._country_header), self._trusted)
+            )
         try:
             if route is None:
-                raise NotFoundError("no such proxy endpoint", code="not_found")
+                raise Refusal.NOT_FOUND.error("no such proxy endpoint")
             if scope["method"] != "POST":
                 raise _MethodNotAllowedError(
                     "only POST is allowed", code="method_not_allowed", headers={"Allow": "POST"}
@@ -278,33 +276,29 @@ class ProxyHandler:
         now = time.time()
         caller = authenticate(
             route=route,
-            tokens=self._tokens,
-            headers=headers,
-            method="POST",
-            path=scope.get("raw_path", b"").decode("latin-1") or scope["path"],
-            query=scope.get("query_string", b"").decode("latin-1"),
-            authority=headers.get("host", ""),
-            scheme=self._scheme(scope, headers, exchange.ip),
+            guard=self._guard,
+            request=SignedRequest(
+                method="POST",
+                path=scope.get("raw_path", b"").decode("latin-1") or scope["path"],
+                query=scope.get("query_string", b"").decode("latin-1"),
+                authority=headers.get("host", ""),
+                scheme=self._scheme(scope, headers),
+                headers=headers,
+            ),
             allowed_origins=self._origins,
             now=now,
-            window_s=self._window,
         )
         exchange.caller = caller
         jti = caller.claims.jti
-        decision = await self._admission.check(
+        decision = await self._guard.admit(
+            caller,
+            client_ip=exchange.ip,
             limits=[
                 Limit("per-token", jti, self._settings.rate_limit_per_min, 60.0),
                 Limit("per-ip", exchange.ip, self._settings.ip_rate_limit_per_min, 60.0),
                 *self._policy.user_limits(caller.claims, self._settings.user_rate_limit_per_min),
             ],
-            client_ip=exchange.ip,
-            nonce=f"{jti}:{caller.signature.nonce}",
-            nonce_ttl_s=self._nonce_ttl_s,
-            revoked_token_id=jti,
-            revoked_user=(caller.claims.sub, caller.claims.iat) if caller.claims.sub else None,
         )
-        if not decision.allowed:
-            raise _refusal(decision)
         exchange.rate_headers = decision.headers()
         digest = caller.signature.digest
         assert digest is not None  # verify_request(require_digest=True) guarantees it
@@ -377,7 +371,7 @@ class ProxyHandler:
     ) -> _Reply:
         """A brokered voice session (services.proxy.voice), admitted like any call."""
         if self._voice is None:
-            raise UnavailableError("voice sessions are off in demo mode", code="voice_unavailable")
+            raise Refusal.VOICE_UNAVAILABLE.error("voice sessions are off in demo mode")
         assert exchange.caller is not None
         try:
             answer = await self._voice.open(
@@ -395,12 +389,10 @@ class ProxyHandler:
             answer.status, _encode({**exchange.rate_headers, **answer.headers}), answer.body
         )
 
-    def _scheme(self, scope: Scope, headers: dict[str, str], ip: str) -> str:
-        # Behind a trusted TLS-terminating ingress the client signed the https URL.
-        forwarded = headers.get("x-forwarded-proto")
-        if forwarded and self._trusted and ip != (scope.get("client") or ("",))[0]:
-            return forwarded.split(",")[0].strip().lower()
-        return str(scope.get("scheme", "http"))
+    def _scheme(self, scope: Scope, headers: dict[str, str]) -> str:
+        peer = (scope.get("client") or (None,))[0]
+        scheme = str(scope.get("scheme", "http"))
+        return signed_scheme(scheme, peer, headers.get("x-forwarded-proto"), self._trusted)
 
     # -- answers -----------------------------------------------------------------------
 
@@ -430,12 +422,13 @@ class ProxyHandler:
             )
         except ApiError as exc:
             return self._refused(exchange, exc, before_upstream=False)
+        exchange.key_id = upstream.lease.key_id
         status = upstream.status
         if status >= 500 or status in (401, 403):
             upstream.abort()
             # The provider refusing our key is our fault, not the client's: never relay it.
-            code = "upstream_error" if status >= 500 else "upstream_auth_failed"
-            error = UpstreamError(f"the provider answered {status}", code=code)
+            refusal = Refusal.UPSTREAM_ERROR if status >= 500 else Refusal.UPSTREAM_AUTH_FAILED
+            error = refusal.error(f"the provider answered {status}")
             return self._refused(exchange, error, before_upstream=False)
         if status >= 400:
             return await self._relay_error(exchange, upstream, upstream_started)
@@ -456,7 +449,7 @@ class ProxyHandler:
         except UpstreamStreamError as exc:
             upstream.abort()
             log.warning("upstream answer broke off (%s)", exc)
-            error = UpstreamError("the provider's answer broke off", code="upstream_error")
+            error = Refusal.UPSTREAM_ERROR.error("the provider's answer broke off")
             return self._refused(exchange, error, before_upstream=False)
         upstream.release()
         tap = UsageTap(sse=False, json_body=content_type.startswith("application/json"))
@@ -543,19 +536,19 @@ class ProxyHandler:
             self._spawn(cache.put(relay.cache_key, relay.content_type, b"".join(kept)))
 
     def _refused(self, exchange: _Exchange, exc: ApiError, *, before_upstream: bool) -> _Reply:
-        reason = rejection_reason(exc) if before_upstream else exc.code
         if before_upstream:
-            REJECTIONS.labels(reason).inc()
-            if exc.status in (401, 403) and exc.code != "ip_blocked" and reason != "policy":
-                AUTH_FAILURES.labels("proxy", reason).inc()
-                self._spawn(self._admission.strike(exchange.ip, reason))
+            category = refusal_category(exc)
+            REJECTIONS.labels(category).inc()
+            if counts_as_strike(exc):
+                AUTH_FAILURES.labels("proxy", category).inc()
+                self._spawn(self._admission.strike(exchange.ip, category))
         # Nobody was authenticated yet: counted always, but its usage event is sampled.
         sampled = before_upstream and exchange.caller is None and exc.code in _UNVERIFIED
         self._finish(
             exchange,
             exc.status,
             upstream_s=0.0,
-            reason=reason,
+            reason=exc.code,
             refused=before_upstream,
             sampled=sampled,
         )
@@ -612,6 +605,8 @@ class ProxyHandler:
                     "session_id": claims.sid if claims else None,
                     "path": exchange.route.upstream_suffix or None,
                     "model": exchange.model,
+                    "key_id": exchange.key_id,
+                    "country": exchange.country,
                     "user": claims.sub if claims else None,
                     "app": claims.app if claims else None,
                     "latency_ms": round(total * 1000, 3),

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal, Self
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.request import getproxies_environment
 
 from pydantic import Field, field_validator, model_validator
 
@@ -17,7 +19,34 @@ from shared.voicepolicy import (
     VoicePolicy,
 )
 
-__all__ = ["Settings", "with_database"]
+__all__ = ["Settings", "egress_proxy_problem", "with_database"]
+
+
+def _bypassed(host: str, no_proxy: str) -> bool:
+    """NO_PROXY as curl and httpx read it: `*`, a host, or a domain suffix."""
+    host = host.lower().rstrip(".")
+    for entry in (part.strip().lower().rstrip(".") for part in no_proxy.split(",")):
+        if entry == "*" or (
+            entry and (host == entry.lstrip(".") or host.endswith("." + entry.lstrip(".")))
+        ):
+            return True
+    return False
+
+
+def egress_proxy_problem(base_url: str, proxies: Mapping[str, str]) -> tuple[str, str] | None:
+    """(variable, rule) when an egress proxy is configured for the upstream, else None."""
+    upstream = urlsplit(base_url)
+    scheme = upstream.scheme or "https"
+    proxy = proxies.get(scheme) or proxies.get("all")
+    if not proxy or _bypassed(upstream.hostname or "", proxies.get("no", "")):
+        return None
+    variable = "ALL_PROXY" if not proxies.get(scheme) else f"{scheme.upper()}_PROXY"
+    return (
+        variable,
+        "the proxy's upstream client does not tunnel through an egress proxy: unset it for "
+        f"the proxy, or list {upstream.hostname} in NO_PROXY and give the proxy direct egress",
+    )
+
 
 MIB = 1024 * 1024
 
@@ -118,6 +147,16 @@ class Settings(EdgeSettings):
         if value is not None and not value.is_dir():
             raise ValueError("must be an existing directory")
         return value
+
+    @model_validator(mode="after")
+    def _no_egress_proxy(self) -> Self:
+        # The upstream client (services/proxy/http1.py) connects straight to the provider;
+        # it does not tunnel through an egress proxy. Starting anyway would mean the token
+        # service (httpx honours the variable) works and the proxy does not.
+        problem = egress_proxy_problem(self.openai_base_url, getproxies_environment())
+        if problem is not None:
+            raise ConfigError([problem])
+        return self
 
     @model_validator(mode="after")
     def _budget_fits_an_upload(self) -> Self:

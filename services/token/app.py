@@ -34,8 +34,10 @@ from services.token.realtime import RealtimeMinter, SessionPolicy
 from services.token.revocation import Revoker
 from services.token.settings import Settings
 from shared import bus
-from shared.errors import ApiError, RateLimitedError, UnavailableError
+from shared.contract import Category, Refusal, counts_as_strike, refusal_category
+from shared.errors import ApiError
 from shared.events import AuditEvent, EventPublisher, UsageEvent, drift_reporter
+from shared.guard import SignedRequest
 from shared.httpedge import (
     IpNetwork,
     add_edge_routes,
@@ -43,6 +45,7 @@ from shared.httpedge import (
     parse_networks,
     read_body_capped,
     service_app,
+    signed_scheme,
 )
 from shared.leases import LeaseClient
 from shared.policy import PolicyHolder, default_policy
@@ -64,26 +67,8 @@ _REVOKE_METHODS = ("DELETE",)
 _REVOKE_HEADERS = ("Authorization", "Content-Digest", "Signature", "Signature-Input")
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
 
+
 # Error codes as the auditor's detectors name reasons (services/auditor/detectors.py).
-_REASONS = {
-    "origin_forbidden": "origin",
-    "origin_required": "origin",
-    "token_invalid": "invalid_token",
-    "token_expired": "expired",
-    "missing_token": "missing_token",
-    "token_mismatch": "forbidden",
-    "replay": "replay",
-}
-
-
-def _reason(code: str) -> str:
-    if code.startswith("signature_"):
-        return "signature"
-    if code.startswith("digest_"):
-        return "digest"
-    return _REASONS.get(code, code)
-
-
 @dataclass
 class TokenService:
     """Everything a request needs, built once in the lifespan."""
@@ -102,6 +87,11 @@ class TokenService:
     def client_ip(self, request: Request) -> str:
         peer = request.client.host if request.client else None
         return client_ip(peer, request.headers.get("x-forwarded-for"), self.trusted)
+
+    def scheme(self, request: Request) -> str:
+        peer = request.client.host if request.client else None
+        forwarded = request.headers.get("x-forwarded-proto")
+        return signed_scheme(request.url.scheme, peer, forwarded, self.trusted)
 
     def legacy_headers(self) -> dict[str, str]:
         return {
@@ -136,8 +126,8 @@ class TokenService:
             issued = await self.issuer.issue(wanted, origin=origin, principal=principal)
         except LoginError as exc:
             LOGIN_FAILURES.labels(self.authenticator.mode, exc.why).inc()
-            AUTH_FAILURES.labels("token", "login").inc()
-            if await self.admission.strike(ip, "login"):
+            AUTH_FAILURES.labels("token", Category.auth).inc()
+            if await self.admission.strike(ip, Category.auth):
                 self._blocked_event(ip)
             self._count_failure(exc, mode=mode, ip=ip, path=request.url.path, started=started)
             exc.headers.update(extra)
@@ -161,29 +151,32 @@ class TokenService:
             )
             claims = await self.revoker.revoke_signed(
                 token_id=token_id,
-                method=request.method,
-                path=request.url.path,
-                query=request.url.query,
-                authority=request.headers.get("host", ""),
-                headers={k.lower(): v for k, v in request.headers.items()},
-                body=body,
+                request=SignedRequest(
+                    method=request.method,
+                    path=request.url.path,
+                    query=request.url.query,
+                    authority=request.headers.get("host", ""),
+                    scheme=self.scheme(request),
+                    headers={k.lower(): v for k, v in request.headers.items()},
+                    body=body,
+                ),
                 client_ip=ip,
             )
         except ApiError as exc:
-            reason = _reason(exc.code)
-            if exc.status in (401, 403) and reason != "origin":
-                AUTH_FAILURES.labels("token", reason).inc()
-                if await self.admission.strike(ip, reason):
+            category = refusal_category(exc)
+            if counts_as_strike(exc):
+                AUTH_FAILURES.labels("token", category).inc()
+                if await self.admission.strike(ip, category):
                     self._blocked_event(ip)
             self.events.emit(
                 UsageEvent(
                     service="token",
                     type="token.revoke_denied",
                     outcome="denied" if exc.status < 500 else "error",
-                    reason=reason,
+                    reason=exc.code,
                     status=exc.status,
                     client_ip=ip,
-                    token_id=token_id if exc.code == "replay" else None,
+                    token_id=token_id if exc.code == Refusal.REPLAY_DETECTED else None,
                     path=request.url.path,
                     latency_ms=(time.perf_counter() - started) * 1000,
                 )
@@ -226,21 +219,10 @@ class TokenService:
         return Response(status_code=204, headers=answer)
 
     async def _refusal(self, decision: Decision, ip: str) -> ApiError:
-        if decision.reason == "unavailable":
-            return UnavailableError(
-                "rate limiting is unavailable; try again shortly",
-                code="rate_limit_unavailable",
-                headers=decision.headers(),
-            )
-        if decision.reason == "blocked":
-            return RateLimitedError(
-                "this client is temporarily blocked", code="blocked", headers=decision.headers()
-            )
-        if await self.admission.strike(ip, "rate_limited"):
+        refusal = decision.refusal or Refusal.SECURITY_UNAVAILABLE
+        if refusal is Refusal.RATE_LIMITED and await self.admission.strike(ip, Category.limit):
             self._blocked_event(ip)
-        return RateLimitedError(
-            "too many token requests", code="rate_limited", headers=decision.headers()
-        )
+        return refusal.error(headers=decision.headers())
 
     def _blocked_event(self, ip: str) -> None:
         self.events.emit(
@@ -248,7 +230,7 @@ class TokenService:
                 service="token",
                 type="ip.blocked",
                 outcome="denied",
-                reason="blocked",
+                reason=Refusal.IP_BLOCKED,
                 client_ip=ip,
             )
         )
@@ -295,9 +277,7 @@ class TokenService:
                 type="token.denied" if result == "denied" else "token.error",
                 outcome=result,
                 # Starts with invalid_, so the auditor's auth-failure detector counts it.
-                reason=f"invalid_login_{exc.why}"
-                if isinstance(exc, LoginError)
-                else _reason(exc.code),
+                reason=f"invalid_login_{exc.why}" if isinstance(exc, LoginError) else exc.code,
                 status=exc.status,
                 client_ip=ip,
                 mode=mode,

@@ -13,7 +13,8 @@ from typing import Any
 import httpx
 
 from services.token.models import SessionRequest
-from shared.errors import BadRequestError, UpstreamError, UpstreamTimeoutError
+from shared.contract import Refusal
+from shared.errors import UpstreamError, UpstreamTimeoutError
 from shared.leases import LeaseClient
 from shared.policy import PolicyHolder
 
@@ -36,21 +37,20 @@ class SessionPolicy:
         rules = self._policy.current.rules("realtime", tier)
         model = wanted.model or rules.default_model
         if model is None or not rules.allows_model(model):
-            # 400 as before this policy existed (the proxy's model_not_allowed is a 403).
-            raise BadRequestError("session.model is not allowed", code="model_not_allowed")
+            # One code, one status on both edges (shared.contract): a policy refusal is 403.
+            raise Refusal.MODEL_NOT_ALLOWED.error("session.model is not allowed")
         voices = rules.voices or ()
         voice = wanted.voice or (voices[0] if voices else None)
         if voice is not None and voices and voice not in voices:
-            raise BadRequestError("session.voice is not allowed", code="voice_not_allowed")
+            raise Refusal.VOICE_NOT_ALLOWED.error("session.voice is not allowed")
         session: dict[str, Any] = {"type": "realtime", "model": model}
         if voice is not None:
             session["audio"] = {"output": {"voice": voice}}
         instructions = rules.instructions
         if wanted.instructions:
             if rules.client_instructions == "refuse":
-                raise BadRequestError(
-                    "session.instructions are set by the server's policy",
-                    code="instructions_not_allowed",
+                raise Refusal.INSTRUCTIONS_NOT_ALLOWED.error(
+                    "session.instructions are set by the server's policy"
                 )
             if rules.client_instructions == "allow":
                 instructions = wanted.instructions

@@ -60,17 +60,6 @@ class Settings(EdgeSettings):
     )
     """What issuance does when Redis is unreachable: closed (refuse), open (allow) or local
     (a per-process limit)."""
-    block_after_strikes: int = Field(
-        default=20, ge=1, validation_alias="RATE_LIMIT_BLOCK_AFTER_STRIKES"
-    )
-    """Auth failures or limit hits within RATE_LIMIT_STRIKE_WINDOW_S that block a client IP
-    (`keyveil blocks` lists and lifts blocks)."""
-    strike_window_s: float = Field(
-        default=60.0, gt=0, validation_alias="RATE_LIMIT_STRIKE_WINDOW_S"
-    )
-    """Seconds over which strikes are counted."""
-    block_for_s: float = Field(default=300.0, gt=0, validation_alias="RATE_LIMIT_BLOCK_FOR_S")
-    """Seconds a blocked client IP stays blocked."""
 
     token_duration_s: int = Field(
         default=300, ge=10, le=7200, validation_alias="VOICE_AGENT_TOKEN_DURATION"

@@ -291,7 +291,9 @@ def _token_rows() -> Iterator[Row]:
     yield Row(
         "revoke with a future created", 401, "signature_future", lambda b: revoke(b, created=2**33)
     )
-    yield Row("revoke replaying a nonce", 401, "replay", lambda b: revoke(b, nonce=MARK, times=2))
+    yield Row(
+        "revoke replaying a nonce", 401, "replay_detected", lambda b: revoke(b, nonce=MARK, times=2)
+    )
 
 
 def _proxy_rows() -> Iterator[Row]:

@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
 from keyveil.servers import start_redis
+from shared.contract import Refusal
 from shared.principals import revoked_user_key
 from shared.ratelimit import (
     Admission,
@@ -58,7 +59,7 @@ def test_local_gcra_arithmetic_is_exact() -> None:
     assert [a.remaining for a in answers] == [4, 3, 2, 1, 0]
     assert [a.reset_after_s for a in answers] == [2.0, 4.0, 6.0, 8.0, 10.0]
     refused = gcra.check([limit])
-    assert (refused.allowed, refused.reason) == (False, "rate_limited")
+    assert (refused.allowed, refused.refusal) == (False, "rate_limited")
     assert refused.retry_after_s == pytest.approx(2.0)
     assert refused.reset_after_s == pytest.approx(10.0)
     clock.now += 1.999
@@ -85,7 +86,7 @@ def test_local_gcra_is_all_or_nothing() -> None:
 def test_headers_follow_the_ietf_draft() -> None:
     allowed = Decision(
         allowed=True,
-        reason="ok",
+        refusal=None,
         layer="per-ip",
         limit=120,
         remaining=17,
@@ -98,7 +99,7 @@ def test_headers_follow_the_ietf_draft() -> None:
     }
     refused = Decision(
         allowed=False,
-        reason="rate_limited",
+        refusal=Refusal.RATE_LIMITED,
         layer="per-ip",
         limit=120,
         remaining=0,
@@ -107,7 +108,7 @@ def test_headers_follow_the_ietf_draft() -> None:
         window_s=60,
     )
     assert refused.headers()["Retry-After"] == "1"
-    assert "Retry-After" not in Decision(allowed=False, reason="replay").headers()
+    assert "Retry-After" not in Decision(allowed=False, refusal=Refusal.REPLAY_DETECTED).headers()
 
 
 async def test_redis_gcra_counts_down_and_refuses_with_retry_after(admission: Admission) -> None:
@@ -118,7 +119,7 @@ async def test_redis_gcra_counts_down_and_refuses_with_retry_after(admission: Ad
     for n, answer in enumerate(answers, start=1):
         assert 2.0 * n - 0.5 < answer.reset_after_s <= 2.0 * n
     refused = await admission.check(limits=[limit], client_ip="10.0.0.1")
-    assert (refused.allowed, refused.reason, refused.layer) == (False, "rate_limited", "ip")
+    assert (refused.allowed, refused.refusal, refused.layer) == (False, "rate_limited", "ip")
     assert 1.5 < refused.retry_after_s <= 2.0
     assert refused.headers()["Retry-After"] == "2"
     assert refused.headers()["RateLimit-Policy"] == '"ip";q=5;w=10'
@@ -155,14 +156,14 @@ async def test_nonce_replay_is_refused_and_refusals_do_not_burn_nonces(
     first = await admission.check(limits=[], client_ip="10.0.0.3", nonce=nonce, nonce_ttl_s=60)
     assert first.allowed
     replay = await admission.check(limits=[], client_ip="10.0.0.3", nonce=nonce, nonce_ttl_s=60)
-    assert (replay.allowed, replay.reason) == (False, "replay")
+    assert (replay.allowed, replay.refusal) == (False, "replay_detected")
 
     assert (await admission.check(limits=[limit], client_ip="10.0.0.3")).allowed
     fresh = f"kid:{_subject()}"
     limited = await admission.check(
         limits=[limit], client_ip="10.0.0.3", nonce=fresh, nonce_ttl_s=60
     )
-    assert limited.reason == "rate_limited"
+    assert limited.refusal == "rate_limited"
     unused = await admission.check(limits=[], client_ip="10.0.0.3", nonce=fresh, nonce_ttl_s=60)
     assert unused.allowed
 
@@ -174,7 +175,7 @@ async def test_revoked_token_is_refused(admission: Admission, client: aioredis.R
     assert ok.allowed
     await client.set(revoked_key(token_id), "1", ex=60)
     refused = await admission.check(limits=[limit], client_ip="10.0.0.4", revoked_token_id=token_id)
-    assert (refused.allowed, refused.reason) == (False, "revoked")
+    assert (refused.allowed, refused.refusal) == (False, "token_revoked")
 
 
 async def test_repeated_strikes_block_the_ip(admission: Admission) -> None:
@@ -182,7 +183,7 @@ async def test_repeated_strikes_block_the_ip(admission: Admission) -> None:
     limit = Limit("ip", _subject(), limit=100, period_s=60)
     assert [await admission.strike(ip, "auth") for _ in range(3)] == [False, False, True]
     refused = await admission.check(limits=[limit], client_ip=ip)
-    assert (refused.allowed, refused.reason) == (False, "blocked")
+    assert (refused.allowed, refused.refusal) == (False, "ip_blocked")
     assert 29 < refused.retry_after_s <= 30
     assert refused.headers()["Retry-After"] == "30"
     assert await admission.strike(ip, "auth") is False  # already blocked: no second event
@@ -222,7 +223,7 @@ async def test_three_instances_share_one_limit(redis_url: str) -> None:
         for c in clients:
             await c.aclose()
     assert sum(a.allowed for a in answers) == 10
-    assert {a.reason for a in answers if not a.allowed} == {"rate_limited"}
+    assert {a.refusal for a in answers if not a.allowed} == {"rate_limited"}
 
 
 async def test_redis_outage_follows_each_failure_mode(tmp_path: Path) -> None:
@@ -244,12 +245,12 @@ async def test_redis_outage_follows_each_failure_mode(tmp_path: Path) -> None:
         started = time.monotonic()
         down = await admission.check(limits=[closed], client_ip="10.0.0.8")
         assert time.monotonic() - started < 1.5
-        assert (down.allowed, down.reason) == (False, "unavailable")
+        assert (down.allowed, down.refusal) == (False, "security_unavailable")
         assert down.headers()["Retry-After"] == "1"
         assert admission.degraded
         # Closed wins when a closed layer is among the ones asked for.
         mixed = await admission.check(limits=[opened, closed], client_ip="10.0.0.8")
-        assert mixed.reason == "unavailable"
+        assert mixed.refusal == "security_unavailable"
 
         assert all(
             [
@@ -262,14 +263,14 @@ async def test_redis_outage_follows_each_failure_mode(tmp_path: Path) -> None:
             await admission.check(limits=[local], client_ip="10.0.0.8") for _ in range(3)
         ]
         assert [a.allowed for a in local_answers] == [True, True, False]
-        assert local_answers[2].reason == "rate_limited"
+        assert local_answers[2].refusal == "rate_limited"
 
         nonce = "kid:n1"
         assert (
             await admission.check(limits=[opened], client_ip="x", nonce=nonce, nonce_ttl_s=60)
         ).allowed
         replay = await admission.check(limits=[opened], client_ip="x", nonce=nonce, nonce_ttl_s=60)
-        assert replay.reason == "replay"
+        assert replay.refusal == "replay_detected"
         assert await admission.strike("10.0.0.8", "auth") is False
         assert _metric("keyveil_ratelimit_backend_errors_total", service="test-outage") > (
             errors_before + 5
@@ -309,14 +310,14 @@ async def test_pipelined_answers_like_redis_py(client: aioredis.Redis) -> None:
                 nonce=f"{token}:0",
                 nonce_ttl_s=60,
             )
-            assert (replay.allowed, replay.reason) == (False, "replay")
+            assert (replay.allowed, replay.refusal) == (False, "replay_detected")
             await client.set(revoked_key(token), "1", ex=60)
             revoked = await admission.check(
                 limits=[Limit("ip", _subject(), 3, 60)],
                 client_ip="10.0.1.1",
                 revoked_token_id=token,
             )
-            assert (revoked.allowed, revoked.reason) == (False, "revoked")
+            assert (revoked.allowed, revoked.refusal) == (False, "token_revoked")
     finally:
         await pipelined.aclose()
 
@@ -339,8 +340,9 @@ async def test_pipelined_concurrent_checks_share_one_limit(client: aioredis.Redi
     # One connection keeps the order, so each reply must match its own request: the
     # first 25 are admitted (recording their nonces), the second use of those 25
     # nonces is a replay, everything else is over the limit.
-    expected = ["ok"] * 25 + ["rate_limited"] * 125 + ["replay"] * 25 + ["rate_limited"] * 125
-    assert [a.reason for a in answers] == expected
+    expected = [None] * 25 + ["rate_limited"] * 125 + ["replay_detected"] * 25
+    expected += ["rate_limited"] * 125
+    assert [a.refusal for a in answers] == expected
 
 
 async def test_pipelined_reloads_a_flushed_script(client: aioredis.Redis) -> None:
@@ -365,7 +367,7 @@ async def test_pipelined_outage_fails_closed_and_recovers(tmp_path: Path) -> Non
         started = time.monotonic()
         down = await admission.check(limits=[limit], client_ip="10.0.1.4")
         assert time.monotonic() - started < 1.5
-        assert (down.allowed, down.reason) == (False, "unavailable")
+        assert (down.allowed, down.refusal) == (False, "security_unavailable")
         assert admission.degraded
         server = start_redis(tmp_path, name="rl-pipelined", port=port)
         back = await admission.check(limits=[limit], client_ip="10.0.1.4")
@@ -393,7 +395,7 @@ async def test_a_revoked_user_is_refused_for_tokens_issued_up_to_the_revocation(
         refused = await admission.check(
             limits=[limit], client_ip="10.0.0.9", revoked_user=(user, iat)
         )
-        assert (refused.allowed, refused.reason) == (False, "revoked")
+        assert (refused.allowed, refused.refusal) == (False, "token_revoked")
     later = await admission.check(
         limits=[limit], client_ip="10.0.0.9", revoked_user=(user, issued_at + 1)
     )

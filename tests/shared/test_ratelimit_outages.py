@@ -130,7 +130,7 @@ async def test_a_full_redis_follows_the_failure_modes(
     subject = uuid.uuid4().hex
     try:
         closed = await admission.check(limits=[Limit("closed", subject, 5, 60)], client_ip="ip")
-        assert (closed.allowed, closed.reason) == (False, "unavailable")
+        assert (closed.allowed, closed.refusal) == (False, "security_unavailable")
         assert closed.headers()["Retry-After"] == "1"
         assert admission.degraded
         opened = await admission.check(limits=[Limit("open", subject, 5, 60)], client_ip="ip")
@@ -156,7 +156,7 @@ async def test_a_full_redis_recovers_when_room_is_made(full: aioredis.Redis) -> 
     try:
         subject = uuid.uuid4().hex
         first = await admission.check(limits=[Limit("l", subject, 5, 60)], client_ip="ip")
-        assert first.reason == "unavailable"
+        assert first.refusal == "security_unavailable"
         await full.flushdb()
         await asyncio.sleep(0.05)
         again = await admission.check(limits=[Limit("l", subject, 5, 60)], client_ip="ip")

@@ -321,7 +321,7 @@ async def _usage_events(bus: NATS, since: float, settle_s: float = 2.0) -> list[
 async def test_unauthenticated_refusals_are_counted_but_sampled(
     client: Browser, bus: NATS, bounded_proxy: ServiceProcess
 ) -> None:
-    rejections = 'keyveil_proxy_rejections_total{reason="invalid_token"}'
+    rejections = 'keyveil_proxy_rejections_total{reason="auth"}'
     before = _metric((await _get(bounded_proxy, "/metrics")).decode(), rejections)
     since = time.time()
 
@@ -341,15 +341,15 @@ async def test_unauthenticated_refusals_are_counted_but_sampled(
         assert (await client.post(CHAT, chat_body(), speech_only)).status_code == 403
     await asyncio.sleep(1.5)  # the sampler's interval ends and the sum goes out
     events = await _usage_events(bus, since)
-    invalid = [e for e in events if e["reason"] == "invalid_token"]
+    invalid = [e for e in events if e["reason"] == "token_invalid"]
     assert 1 <= len(invalid) <= 3
     assert sum(e["count"] for e in invalid) == 15
     assert all(e["client_ip"] == "127.0.0.1" for e in invalid)
-    scope = [e for e in events if e["reason"] == "scope"]
+    scope = [e for e in events if e["reason"] == "scope_denied"]
     assert len(scope) == 3
     assert all(e["count"] is None for e in scope)
     metrics = (await _get(bounded_proxy, "/metrics")).decode()
-    assert _metric(metrics, rejections) == before + 15
+    assert _metric(metrics, rejections) == before + 15 + 3  # forged tokens, then scope
 
 
 # -- a full Redis --------------------------------------------------------------------

@@ -304,8 +304,8 @@ async def test_cors(browser: Browser) -> None:
 async def test_failures_are_counted_without_ip_or_token_labels(browser: Browser) -> None:
     await _without("Signature")(browser)
     metrics = (await browser.http.get("/metrics")).text
-    assert 'keyveil_proxy_rejections_total{reason="signature"}' in metrics
-    assert 'keyveil_auth_failures_total{reason="signature",service="proxy"}' in metrics
+    assert 'keyveil_proxy_rejections_total{reason="auth"}' in metrics
+    assert 'keyveil_auth_failures_total{reason="auth",service="proxy"}' in metrics
     assert "127.0.0.1" not in metrics
 
 

@@ -109,8 +109,8 @@ async def test_realtime_session_stays_inside_the_allowlists(
             headers=browser(),
         )
         voice = await client.post(SECURE, json={"session": {"voice": "darth"}}, headers=browser())
-    assert (wider.status_code, wider.json()["error"]["code"]) == (400, "model_not_allowed")
-    assert (voice.status_code, voice.json()["error"]["code"]) == (400, "voice_not_allowed")
+    assert (wider.status_code, wider.json()["error"]["code"]) == (403, "model_not_allowed")
+    assert (voice.status_code, voice.json()["error"]["code"]) == (403, "voice_not_allowed")
     assert "gpt-4-expensive" not in wider.text
     assert fake_upstream.calls() == []
 
@@ -266,7 +266,7 @@ async def test_origin_rules(token_app: AppFactory, events: EventLog) -> None:
     assert lookalike.status_code == 403
     assert "access-control-allow-origin" not in foreign.headers
     event = await events.wait_for(type="token.denied", client_ip=ip)
-    assert (event["reason"], event["status"]) == ("origin", 403)
+    assert (event["reason"], event["status"]) == ("origin_forbidden", 403)
 
 
 async def test_preflight_lists_only_what_is_needed(token_app: AppFactory) -> None:
@@ -344,7 +344,7 @@ async def test_repeated_limit_hits_block_the_ip(token_app: AppFactory, events: E
         for _ in range(4):
             answer = await client.post(SECURE, json={"mode": "proxy"}, headers=browser(ip))
             codes.append(answer.json().get("error", {}).get("code", "ok"))
-    assert codes == ["ok", "rate_limited", "rate_limited", "blocked"]
+    assert codes == ["ok", "rate_limited", "rate_limited", "ip_blocked"]
     assert 100 < int(answer.headers["retry-after"]) <= 120
     event = await events.wait_for(type="ip.blocked", client_ip=ip)
     assert event["outcome"] == "denied"
@@ -414,7 +414,7 @@ async def test_holder_revokes_with_a_signed_delete(
     }
     ttl = await redis_client.ttl(revoked_key(token["token_id"]))
     assert 100 <= ttl <= 121
-    assert (replay.status_code, replay.json()["error"]["code"]) == (401, "replay")
+    assert (replay.status_code, replay.json()["error"]["code"]) == (401, "replay_detected")
     audit = await events.wait_for(type="token.revoked", actor="token-holder")
     assert audit["detail"]["token_id"] == token["token_id"]
 
@@ -469,7 +469,7 @@ async def test_revocation_refuses_forged_mismatched_and_expired_tokens(
     assert (mismatch.status_code, mismatch.json()["error"]["code"]) == (403, "token_mismatch")
     assert (expired.status_code, expired.json()["error"]["code"]) == (401, "token_expired")
     assert (unsigned.status_code, unsigned.json()["error"]["code"]) == (401, "signature_missing")
-    assert (anonymous.status_code, anonymous.json()["error"]["code"]) == (401, "missing_token")
+    assert (anonymous.status_code, anonymous.json()["error"]["code"]) == (401, "token_missing")
     assert await redis_client.exists(revoked_key(token["token_id"])) == 0
     assert await redis_client.exists(revoked_key(other["token_id"])) == 0
     for response in (wrong_key, forged, mismatch, expired, unsigned):

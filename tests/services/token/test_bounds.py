@@ -157,7 +157,7 @@ async def test_a_full_redis_is_503_not_500(
     answers, latency = await _probe_during(token_service.url, issue())
     for answer in answers:
         assert answer.status_code == 503
-        assert answer.json()["error"]["code"] == "rate_limit_unavailable"
+        assert answer.json()["error"]["code"] == "security_unavailable"
         assert answer.headers["retry-after"] == "1"
         assert "token" not in answer.json()
     assert latency < 1.0

@@ -88,7 +88,7 @@ async def test_redis_outage_fails_closed_fast_and_recovers(
                 down = await client.post(url, json={"mode": "proxy"}, headers=browser())
                 assert time.monotonic() - started < 2.0
                 assert down.status_code == 503
-                assert down.json()["error"]["code"] == "rate_limit_unavailable"
+                assert down.json()["error"]["code"] == "security_unavailable"
                 assert down.headers["retry-after"] == "1"
                 assert "token" not in down.json()
             ready = await client.get(f"{replicas[0].url}/readyz")
