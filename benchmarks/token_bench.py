@@ -7,6 +7,10 @@ request from its own client IP (X-Forwarded-For via a trusted loopback proxy), s
 every request pays the full Redis admission round trip and none is refused.
 
     .venv/bin/python -m benchmarks.token_bench --requests 3000 --concurrency 32 --replicas 2
+
+`--auth oidc` turns on caller authentication against a local OIDC issuer (discovery and
+JWKS over HTTP, keys cached after the first request): every request carries a login
+of one of 100 users, so the cost of verifying it (RS256) is in every number.
 """
 
 from __future__ import annotations
@@ -22,12 +26,15 @@ import httpx
 
 from benchmarks.common import LatencySummary, add_json_option, write_json
 from keyveil.servers import start_nats, start_redis
+from tests.services.token.issuer import TestIssuer
 from tests.support import TEST_PROXY_SIGNING_KEY, ServiceProcess
 
 ORIGIN = "https://bench.example"
 
 
-async def _drive(urls: list[str], total: int, concurrency: int) -> tuple[float, list[float], int]:
+async def _drive(
+    urls: list[str], total: int, concurrency: int, logins: list[str] | None = None
+) -> tuple[float, list[float], int]:
     latencies: list[float] = []
     failures = 0
     counter = iter(range(total))
@@ -42,6 +49,8 @@ async def _drive(urls: list[str], total: int, concurrency: int) -> tuple[float, 
                     "Origin": ORIGIN,
                     "X-Forwarded-For": f"10.{n // 65536 % 256}.{n // 256 % 256}.{n % 256}",
                 }
+                if logins:
+                    headers["Authorization"] = f"Bearer {logins[n % len(logins)]}"
                 started = time.perf_counter()
                 answer = await client.post(
                     f"{urls[n % len(urls)]}/api/voice-agent/secure-token",
@@ -64,12 +73,13 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--replicas", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=200)
+    parser.add_argument("--auth", choices=("anonymous", "oidc"), default="anonymous")
     add_json_option(parser)
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="keyveil-bench-") as tmp:
         state = Path(tmp)
-        nats_server = start_nats(state)
+        nats_server = start_nats(state, streams=True)  # as `keyveil bootstrap` makes them
         redis_server = start_redis(state)
         env = {
             "NATS_URL": nats_server.url,
@@ -80,6 +90,16 @@ def main() -> int:
             "VOICE_AGENT_RATE_LIMIT": "10",
             "LOG_LEVEL": "WARNING",
         }
+        issuer: TestIssuer | None = None
+        logins: list[str] | None = None
+        if args.auth == "oidc":
+            issuer = TestIssuer()
+            env.update(
+                KEYVEIL_AUTH_MODE="oidc", OIDC_ISSUER=issuer.issuer, OIDC_AUDIENCE=issuer.audience
+            )
+            logins = [
+                issuer.login(sub=f"user-{i}", exp=int(time.time()) + 3600) for i in range(100)
+            ]
         replicas = [
             ServiceProcess("token", env, state / f"token-{i}.log").start(wait_ready=False)
             for i in range(args.replicas)
@@ -88,20 +108,22 @@ def main() -> int:
             for replica in replicas:
                 replica.wait_ready(timeout=60)
             urls = [r.url for r in replicas]
-            asyncio.run(_drive(urls, args.warmup, args.concurrency))
+            asyncio.run(_drive(urls, args.warmup, args.concurrency, logins))
             elapsed, latencies, failures = asyncio.run(
-                _drive(urls, args.requests, args.concurrency)
+                _drive(urls, args.requests, args.concurrency, logins)
             )
         finally:
             for replica in replicas:
                 replica.stop()
+            if issuer is not None:
+                issuer.close()
             redis_server.stop()
             nats_server.stop()
 
     summary = LatencySummary.of(latencies, elapsed, ok=len(latencies) - failures)
     print(
         f"proxy-token issuance, rate limiting on (Redis GCRA per client IP), "
-        f"{args.replicas} replica(s), concurrency {args.concurrency}"
+        f"{args.replicas} replica(s), concurrency {args.concurrency}, auth {args.auth}"
     )
     print(f"requests     {len(latencies)} ({failures} not 200)")
     print(f"tokens/s     {summary.rate_per_s:.0f}")
@@ -110,7 +132,12 @@ def main() -> int:
     print(f"mean         {summary.mean_ms:.2f} ms")
     write_json(
         args.json,
-        {"replicas": args.replicas, "concurrency": args.concurrency, **summary.as_dict()},
+        {
+            "replicas": args.replicas,
+            "concurrency": args.concurrency,
+            "auth": args.auth,
+            **summary.as_dict(),
+        },
     )
     return 0 if failures == 0 else 1
 

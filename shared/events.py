@@ -89,6 +89,8 @@ class UsageEvent(Event):
     mode: str | None = None
     path: str | None = None
     model: str | None = None
+    user: str | None = None  # a keyed hash of the user id (shared.principals), never the id
+    app: str | None = None
     latency_ms: float | None = None
     upstream_latency_ms: float | None = None
     prompt_tokens: int | None = None

@@ -47,6 +47,7 @@ from redis.asyncio.connection import Connection as _TcpConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from shared.principals import revoked_user_key
 from shared.tokens import revoked_key
 
 __all__ = [
@@ -156,8 +157,10 @@ def redis_unavailable() -> Iterator[None]:
         raise outage from None
 
 
-# KEYS: block, revoked ("" when unused), nonce ("" when unused), then one per layer.
-# ARGV: nonce_ttl_ms, then (period_us, limit) per layer.
+# KEYS: block, revoked ("" when unused), nonce ("" when unused), revoked user ("" when
+# unused), then one per layer.
+# ARGV: nonce_ttl_ms, token iat (s; a user's tokens issued at or before the stored time
+# are revoked), then (period_us, limit) per layer.
 # Returns {code, layer_index (1-based, 0 = none), remaining, reset_after_us, retry_after_us}.
 _ADMIT_LUA: Final = """
 local t = redis.call('TIME')
@@ -170,17 +173,23 @@ end
 if KEYS[2] ~= '' and redis.call('EXISTS', KEYS[2]) == 1 then
   return {3, 0, 0, 0, 0}
 end
+if KEYS[4] ~= '' then
+  local cut = tonumber(redis.call('GET', KEYS[4]) or '')
+  if cut and tonumber(ARGV[2]) <= cut then
+    return {3, 0, 0, 0, 0}
+  end
+end
 if KEYS[3] ~= '' and redis.call('EXISTS', KEYS[3]) == 1 then
   return {2, 0, 0, 0, 0}
 end
-local n = #KEYS - 3
+local n = #KEYS - 4
 local new_tats = {}
 local best, best_remaining, best_reset = 0, -1, 0
 for i = 1, n do
-  local period = tonumber(ARGV[2 * i])
-  local limit = tonumber(ARGV[2 * i + 1])
+  local period = tonumber(ARGV[2 * i + 1])
+  local limit = tonumber(ARGV[2 * i + 2])
   local interval = period / limit
-  local tat = tonumber(redis.call('GET', KEYS[3 + i]) or '0')
+  local tat = tonumber(redis.call('GET', KEYS[4 + i]) or '0')
   if tat < now then tat = now end
   local new_tat = tat + interval
   local allow_at = new_tat - period
@@ -196,7 +205,7 @@ for i = 1, n do
 end
 for i = 1, n do
   local ttl_ms = math.ceil((new_tats[i] - now) / 1000)
-  redis.call('SET', KEYS[3 + i], string.format('%.17g', new_tats[i]), 'PX', ttl_ms)
+  redis.call('SET', KEYS[4 + i], string.format('%.17g', new_tats[i]), 'PX', ttl_ms)
 end
 if KEYS[3] ~= '' then
   redis.call('SET', KEYS[3], '1', 'PX', tonumber(ARGV[1]))
@@ -618,14 +627,17 @@ class Admission:
         nonce: str | None = None,
         nonce_ttl_s: int = 0,
         revoked_token_id: str | None = None,
+        revoked_user: tuple[str, int] | None = None,
     ) -> Decision:
+        """`revoked_user` is (user hash, token iat): refused when revoked at or after iat."""
         keys = [
             block_key(client_ip),
             revoked_key(revoked_token_id) if revoked_token_id else "",
             nonce_key(nonce) if nonce else "",
+            revoked_user_key(revoked_user[0]) if revoked_user else "",
             *(rate_key(item.layer, item.subject) for item in limits),
         ]
-        args: list[int] = [max(1, nonce_ttl_s) * 1000]
+        args: list[int] = [max(1, nonce_ttl_s) * 1000, revoked_user[1] if revoked_user else 0]
         for item in limits:
             args += [max(1, round(item.period_s * _US)), item.limit]
         script = self._pipelined or self._admit

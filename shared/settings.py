@@ -11,6 +11,7 @@ import itertools
 import math
 from collections import Counter
 from enum import StrEnum
+from pathlib import Path
 from typing import Annotated, Any, Self, TypeVar
 from urllib.parse import urlsplit
 
@@ -155,6 +156,8 @@ class EdgeSettings(CommonSettings):
     signature_window_s: float = Field(
         default=60.0, gt=0, le=600, validation_alias="SIGNATURE_WINDOW_S"
     )
+    policy_file: Path | None = Field(default=None, validation_alias="KEYVEIL_POLICY_FILE")
+    """The usage policy (shared/policy.py), the same file for the token service and the proxy."""
     # HTTP bounds enforced by the protocol (shared.httpprotocol), before the app runs.
     max_header_count: int = Field(
         default=100, ge=16, le=10_000, validation_alias="HTTP_MAX_HEADER_COUNT"

@@ -56,6 +56,10 @@ class ProxyClaims(BaseModel):
     iat: int
     exp: int
     origin: str | None = None
+    # The principal (shared.principals): a keyed hash of the user id, never the id itself.
+    sub: str | None = None
+    app: str | None = None
+    tier: str | None = None
     iss: str = ISSUER
     aud: str = TOKEN_AUDIENCE
 

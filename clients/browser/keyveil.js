@@ -7,6 +7,7 @@
 //   const voice = await kv.startVoice({ api: "live", voice: "marin", audio: audioElement,
 //     onTranscript: (text) => show(text), onUsage: (u) => show(u.seconds) });
 //   await voice.stop();
+//   // with KEYVEIL_AUTH_MODE=oidc: new KeyveilClient({ getIdToken: () => auth.currentIdToken() })
 //
 // Dependency free: WebCrypto HMAC-SHA256 signs "@method" "@path" "content-digest"
 // (RFC 9530 sha-256) with the per-token signing key; keyid is the token id. Voice is
@@ -154,8 +155,10 @@ export class KeyveilClient {
     baseDelayMs = 250,
     maxDelayMs = 8000,
     maxRetryAfterS = 60,
+    getIdToken = null, // async () => the app's login (OIDC ID token), sent as Bearer
   } = {}) {
     this.tokenUrl = tokenUrl;
+    this.getIdToken = getIdToken;
     this.proxyUrl = proxyUrl;
     this.mode = mode;
     this.scopes = scopes;
@@ -204,19 +207,23 @@ export class KeyveilClient {
     return remaining > Math.min(this.refreshMarginS, lifetime / 5);
   }
 
-  /** A token for this client's mode, cached until it nears expiry (one fetch at a time). */
+  /** A token for this client's mode, cached until it nears expiry or the login changes. */
   async requestToken({ force = false } = {}) {
-    if (!force && this._fresh(this._token)) return this._token;
+    const login = this.getIdToken ? (await this.getIdToken()) || null : null;
+    const sameLogin = !this.getIdToken || (this._token && this._token.login === login);
+    if (!force && sameLogin && this._fresh(this._token)) return this._token;
     if (this._pending) return this._pending;
     this._pending = (async () => {
       const body = { mode: this.mode };
       if (this.scopes) body.scopes = this.scopes;
       if (this.session) body.session = this.session;
+      const headers = { "Content-Type": "application/json" };
+      if (login) headers.Authorization = `Bearer ${login}`;
       const response = await this._fetchRetrying(
         () =>
           fetch(this.tokenUrl, {
             method: "POST",
-            headers: { "Content-Type": "application/json" },
+            headers,
             body: JSON.stringify(body),
             credentials: "same-origin",
           }),
@@ -233,6 +240,7 @@ export class KeyveilClient {
         lifetimeS,
         obtainedAt: performance.now(),
         key: data.signing_key ? base64UrlDecode(data.signing_key) : null,
+        login,
       };
       return this._token;
     })();

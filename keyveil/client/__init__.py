@@ -20,7 +20,7 @@ from .errors import (
 )
 from .retry import RetryPolicy, parse_retry_after
 from .streaming import ChatStream
-from .tokens import Token, TokenSource
+from .tokens import LoginCallback, Token, TokenSource
 
 __all__ = [
     "AuthenticationError",
@@ -28,6 +28,7 @@ __all__ = [
     "ClientError",
     "ConnectionFailed",
     "KeyveilAuth",
+    "LoginCallback",
     "RateLimitedError",
     "ResponseInterrupted",
     "RetryPolicy",

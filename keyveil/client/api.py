@@ -28,7 +28,15 @@ from .errors import (
 )
 from .retry import RetryPolicy
 from .streaming import ChatStream
-from .tokens import PROXY_API_PATH, Mode, Token, TokenSource, error_from_response, proxy_root
+from .tokens import (
+    PROXY_API_PATH,
+    LoginCallback,
+    Mode,
+    Token,
+    TokenSource,
+    error_from_response,
+    proxy_root,
+)
 
 __all__ = ["SecureAPIClient"]
 
@@ -60,6 +68,7 @@ class SecureAPIClient:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        auth: LoginCallback | None = None,
     ) -> None:
         self.origin = origin
         self.retry = retry or RetryPolicy()
@@ -80,6 +89,7 @@ class SecureAPIClient:
             clock=clock,
             sleep=sleep,
             rng=self._rng,
+            auth=auth,
         )
 
     async def __aenter__(self) -> SecureAPIClient:

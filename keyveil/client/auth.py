@@ -17,7 +17,7 @@ import httpx
 from shared.signing import sign_request
 
 from .errors import ClientError
-from .tokens import Token, TokenSource
+from .tokens import LoginCallback, Token, TokenSource
 
 __all__ = ["KeyveilAuth", "sign_proxy_request"]
 
@@ -74,11 +74,13 @@ class KeyveilAuth(httpx.Auth):
         *,
         origin: str | None = None,
         tokens: TokenSource | None = None,
+        auth: LoginCallback | None = None,
     ) -> None:
+        """`auth` returns the app's login for the token service (see `TokenSource`)."""
         if tokens is None:
             if base_url is None:
                 raise ValueError("KeyveilAuth needs the token service base_url or a TokenSource")
-            tokens = TokenSource(base_url, origin=origin)
+            tokens = TokenSource(base_url, origin=origin, auth=auth)
         self.tokens = tokens
         self.origin = origin if origin is not None else tokens.origin
 

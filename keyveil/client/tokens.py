@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import inspect
 import random
 import threading
 import time
@@ -21,6 +22,7 @@ from .retry import RetryPolicy, parse_retry_after
 __all__ = [
     "PROXY_API_PATH",
     "TOKEN_PATH",
+    "LoginCallback",
     "Mode",
     "Token",
     "TokenSource",
@@ -31,6 +33,8 @@ __all__ = [
 TOKEN_PATH = "/api/voice-agent/secure-token"  # noqa: S105 - a URL path
 PROXY_API_PATH = "/api/voice-agent/proxy/v1"
 Mode = Literal["auto", "realtime", "proxy", "demo"]
+LoginCallback = Callable[[], "str | Awaitable[str | None] | None"]
+"""`auth=`: the app's current login (an OIDC ID token or a backend assertion), or None."""
 _DEFAULT_LIFETIME_S = 60.0
 
 
@@ -116,6 +120,10 @@ def error_from_response(response: httpx.Response) -> ClientError:
     )
 
 
+def _login_expired(error: ClientError) -> bool:
+    return getattr(error, "code", None) == "login_expired"
+
+
 def _server_now(response: httpx.Response) -> float:
     """The later of our clock and the server's Date, so a lifetime is never overestimated."""
     now = time.time()
@@ -133,6 +141,10 @@ class TokenSource:
 
     A cached token is reused until it enters its refresh margin; concurrent callers
     share one fetch. 429/503 answers are retried per the `RetryPolicy`.
+
+    `auth` returns the app's login (sent as `Authorization: Bearer`); it is asked on
+    every `get`, and a cached token obtained with another login is fetched again, so
+    a refreshed login (or another user) never keeps using the previous one's token.
     """
 
     def __init__(
@@ -149,8 +161,11 @@ class TokenSource:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         rng: random.Random | None = None,
+        auth: LoginCallback | None = None,
     ) -> None:
         base = base_url.rstrip("/")
+        self.auth = auth
+        self._logins: dict[str, str | None] = {}
         self.url = base if base.endswith(TOKEN_PATH) else base + TOKEN_PATH
         self.origin = origin
         self.session = dict(session) if session else None
@@ -182,8 +197,29 @@ class TokenSource:
         if token is None or self._cache.get(mode) is token:
             self._cache.pop(mode, None)
 
+    async def _login(self) -> str | None:
+        if self.auth is None:
+            return None
+        value = self.auth()
+        if inspect.isawaitable(value):
+            value = await value
+        return value or None
+
+    def _login_sync(self) -> str | None:
+        if self.auth is None:
+            return None
+        value = self.auth()
+        if inspect.isawaitable(value):
+            if inspect.iscoroutine(value):
+                value.close()
+            raise TypeError("the synchronous token flow needs a synchronous auth= callback")
+        return value or None
+
+    def _same_login(self, mode: str, login: str | None) -> bool:
+        return self.auth is None or self._logins.get(mode) == login
+
     def _request(
-        self, mode: str, session: Mapping[str, Any] | None
+        self, mode: str, session: Mapping[str, Any] | None, login: str | None = None
     ) -> tuple[dict[str, Any], dict[str, str]]:
         body: dict[str, Any] = {"mode": mode}
         chosen = session if session is not None else self.session
@@ -192,14 +228,17 @@ class TokenSource:
         headers = {"Accept": "application/json"}
         if self.origin:
             headers["Origin"] = self.origin
+        if login:
+            headers["Authorization"] = f"Bearer {login}"
         return body, headers
 
-    def _accept(self, mode: str, response: httpx.Response) -> Token:
+    def _accept(self, mode: str, response: httpx.Response, login: str | None = None) -> Token:
         token = Token.from_answer(
             response.json(), server_now=_server_now(response), obtained_at=self._clock()
         )
         self.fetches += 1
         self._cache[mode] = token
+        self._logins[mode] = login
         return token
 
     async def get(
@@ -211,24 +250,49 @@ class TokenSource:
         force: bool = False,
     ) -> Token:
         """A valid token for `mode`, fetched only when none is cached or it is about to expire."""
-        if not force and (token := self.cached(mode)) is not None:
+        login = await self._login()
+        same = self._same_login(mode, login)
+        if not force and same and (token := self.cached(mode)) is not None:
             return token
         lock = self._locks.setdefault(mode, asyncio.Lock())
         stale = self._cache.get(mode)
         async with lock:
             fresh = self.cached(mode)
             # A forced refresh is satisfied by one another caller made while we waited.
-            if fresh is not None and (not force or fresh is not stale):
+            reusable = fresh is not None and (not force or fresh is not stale)
+            if reusable and fresh is not None and self._same_login(mode, login):
                 return fresh
             if client is not None:
-                return await self._fetch(client, mode, session)
+                return await self._fetch_with_login(client, mode, session, login)
             async with httpx.AsyncClient(transport=self._transport, timeout=self.timeout_s) as own:
-                return await self._fetch(own, mode, session)
+                return await self._fetch_with_login(own, mode, session, login)
+
+    async def _fetch_with_login(
+        self,
+        client: httpx.AsyncClient,
+        mode: str,
+        session: Mapping[str, Any] | None,
+        login: str | None,
+    ) -> Token:
+        """`_fetch`; a login the token service found expired is asked for once more."""
+        try:
+            return await self._fetch(client, mode, session, login)
+        except ClientError as exc:
+            if not _login_expired(exc):
+                raise
+            fresh = await self._login()
+            if fresh is None or fresh == login:
+                raise
+            return await self._fetch(client, mode, session, fresh)
 
     async def _fetch(
-        self, client: httpx.AsyncClient, mode: str, session: Mapping[str, Any] | None
+        self,
+        client: httpx.AsyncClient,
+        mode: str,
+        session: Mapping[str, Any] | None,
+        login: str | None = None,
     ) -> Token:
-        body, headers = self._request(mode, session)
+        body, headers = self._request(mode, session, login)
         attempt = 0
         while True:
             try:
@@ -237,7 +301,7 @@ class TokenSource:
                 )
             except httpx.TransportError as exc:
                 answer = exc
-            outcome = self._after_attempt(mode, answer, attempt)
+            outcome = self._after_attempt(mode, answer, attempt, login)
             if isinstance(outcome, Token):
                 return outcome
             await self._sleep(outcome)
@@ -251,18 +315,31 @@ class TokenSource:
         force: bool = False,
     ) -> Token:
         """`get` for synchronous callers (the sync `KeyveilAuth` flow)."""
+        login = self._login_sync()
         stale = self._cache.get(mode)
         with self._thread_lock:
             fresh = self.cached(mode)
-            if fresh is not None and (not force or fresh is not stale):
+            reusable = fresh is not None and (not force or fresh is not stale)
+            if reusable and fresh is not None and self._same_login(mode, login):
                 return fresh
             if client is not None:
-                return self._fetch_sync(client, mode)
+                return self._fetch_sync_with_login(client, mode, login)
             with httpx.Client(transport=self._sync_transport, timeout=self.timeout_s) as own:
-                return self._fetch_sync(own, mode)
+                return self._fetch_sync_with_login(own, mode, login)
 
-    def _fetch_sync(self, client: httpx.Client, mode: str) -> Token:
-        body, headers = self._request(mode, None)
+    def _fetch_sync_with_login(self, client: httpx.Client, mode: str, login: str | None) -> Token:
+        try:
+            return self._fetch_sync(client, mode, login)
+        except ClientError as exc:
+            if not _login_expired(exc):
+                raise
+            fresh = self._login_sync()
+            if fresh is None or fresh == login:
+                raise
+            return self._fetch_sync(client, mode, fresh)
+
+    def _fetch_sync(self, client: httpx.Client, mode: str, login: str | None = None) -> Token:
+        body, headers = self._request(mode, None, login)
         attempt = 0
         while True:
             try:
@@ -271,14 +348,18 @@ class TokenSource:
                 )
             except httpx.TransportError as exc:
                 answer = exc
-            outcome = self._after_attempt(mode, answer, attempt)
+            outcome = self._after_attempt(mode, answer, attempt, login)
             if isinstance(outcome, Token):
                 return outcome
             time.sleep(outcome)
             attempt += 1
 
     def _after_attempt(
-        self, mode: str, answer: httpx.Response | httpx.TransportError, attempt: int
+        self,
+        mode: str,
+        answer: httpx.Response | httpx.TransportError,
+        attempt: int,
+        login: str | None = None,
     ) -> Token | float:
         """The token, or how long to wait before trying again; raises when giving up.
 
@@ -294,7 +375,7 @@ class TokenSource:
         if isinstance(answer, httpx.TransportError):
             raise ResponseInterrupted(f"token request interrupted: {answer}") from None
         if answer.status_code == 200:
-            return self._accept(mode, answer)
+            return self._accept(mode, answer, login)
         error = error_from_response(answer)
         delay = self._retry_delay(answer, error, attempt)
         if delay is None:

@@ -255,6 +255,19 @@ def render_template(*, production: bool) -> str:
         "NATS_URL=" + ("tls://nats:4222" if production else "nats://127.0.0.1:4222"),
         "REDIS_URL=" + ("rediss://redis:6379/0" if production else "redis://127.0.0.1:6379/0"),
         "",
+        "# Who may get tokens: oidc (the app's login, verified against its JWKS), assertion",
+        "# (the app's backend signs a short JWT), or anonymous (production: opt-in only).",
+        *(
+            [
+                "KEYVEIL_AUTH_MODE=oidc",
+                "OIDC_ISSUER=https://login.example.org",
+                "OIDC_AUDIENCE=keyveil-app",
+            ]
+            if production
+            else ["KEYVEIL_AUTH_MODE=anonymous"]
+        ),
+        "# KEYVEIL_POLICY_FILE=/etc/keyveil/policy.toml  (models and caps; README)",
+        "",
         "# Limits and lifetimes.",
         "VOICE_AGENT_RATE_LIMIT=10",
         "VOICE_AGENT_PROXY_RATE_LIMIT=120",
@@ -420,6 +433,22 @@ def _limits_checks(env: Mapping[str, str]) -> list[Check]:
     return [life, limit]
 
 
+def _caller_auth_check(env: Mapping[str, str]) -> Check:
+    """Who may get tokens: anonymous issuance is an open faucet on the provider bill."""
+    mode = (env.get("KEYVEIL_AUTH_MODE") or "anonymous").strip().lower()
+    name, variable = "caller authentication", "KEYVEIL_AUTH_MODE"
+    if mode == "oidc":
+        issuer = env.get("OIDC_ISSUER", "")
+        if not issuer.startswith("https://") or not env.get("OIDC_AUDIENCE"):
+            return Check(name, "OIDC_ISSUER", "weak", 10, "oidc without an https issuer/audience")
+        return Check(name, variable, "strong", 10, "the app's OIDC login")
+    if mode == "assertion":
+        return Check(name, variable, "strong", 10, "assertions signed by the app's backend")
+    if mode == "anonymous":
+        return Check(name, variable, "weak", 10, "anonymous: anyone with an allowed Origin")
+    return Check(name, variable, "missing", 10, "not one of oidc, assertion, anonymous")
+
+
 def _trusted_proxies_check(env: Mapping[str, str]) -> Check:
     entries = [e.strip() for e in env.get("TRUSTED_PROXIES", "").split(",") if e.strip()]
     for entry in entries:
@@ -498,6 +527,7 @@ def posture(env: Mapping[str, str]) -> list[Check]:
         )
     )
     checks.append(_trusted_proxies_check(env))
+    checks.append(_caller_auth_check(env))
     return checks
 
 

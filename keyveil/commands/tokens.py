@@ -1,5 +1,11 @@
 """`keyveil tokens revoke <token_id>`: revoke a proxy token for every proxy replica at once.
 
+`keyveil tokens revoke --user SUB` revokes every live token of one user: the user id is
+hashed as the token service hashes it (KEYVEIL_PRINCIPAL_KEY, else PROXY_SIGNING_KEY,
+else the local stack's development key) and the time of revocation is stored under
+that hash; the proxy refuses the user's tokens issued up to then (`--user-hash` takes
+the hash seen in events instead of the id).
+
 The revocation is written to Redis (REDIS_URL, else the local stack's `redis_url`),
 where the proxy checks it on every request; an audit event records who did it.
 """
@@ -8,17 +14,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import nats.errors
+import redis.exceptions
 
 from keyveil.operator import load_stack, operator_nats
 from services.token.revocation import revoke_token
 from shared.errors import UnavailableError
 from shared.events import AUDIT_STREAM, AuditEvent
+from shared.principals import PrincipalHasher, revoked_user_key
 from shared.ratelimit import redis_client
 
 __all__ = ["register"]
@@ -30,8 +40,11 @@ _DEFAULT_TTL_S = 7200
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser("tokens", help="proxy token operations")
     sub = parser.add_subparsers(dest="tokens_command", required=True, metavar="ACTION")
-    revoke = sub.add_parser("revoke", help="revoke a proxy token by its id")
-    revoke.add_argument("token_id", help="the token_id the token service returned")
+    revoke = sub.add_parser("revoke", help="revoke a proxy token by its id, or a user's tokens")
+    revoke.add_argument("token_id", nargs="?", help="the token_id the token service returned")
+    who = revoke.add_mutually_exclusive_group()
+    who.add_argument("--user", metavar="SUB", help="revoke every live token of this user id")
+    who.add_argument("--user-hash", metavar="HASH", help="the same, by the hash seen in events")
     revoke.add_argument(
         "--ttl",
         type=int,
@@ -46,6 +59,11 @@ def run(args: argparse.Namespace) -> int:
     if not 1 <= args.ttl <= 86_400:
         print("keyveil tokens: --ttl must be between 1 and 86400 seconds", file=sys.stderr)
         return 2
+    if args.user or args.user_hash:
+        if args.token_id:
+            print("keyveil tokens: give a token_id or --user, not both", file=sys.stderr)
+            return 2
+        return asyncio.run(_revoke_user(args))
     if not args.token_id or len(args.token_id) > 128:
         print("keyveil tokens: token_id must be 1 to 128 characters", file=sys.stderr)
         return 2
@@ -79,12 +97,63 @@ async def _revoke(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _audit(state_dir: Path, args: argparse.Namespace) -> bool:
+def _user_hash(args: argparse.Namespace) -> str | None:
+    if args.user_hash:
+        return str(args.user_hash)
+    signing_key = os.environ.get("PROXY_SIGNING_KEY")
+    if not signing_key:
+        dev = Path(args.state_dir) / "dev-secrets.json"
+        if dev.exists():
+            signing_key = json.loads(dev.read_text()).get("PROXY_SIGNING_KEY")
+    principal_key = os.environ.get("KEYVEIL_PRINCIPAL_KEY")
+    if not (principal_key or signing_key):
+        return None
+    hasher = PrincipalHasher.from_secrets(
+        principal_key=principal_key, signing_key=signing_key or ""
+    )
+    return hasher.hash(str(args.user))
+
+
+async def _revoke_user(args: argparse.Namespace) -> int:
+    state_dir = Path(args.state_dir)
+    sub_hash = _user_hash(args)
+    if sub_hash is None or not 1 <= len(sub_hash) <= 128:
+        print(
+            "keyveil tokens: set KEYVEIL_PRINCIPAL_KEY or PROXY_SIGNING_KEY as the token "
+            "service has them (or pass --user-hash)",
+            file=sys.stderr,
+        )
+        return 2
+    url = os.environ.get("REDIS_URL") or load_stack(state_dir).get("redis_url")
+    if not url:
+        print("keyveil tokens: set REDIS_URL (or run `keyveil up`)", file=sys.stderr)
+        return 2
+    store = redis_client(url, timeout_s=3.0)
+    try:
+        await store.set(revoked_user_key(sub_hash), str(int(time.time())), ex=args.ttl)
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
+        print("keyveil tokens: Redis is unreachable; nothing was revoked", file=sys.stderr)
+        return 1
+    finally:
+        await store.aclose()
+    print(f"revoked every token of user {sub_hash} issued until now")
+    if not await _audit(state_dir, args, detail={"user": sub_hash}):
+        print(
+            "keyveil tokens: warning: the revocation stands, but its audit event was not "
+            "published (NATS unreachable or publishing not permitted)",
+            file=sys.stderr,
+        )
+    return 0
+
+
+async def _audit(
+    state_dir: Path, args: argparse.Namespace, detail: dict[str, Any] | None = None
+) -> bool:
     event = AuditEvent(
         service="operator",
         type="token.revoked",
         actor="operator",
-        detail={"token_id": args.token_id, "ttl_s": args.ttl, "via": "cli", "reason": args.reason},
+        detail=detail_for(args, detail),
     )
     try:
         nc = await operator_nats(state_dir)
@@ -103,3 +172,11 @@ async def _audit(state_dir: Path, args: argparse.Namespace) -> bool:
     finally:
         await nc.close()
     return True
+
+
+def detail_for(args: argparse.Namespace, extra: dict[str, Any] | None) -> dict[str, Any]:
+    """The audit detail: the token id or the user hash (never the raw user id)."""
+    base: dict[str, Any] = {"ttl_s": args.ttl, "via": "cli", "reason": args.reason}
+    if extra:
+        return {**extra, **base}
+    return {"token_id": args.token_id, **base}

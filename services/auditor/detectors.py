@@ -6,7 +6,10 @@ Which events count as what:
 - auth failure: a `UsageEvent` with outcome "denied" and an authentication reason
   (`AUTH_REASONS`); rate-limit and block decisions are not authentication failures;
 - token issuance: a "token.issued" event (or any successful token-service event with
-  a mode);
+  a mode); with a principal (`user`, a keyed hash) it also counts per user and per
+  user's client IPs;
+- identity outage: a token-service error with reason "identity_unavailable" (the
+  IdP's JWKS unreachable and no key cached: logins are refused with 503);
 - proxy request: a proxy event that was not refused at the door (outcome ok/error);
   an error is outcome "error" or a 5xx status; voice metering ("voice.usage", many per
   session) is not a request: the session's set-up was one already;
@@ -65,6 +68,9 @@ ALERT_TYPES = (
     "auth_failure_burst",
     "token_rate_ip",
     "token_rate_spike",
+    "token_rate_user",
+    "user_many_ips",
+    "identity_unavailable",
     "proxy_error_rate",
     "usage_spike_key",
     "usage_spike_subject",
@@ -110,6 +116,8 @@ class Detectors:
         self.auth_failures = WindowCounter(s.auth_failure_window_s, s.auth_failure_threshold, cap)
         self.token_per_ip = WindowCounter(s.token_window_s, s.token_ip_threshold, cap)
         self.token_overall = self._baseline(min_count=s.token_rate_min_count)
+        self.token_per_user = WindowCounter(s.token_window_s, s.token_user_threshold, cap)
+        self.user_ips: BoundedMap[dict[str, float]] = BoundedMap(cap)
         self.proxy_errors = RatioWindow(s.proxy_error_window_s)
         self.key_usage: BoundedMap[Baseline] = BoundedMap(cap)
         self.subject_usage: BoundedMap[Baseline] = BoundedMap(cap)
@@ -141,6 +149,18 @@ class Detectors:
             findings.extend(self._token_issued(event))
         elif event.service == "proxy" and event.type not in METERING_TYPES:
             findings.extend(self._proxy_request(event))
+        elif event.service == "token" and event.reason == "identity_unavailable":
+            findings.append(
+                Finding(
+                    "identity_unavailable",
+                    "critical",
+                    "token",
+                    "logins cannot be checked: the identity provider's JWKS is unreachable "
+                    "and no key is cached (token requests answer 503)",
+                    event.ts,
+                    {"service": event.service},
+                )
+            )
         findings.extend(self._geography(event))
         return self._pass_cooldown(findings)
 
@@ -249,6 +269,8 @@ class Detectors:
                 event.ts,
                 {"client_ip": ip},
             )
+        if event.user:
+            yield from self._user_issued(event.user, ip, event.ts)
         verdict = self.token_overall.add(event.ts)
         if verdict.spike:
             baseline = self.token_overall.stats.mean
@@ -260,6 +282,39 @@ class Detectors:
                 f"bucket against a baseline of {baseline:.1f}",
                 event.ts,
                 {"count": f"{verdict.count:g}", "baseline": f"{baseline:.1f}"},
+            )
+
+    def _user_issued(self, user: str, ip: str, ts: float) -> Iterable[Finding]:
+        s = self.settings
+        count = self.token_per_user.add(user, ts)
+        if count >= s.token_user_threshold:
+            yield Finding(
+                "token_rate_user",
+                "warning",
+                user,
+                f"{count} tokens issued to user {user} within {s.token_window_s:g}s",
+                ts,
+                {"user": user},
+            )
+        seen = self.user_ips.get(user)
+        if seen is None:
+            seen = {}
+            self.user_ips.put(user, seen)
+        seen[ip] = ts
+        for old in [a for a, t in seen.items() if ts - t > s.user_ip_window_s]:
+            del seen[old]
+        if len(seen) > 4 * s.user_ip_threshold:  # bounded: keep the newest
+            for old in sorted(seen, key=seen.__getitem__)[: len(seen) - 4 * s.user_ip_threshold]:
+                del seen[old]
+        if len(seen) >= s.user_ip_threshold:
+            yield Finding(
+                "user_many_ips",
+                "warning",
+                user,
+                f"user {user} got tokens from {len(seen)} client IPs within "
+                f"{s.user_ip_window_s:g}s (a shared or stolen login?)",
+                ts,
+                {"user": user, "ips": str(len(seen))},
             )
 
     def _proxy_request(self, event: UsageEvent) -> Iterable[Finding]:

@@ -63,6 +63,14 @@ class Settings(CommonSettings):
     token_rate_min_count: int = Field(
         default=50, ge=1, validation_alias="AUDITOR_TOKEN_RATE_MIN_COUNT"
     )
+    # Per user (the hashed principal): an issuance burst, and one login used from many IPs.
+    token_user_threshold: int = Field(
+        default=20, ge=1, validation_alias="AUDITOR_TOKEN_USER_THRESHOLD"
+    )
+    user_ip_threshold: int = Field(default=5, ge=2, validation_alias="AUDITOR_USER_IP_THRESHOLD")
+    user_ip_window_s: float = Field(
+        default=600.0, gt=0, validation_alias="AUDITOR_USER_IP_WINDOW_S"
+    )
 
     # Proxy error rate.
     proxy_error_ratio: float = Field(

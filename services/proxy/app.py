@@ -26,6 +26,7 @@ from shared.errors import ApiError
 from shared.events import EventPublisher, drift_reporter
 from shared.httpedge import add_edge_routes, parse_networks, service_app
 from shared.leases import LeaseClient
+from shared.policy import PolicyHolder
 from shared.ratelimit import Admission, redis_client
 from shared.streams import EDGE_STREAMS, StreamGuard
 from shared.telemetry import redactor
@@ -34,6 +35,7 @@ from .access import TokenCache
 from .apidocs import document_routes
 from .cache import ResponseCache
 from .handler import ProxyHandler
+from .policy import RequestPolicy
 from .routes import PREFIX
 from .settings import Settings
 from .upstream import Forwarder, KeySource, OpenedLeaseCache
@@ -149,6 +151,7 @@ async def _send_json(
 def create_app(settings: Settings, *, keys: KeySource | None = None) -> FastAPI:
     """The proxy app. `keys` replaces the key-manager lease client (benchmarks only)."""
     redactor.register(*settings.secret_values())
+    policy = PolicyHolder(settings.policy_file, service="proxy")  # ConfigError: refuse to start
     live = _Live()
     state: dict[str, Any] = {"nats": False, "streams": None}
 
@@ -223,7 +226,10 @@ def create_app(settings: Settings, *, keys: KeySource | None = None) -> FastAPI:
                 publisher=publisher,
                 trusted_proxies=parse_networks(settings.trusted_proxies),
                 voice=voice,
+                policy=RequestPolicy(policy),
             )
+            policy.start()
+            stack.push_async_callback(policy.stop)
             stack.push_async_callback(handler.drain)
             app.state.redis = redis
             app.state.nats = nc

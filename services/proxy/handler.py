@@ -52,7 +52,7 @@ from shared.refusals import RefusalSampler
 from shared.signing import ExpectedDigest
 from shared.telemetry import redactor
 
-from .access import Caller, TokenCache, authenticate, rejection_reason
+from .access import NO_STRIKE_CODES, Caller, TokenCache, authenticate, rejection_reason
 from .bodies import ClientGoneError, SpoolBudget, read_chunks, read_json, spool_multipart
 from .cache import OPT_IN_HEADER, ResponseCache
 from .demo import DemoAnswer, demo_response
@@ -66,6 +66,7 @@ from .metrics import (
     UPSTREAM_LATENCY,
     status_class,
 )
+from .policy import RequestPolicy
 from .routes import ROUTES, BodyKind, Route
 from .settings import Settings
 from .upstream import Forwarder, UpstreamResponse, UpstreamStreamError, combine_headers
@@ -196,9 +197,11 @@ class ProxyHandler:
         publisher: EventPublisher | None,
         trusted_proxies: list[IpNetwork],
         voice: VoiceBroker | None = None,
+        policy: RequestPolicy | None = None,
     ) -> None:
         self._settings = settings
         self._voice = voice
+        self._policy = policy or RequestPolicy.built_in()
         self._tokens = tokens
         self._admission = admission
         self._forwarder = forwarder
@@ -292,11 +295,13 @@ class ProxyHandler:
             limits=[
                 Limit("per-token", jti, self._settings.rate_limit_per_min, 60.0),
                 Limit("per-ip", exchange.ip, self._settings.ip_rate_limit_per_min, 60.0),
+                *self._policy.user_limits(caller.claims, self._settings.user_rate_limit_per_min),
             ],
             client_ip=exchange.ip,
             nonce=f"{jti}:{caller.signature.nonce}",
             nonce_ttl_s=self._nonce_ttl_s,
             revoked_token_id=jti,
+            revoked_user=(caller.claims.sub, caller.claims.iat) if caller.claims.sub else None,
         )
         if not decision.allowed:
             raise _refusal(decision)
@@ -320,6 +325,7 @@ class ProxyHandler:
                     spool_dir=self._settings.spool_dir,
                 )
                 exchange.model = upload.model
+                self._policy.check_upload(route, caller.claims, upload)
                 if self._settings.demo_mode:
                     upload.close()
                     return self._demo(exchange, stream=False)
@@ -339,6 +345,7 @@ class ProxyHandler:
             limit=self._settings.max_json_body_bytes,
         )
         exchange.model = body.model
+        body = self._policy.apply(route, caller.claims, body)
         if self._settings.demo_mode:
             return self._demo(exchange, stream=bool(body.payload.get("stream")))
         cache_key: str | None = None
@@ -539,7 +546,7 @@ class ProxyHandler:
         reason = rejection_reason(exc) if before_upstream else exc.code
         if before_upstream:
             REJECTIONS.labels(reason).inc()
-            if exc.status in (401, 403) and exc.code != "ip_blocked" and reason != "policy":
+            if exc.status in (401, 403) and exc.code not in NO_STRIKE_CODES and reason != "policy":
                 AUTH_FAILURES.labels("proxy", reason).inc()
                 self._spawn(self._admission.strike(exchange.ip, reason))
         # Nobody was authenticated yet: counted always, but its usage event is sampled.
@@ -605,6 +612,8 @@ class ProxyHandler:
                     "session_id": claims.sid if claims else None,
                     "path": exchange.route.upstream_suffix or None,
                     "model": exchange.model,
+                    "user": claims.sub if claims else None,
+                    "app": claims.app if claims else None,
                     "latency_ms": round(total * 1000, 3),
                     "upstream_latency_ms": round(upstream_s * 1000, 3) if upstream_s else None,
                     "prompt_tokens": usage.prompt_tokens if usage else None,

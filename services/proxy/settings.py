@@ -32,6 +32,9 @@ class Settings(EdgeSettings):
     ip_rate_limit_per_min: int = Field(
         default=600, ge=1, le=10_000_000, validation_alias="VOICE_AGENT_PROXY_IP_RATE_LIMIT"
     )
+    user_rate_limit_per_min: int = Field(
+        default=300, ge=1, le=1_000_000, validation_alias="VOICE_AGENT_USER_RATE_LIMIT"
+    )
     key_environment: str | None = Field(default=None, validation_alias="KEY_ENVIRONMENT")
 
     max_json_body_bytes: int = Field(

@@ -56,6 +56,13 @@ _ISSUE_BODY = {
 _ORIGIN = header(
     "Origin", "Required; must be one of ALLOWED_ORIGINS (403 otherwise).", required=True
 )
+_LOGIN = header(
+    "Authorization",
+    "Bearer <the app's login>: an OIDC ID/access token (KEYVEIL_AUTH_MODE=oidc) or the "
+    "app backend's assertion (assertion); not used in anonymous mode. Refused logins are "
+    "401 login_required | login_invalid | login_expired; 503 identity_unavailable when "
+    "the identity provider cannot be reached and no key is cached.",
+)
 
 ISSUE_DOCS: dict[str, Any] = {
     "summary": "Issue a proxy token or a realtime ephemeral secret",
@@ -65,9 +72,9 @@ ISSUE_DOCS: dict[str, Any] = {
             "content": {"application/json": {"schema": _ISSUED}},
             "headers": _RATE_HEADERS,
         },
-        **error_responses(400, 403, 413, 429, 502, 503, 504),
+        **error_responses(400, 401, 403, 413, 429, 502, 503, 504),
     },
-    "openapi_extra": {"requestBody": _ISSUE_BODY, "parameters": [_ORIGIN]},
+    "openapi_extra": {"requestBody": _ISSUE_BODY, "parameters": [_ORIGIN, _LOGIN]},
 }
 
 LEGACY_DOCS: dict[str, Any] = {
@@ -85,7 +92,7 @@ LEGACY_DOCS: dict[str, Any] = {
                 "Link": {"description": '</api/voice-agent/secure-token>; rel="successor-version"'},
             },
         },
-        **error_responses(400, 403, 413, 429, 502, 503, 504),
+        **error_responses(400, 401, 403, 413, 429, 502, 503, 504),
     },
 }
 

@@ -18,11 +18,13 @@ from nats.aio.client import Client as NATS
 
 from services.token.apidocs import ISSUE_DOCS, LEGACY_DOCS, REVOKE_DOCS
 from services.token.demo import demo_router
+from services.token.identity import Authenticator, LoginError, authenticator_for
 from services.token.issuance import Issued, TokenIssuer
 from services.token.metrics import (
     AUTH_FAILURES,
     ISSUANCE_LATENCY,
     LEGACY_REQUESTS,
+    LOGIN_FAILURES,
     TOKENS_ISSUED,
     mode_label,
 )
@@ -43,6 +45,7 @@ from shared.httpedge import (
     service_app,
 )
 from shared.leases import LeaseClient
+from shared.policy import PolicyHolder, default_policy
 from shared.ratelimit import Admission, Decision, Limit, redis_client
 from shared.streams import EDGE_STREAMS, StreamGuard
 from shared.telemetry import redactor
@@ -56,6 +59,7 @@ LEGACY_TOKEN_PATH = "/api/voice-agent/token"  # noqa: S105 - a path
 ISSUE_LAYER = "token_ip"
 _ISSUE_METHODS = ("POST",)
 _ISSUE_HEADERS = ("Content-Type",)
+_LOGIN_ISSUE_HEADERS = ("Authorization", "Content-Type")  # oidc and assertion modes
 _REVOKE_METHODS = ("DELETE",)
 _REVOKE_HEADERS = ("Authorization", "Content-Digest", "Signature", "Signature-Input")
 _NO_STORE = {"Cache-Control": "no-store", "Pragma": "no-cache"}
@@ -93,6 +97,7 @@ class TokenService:
     revoker: Revoker
     origins: OriginPolicy
     trusted: list[IpNetwork]
+    authenticator: Authenticator
 
     def client_ip(self, request: Request) -> str:
         peer = request.client.host if request.client else None
@@ -122,12 +127,21 @@ class TokenService:
             )
             if not decision.allowed:
                 raise await self._refusal(decision, ip)
+            principal = await self.authenticator.authenticate(request.headers, origin=origin)
             body = await read_body_capped(
                 request, self.settings.max_body_bytes, self.settings.body_timeout_s
             )
             wanted = parse_token_request(body)
             mode = wanted.mode
-            issued = await self.issuer.issue(wanted, origin=origin)
+            issued = await self.issuer.issue(wanted, origin=origin, principal=principal)
+        except LoginError as exc:
+            LOGIN_FAILURES.labels(self.authenticator.mode, exc.why).inc()
+            AUTH_FAILURES.labels("token", "login").inc()
+            if await self.admission.strike(ip, "login"):
+                self._blocked_event(ip)
+            self._count_failure(exc, mode=mode, ip=ip, path=request.url.path, started=started)
+            exc.headers.update(extra)
+            raise
         except ApiError as exc:
             self._count_failure(exc, mode=mode, ip=ip, path=request.url.path, started=started)
             exc.headers.update(extra)
@@ -241,6 +255,7 @@ class TokenService:
 
     def _count_success(self, issued: Issued, *, ip: str, path: str, started: float) -> None:
         elapsed = time.perf_counter() - started
+        who = issued.principal
         TOKENS_ISSUED.labels(issued.mode, "ok").inc()
         ISSUANCE_LATENCY.labels(issued.mode).observe(elapsed)
         self.events.emit(
@@ -254,6 +269,8 @@ class TokenService:
                 token_id=issued.token_id,
                 session_id=issued.session_id,
                 mode=issued.mode,
+                user=who.sub if who else None,
+                app=who.app if who else None,
                 path=path,
                 latency_ms=elapsed * 1000,
             )
@@ -277,7 +294,10 @@ class TokenService:
                 service="token",
                 type="token.denied" if result == "denied" else "token.error",
                 outcome=result,
-                reason=_reason(exc.code),
+                # Starts with invalid_, so the auditor's auth-failure detector counts it.
+                reason=f"invalid_login_{exc.why}"
+                if isinstance(exc, LoginError)
+                else _reason(exc.code),
                 status=exc.status,
                 client_ip=ip,
                 mode=mode,
@@ -299,6 +319,16 @@ Service = Annotated[TokenService, Depends(_service)]
 
 def create_app(settings: Settings) -> FastAPI:
     state: dict[str, Any] = {"nats_connected": False}
+    # The usage policy (ConfigError here refuses the start); REALTIME_MODELS and
+    # REALTIME_VOICES are the realtime defaults when the file does not say.
+    policy = PolicyHolder(
+        settings.policy_file,
+        service="token",
+        base=default_policy(
+            realtime_models=settings.realtime_models, realtime_voices=settings.realtime_voices
+        ),
+    )
+    authenticator = authenticator_for(settings, known_tiers=lambda: policy.current.tier_names)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -355,9 +385,7 @@ def create_app(settings: Settings) -> FastAPI:
                     base_url=settings.openai_base_url,
                     duration_s=settings.token_duration_s,
                 ),
-                policy=SessionPolicy(
-                    models=settings.realtime_models, voices=settings.realtime_voices
-                ),
+                policy=SessionPolicy(policy),
                 duration_s=settings.token_duration_s,
                 proxy_url=settings.proxy_public_url,
                 scopes=settings.proxy_scopes,
@@ -371,15 +399,25 @@ def create_app(settings: Settings) -> FastAPI:
             ),
             origins=OriginPolicy(settings.allowed_origins),
             trusted=parse_networks(settings.trusted_proxies),
+            authenticator=authenticator,
         )
+        policy.start()
         log.info(
             "token service ready",
-            extra={"fields": {"demo_mode": settings.demo_mode, "env": settings.node_env.value}},
+            extra={
+                "fields": {
+                    "demo_mode": settings.demo_mode,
+                    "env": settings.node_env.value,
+                    "auth_mode": settings.auth_mode,
+                }
+            },
         )
         try:
             yield
         finally:
             await streams.stop()
+            await policy.stop()
+            await authenticator.aclose()
             await events.close()
             await leases.stop()
             await http.aclose()
@@ -415,7 +453,8 @@ def create_app(settings: Settings) -> FastAPI:
     @app.options(SECURE_TOKEN_PATH, include_in_schema=False)
     @app.options(LEGACY_TOKEN_PATH, include_in_schema=False)
     async def token_preflight(request: Request, service: Service) -> Response:
-        return service.preflight(request, methods=_ISSUE_METHODS, headers=_ISSUE_HEADERS)
+        headers = _ISSUE_HEADERS if settings.auth_mode == "anonymous" else _LOGIN_ISSUE_HEADERS
+        return service.preflight(request, methods=_ISSUE_METHODS, headers=headers)
 
     @app.delete(SECURE_TOKEN_PATH + "/{token_id}", **REVOKE_DOCS)
     async def revoke_token(token_id: str, request: Request, service: Service) -> Response:

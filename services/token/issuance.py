@@ -13,6 +13,7 @@ from services.token.models import TokenRequest
 from services.token.realtime import RealtimeMinter, SessionPolicy
 from shared.crypto import b64url_encode
 from shared.errors import BadRequestError, UnavailableError, UpstreamError, UpstreamTimeoutError
+from shared.principals import Principal
 from shared.tokens import ProxyClaims, Scope, TokenKeyring
 
 __all__ = ["Issued", "TokenIssuer"]
@@ -28,6 +29,7 @@ class Issued:
     token_id: str | None = None
     session_id: str | None = None
     fallback_reason: str | None = None
+    principal: Principal | None = None
 
 
 class TokenIssuer:
@@ -50,22 +52,27 @@ class TokenIssuer:
         self._scopes = list(scopes)
         self._demo_mode = demo_mode
 
-    async def issue(self, request: TokenRequest, *, origin: str | None) -> Issued:
+    async def issue(
+        self, request: TokenRequest, *, origin: str | None, principal: Principal | None = None
+    ) -> Issued:
         if request.mode == "demo" and not self._demo_mode:
             raise BadRequestError("demo mode is not enabled", code="demo_disabled")
+        who = principal or Principal(sub=None)
         scopes = self._scopes_for(request.scopes)
         if self._demo_mode:
             # No upstream call is ever made in demo mode, whatever was asked for.
-            return self._proxy(scopes, origin, mode="demo")
+            return self._proxy(scopes, origin, who, mode="demo")
         if request.mode == "proxy":
-            return self._proxy(scopes, origin, mode="proxy")
-        session = self._policy.resolve(request.session)
+            return self._proxy(scopes, origin, who, mode="proxy")
+        session = self._policy.resolve(request.session, tier=who.tier)
         if request.mode == "realtime":
-            return Issued(body=await self._minter.mint(session), mode="realtime")
+            body = await self._minter.mint(session)
+            return Issued(body=body, mode="realtime", principal=who)
         try:
-            return Issued(body=await self._minter.mint(session), mode="realtime")
+            body = await self._minter.mint(session)
+            return Issued(body=body, mode="realtime", principal=who)
         except _FALLBACK_ERRORS as exc:
-            fallback = self._proxy(scopes, origin, mode="proxy")
+            fallback = self._proxy(scopes, origin, who, mode="proxy")
             fallback.body["fallback_reason"] = exc.code
             return Issued(
                 body=fallback.body,
@@ -73,6 +80,7 @@ class TokenIssuer:
                 token_id=fallback.token_id,
                 session_id=fallback.session_id,
                 fallback_reason=exc.code,
+                principal=who,
             )
 
     def _scopes_for(self, wanted: list[str] | None) -> list[str]:
@@ -85,7 +93,9 @@ class TokenIssuer:
             )
         return list(dict.fromkeys(wanted))
 
-    def _proxy(self, scopes: list[str], origin: str | None, *, mode: str) -> Issued:
+    def _proxy(
+        self, scopes: list[str], origin: str | None, principal: Principal, *, mode: str
+    ) -> Issued:
         token_id = secrets.token_urlsafe(18)
         session_id = uuid.uuid4().hex
         now = int(time.time())
@@ -96,6 +106,9 @@ class TokenIssuer:
             iat=now,
             exp=now + self._duration_s,
             origin=origin or None,
+            sub=principal.sub,
+            app=principal.app,
+            tier=principal.tier,
         )
         token, raw_signing_key = self._keyring.issue_with_signing_key(claims)
         signing_key = b64url_encode(raw_signing_key)
@@ -109,4 +122,6 @@ class TokenIssuer:
             "proxy_url": self._proxy_url,
             "scopes": scopes,
         }
-        return Issued(body=body, mode=mode, token_id=token_id, session_id=session_id)
+        return Issued(
+            body=body, mode=mode, token_id=token_id, session_id=session_id, principal=principal
+        )

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from prometheus_client import REGISTRY, Counter, Histogram
 
-__all__ = ["AUTH_FAILURES", "ISSUANCE_LATENCY", "LEGACY_REQUESTS", "TOKENS_ISSUED", "mode_label"]
+__all__ = [
+    "AUTH_FAILURES",
+    "ISSUANCE_LATENCY",
+    "JWKS_FETCHES",
+    "LEGACY_REQUESTS",
+    "LOGIN_FAILURES",
+    "TOKENS_ISSUED",
+    "mode_label",
+]
 
 TOKENS_ISSUED = Counter(
     "keyveil_token_issued_total",
@@ -21,6 +29,19 @@ ISSUANCE_LATENCY = Histogram(
     "Time to answer a token request, by resolved mode",
     ["mode"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+
+LOGIN_FAILURES = Counter(
+    "keyveil_token_login_failures_total",
+    "Refused logins at token issuance, by auth mode and bounded reason "
+    "(required, malformed, oversized, algorithm, signature, expired, not_yet_valid, "
+    "issuer, audience, unknown_key, claims, lifetime)",
+    ["auth_mode", "reason"],
+)
+JWKS_FETCHES = Counter(
+    "keyveil_token_jwks_fetches_total",
+    "JWKS fetches from the identity provider (result: ok|error)",
+    ["result"],
 )
 
 

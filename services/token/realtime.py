@@ -1,14 +1,13 @@
 """Realtime ephemeral client secrets, minted server side with a leased provider key.
 
-The session sent upstream is built from server policy (model and voice allowlists);
-a client may choose within them, never widen them. The provider key lives only in
-the Authorization header of the one upstream request.
+The session sent upstream is built from the usage policy (model and voice allowlists,
+the instructions template); a client may choose within them, never widen them. The
+provider key lives only in the Authorization header of the one upstream request.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from typing import Any
 
 import httpx
@@ -16,6 +15,7 @@ import httpx
 from services.token.models import SessionRequest
 from shared.errors import BadRequestError, UpstreamError, UpstreamTimeoutError
 from shared.leases import LeaseClient
+from shared.policy import PolicyHolder
 
 __all__ = ["RealtimeMinter", "SessionPolicy"]
 
@@ -26,26 +26,36 @@ _SESSION_FIELDS = ("type", "id", "object", "model", "instructions", "audio", "ou
 
 
 class SessionPolicy:
-    """The realtime session a client gets: its choices, within the allowlists."""
+    """The realtime session a client gets: the usage policy's template, the client's
+    choices within its allowlists (shared/policy.py, endpoint `realtime`, per tier)."""
 
-    def __init__(self, *, models: Sequence[str], voices: Sequence[str]) -> None:
-        self._models = list(models)
-        self._voices = list(voices)
+    def __init__(self, policy: PolicyHolder) -> None:
+        self._policy = policy
 
-    def resolve(self, wanted: SessionRequest) -> dict[str, Any]:
-        model = wanted.model or self._models[0]
-        if model not in self._models:
+    def resolve(self, wanted: SessionRequest, *, tier: str | None = None) -> dict[str, Any]:
+        rules = self._policy.current.rules("realtime", tier)
+        model = wanted.model or rules.default_model
+        if model is None or not rules.allows_model(model):
+            # 400 as before this policy existed (the proxy's model_not_allowed is a 403).
             raise BadRequestError("session.model is not allowed", code="model_not_allowed")
-        voice = wanted.voice or self._voices[0]
-        if voice not in self._voices:
+        voices = rules.voices or ()
+        voice = wanted.voice or (voices[0] if voices else None)
+        if voice is not None and voices and voice not in voices:
             raise BadRequestError("session.voice is not allowed", code="voice_not_allowed")
-        session: dict[str, Any] = {
-            "type": "realtime",
-            "model": model,
-            "audio": {"output": {"voice": voice}},
-        }
+        session: dict[str, Any] = {"type": "realtime", "model": model}
+        if voice is not None:
+            session["audio"] = {"output": {"voice": voice}}
+        instructions = rules.instructions
         if wanted.instructions:
-            session["instructions"] = wanted.instructions
+            if rules.client_instructions == "refuse":
+                raise BadRequestError(
+                    "session.instructions are set by the server's policy",
+                    code="instructions_not_allowed",
+                )
+            if rules.client_instructions == "allow":
+                instructions = wanted.instructions
+        if instructions:
+            session["instructions"] = instructions
         return session
 
 

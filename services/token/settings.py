@@ -2,16 +2,41 @@
 
 from __future__ import annotations
 
-from pydantic import Field, field_validator
+from typing import Literal, Self
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from pydantic import Field, SecretStr, field_validator, model_validator
+
+from shared.crypto import b64url_decode
+from shared.errors import ConfigError
+from shared.principals import PrincipalHasher
 from shared.ratelimit import FailureMode
-from shared.settings import CommaList, EdgeSettings, split_commas
+from shared.settings import CommaList, EdgeSettings, check_secret_strength, split_commas
 from shared.tokens import Scope
 
-__all__ = ["Settings"]
+__all__ = ["ASYMMETRIC_ALGORITHMS", "AuthMode", "Settings", "parse_ed25519_public_key"]
 
 DEFAULT_REALTIME_MODELS = ["gpt-realtime", "gpt-realtime-mini"]
 DEFAULT_REALTIME_VOICES = ["alloy", "ash", "ballad", "coral", "echo", "sage", "shimmer", "verse"]
+DEFAULTASYMMETRIC_ALGORITHMS = ["RS256", "ES256", "EdDSA"]
+# Asymmetric only: an HS* allowlist would let a JWKS's public key be used as an HMAC secret.
+ASYMMETRIC_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+AuthMode = Literal["anonymous", "oidc", "assertion"]
+
+
+def parse_ed25519_public_key(value: str) -> Ed25519PublicKey:
+    """A PEM public key, or the raw 32-byte key in base64url; ValueError otherwise."""
+    text = value.strip()
+    if text.startswith("-----BEGIN"):
+        key = load_pem_public_key(text.encode())
+    else:
+        key = Ed25519PublicKey.from_public_bytes(b64url_decode(text))
+    if not isinstance(key, Ed25519PublicKey):
+        raise ValueError("not an Ed25519 public key")
+    return key
 
 
 class Settings(EdgeSettings):
@@ -66,12 +91,140 @@ class Settings(EdgeSettings):
         default=1_798_761_600, ge=0, validation_alias="LEGACY_TOKEN_SUNSET_AT"
     )
 
+    # -- who may ask (services/token/identity.py) --
+    auth_mode: AuthMode = Field(default="anonymous", validation_alias="KEYVEIL_AUTH_MODE")
+    allow_anonymous: bool = Field(default=False, validation_alias="KEYVEIL_ALLOW_ANONYMOUS")
+    principal_key: SecretStr | None = Field(default=None, validation_alias="KEYVEIL_PRINCIPAL_KEY")
+    tier_claim: str | None = Field(default="tier", validation_alias="OIDC_TIER_CLAIM")
+    app_claim: str | None = Field(default="app", validation_alias="OIDC_APP_CLAIM")
+    oidc_issuer: str | None = Field(default=None, validation_alias="OIDC_ISSUER")
+    oidc_audience: CommaList = Field(default_factory=list, validation_alias="OIDC_AUDIENCE")
+    oidc_jwks_url: str | None = Field(default=None, validation_alias="OIDC_JWKS_URL")
+    oidc_algorithms: CommaList = Field(
+        default_factory=lambda: list(DEFAULTASYMMETRIC_ALGORITHMS),
+        validation_alias="OIDC_ALGORITHMS",
+    )
+    oidc_leeway_s: float = Field(default=30.0, ge=0, le=300, validation_alias="OIDC_LEEWAY_S")
+    oidc_jwks_timeout_s: float = Field(
+        default=2.0, gt=0, le=30, validation_alias="OIDC_JWKS_TIMEOUT_S"
+    )
+    oidc_jwks_min_refresh_s: float = Field(
+        default=30.0, ge=0, le=3600, validation_alias="OIDC_JWKS_MIN_REFRESH_S"
+    )
+    oidc_jwks_cache_s: float = Field(
+        default=300.0, gt=0, le=86_400, validation_alias="OIDC_JWKS_CACHE_S"
+    )
+    oidc_jwks_max_stale_s: float = Field(
+        default=86_400.0, gt=0, le=30 * 86_400, validation_alias="OIDC_JWKS_MAX_STALE_S"
+    )
+    assertion_key: SecretStr | None = Field(default=None, validation_alias="KEYVEIL_ASSERTION_KEY")
+    assertion_public_key: str | None = Field(
+        default=None, validation_alias="KEYVEIL_ASSERTION_PUBLIC_KEY"
+    )
+    assertion_issuer: str | None = Field(default=None, validation_alias="KEYVEIL_ASSERTION_ISSUER")
+    assertion_audience: str = Field(
+        default="keyveil-token", validation_alias="KEYVEIL_ASSERTION_AUDIENCE"
+    )
+    assertion_max_lifetime_s: int = Field(
+        default=300, ge=10, le=3600, validation_alias="KEYVEIL_ASSERTION_MAX_LIFETIME_S"
+    )
+
     _split = field_validator(
         "proxy_scopes",
         "realtime_models",
         "realtime_voices",
+        "oidc_audience",
+        "oidc_algorithms",
         mode="before",
     )(split_commas)
+
+    @field_validator("oidc_algorithms")
+    @classmethod
+    def _asymmetric_only(cls, value: list[str]) -> list[str]:
+        if not value or any(alg not in ASYMMETRIC_ALGORITHMS for alg in value):
+            raise ValueError(
+                "must be a comma list of asymmetric algorithms "
+                f"({', '.join(sorted(ASYMMETRIC_ALGORITHMS))}); none and HS* are refused"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _identity_rules(self) -> Self:
+        problems: list[tuple[str, str]] = []
+        if self.principal_key is not None:
+            rule = check_secret_strength(self.principal_key.get_secret_value())
+            if rule:
+                problems.append(("KEYVEIL_PRINCIPAL_KEY", rule))
+        if self.auth_mode == "anonymous" and self.is_production and not self.allow_anonymous:
+            problems.append(
+                (
+                    "KEYVEIL_AUTH_MODE",
+                    "anonymous issuance is refused in production; use oidc or assertion, "
+                    "or set KEYVEIL_ALLOW_ANONYMOUS=true",
+                )
+            )
+        if self.auth_mode == "oidc":
+            problems += self._oidc_problems()
+        if self.auth_mode == "assertion":
+            problems += self._assertion_problems()
+        if problems:
+            raise ConfigError(problems)
+        return self
+
+    def _oidc_problems(self) -> list[tuple[str, str]]:
+        problems: list[tuple[str, str]] = []
+        scheme = "https://" if self.is_production else ("https://", "http://")
+        if not self.oidc_issuer or not self.oidc_issuer.startswith(scheme):
+            problems.append(
+                ("OIDC_ISSUER", "required with KEYVEIL_AUTH_MODE=oidc (https in production)")
+            )
+        if not self.oidc_audience:
+            problems.append(("OIDC_AUDIENCE", "required with KEYVEIL_AUTH_MODE=oidc"))
+        if self.oidc_jwks_url is not None and not self.oidc_jwks_url.startswith(scheme):
+            problems.append(
+                ("OIDC_JWKS_URL", "must be an https URL (http only outside production)")
+            )
+        return problems
+
+    def _assertion_problems(self) -> list[tuple[str, str]]:
+        problems: list[tuple[str, str]] = []
+        if (self.assertion_key is None) == (self.assertion_public_key is None):
+            problems.append(
+                (
+                    "KEYVEIL_ASSERTION_KEY",
+                    "set exactly one of KEYVEIL_ASSERTION_KEY (HS256) or "
+                    "KEYVEIL_ASSERTION_PUBLIC_KEY (Ed25519) with KEYVEIL_AUTH_MODE=assertion",
+                )
+            )
+        if self.assertion_key is not None:
+            rule = check_secret_strength(self.assertion_key.get_secret_value())
+            if rule:
+                problems.append(("KEYVEIL_ASSERTION_KEY", rule))
+        if self.assertion_public_key is not None:
+            try:
+                parse_ed25519_public_key(self.assertion_public_key)
+            except ValueError:
+                problems.append(
+                    (
+                        "KEYVEIL_ASSERTION_PUBLIC_KEY",
+                        "must be an Ed25519 public key (PEM or base64url of the 32 raw bytes)",
+                    )
+                )
+        if not self.assertion_issuer:
+            problems.append(
+                ("KEYVEIL_ASSERTION_ISSUER", "required with KEYVEIL_AUTH_MODE=assertion")
+            )
+        return problems
+
+    def principal_hasher(self) -> PrincipalHasher:
+        key = self.principal_key.get_secret_value() if self.principal_key else None
+        return PrincipalHasher.from_secrets(
+            principal_key=key, signing_key=self.proxy_signing_key.get_secret_value()
+        )
+
+    def secret_values(self) -> list[str]:
+        extra = [s.get_secret_value() for s in (self.principal_key, self.assertion_key) if s]
+        return [*super().secret_values(), *extra]
 
     @field_validator("proxy_scopes")
     @classmethod

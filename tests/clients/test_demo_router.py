@@ -21,6 +21,7 @@ def settings(**overrides: object) -> Settings:
         "PROXY_SIGNING_KEY": TEST_PROXY_SIGNING_KEY,
         "PROXY_PUBLIC_URL": "https://proxy.keyveil.test/api/voice-agent/proxy/v1",
         "ALLOWED_ORIGINS": "https://app.keyveil.test",
+        "KEYVEIL_ALLOW_ANONYMOUS": True,
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]

@@ -38,6 +38,9 @@ def good_env(**overrides: str) -> dict[str, str]:
         "ALLOWED_ORIGINS": "https://app.keyveil.test",
         "VOICE_AGENT_DEMO_MODE": "false",
         "OPENAI_BASE_URL": "https://api.openai.com/v1",
+        "KEYVEIL_AUTH_MODE": "oidc",
+        "OIDC_ISSUER": "https://login.keyveil.test",
+        "OIDC_AUDIENCE": "keyveil-app",
         "LEDGER_SIGNING_KEY": LEDGER_SEED,
         "LEDGER_CHECKPOINT_DIR": "/var/lib/keyveil/ledger-checkpoints",
     }
@@ -210,10 +213,33 @@ def test_posture_scores_a_hardened_environment_above_a_careless_one(
     bad = json.loads(out)
     assert bad["score"] < 40
     assert "PROXY_SIGNING_KEY" in bad["missing"]
-    for variable in ("KEY_ENCRYPTION_SECRET", "ALLOWED_ORIGINS", "VOICE_AGENT_DEMO_MODE"):
+    for variable in (
+        "KEY_ENCRYPTION_SECRET",
+        "ALLOWED_ORIGINS",
+        "VOICE_AGENT_DEMO_MODE",
+        "KEYVEIL_AUTH_MODE",  # anonymous issuance
+    ):
         assert variable in bad["weak"]
     assert "sk-should-not-be-here" not in out
     code, text, _ = run(capsys, "posture", "--env-file", str(bad_file), "--min-score", "50")
     assert code == 1
     assert f"{bad['score']}/100" in text
     assert "sk-should-not-be-here" not in text
+
+
+def test_posture_grades_anonymous_issuance_weak_and_a_login_strong(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    grades = {}
+    for mode in ("anonymous", "oidc", "assertion", "guess"):
+        env_file = write_env(tmp_path / f"{mode}.env", **good_env(KEYVEIL_AUTH_MODE=mode))
+        _, out, _ = run(capsys, "posture", "--env-file", str(env_file), "--json")
+        report = json.loads(out)
+        check = next(c for c in report["checks"] if c["name"] == "caller authentication")
+        grades[mode] = check["status"]
+    assert grades == {
+        "anonymous": "weak",
+        "oidc": "strong",
+        "assertion": "strong",
+        "guess": "missing",
+    }

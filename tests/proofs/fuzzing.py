@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -24,6 +25,7 @@ STACK_ENV = {
     "VOICE_AGENT_PROXY_RATE_LIMIT": "100000",
     "VOICE_AGENT_PROXY_IP_RATE_LIMIT": "1000000",
     "RATE_LIMIT_BLOCK_AFTER_STRIKES": "1000000",
+    "KEYVEIL_POLICY_FILE": str(Path(__file__).with_name("any-model-policy.toml")),
 }
 
 

@@ -77,7 +77,9 @@ def test_token_spec_describes_bodies_headers_and_errors() -> None:
     body = issue["requestBody"]["content"]["application/json"]["schema"]
     assert body["properties"]["mode"]["enum"] == ["auto", "realtime", "proxy", "demo"]
     assert "$ref" not in json.dumps(body)  # inlined: no dangling $defs
-    assert _header_names(issue) == {"Origin": True}
+    # Authorization carries the app's login (KEYVEIL_AUTH_MODE oidc/assertion), optional.
+    assert _header_names(issue) == {"Origin": True, "Authorization": False}
+    assert "401" in issue["responses"]
     assert operations["POST /api/voice-agent/token"]["deprecated"] is True
     revoke = operations["DELETE /api/voice-agent/secure-token/{token_id}"]
     assert revoke["security"] == [{"proxyToken": []}]

@@ -19,6 +19,7 @@ PRODUCTION_OK = {
     "PROXY_SIGNING_KEY": TEST_PROXY_SIGNING_KEY,
     "ALLOWED_ORIGINS": "https://app.example.com",
     "OPENAI_BASE_URL": "https://api.openai.com/v1",
+    "KEYVEIL_ALLOW_ANONYMOUS": "true",  # the token service's identity rules: test_identity.py
 }
 
 

@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
 from keyveil.servers import start_redis
+from shared.principals import revoked_user_key
 from shared.ratelimit import (
     Admission,
     Decision,
@@ -374,3 +375,34 @@ async def test_pipelined_outage_fails_closed_and_recovers(tmp_path: Path) -> Non
         await admission.aclose()
         await conn.aclose()
         server.stop()
+
+
+async def test_a_revoked_user_is_refused_for_tokens_issued_up_to_the_revocation(
+    redis_client: aioredis.Redis,
+) -> None:
+    admission = Admission(redis_client, service="test")
+    user = f"u_{uuid.uuid4().hex}"
+    limit = Limit("per-user", user, 100, 60.0)
+    issued_at = 1_700_000_000
+    before = await admission.check(
+        limits=[limit], client_ip="10.0.0.9", revoked_user=(user, issued_at)
+    )
+    assert before.allowed
+    await redis_client.set(revoked_user_key(user), str(issued_at), ex=60)
+    for iat in (issued_at - 100, issued_at):
+        refused = await admission.check(
+            limits=[limit], client_ip="10.0.0.9", revoked_user=(user, iat)
+        )
+        assert (refused.allowed, refused.reason) == (False, "revoked")
+    later = await admission.check(
+        limits=[limit], client_ip="10.0.0.9", revoked_user=(user, issued_at + 1)
+    )
+    assert later.allowed
+    other = await admission.check(
+        limits=[limit], client_ip="10.0.0.9", revoked_user=(f"u_{uuid.uuid4().hex}", 0)
+    )
+    assert other.allowed
+    await redis_client.set(revoked_user_key(user), "not-a-time", ex=60)  # never a 5xx
+    assert (
+        await admission.check(limits=[limit], client_ip="10.0.0.9", revoked_user=(user, 0))
+    ).allowed

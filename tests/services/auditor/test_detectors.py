@@ -180,6 +180,48 @@ def test_cooldown_expires_and_a_new_incident_alerts_again() -> None:
     assert [f.type for f in later].count("auth_failure_burst") == 1
 
 
+def test_token_burst_per_user_across_ips() -> None:
+    detectors = warmed_up()
+    now = T0 + 30 * 60
+    burst = [issued(ts=now + i, ip=f"198.51.100.{i % 3 + 10}", user="u_burst") for i in range(22)]
+    found = feed(detectors, burst)
+    per_user = [f for f in found if f.type == "token_rate_user"]
+    assert len(per_user) == 1
+    assert per_user[0].labels == {"user": "u_burst"}
+    assert not any(f.type == "token_rate_ip" for f in found)  # no single IP stands out
+
+
+def test_one_user_from_many_ips() -> None:
+    detectors = warmed_up()
+    now = T0 + 30 * 60
+    calm = [issued(ts=now + i * 30, ip="198.51.100.9", user="u_calm") for i in range(10)]
+    assert feed(detectors, calm) == []
+    spread = [issued(ts=now + i, ip=f"192.0.2.{i + 1}", user="u_shared") for i in range(5)]
+    found = feed(detectors, spread)
+    assert [f.type for f in found] == ["user_many_ips"]
+    assert found[0].labels == {"user": "u_shared", "ips": "5"}
+    later = now + 700  # the earlier IPs left the window
+    assert feed(detectors, [issued(ts=later, ip="192.0.2.99", user="u_shared")]) == []
+
+
+def test_an_identity_outage_alerts_once_per_cooldown() -> None:
+    detectors = warmed_up()
+    now = T0 + 30 * 60
+    outage = [
+        UsageEvent(
+            service="token",
+            type="token.error",
+            outcome="error",
+            reason="identity_unavailable",
+            status=503,
+            ts=now + i,
+        )
+        for i in range(5)
+    ]
+    found = feed(detectors, outage)
+    assert [(f.type, f.severity) for f in found] == [("identity_unavailable", "critical")]
+
+
 async def test_sampled_refusals_still_add_up_to_a_burst() -> None:
     """The proxy sends one event per (reason, IP) per interval, with a `count`: the
     detector must weigh it, or a flood of forged tokens would look like a trickle."""

@@ -36,6 +36,7 @@ SHARED_PREFIXES = (
     "keyveil_bus_",
     "keyveil_stream_",
     "keyveil_http_",
+    "keyveil_policy_",  # shared/policy.py, labelled by service
 )
 DEFAULT_COLLECTORS = ("python_", "process_")
 TIME_WORDS = re.compile(r"(latency|duration|_age|_time|delay|_lag|elapsed|uptime)")
