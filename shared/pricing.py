@@ -179,20 +179,26 @@ class PriceTable:
     def models(self) -> frozenset[str]:
         return frozenset(self._rates)
 
-    def _rates_for(self, model: str) -> _Rates | None:
-        found = self._rates.get(model)
-        if found is not None:
-            return found
-        # A dated snapshot the provider answers with ("gpt-4o-2024-08-06") is priced as
-        # its family; a different model sharing a prefix ("gpt-4o-audio") is not.
+    def family(self, model: str | None) -> str | None:
+        """The table's name for `model`: itself, or the family of a dated snapshot."""
+        if model is None:
+            return None
+        if model in self._rates:
+            return model
+        # A dated snapshot ("gpt-4o-2024-08-06") is priced as its family; a different
+        # model sharing a prefix ("gpt-4o-audio-preview") is not.
         for name in self._prefixes:
             rest = model[len(name) :]
             if model.startswith(name) and rest[:1] == "-" and rest[1:5].isdigit():
-                return self._rates[name]
+                return name
         return None
 
+    def _rates_for(self, model: str) -> _Rates | None:
+        name = self.family(model)
+        return None if name is None else self._rates[name]
+
     def priced(self, model: str | None) -> bool:
-        return model is not None and self._rates_for(model) is not None
+        return self.family(model) is not None
 
     def cost(self, model: str | None, usage: Usage) -> int | None:
         """Micro-dollars, rounded up; None for a model the table does not price."""

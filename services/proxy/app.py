@@ -26,7 +26,9 @@ from shared.errors import ApiError
 from shared.events import EventPublisher, drift_reporter
 from shared.httpedge import add_edge_routes, parse_networks, service_app
 from shared.leases import LeaseClient
+from shared.metering import SpendMeter
 from shared.policy import PolicyHolder
+from shared.pricing import DEFAULT_PRICES_FILE, load_prices
 from shared.ratelimit import Admission, redis_client
 from shared.streams import EDGE_STREAMS, StreamGuard
 from shared.telemetry import redactor
@@ -152,6 +154,7 @@ def create_app(settings: Settings, *, keys: KeySource | None = None) -> FastAPI:
     """The proxy app. `keys` replaces the key-manager lease client (benchmarks only)."""
     redactor.register(*settings.secret_values())
     policy = PolicyHolder(settings.policy_file, service="proxy")  # ConfigError: refuse to start
+    prices = load_prices(settings.prices_file or DEFAULT_PRICES_FILE)  # likewise
     live = _Live()
     state: dict[str, Any] = {"nats": False, "streams": None}
 
@@ -206,7 +209,12 @@ def create_app(settings: Settings, *, keys: KeySource | None = None) -> FastAPI:
             voice = None
             if not settings.demo_mode:
                 voice = await open_voice(
-                    stack, settings=settings, redis=redis, keys=key_source, publisher=publisher
+                    stack,
+                    settings=settings,
+                    redis=redis,
+                    keys=key_source,
+                    publisher=publisher,
+                    spend=SpendMeter(prices),
                 )
             # One pipelined connection for the per-request admission script.
             admission = Admission(redis, service="proxy", pipelined=True)
@@ -227,6 +235,7 @@ def create_app(settings: Settings, *, keys: KeySource | None = None) -> FastAPI:
                 trusted_proxies=parse_networks(settings.trusted_proxies),
                 voice=voice,
                 policy=RequestPolicy(policy),
+                prices=prices,
             )
             policy.start()
             stack.push_async_callback(policy.stop)

@@ -36,6 +36,8 @@ class Settings(EdgeSettings):
         default=300, ge=1, le=1_000_000, validation_alias="VOICE_AGENT_USER_RATE_LIMIT"
     )
     key_environment: str | None = Field(default=None, validation_alias="KEY_ENVIRONMENT")
+    prices_file: Path | None = Field(default=None, validation_alias="KEYVEIL_PRICES_FILE")
+    """The price table (shared/pricing.py); default the shipped shared/prices.toml."""
 
     max_json_body_bytes: int = Field(
         default=4 * MIB, ge=1024, le=64 * MIB, validation_alias="PROXY_MAX_JSON_BYTES"

@@ -12,6 +12,7 @@ import httpx
 import redis.asyncio as aioredis
 
 from shared.events import EventPublisher
+from shared.metering import SpendMeter
 from shared.voicesessions import VoiceRegistry
 
 from ..settings import Settings
@@ -30,6 +31,7 @@ async def open_voice(
     redis: aioredis.Redis,
     keys: KeySource,
     publisher: EventPublisher | None,
+    spend: SpendMeter | None = None,
 ) -> VoiceBroker:
     """The broker and its supervisor, started; `stack` stops them (sidebands let go)."""
     http = httpx.AsyncClient(
@@ -50,6 +52,7 @@ async def open_voice(
         publisher=publisher,
         policy=policy,
         replica=replica_id(),
+        spend=spend,
     )
     sessions = VoiceSessions(ctx, lease_ms=settings.voice_lease_ms)
     sessions.start()

@@ -35,6 +35,8 @@ import websockets.exceptions
 from websockets.asyncio.client import ClientConnection, connect
 
 from shared.events import AuditEvent, EventPublisher, UsageEvent
+from shared.metering import SpendMeter, event_fields, read_usage
+from shared.pricing import Usage
 from shared.voicepolicy import VoiceApi, VoicePolicy, revert_event, violations
 from shared.voicesessions import VoiceRegistry, VoiceSession
 
@@ -90,6 +92,7 @@ class SidebandContext:
     policy: VoicePolicy
     replica: str
     open_timeout_s: float = 5.0
+    spend: SpendMeter | None = None  # prices voice usage (shared.pricing)
 
 
 class Sideband:
@@ -285,8 +288,12 @@ class Sideband:
         if total <= self.record.billed_s:
             return  # cumulative: an older or repeated report adds nothing
         delta = round(total - self.record.billed_s, 3)
+        priced = self._price(Usage(seconds=delta), already=Usage(seconds=self.record.billed_s))
         event = self._usage(
-            _event_id(self.session_id, "seconds", total), seconds=delta, seconds_total=total
+            _event_id(self.session_id, "seconds", total),
+            seconds=delta,
+            seconds_total=total,
+            **priced,
         )
         await self._commit(event, billed_s=total)
         BILLABLE_SECONDS.labels(self.api.value).inc(delta)
@@ -301,16 +308,30 @@ class Sideband:
         inputs = usage.get("input_tokens")
         outputs = usage.get("output_tokens")
         ident = response.get("id") or _event_id(orjson.dumps(usage))
-        event = self._usage(
-            _event_id(self.session_id, "response", ident),
-            prompt_tokens=inputs if isinstance(inputs, int) else None,
-            completion_tokens=outputs if isinstance(outputs, int) else None,
-            total_tokens=total if isinstance(total, int) else None,
-        )
+        metered = read_usage(usage)
+        fields: dict[str, Any] = {
+            "prompt_tokens": inputs if isinstance(inputs, int) else None,
+            "completion_tokens": outputs if isinstance(outputs, int) else None,
+            "total_tokens": total if isinstance(total, int) else None,
+        }
+        if metered is not None:
+            fields.update(self._price(metered))
+        event = self._usage(_event_id(self.session_id, "response", ident), **fields)
         tokens = self.record.tokens + (total if isinstance(total, int) else 0)
         await self._commit(event, tokens=tokens)
         if isinstance(total, int):
             TOKENS.labels(self.api.value).inc(total)
+
+    def _price(self, usage: Usage, *, already: Usage | None = None) -> dict[str, Any]:
+        """The event's metered fields, with the cost by the price table (shared.pricing)."""
+        if self.ctx.spend is None:
+            return {}
+        priced = self.ctx.spend.record(
+            model=self.record.model, app=None, usage=usage, already=already
+        )
+        fields = event_fields(priced)
+        fields.pop("seconds", None)  # the event's own seconds field already says it
+        return {k: v for k, v in fields.items() if v is not None}
 
     def _usage(self, event_id: str, **fields: Any) -> UsageEvent:
         return UsageEvent(
