@@ -10,7 +10,18 @@ from collections.abc import Sequence
 __all__ = ["main"]
 
 # Each module defines `register(subparsers)` and sets `handler` (args -> exit code).
-COMMANDS = ("up", "bootstrap", "alerts", "audit", "tokens", "sessions", "env", "keys", "openapi")
+COMMANDS = (
+    "up",
+    "bootstrap",
+    "alerts",
+    "audit",
+    "tokens",
+    "sessions",
+    "budgets",
+    "env",
+    "keys",
+    "openapi",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,6 +22,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from shared import bus
+from shared.budgets import Budgets
 from shared.errors import ApiError
 from shared.events import EventPublisher, drift_reporter
 from shared.httpedge import add_edge_routes, parse_networks, service_app
@@ -236,6 +237,13 @@ def create_app(settings: Settings, *, keys: KeySource | None = None) -> FastAPI:
                 voice=voice,
                 policy=RequestPolicy(policy),
                 prices=prices,
+                budgets=Budgets(
+                    redis,
+                    hold_ttl_s=settings.budget_hold_ttl_s,
+                    failure_mode=settings.budget_failure_mode,
+                )
+                if settings.budgets
+                else None,
             )
             policy.start()
             stack.push_async_callback(policy.stop)

@@ -35,6 +35,7 @@ import orjson
 from prometheus_client import Counter, Histogram
 from starlette.types import Message, Receive, Scope, Send
 
+from shared.budgets import Budgets, Hold
 from shared.errors import (
     ApiError,
     AuthError,
@@ -71,6 +72,7 @@ from .metrics import (
 from .policy import RequestPolicy
 from .routes import ROUTES, BodyKind, Route
 from .settings import Settings
+from .spend import SpendGuard
 from .upstream import Forwarder, UpstreamResponse, UpstreamStreamError, combine_headers
 from .usage import UsageTap, ask_for_usage
 from .voice.broker import VoiceBroker
@@ -111,6 +113,7 @@ class _Exchange:
     model: str | None = None
     rate_headers: dict[str, str] = field(default_factory=dict)
     characters: int = 0  # what plain speech audio is billed by (the request's input)
+    hold: Hold | None = None  # a budget reservation, settled in _finish
 
 
 @dataclass
@@ -202,11 +205,13 @@ class ProxyHandler:
         voice: VoiceBroker | None = None,
         policy: RequestPolicy | None = None,
         prices: PriceTable | None = None,
+        budgets: Budgets | None = None,
     ) -> None:
         self._settings = settings
         self._voice = voice
         self._policy = policy or RequestPolicy.built_in()
         self._spend = SpendMeter(prices or load_prices(DEFAULT_PRICES_FILE))
+        self._guard = SpendGuard(budgets, self._spend.prices) if budgets is not None else None
         self._tokens = tokens
         self._admission = admission
         self._forwarder = forwarder
@@ -353,6 +358,9 @@ class ProxyHandler:
         body = ask_for_usage(route, self._policy.apply(route, caller.claims, body))
         if route.endpoint == "audio_speech" and isinstance(text := body.payload.get("input"), str):
             exchange.characters = len(text)
+        if self._guard is not None:
+            cap = self._policy.output_cap(route, caller.claims)
+            exchange.hold = await self._guard.reserve(route, caller.claims, body, cap)
         if self._settings.demo_mode:
             return self._demo(exchange, stream=bool(body.payload.get("stream")))
         cache_key: str | None = None
@@ -614,6 +622,10 @@ class ProxyHandler:
             if usage is not None
             else None
         )
+        if exchange.hold is not None and self._guard is not None:
+            relayed = reason is None and not refused
+            self._spawn(self._guard.settle(exchange.hold, status, priced, relayed=relayed))
+            exchange.hold = None
         if self._publisher is None:
             return
         outcome: Literal["ok", "denied", "error"] = (

@@ -56,6 +56,11 @@ class RequestPolicy:
         endpoint = endpoint_for(route.endpoint)
         return self._holder.current.rules(endpoint, claims.tier) if endpoint else None
 
+    def output_cap(self, route: Route, claims: ProxyClaims) -> int | None:
+        """The policy's output token cap for this route and tier (None: no cap)."""
+        rules = self._rules(route, claims)
+        return rules.max_tokens if rules is not None else None
+
     @staticmethod
     def user_limits(claims: ProxyClaims, per_minute: int) -> list[Limit]:
         """The per-user layer, next to per-token and per-IP (tokens with a principal)."""

@@ -112,12 +112,15 @@ def _output_cap(payload: dict[str, Any], default: int) -> int:
 
 
 def _token_usage(
-    payload: dict[str, Any], behaviour: Behaviour, *, fixed_output: int
+    payload: dict[str, Any], behaviour: Behaviour, *, fixed_output: int, body_size: int = 3000
 ) -> dict[str, int]:
-    """Input, cached and output tokens for one text call, in keyveil's units."""
+    """Input, cached and output tokens for one text call, in keyveil's units.
+
+    Random input is at most the body's bytes (a real tokenizer never makes more tokens
+    than bytes of the request that holds them)."""
     if not behaviour.random_usage:
         return {"input_tokens": 9, "cached_tokens": 0, "output_tokens": fixed_output}
-    prompt = _between(5, 3000)
+    prompt = _between(1, max(1, min(3000, body_size)))
     cached = _between(0, prompt) if secrets.randbelow(3) == 0 else 0
     output = _between(1, _output_cap(payload, behaviour.max_random_output))
     return {"input_tokens": prompt, "cached_tokens": cached, "output_tokens": output}
@@ -231,14 +234,16 @@ def create_app() -> FastAPI:
         if payload.get("stream"):
             options = payload.get("stream_options")
             wanted = isinstance(options, dict) and bool(options.get("include_usage"))
-            units = _token_usage(payload, behaviour, fixed_output=behaviour.stream_chunks)
+            units = _token_usage(
+                payload, behaviour, fixed_output=behaviour.stream_chunks, body_size=len(body)
+            )
             if wanted:
                 usage.update(units)
             return StreamingResponse(
                 _sse(completion_id, model, created, behaviour, units if wanted else None),
                 media_type="text/event-stream",
             )
-        units = _token_usage(payload, behaviour, fixed_output=5)
+        units = _token_usage(payload, behaviour, fixed_output=5, body_size=len(body))
         usage.update(units)
         return JSONResponse(
             {
@@ -272,7 +277,7 @@ def create_app() -> FastAPI:
         model = str(payload.get("model", "gpt-4o-mini"))
         response_id = f"resp_{secrets.token_hex(8)}"
         behaviour = state["behaviour"]
-        units = _token_usage(payload, behaviour, fixed_output=5)
+        units = _token_usage(payload, behaviour, fixed_output=5, body_size=len(body))
         usage.update(units)
         if not payload.get("stream"):
             text = "Hello from the fake."

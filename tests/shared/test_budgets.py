@@ -1,0 +1,128 @@
+"""Budgets against a real Redis: reserve, refuse, settle, expire, fail closed or open."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from shared.budgets import (
+    CONFIG_KEY,
+    BudgetAdmin,
+    BudgetExceeded,
+    Budgets,
+    BudgetUnavailable,
+    Estimate,
+    counter_key,
+    window_index,
+)
+from shared.ratelimit import redis_client as make_client
+from tests.support import free_port
+
+
+@pytest.fixture
+async def admin(redis_client: aioredis.Redis) -> AsyncIterator[BudgetAdmin]:
+    await redis_client.delete(CONFIG_KEY)
+    yield BudgetAdmin(redis_client)
+    await redis_client.delete(CONFIG_KEY)
+
+
+def _user() -> str:
+    return uuid.uuid4().hex
+
+
+async def test_reservations_fit_the_limit_and_settle_to_real_usage(
+    redis_client: aioredis.Redis, admin: BudgetAdmin
+) -> None:
+    user = _user()
+    await admin.set("user", user, "micros", "day", 1000)
+    budgets = Budgets(redis_client)
+    subjects = [("token", "t1"), ("user", user)]
+    first = await budgets.reserve(subjects=subjects, estimate=Estimate(tokens=10, micros=600))
+    assert first is not None
+    # 600 held + 600 more would pass 1000: refused, naming the budget, nothing held.
+    with pytest.raises(BudgetExceeded) as refused:
+        await budgets.reserve(subjects=subjects, estimate=Estimate(tokens=10, micros=600))
+    assert refused.value.name == "user-micros-day"
+    assert refused.value.remaining == 400
+    headers = refused.value.headers()
+    assert headers["RateLimit-Policy"] == '"budget-user-micros-day";q=1000;w=86400'
+    assert headers["RateLimit"].startswith('"budget-user-micros-day";r=400;t=')
+    # The call really cost 250: the reservation goes, the real cost stays.
+    await budgets.settle(first, tokens=10, micros=250)
+    [state] = await admin.show()
+    assert (state.used, state.held, state.limit) == (250, 0, 1000)
+    second = await budgets.reserve(subjects=subjects, estimate=Estimate(tokens=10, micros=600))
+    assert second is not None
+    await budgets.settle(second, tokens=10, micros=0)
+    key = counter_key("user", user, "micros", "day", window_index("day", time.time()))
+    assert int(await redis_client.get(key) or 0) == 250
+    assert 0 < await redis_client.ttl(key) <= 86_400 + 3600
+
+
+async def test_a_default_budget_applies_to_every_subject_without_its_own(
+    redis_client: aioredis.Redis, admin: BudgetAdmin
+) -> None:
+    await admin.set("user", "*", "tokens", "minute", 100)
+    vip = _user()
+    await admin.set("user", vip, "tokens", "minute", 10_000)
+    budgets = Budgets(redis_client)
+    with pytest.raises(BudgetExceeded, match="user-tokens-minute"):
+        await budgets.reserve(subjects=[("user", _user())], estimate=Estimate(500, 0))
+    assert await budgets.reserve(subjects=[("user", vip)], estimate=Estimate(500, 0)) is not None
+    # No budget for apps: nothing to hold.
+    assert await budgets.reserve(subjects=[("app", "demo")], estimate=Estimate(500, 0)) is None
+
+
+async def test_a_reservation_never_settled_lapses_with_its_ttl(
+    redis_client: aioredis.Redis, admin: BudgetAdmin
+) -> None:
+    user = _user()
+    await admin.set("user", user, "micros", "month", 100)
+    budgets = Budgets(redis_client, hold_ttl_s=0.3)
+    held = await budgets.reserve(subjects=[("user", user)], estimate=Estimate(0, 100))
+    assert held is not None  # ... and the proxy holding it is killed: never settled
+    with pytest.raises(BudgetExceeded):
+        await budgets.reserve(subjects=[("user", user)], estimate=Estimate(0, 1))
+    await asyncio.sleep(0.4)
+    assert await budgets.reserve(subjects=[("user", user)], estimate=Estimate(0, 100))
+    [state] = await admin.show()
+    assert state.used == 0
+
+
+async def test_reset_forgets_counted_usage(
+    redis_client: aioredis.Redis, admin: BudgetAdmin
+) -> None:
+    user = _user()
+    await admin.set("user", user, "micros", "day", 100)
+    budgets = Budgets(redis_client)
+    hold = await budgets.reserve(subjects=[("user", user)], estimate=Estimate(0, 100))
+    assert hold is not None
+    await budgets.settle(hold, tokens=0, micros=100)
+    with pytest.raises(BudgetExceeded):
+        await budgets.reserve(subjects=[("user", user)], estimate=Estimate(0, 1))
+    assert await admin.reset("user", user) >= 1
+    assert await budgets.reserve(subjects=[("user", user)], estimate=Estimate(0, 1))
+
+
+async def test_unreachable_redis_fails_closed_by_default_or_open_when_told() -> None:
+    dead = make_client(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.2)
+    try:
+        closed = Budgets(dead)
+        with pytest.raises(BudgetUnavailable):
+            await closed.reserve(subjects=[("user", "u")], estimate=Estimate(1, 1))
+        opened = Budgets(dead, failure_mode="open")
+        assert await opened.reserve(subjects=[("user", "u")], estimate=Estimate(1, 1)) is None
+    finally:
+        await dead.aclose()
+
+
+def test_windows_are_numbered_like_the_script() -> None:
+    moment = 1_764_633_600.0  # 2025-12-02T00:00:00Z
+    assert window_index("minute", moment) == int(moment // 60)
+    assert window_index("day", moment) == 20_424
+    assert window_index("month", moment) == 2025 * 12 + 11
