@@ -19,6 +19,9 @@ token service's realtime mint path (services/token/realtime.py) read the same ob
     [tiers.pro.endpoints.chat]             # a tier overrides only the fields it names
     models = ["gpt-4o-mini", "gpt-4o", "gpt-4.1"]
     max_tokens = 8192
+    [voice]                                # the voice broker's VoicePolicy (shared/voicepolicy.py)
+    live_models = ["gpt-live-1"]
+    max_session_s = 600
 
 A `Policy` is immutable; `PolicyHolder` swaps in a new one atomically on SIGHUP or
 when the file changes, and keeps the old one when the new file is invalid.
@@ -33,12 +36,13 @@ import signal
 import tomllib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from prometheus_client import Counter
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from shared.errors import ConfigError
+from shared.voicepolicy import VoicePolicy
 
 __all__ = [
     "ANY_MODEL",
@@ -105,9 +109,9 @@ class Policy(BaseModel):
     version: Literal[1] = 1
     endpoints: dict[Endpoint, EndpointRules] = Field(default_factory=dict)
     tiers: dict[str, _TierSection] = Field(default_factory=dict)
-    # TODO(lead): shared/voicepolicy.py's VoicePolicy (voice-broker branch) replaces this
-    # open placeholder when the branches meet; the loader only checks it is a table.
-    voice: dict[str, Any] = Field(default_factory=dict)
+    # The voice broker's session template (shared/voicepolicy.py). None: the broker's
+    # VOICE_* settings. Read when the proxy starts; a reload does not reach live brokers.
+    voice: VoicePolicy | None = None
 
     @property
     def tier_names(self) -> frozenset[str]:

@@ -17,7 +17,7 @@ from shared.tokens import ProxyClaims, TokenKeyring
 
 from .routes import Route
 
-__all__ = ["NO_STRIKE_CODES", "Caller", "TokenCache", "authenticate", "rejection_reason"]
+__all__ = ["Caller", "TokenCache", "authenticate", "rejection_reason"]
 
 # Error code -> the bounded `reason` label of keyveil_proxy_rejections_total.
 _REASONS = {
@@ -37,22 +37,18 @@ _REASONS = {
     "digest_unsupported": "digest",
     "digest_mismatch": "digest",
     "security_unavailable": "unavailable",
+    "body_timeout": "body_timeout",
+    "upload_capacity": "upload_capacity",
+    # A request or voice session outside the server's usage policy: refused, but not
+    # an auth failure (no IP strike: blocking would also block everyone behind a NAT).
     "model_not_allowed": "policy",
     "model_required": "policy",
     "policy_limit_exceeded": "policy",
-    "body_timeout": "body_timeout",
-    "upload_capacity": "upload_capacity",
-    # A voice session outside the server's policy: refused, but not an auth failure.
     "voice_not_allowed": "policy",
     "instructions_not_allowed": "policy",
     "tool_not_allowed": "policy",
     "session_field_not_allowed": "policy",
 }
-# 401/403 answers that are not a sign of an attack, so they do not count toward an IP
-# block: the block itself, and a request the usage policy refused (a client that keeps
-# asking for a model it may not use is misconfigured, and blocking its IP would also
-# block everyone behind the same NAT).
-NO_STRIKE_CODES = frozenset({"ip_blocked", "model_not_allowed"})
 
 
 def rejection_reason(error: ApiError) -> str:

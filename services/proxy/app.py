@@ -216,6 +216,7 @@ def create_app(settings: Settings, *, keys: KeySource | None = None) -> FastAPI:
                     keys=key_source,
                     publisher=publisher,
                     spend=SpendMeter(prices),
+                    policy=policy.current.voice,
                 )
             # One pipelined connection for the per-request admission script.
             admission = Admission(redis, service="proxy", pipelined=True)

@@ -55,7 +55,7 @@ from shared.refusals import RefusalSampler
 from shared.signing import ExpectedDigest
 from shared.telemetry import redactor
 
-from .access import NO_STRIKE_CODES, Caller, TokenCache, authenticate, rejection_reason
+from .access import Caller, TokenCache, authenticate, rejection_reason
 from .bodies import ClientGoneError, SpoolBudget, read_chunks, read_json, spool_multipart
 from .cache import OPT_IN_HEADER, ResponseCache
 from .demo import DemoAnswer, demo_response
@@ -570,7 +570,7 @@ class ProxyHandler:
         reason = rejection_reason(exc) if before_upstream else exc.code
         if before_upstream:
             REJECTIONS.labels(reason).inc()
-            if exc.status in (401, 403) and exc.code not in NO_STRIKE_CODES and reason != "policy":
+            if exc.status in (401, 403) and exc.code != "ip_blocked" and reason != "policy":
                 AUTH_FAILURES.labels("proxy", reason).inc()
                 self._spawn(self._admission.strike(exchange.ip, reason))
         # Nobody was authenticated yet: counted always, but its usage event is sampled.

@@ -40,6 +40,8 @@ def test_the_built_in_policy_bounds_models_and_output() -> None:
         ("[tiers.pro.endpoints.speech]\nmax_input_chars = 'many'\n", "tiers.pro.endpoints.speech"),
         ("version = 2\n", "version"),
         ("voice = 3\n", "voice"),
+        ("[voice]\nmax_session_s = 1\n", "voice.max_session_s"),
+        ("[voice]\nlive_modelz = []\n", "voice.live_modelz"),
         ("[endpoints.chat\n", "not valid TOML"),
     ],
 )
@@ -68,7 +70,8 @@ def test_a_tier_overrides_only_the_fields_it_names() -> None:
         [tiers.any.endpoints.speech]
         models = ["*"]
         [voice]
-        anything = "kept for the voice broker"
+        live_models = ["gpt-live-1"]
+        max_session_s = 120
         """
     )
     pro = policy.rules("chat", "pro")
@@ -77,7 +80,10 @@ def test_a_tier_overrides_only_the_fields_it_names() -> None:
     assert policy.rules("speech", "any").allows_model("anything-at-all")
     assert not policy.rules("speech").allows_model("anything-at-all")  # the default list
     assert policy.tier_names == frozenset({"pro", "any"})
-    assert policy.voice == {"anything": "kept for the voice broker"}
+    assert policy.voice is not None
+    assert (policy.voice.live_models, policy.voice.max_session_s) == (["gpt-live-1"], 120)
+    assert policy.voice.voices  # VoicePolicy's defaults for what the table leaves out
+    assert default_policy().voice is None  # the broker's VOICE_* settings then
 
 
 async def test_the_holder_reloads_on_sighup_and_on_change_keeping_a_good_policy(

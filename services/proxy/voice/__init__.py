@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 
 from shared.events import EventPublisher
 from shared.metering import SpendMeter
+from shared.voicepolicy import VoicePolicy
 from shared.voicesessions import VoiceRegistry
 
 from ..settings import Settings
@@ -32,8 +33,11 @@ async def open_voice(
     keys: KeySource,
     publisher: EventPublisher | None,
     spend: SpendMeter | None = None,
+    policy: VoicePolicy | None = None,
 ) -> VoiceBroker:
-    """The broker and its supervisor, started; `stack` stops them (sidebands let go)."""
+    """The broker and its supervisor, started; `stack` stops them (sidebands let go).
+
+    `policy` (the usage policy file's `[voice]` table) replaces the VOICE_* settings."""
     http = httpx.AsyncClient(
         timeout=httpx.Timeout(
             settings.voice_upstream_timeout_s, connect=settings.upstream_connect_timeout_s
@@ -43,7 +47,7 @@ async def open_voice(
         follow_redirects=False,
     )
     stack.push_async_callback(http.aclose)
-    policy = settings.voice_policy()
+    policy = policy or settings.voice_policy()
     ctx = SidebandContext(
         base_url=settings.openai_base_url,
         keys=keys,
