@@ -1,40 +1,58 @@
-# One venv, installed from pyproject.toml; every target installs what it needs first.
+# One venv, installed from pyproject.toml. `make up` installs only what running needs;
+# `make test` / `make lint` add the test extras, `make bench` the benchmark extras.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-stamp
+RUNTIME := $(VENV)/.runtime-stamp
+TESTING := $(VENV)/.test-stamp
+BENCHING := $(VENV)/.bench-stamp
 PYTEST_ARGS ?=
 ARGS ?=
 
-.PHONY: install up test lint check bench clean browser
+.PHONY: install up test lint check bench clean browser config-docs
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,bench]'
-	touch $(STAMP)
 
-install: $(STAMP)
+$(RUNTIME): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
 
-up: $(STAMP)
+$(TESTING): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@ $(RUNTIME)
+
+$(BENCHING): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	touch $@ $(RUNTIME)
+
+# Everything a developer needs: running, tests, lint and benchmarks.
+install: $(TESTING) $(BENCHING)
+
+up: $(RUNTIME)
 	$(BIN)/keyveil up $(ARGS)
 
 # Debian's chromium for the browser test (Playwright drives it; nothing is downloaded).
 browser:
 	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
 
-test: $(STAMP) browser
+test: $(TESTING) browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-lint: $(STAMP)
+lint: $(TESTING)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
 check: lint test
 
+# Regenerate docs/configuration.md from the settings models (a test fails when stale).
+config-docs: $(RUNTIME)
+	$(BIN)/keyveil env reference --output docs/configuration.md
+
 # Every benchmark in one run; writes docs/benchmarks/README.md and its PNG plots.
-bench: $(STAMP)
+bench: $(TESTING) $(BENCHING)
 	$(BIN)/python -m benchmarks.report
 
 clean:

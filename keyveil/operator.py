@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,15 @@ from nats.aio.client import Client as NATS
 
 from shared.bus import server_urls
 
-__all__ = ["load_stack", "operator_nats"]
+__all__ = ["CommandError", "load_stack", "operator_nats", "print_table", "redis_url"]
+
+
+class CommandError(Exception):
+    """A command failed for a reason the operator can act on; `keyveil` prints the message."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 def load_stack(state_dir: Path) -> dict[str, Any]:
@@ -42,4 +51,29 @@ async def operator_nats(state_dir: Path, *, role: str = "operator") -> NATS:
     }
     if user:
         options.update(user=user, password=password or "", inbox_prefix=f"_INBOX_{user}".encode())
-    return await nats.connect(**options, max_reconnect_attempts=2)
+    # nats-py logs each failed attempt with a traceback; the CLI reports one line instead.
+    return await nats.connect(**options, max_reconnect_attempts=2, error_cb=_quiet)
+
+
+async def _quiet(_: Exception) -> None:
+    return None
+
+
+def redis_url(state_dir: Path) -> str:
+    """REDIS_URL, else the local stack's; a one-line failure when neither exists."""
+    url = os.environ.get("REDIS_URL") or load_stack(state_dir).get("redis_url")
+    if not url:
+        raise CommandError("set REDIS_URL (or run `keyveil up` so stack.json names one)", 2)
+    return str(url)
+
+
+def print_table(header: Sequence[str], rows: Iterable[Sequence[str]], *, empty: str) -> None:
+    """Aligned columns under a header, or `empty` when there are no rows."""
+    table = [tuple(header), *(tuple(row) for row in rows)]
+    if len(table) == 1:
+        print(empty)
+        return
+    widths = [max(len(row[c]) for row in table) for c in range(len(header))]
+    for row in table:
+        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        print("  ".join(cells).rstrip())

@@ -23,6 +23,7 @@ from typing import Any
 __all__ = [
     "ServerProcess",
     "bootstrap_nats",
+    "die_with_parent",
     "free_port",
     "minimal_environ",
     "nats_binary",
@@ -54,6 +55,22 @@ def minimal_environ() -> dict[str, str]:
     }
 
 
+def die_with_parent() -> None:
+    """`preexec_fn`: the child gets SIGTERM when its parent dies, even by SIGKILL (Linux).
+
+    `keyveil up` starts its children in their own sessions (so Ctrl-C reaches only the
+    supervisor, which stops them in order); this keeps them from outliving it.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGTERM, 0, 0, 0)
+
+
 @dataclass
 class ServerProcess:
     """A server we started: its process, the URL to reach it and where it logs."""
@@ -65,6 +82,7 @@ class ServerProcess:
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
     process: subprocess.Popen[bytes] | None = None
+    tied_to_parent: bool = False  # see die_with_parent
 
     def start(self, timeout: float = 15.0) -> None:
         log = self.log_path.open("ab")
@@ -74,6 +92,7 @@ class ServerProcess:
             stderr=subprocess.STDOUT,
             env={**minimal_environ(), **self.env},
             start_new_session=True,
+            preexec_fn=die_with_parent if self.tied_to_parent else None,
         )
         log.close()
         wait_for_port(self.port, timeout=timeout, process=self.process)
@@ -162,6 +181,7 @@ def start_nats(
     env: dict[str, str] | None = None,
     name: str = "nats",
     streams: bool = False,
+    tied_to_parent: bool = False,
 ) -> ServerProcess:
     """Start nats-server with JetStream (file storage under `state_dir`).
 
@@ -181,6 +201,7 @@ def start_nats(
         argv=argv,
         log_path=state_dir / f"{name}.log",
         env=env or {},
+        tied_to_parent=tied_to_parent,
     )
     server.start()
     if streams:
@@ -229,6 +250,7 @@ def start_redis(
     name: str = "redis",
     password: str | None = None,
     extra_args: tuple[str, ...] = (),
+    tied_to_parent: bool = False,
 ) -> ServerProcess:
     """Start a Redis-compatible server on loopback, append-only file under `state_dir`.
 
@@ -263,6 +285,7 @@ def start_redis(
         port=port,
         argv=argv,
         log_path=state_dir / f"{name}.log",
+        tied_to_parent=tied_to_parent,
     )
     server.start()
     return server

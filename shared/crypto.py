@@ -207,6 +207,11 @@ class Kek:
         mac = hmac.new(self._fingerprint_key, label.encode() + b"|" + plaintext, hashlib.sha256)
         return mac.hexdigest()[:16]
 
+    def signature(self, label: str, data: bytes) -> str:
+        """A full-length keyed HMAC-SHA256 of `data`, separated by `label` (e.g. a backup)."""
+        mac = hmac.new(self._fingerprint_key, b"sig|" + label.encode() + b"|" + data, "sha256")
+        return mac.hexdigest()
+
     def intake_key(self) -> X25519PrivateKey:
         """The X25519 key every replica shares, to which operators seal keys they add."""
         return X25519PrivateKey.from_private_bytes(self._intake_seed)

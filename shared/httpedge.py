@@ -10,6 +10,8 @@ import asyncio
 import ipaddress
 import logging
 import os
+import platform
+import socket
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -18,7 +20,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from shared.errors import ApiError, ConfigError, PayloadTooLargeError, RequestTimeoutError
@@ -27,6 +29,7 @@ from shared.settings import CommonSettings, EdgeSettings, load_settings
 from shared.telemetry import configure_logging, configure_tracing
 
 __all__ = [
+    "BUILD_INFO",
     "IpNetwork",
     "JsonParseErrorProtocol",
     "ReadinessCheck",
@@ -37,6 +40,7 @@ __all__ = [
     "parse_networks",
     "protocol_limits",
     "read_body_capped",
+    "record_build_info",
     "run_service",
     "serve_main",
     "service_app",
@@ -114,6 +118,24 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, unexpected)
 
 
+BUILD_INFO = Gauge(
+    "keyveil_build_info",
+    "1 for the running build: which service, keyveil version and Python version",
+    ["service", "version", "python"],
+    multiprocess_mode="max",
+)
+
+
+def record_build_info(service: str) -> None:
+    from importlib import metadata
+
+    try:
+        version = metadata.version("keyveil")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    BUILD_INFO.labels(service, version, platform.python_version()).set(1)
+
+
 def _metrics_payload() -> bytes:
     multiproc_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if multiproc_dir:
@@ -130,7 +152,9 @@ def add_edge_routes(app: FastAPI, checks: dict[str, ReadinessCheck]) -> None:
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+        # Which process answered: `keyveil up` counts a service ready only when its own
+        # child answers, not whatever else holds the port.
+        return {"status": "ok", "instance": f"{socket.gethostname()}:{os.getpid()}"}
 
     @app.get("/readyz", include_in_schema=False)
     async def readyz() -> Response:
@@ -219,6 +243,7 @@ def settings_or_exit(model: type[S], **overrides: Any) -> S:
 def serve_main(service: str, model: type[S], create_app: Callable[[S], FastAPI]) -> None:
     """A service's whole `main()`: settings (or exit 2), logs, traces, serve until SIGTERM."""
     settings = settings_or_exit(model)
+    record_build_info(service)
     configure_logging(service, level=settings.log_level, fmt=settings.log_format)
     configure_tracing(service)
     run_service(create_app(settings), settings)

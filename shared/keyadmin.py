@@ -30,6 +30,11 @@ __all__ = [
     "PROVIDER_PATTERN",
     "AddKeyRequest",
     "AdminOp",
+    "BackupDocument",
+    "BackupReply",
+    "BackupRequest",
+    "DoctorReply",
+    "DoctorRequest",
     "IntakeReply",
     "IntakeRequest",
     "KeyAdminClient",
@@ -38,6 +43,8 @@ __all__ = [
     "KeyMutationReply",
     "KeyStatus",
     "ListKeysRequest",
+    "RestoreReply",
+    "RestoreRequest",
     "RevokeKeyRequest",
     "RewrapReply",
     "RewrapRequest",
@@ -64,6 +71,9 @@ class AdminOp(StrEnum):
     rotate = "rotate"
     revoke = "revoke"
     rewrap = "rewrap"
+    doctor = "doctor"
+    backup = "backup"
+    restore = "restore"
 
 
 def admin_subject(op: AdminOp) -> str:
@@ -184,6 +194,64 @@ class RewrapReply(BaseModel):
     failed: list[str] = Field(default_factory=list, description="key ids that did not open")
 
 
+class DoctorRequest(_Request):
+    pass
+
+
+class DoctorReply(BaseModel):
+    """Whether key custody is sound, and if not, what to do; never a secret."""
+
+    ok: bool
+    reason: str
+    provider: str
+    previous_provider: str | None = None
+    custody_kek_id: str | None = None
+    details: dict[str, str] = Field(default_factory=dict)
+    records: int = 0
+    stale_records: int = Field(default=0, description="not under the current KEK version")
+    unreadable: list[str] = Field(default_factory=list)
+
+
+BACKUP_FORMAT = "keyveil-keys-backup-v1"
+
+
+class BackupDocument(BaseModel):
+    """Encrypted records and their metadata, signed by the key-manager: never plaintext.
+
+    `signature` is an HMAC under a key derived from the custody seed, which only the KEK
+    provider can unwrap; restore unwraps it, then refuses a document that does not match.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: str = BACKUP_FORMAT
+    created_at: float
+    kek_provider: str
+    custody: dict[str, object]
+    records: list[dict[str, object]]
+    signed_by: str
+    signature: str
+
+
+class BackupRequest(_Request):
+    pass
+
+
+class BackupReply(BaseModel):
+    document: BackupDocument
+
+
+class RestoreRequest(_Request):
+    document: BackupDocument
+
+
+class RestoreReply(BaseModel):
+    restored: int
+    already_present: int
+    conflicts: list[str] = Field(default_factory=list, description="kept as found in the bucket")
+    unreadable: list[str] = Field(default_factory=list)
+
+
 R = TypeVar("R", bound=BaseModel)
 
 
@@ -257,3 +325,14 @@ class KeyAdminClient:
     async def show(self, key_id: str) -> list[KeyInfo]:
         request = ShowKeyRequest(actor=self._actor, key_id=key_id)
         return (await self._call(AdminOp.show, request, KeyListReply)).keys
+
+    async def doctor(self) -> DoctorReply:
+        return await self._call(AdminOp.doctor, DoctorRequest(actor=self._actor), DoctorReply)
+
+    async def backup(self) -> BackupDocument:
+        reply = await self._call(AdminOp.backup, BackupRequest(actor=self._actor), BackupReply)
+        return reply.document
+
+    async def restore(self, document: BackupDocument) -> RestoreReply:
+        request = RestoreRequest(actor=self._actor, document=document)
+        return await self._call(AdminOp.restore, request, RestoreReply)

@@ -36,6 +36,9 @@ __all__ = [
     "check_secret_strength",
     "env_name",
     "load_settings",
+    "normalise_environment",
+    "parse_environment",
+    "public_url_problem",
     "split_commas",
 ]
 
@@ -94,35 +97,86 @@ def _sequential_share(value: str) -> float:
     return steps / max(len(value) - 1, 1)
 
 
+_ENVIRONMENT_ALIASES = {"dev": "development", "prod": "production", "test": "development"}
+
+
+def normalise_environment(value: str) -> str:
+    """NODE_ENV as the settings read it ("prod" -> "production"); unknown values pass through."""
+    cleaned = value.strip().lower()
+    return _ENVIRONMENT_ALIASES.get(cleaned, cleaned)
+
+
+def parse_environment(value: str) -> Environment | None:
+    """The Environment a NODE_ENV value names, or None when it names none ("prodution")."""
+    try:
+        return Environment(normalise_environment(value))
+    except ValueError:
+        return None
+
+
+def public_url_problem(url: str) -> str | None:
+    """Why `url` cannot be what browsers are told in production, or None."""
+    parts = urlsplit(url)
+    if parts.scheme != "https" or not parts.hostname:
+        return "must be an https URL in production"
+    host = parts.hostname.lower()
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost" or host.endswith(".localhost")
+    if loopback:
+        return "must not be a loopback address in production (browsers cannot reach it)"
+    return None
+
+
 class CommonSettings(BaseSettings):
     """What every service reads: where it listens, the bus, the environment."""
 
-    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+    # Field docstrings become descriptions: docs/configuration.md is generated from them.
+    model_config = SettingsConfigDict(
+        extra="ignore", populate_by_name=True, frozen=True, use_attribute_docstrings=True
+    )
 
     node_env: Environment = Field(
         default=Environment.development,
         validation_alias=AliasChoices("NODE_ENV", "APP_ENV"),
     )
+    """Deployment environment: development, staging or production (dev/prod/test accepted).
+    Production turns on the strict rules."""
     host: str = Field(default="127.0.0.1", validation_alias="KEYVEIL_HOST")
+    """Address the service listens on (0.0.0.0 in containers)."""
     port: int = Field(default=8080, ge=0, le=65535, validation_alias="KEYVEIL_PORT")
+    """TCP port the service listens on (HTTP: API, /healthz, /readyz, /metrics)."""
     nats_url: str = Field(default="nats://127.0.0.1:4222", validation_alias="NATS_URL")
+    """NATS server(s), comma-separated; tls:// for an encrypted bus."""
     nats_user: str | None = Field(default=None, validation_alias="NATS_USER")
+    """This service's NATS user (deploy/nats/auth.conf grants each its own subjects)."""
     nats_password: SecretStr | None = Field(default=None, validation_alias="NATS_PASSWORD")
+    """Password of NATS_USER."""
     nats_request_timeout_s: float = Field(
         default=2.0, gt=0, le=30, validation_alias="NATS_REQUEST_TIMEOUT_S"
     )
+    """Seconds a NATS request (e.g. a key lease) waits for its reply."""
     jetstream_replicas: int = Field(default=1, ge=1, le=5, validation_alias="JETSTREAM_REPLICAS")
     """Replicas of every event stream; all services must agree, or streams flip-flop."""
-    log_level: str = Field(default="INFO", validation_alias="LOG_LEVEL")
+    log_level: str = Field(
+        default="INFO",
+        pattern="^(DEBUG|INFO|WARNING|ERROR|CRITICAL)$",
+        validation_alias="LOG_LEVEL",
+    )
+    """Log level: DEBUG, INFO, WARNING, ERROR or CRITICAL (any case)."""
     log_format: str = Field(default="json", pattern="^(json|text)$", validation_alias="LOG_FORMAT")
+    """Log line format: json (one object a line) or text."""
 
     @field_validator("node_env", mode="before")
     @classmethod
     def _normalise_env(cls, value: Any) -> Any:
-        aliases = {"dev": "development", "prod": "production", "test": "development"}
-        if isinstance(value, str):
-            return aliases.get(value.strip().lower(), value.strip().lower())
-        return value
+        return normalise_environment(value) if isinstance(value, str) else value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: Any) -> Any:
+        return value.strip().upper() if isinstance(value, str) else value
 
     @property
     def is_production(self) -> bool:
@@ -142,38 +196,59 @@ class EdgeSettings(CommonSettings):
     """
 
     redis_url: str = Field(default="redis://127.0.0.1:6379/0", validation_alias="REDIS_URL")
+    """Redis for rate limits, nonces, revocations and the response cache (rediss:// for TLS;
+    user:password@ for auth)."""
     redis_timeout_s: float = Field(default=0.5, gt=0, le=10, validation_alias="REDIS_TIMEOUT_S")
+    """Seconds a Redis call may take before the limiter's failure mode applies."""
     proxy_signing_key: SecretStr = Field(validation_alias="PROXY_SIGNING_KEY")
+    """Signs proxy tokens and derives each token's request-signing key; 32+ characters, high
+    entropy. Shared by token and proxy."""
     proxy_signing_key_previous: SecretStr | None = Field(
         default=None, validation_alias="PROXY_SIGNING_KEY_PREVIOUS"
     )
+    """Comma-separated former PROXY_SIGNING_KEY values still accepted for verification during a
+    rotation."""
     allowed_origins: CommaList = Field(default_factory=list, validation_alias="ALLOWED_ORIGINS")
+    """Comma-separated browser origins (scheme://host[:port]) allowed to get tokens and call
+    the proxy; https only in production, never '*'."""
     trusted_proxies: CommaList = Field(default_factory=list, validation_alias="TRUSTED_PROXIES")
+    """Comma-separated IPs/CIDRs of ingress proxies whose X-Forwarded-For is believed (counted
+    from the right)."""
     demo_mode: bool = Field(default=False, validation_alias="VOICE_AGENT_DEMO_MODE")
+    """Canned answers, never an upstream call; refused in production."""
     openai_base_url: str = Field(
         default="https://api.openai.com/v1", validation_alias="OPENAI_BASE_URL"
     )
+    """Upstream OpenAI-compatible API base URL; https in production."""
     signature_window_s: float = Field(
         default=60.0, gt=0, le=600, validation_alias="SIGNATURE_WINDOW_S"
     )
+    """Seconds a request signature's `created` may differ from now, both ways; nonces are
+    remembered this long."""
     policy_file: Path | None = Field(default=None, validation_alias="KEYVEIL_POLICY_FILE")
     """The usage policy (shared/policy.py), the same file for the token service and the proxy."""
+
     # HTTP bounds enforced by the protocol (shared.httpprotocol), before the app runs.
     max_header_count: int = Field(
         default=100, ge=16, le=10_000, validation_alias="HTTP_MAX_HEADER_COUNT"
     )
+    """Header fields a request may carry; more is refused with 431 before the app runs."""
     max_header_bytes: int = Field(
         default=32 * 1024, ge=4096, le=1024 * 1024, validation_alias="HTTP_MAX_HEADER_BYTES"
     )
+    """Total bytes of a request's header fields; more is refused with 431."""
     max_url_bytes: int = Field(
         default=8 * 1024, ge=1024, le=1024 * 1024, validation_alias="HTTP_MAX_URL_BYTES"
     )
+    """Longest request target (path and query); longer is refused with 414."""
     header_timeout_s: float = Field(
         default=10.0, gt=0, le=300, validation_alias="HTTP_HEADER_TIMEOUT_S"
     )
+    """Seconds a request head may take to arrive in full (slow-header clients get 408)."""
     write_timeout_s: float = Field(
         default=30.0, gt=0, le=3600, validation_alias="HTTP_WRITE_TIMEOUT_S"
     )
+    """Seconds an answer may wait for a client that stops reading before it is cut off."""
     body_timeout_s: float = Field(
         default=10.0, gt=0, le=600, validation_alias="HTTP_BODY_TIMEOUT_S"
     )

@@ -57,29 +57,48 @@ def _wanted(alert: AlertEvent, args: argparse.Namespace) -> bool:
     return not args.type or any(fnmatch.fnmatchcase(alert.type, t) for t in args.type)
 
 
+async def _stream_info(js: Any, stream: str, *, wait: bool) -> Any:
+    """The stream's info; with `wait`, poll until bootstrap or the auditor creates it."""
+    announced = False
+    while True:
+        try:
+            return await js.stream_info(stream)
+        except nats.js.errors.NotFoundError:
+            if not wait:
+                raise
+            if not announced:
+                print(f"keyveil alerts: waiting for the {stream} stream...", file=sys.stderr)
+                announced = True
+            await asyncio.sleep(1.0)
+
+
 async def _tail(args: argparse.Namespace) -> int:
     try:
         nc = await operator_nats(Path(args.state_dir))
     except (OSError, nats.errors.Error) as exc:
         print(f"keyveil alerts: cannot reach NATS ({type(exc).__name__})", file=sys.stderr)
-        return 2
+        return 3
     stream = ALERTS_STREAM.name or "KEYVEIL_ALERTS"
     try:
         js = nc.jetstream()
-        info = await js.stream_info(stream)
+        info = await _stream_info(js, stream, wait=args.follow)
         # Filters apply after reading, so read back further than -n to fill the page.
         lookback = args.lines * (20 if args.type or args.severity != "info" else 1)
         start = max(info.state.last_seq - lookback + 1, info.state.first_seq, 1)
         recent: list[AlertEvent] = []
-        async for _, raw in read_stream(js, stream, start_seq=start):
-            try:
-                alert = AlertEvent.model_validate_json(raw)
-            except ValidationError:
-                continue
-            if _wanted(alert, args):
-                recent.append(alert)
-        for alert in recent[-args.lines :] if args.lines > 0 else []:
+        if info.state.messages:
+            async for _, raw in read_stream(js, stream, start_seq=start):
+                try:
+                    alert = AlertEvent.model_validate_json(raw)
+                except ValidationError:
+                    continue
+                if _wanted(alert, args):
+                    recent.append(alert)
+        shown = recent[-args.lines :] if args.lines > 0 else []
+        for alert in shown:
             _print(alert, as_json=args.json)
+        if not shown and not args.json:
+            print("no alerts matched" + ("; waiting for new ones" if args.follow else ""))
         if args.follow:
             async for _, raw in read_stream(
                 js, stream, start_seq=info.state.last_seq + 1, follow=True
@@ -91,11 +110,14 @@ async def _tail(args: argparse.Namespace) -> int:
                 if _wanted(alert, args):
                     _print(alert, as_json=args.json)
     except nats.js.errors.NotFoundError:
-        print("keyveil alerts: no alerts stream yet (the auditor creates it)", file=sys.stderr)
+        print(
+            f"keyveil alerts: no alerts stream ({stream}) yet; run `keyveil bootstrap` (-f waits)",
+            file=sys.stderr,
+        )
         return 2
     except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
         print("keyveil alerts: JetStream did not answer", file=sys.stderr)
-        return 2
+        return 3
     finally:
         await nc.close()
     return 0

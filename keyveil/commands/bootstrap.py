@@ -47,7 +47,7 @@ async def _run(args: argparse.Namespace) -> int:
         )
     except (OSError, nats.errors.Error) as exc:
         print(f"keyveil bootstrap: cannot reach NATS ({type(exc).__name__})", file=sys.stderr)
-        return 2
+        return 3
     try:
         js = nc.jetstream(timeout=5)
         if args.check:
@@ -64,6 +64,6 @@ async def _run(args: argparse.Namespace) -> int:
         return 0
     except (nats.errors.Error, nats.js.errors.Error, TimeoutError) as exc:
         print(f"keyveil bootstrap: JetStream refused ({type(exc).__name__})", file=sys.stderr)
-        return 2
+        return 1
     finally:
         await nc.close()

@@ -6,6 +6,7 @@
     encrypt    NAME < plaintext  ->  enc:v1:... (services open it at start-up)
     decrypt    NAME enc:v1:...   ->  plaintext
     posture    what is strong, weak or missing, and a score (text or --json)
+    reference  the configuration reference (docs/configuration.md), from the models
 
 Without --env-file the process environment is checked; with it, only the file.
 """
@@ -13,7 +14,6 @@ Without --env-file the process environment is checked; with it, only the file.
 from __future__ import annotations
 
 import argparse
-import importlib
 import ipaddress
 import json
 import os
@@ -28,6 +28,7 @@ from typing import Any, Literal
 from pydantic import ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
+from keyveil.configref import REFERENCE_PATH, REGENERATE, render_reference, settings_model
 from services.auditor.ledgerkeys import LedgerSigner
 from shared.errors import ConfigError
 from shared.sealedconfig import (
@@ -37,14 +38,18 @@ from shared.sealedconfig import (
     is_sealed,
     open_environment,
 )
-from shared.settings import check_secret_strength, env_name
+from shared.settings import (
+    Environment,
+    check_secret_strength,
+    env_name,
+    parse_environment,
+    public_url_problem,
+)
 
 __all__ = ["SERVICES", "Check", "parse_env_file", "posture", "register", "validate"]
 
 SERVICES = ("token", "proxy", "keymanager", "auditor")
 SECRETS = ("KEY_ENCRYPTION_SECRET", "PROXY_SIGNING_KEY")
-_ENVIRONMENTS = ("development", "dev", "test", "staging", "production", "prod")
-_LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 
 Status = Literal["strong", "weak", "missing"]
 
@@ -97,15 +102,6 @@ def _isolated(model: type[BaseSettings]) -> type[BaseSettings]:
     return type(f"Isolated{model.__name__}", (model,), namespace)
 
 
-def _settings_model(service: str) -> type[BaseSettings] | None:
-    try:
-        module = importlib.import_module(f"services.{service}.settings")
-    except ImportError:
-        return None
-    model = getattr(module, "Settings", None)
-    return model if isinstance(model, type) and issubclass(model, BaseSettings) else None
-
-
 def _service_problems(model: type[BaseSettings], env: Mapping[str, str]) -> list[tuple[str, str]]:
     values: dict[str, Any] = dict(env)
     try:
@@ -133,8 +129,9 @@ def _named_in(rule: str) -> tuple[str, str]:
 
 
 def _is_production(env: Mapping[str, str]) -> bool:
-    value = env.get("NODE_ENV") or env.get("APP_ENV") or ""
-    return value.strip().lower() in ("production", "prod")
+    return parse_environment(env.get("NODE_ENV") or env.get("APP_ENV") or "") is (
+        Environment.production
+    )
 
 
 def _truthy(value: str | None) -> bool:
@@ -146,30 +143,15 @@ def _origins(env: Mapping[str, str]) -> list[str]:
 
 
 def _common_problems(env: Mapping[str, str]) -> list[tuple[str, str]]:
-    """Rules across services that no single settings model can see."""
+    """Rules across services that no single settings model can see (the models check
+    everything else, NODE_ENV and LOG_LEVEL included)."""
     problems: list[tuple[str, str]] = []
-    node_env = env.get("NODE_ENV") or env.get("APP_ENV")
-    if node_env is not None and node_env.strip().lower() not in _ENVIRONMENTS:
-        problems.append(("NODE_ENV", "must be development, staging or production"))
     present = {name: env[name] for name in SECRETS if env.get(name)}
-    for name, value in present.items():
-        if (rule := check_secret_strength(value)) is not None:
-            problems.append((name, rule))
     if len(present) == len(SECRETS) and len(set(present.values())) == 1:
         problems.append(("PROXY_SIGNING_KEY", "must differ from KEY_ENCRYPTION_SECRET"))
-    if _is_production(env):
-        if _truthy(env.get("VOICE_AGENT_DEMO_MODE")):
-            problems.append(("VOICE_AGENT_DEMO_MODE", "must be false in production"))
-        origins = _origins(env)
-        if not origins or any(not o.startswith("https://") for o in origins):
-            problems.append(
-                ("ALLOWED_ORIGINS", "must list only https origins (no *) in production")
-            )
-        base_url = env.get("OPENAI_BASE_URL")
-        if base_url and not base_url.startswith("https://"):
-            problems.append(("OPENAI_BASE_URL", "must be https in production"))
-        if env.get("NATS_PASSWORD") and check_secret_strength(env["NATS_PASSWORD"]):
-            problems.append(("NATS_PASSWORD", "must be a strong secret in production"))
+    weak_nats = bool(env.get("NATS_PASSWORD")) and check_secret_strength(env["NATS_PASSWORD"])
+    if _is_production(env) and weak_nats:
+        problems.append(("NATS_PASSWORD", "must be a strong secret in production"))
     return problems
 
 
@@ -200,7 +182,7 @@ def validate(env: Mapping[str, str], services: tuple[str, ...] = SERVICES) -> Va
     add(_common_problems(opened), "all")
     checked, skipped = [], []
     for service in services:
-        model = _settings_model(service)
+        model = settings_model(service)
         if model is None:
             skipped.append(service)
             continue
@@ -276,6 +258,13 @@ def render_template(*, production: bool) -> str:
         "# Browser origins allowed to get tokens and call the proxy"
         + (" (replace with yours)." if production else "."),
         f"ALLOWED_ORIGINS={origins}",
+        "# What issued tokens tell browsers to call: the ingress host + the proxy path.",
+        "PROXY_PUBLIC_URL="
+        + (
+            "https://keyveil.example.org/api/voice-agent/proxy/v1"
+            if production
+            else "http://127.0.0.1:8081/api/voice-agent/proxy/v1"
+        ),
         "VOICE_AGENT_DEMO_MODE=false",
         "OPENAI_BASE_URL=https://api.openai.com/v1",
         "# CIDRs of the ingress proxies whose X-Forwarded-For is believed.",
@@ -414,9 +403,16 @@ def _number(env: Mapping[str, str], name: str, default: int) -> int | None:
         return None
 
 
+def _token_default(field: str) -> int:
+    """A token-service default, read from its settings model (not restated here)."""
+    model = settings_model("token")
+    default = model.model_fields[field].default if model is not None else None
+    return int(default) if isinstance(default, int) else 0
+
+
 def _limits_checks(env: Mapping[str, str]) -> list[Check]:
-    duration = _number(env, "VOICE_AGENT_TOKEN_DURATION", 300)
-    rate = _number(env, "VOICE_AGENT_RATE_LIMIT", 10)
+    duration = _number(env, "VOICE_AGENT_TOKEN_DURATION", _token_default("token_duration_s"))
+    rate = _number(env, "VOICE_AGENT_RATE_LIMIT", _token_default("rate_limit_per_minute"))
     name = "token lifetime"
     if duration is None:
         life = Check(name, "VOICE_AGENT_TOKEN_DURATION", "missing", 5, "not a number")
@@ -462,9 +458,92 @@ def _trusted_proxies_check(env: Mapping[str, str]) -> Check:
     return Check("forwarded-for trust", "TRUSTED_PROXIES", "strong", 5, detail)
 
 
+_REMOTE_KEKS = ("vault-transit", "aws-kms")
+
+
+def _kek_custody_check(env: Mapping[str, str]) -> Check:
+    """Where the key-encryption key lives: a KMS or Vault in production, not an env var."""
+    provider = (env.get("KEK_PROVIDER") or "local").strip().lower()
+    node_env = (env.get("NODE_ENV") or env.get("APP_ENV") or "development").lower()
+    production = node_env in ("production", "prod", "staging")
+    name, variable, weight = "KEK custody", "KEK_PROVIDER", 10
+    if provider == "local":
+        if production:
+            return Check(
+                name,
+                variable,
+                "weak",
+                weight,
+                "local KEK from KEY_ENCRYPTION_SECRET in production: set KEK_PROVIDER="
+                "vault-transit (VAULT_ADDR, VAULT_TRANSIT_KEY, VAULT_K8S_ROLE) or aws-kms "
+                "(KMS_KEY_ID, IRSA) so the master key never sits in a Secret",
+            )
+        return Check(name, variable, "strong", weight, "local KEK (development)")
+    if provider == "vault-transit":
+        absent = [v for v in ("VAULT_ADDR", "VAULT_TRANSIT_KEY") if not env.get(v)]
+        if absent:
+            return Check(name, absent[0], "missing", weight, f"{', '.join(absent)} not set")
+        if production and not env.get("VAULT_ADDR", "").startswith("https://"):
+            return Check(name, "VAULT_ADDR", "weak", weight, "Vault reached without TLS")
+        if (
+            production
+            and env.get("VAULT_TOKEN")
+            and not (env.get("VAULT_K8S_ROLE") or env.get("VAULT_ROLE_ID"))
+        ):
+            return Check(
+                name,
+                "VAULT_TOKEN",
+                "weak",
+                weight,
+                "a static Vault token: use Kubernetes auth (VAULT_K8S_ROLE) or AppRole",
+            )
+        return Check(name, variable, "strong", weight, "Vault/OpenBao transit")
+    if provider == "aws-kms":
+        if not env.get("KMS_KEY_ID"):
+            return Check(name, "KMS_KEY_ID", "missing", weight, "KMS_KEY_ID not set")
+        if production and env.get("AWS_SECRET_ACCESS_KEY"):
+            return Check(
+                name,
+                "AWS_SECRET_ACCESS_KEY",
+                "weak",
+                weight,
+                "static AWS keys: use IRSA (a service-account role) instead",
+            )
+        return Check(name, variable, "strong", weight, "AWS KMS")
+    return Check(name, variable, "missing", weight, f"unknown provider {provider!r}")
+
+
+def _environment_check(env: Mapping[str, str]) -> Check:
+    raw = env.get("NODE_ENV") or env.get("APP_ENV") or "development"
+    parsed = parse_environment(raw)
+    if parsed is None:  # the services refuse to start with it
+        known = ", ".join(e.value for e in Environment)
+        return Check("environment", "NODE_ENV", "missing", 5, f"not one of {known}")
+    status: Status = "weak" if parsed is Environment.development else "strong"
+    return Check("environment", "NODE_ENV", status, 5, parsed.value)
+
+
+def _public_url_check(env: Mapping[str, str]) -> Check:
+    """What issued tokens tell browsers to call: loopback or http cannot serve real users."""
+    name = "public proxy URL"
+    url = env.get("PROXY_PUBLIC_URL", "")
+    if not url:
+        return Check(name, "PROXY_PUBLIC_URL", "missing", 5, "not set (tokens name 127.0.0.1)")
+    rule = public_url_problem(url)
+    if rule is not None:
+        return Check(name, "PROXY_PUBLIC_URL", "weak", 5, rule.removesuffix(" in production"))
+    return Check(name, "PROXY_PUBLIC_URL", "strong", 5, "https, public host")
+
+
 def posture(env: Mapping[str, str]) -> list[Check]:
     """Every posture check, graded strong / weak / missing."""
     checks = [_secret_check(env, name, 20) for name in SECRETS]
+    remote_kek = (env.get("KEK_PROVIDER") or "").strip().lower() in _REMOTE_KEKS
+    if remote_kek and not env.get(SECRETS[0]) and env.get("KEK_PREVIOUS_PROVIDER") != "local":
+        checks[0] = Check(
+            "KEY_ENCRYPTION_SECRET set", SECRETS[0], "strong", 20, "not needed: the KEK is remote"
+        )
+    checks.append(_kek_custody_check(env))
     kek, psk = env.get(SECRETS[0]), env.get(SECRETS[1])
     if kek and psk:
         same = kek == psk
@@ -477,6 +556,8 @@ def posture(env: Mapping[str, str]) -> list[Check]:
                 "same value as KEY_ENCRYPTION_SECRET" if same else "distinct",
             )
         )
+    elif remote_kek and psk and not kek:
+        checks.append(Check("separate secrets", "PROXY_SIGNING_KEY", "strong", 5, "no KEK secret"))
     else:
         checks.append(Check("separate secrets", "PROXY_SIGNING_KEY", "missing", 5, "not both set"))
     checks.append(_origins_check(env))
@@ -490,16 +571,8 @@ def posture(env: Mapping[str, str]) -> list[Check]:
             "on" if demo else "off",
         )
     )
-    node_env = (env.get("NODE_ENV") or env.get("APP_ENV") or "development").lower()
-    checks.append(
-        Check(
-            "environment",
-            "NODE_ENV",
-            "weak" if node_env in ("development", "dev", "test") else "strong",
-            5,
-            node_env,
-        )
-    )
+    checks.append(_environment_check(env))
+    checks.append(_public_url_check(env))
     checks.extend(_nats_checks(env))
     checks.append(_redis_check(env))
     checks.extend(_limits_checks(env))
@@ -558,6 +631,27 @@ def _posture(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- reference ----------------------------------------------------------------------
+
+
+def _reference(args: argparse.Namespace) -> int:
+    text = render_reference()
+    if args.check:
+        path = Path(args.output or REFERENCE_PATH)
+        current = path.read_text(encoding="utf-8") if path.exists() else ""
+        if current != text:
+            print(f"keyveil env reference: {path} is stale; run `{REGENERATE}`", file=sys.stderr)
+            return 1
+        print(f"keyveil env reference: {path} is current")
+        return 0
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+        print(f"keyveil env reference: wrote {args.output}")
+    else:
+        print(text, end="")
+    return 0
+
+
 # --- wiring -------------------------------------------------------------------------
 
 
@@ -600,3 +694,11 @@ def register(sub: Any) -> None:
     env_file(grade)
     grade.add_argument("--json", action="store_true")
     grade.add_argument("--min-score", type=int, metavar="N", help="exit 1 below this score")
+
+    reference = action("reference", _reference, "the configuration reference, as Markdown")
+    reference.add_argument(
+        "--output", "-o", metavar="PATH", help=f"write it (e.g. {REFERENCE_PATH})"
+    )
+    reference.add_argument(
+        "--check", action="store_true", help="exit 1 when the file differs from the models"
+    )

@@ -1,4 +1,4 @@
-"""`keyveil keys add|list|show|rotate|revoke|rewrap`: provider keys via the key-manager.
+"""`keyveil keys add|list|show|rotate|revoke|rewrap|doctor|backup|restore`: via the key-manager.
 
 A key is read from stdin (or a hidden prompt), never from argv, and leaves this process
 only sealed to the key-manager's intake key. Listings never show a key: only id,
@@ -17,10 +17,12 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from keyveil.operator import operator_nats
 from shared.bus import RemoteError
 from shared.errors import BusError
-from shared.keyadmin import KeyAdminClient, KeyInfo
+from shared.keyadmin import BackupDocument, KeyAdminClient, KeyInfo
 
 __all__ = ["register"]
 
@@ -61,6 +63,18 @@ def register(sub: Any) -> None:
     rewrap = ops.add_parser("rewrap", help="re-wrap every data key under the current KEK")
     rewrap.set_defaults(handler=_handler(_rewrap))
 
+    doctor = ops.add_parser("doctor", help="does the KEK open every record? what is wrong")
+    doctor.add_argument("--json", action="store_true")
+    doctor.set_defaults(handler=_handler(_doctor))
+
+    backup = ops.add_parser("backup", help="write the encrypted records, signed, to FILE")
+    backup.add_argument("file", type=Path)
+    backup.set_defaults(handler=_handler(_backup))
+
+    restore = ops.add_parser("restore", help="put back the records of a signed backup FILE")
+    restore.add_argument("file", type=Path)
+    restore.set_defaults(handler=_handler(_restore))
+
 
 Operation = Callable[[KeyAdminClient, argparse.Namespace], Awaitable[int]]
 
@@ -75,6 +89,8 @@ def _handler(operation: Operation) -> Callable[[argparse.Namespace], int]:
         except (BusError, OSError) as exc:
             print(f"keyveil keys: cannot reach the key-manager ({exc})", file=sys.stderr)
             return 3
+        except ValidationError:
+            raise  # keyveil.cli names the field and the rule, never the input
         except ValueError as exc:
             print(f"keyveil keys: {exc}", file=sys.stderr)
             return 2
@@ -132,6 +148,50 @@ async def _rewrap(client: KeyAdminClient, args: argparse.Namespace) -> int:
     return 1 if result.failed else 0
 
 
+async def _doctor(client: KeyAdminClient, args: argparse.Namespace) -> int:
+    report = await client.doctor()
+    if args.json:
+        print(report.model_dump_json(indent=2))
+        return 0 if report.ok else 1
+    print(f"{'OK' if report.ok else 'PROBLEM'}: {report.reason}")
+    print(
+        f"KEK provider: {report.provider}"
+        + (f" (previous: {report.previous_provider})" if report.previous_provider else "")
+    )
+    for name, value in sorted(report.details.items()):
+        print(f"  {name}: {value}")
+    print(f"records: {report.records}, not under the current KEK: {report.stale_records}")
+    for line in report.unreadable:
+        print(f"does not open: {line}", file=sys.stderr)
+    return 0 if report.ok else 1
+
+
+async def _backup(client: KeyAdminClient, args: argparse.Namespace) -> int:
+    document = await client.backup()
+    path: Path = args.file
+    # Only envelopes and metadata, but still nobody else's business: owner-only.
+    path.touch(mode=0o600, exist_ok=True)
+    path.write_text(document.model_dump_json(indent=2) + "\n")
+    print(f"backed up {len(document.records)} record(s) to {path} (signed by {document.signed_by})")
+    return 0
+
+
+async def _restore(client: KeyAdminClient, args: argparse.Namespace) -> int:
+    try:
+        document = BackupDocument.model_validate_json(Path(args.file).read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(
+            f"{args.file} is not a keyveil keys backup ({type(exc).__name__})"
+        ) from None
+    result = await client.restore(document)
+    print(f"restored {result.restored}, already present {result.already_present}")
+    for label in result.conflicts:
+        print(f"kept as found (differs from the backup): {label}", file=sys.stderr)
+    for label in result.unreadable:
+        print(f"restored but does not open: {label}", file=sys.stderr)
+    return 1 if result.conflicts or result.unreadable else 0
+
+
 async def _list(client: KeyAdminClient, args: argparse.Namespace) -> int:
     infos = await client.list_keys(
         provider=args.provider, environment=args.environment, include_retired=args.all
@@ -162,6 +222,7 @@ def _age(seconds: float) -> str:
 
 def _print_table(infos: list[KeyInfo]) -> None:
     if not infos:
+        print("no keys matched")
         return
     now = time.time()
     rows = [("KEY ID", "VER", "PROVIDER", "ENV", "STATUS", "AGE", "FINGERPRINT", "LAST4")]

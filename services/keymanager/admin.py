@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 
 OPERATOR = OPERATOR_USER
 M = TypeVar("M", bound=BaseModel)
-_MAX_REQUEST_BYTES = 32_768
+_MAX_REQUEST_BYTES = 1_048_576  # a restore carries a whole (encrypted) backup
 
 
 class AdminDesk:

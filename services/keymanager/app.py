@@ -18,9 +18,11 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from services.keymanager.admin import AdminDesk
+from services.keymanager.custody import Custody
 from services.keymanager.keys import SERVICE, KeyPolicy, KeyService
 from services.keymanager.leasing import LeaseDesk
+from services.keymanager.providers import build_custody
+from services.keymanager.recovery import CustodyDesk
 from services.keymanager.settings import Settings
 from services.keymanager.store import KeyStore
 from shared.bus import Responder, connect, traced_handler
@@ -37,6 +39,7 @@ __all__ = ["KeyManager", "create_app"]
 log = logging.getLogger(__name__)
 
 _MAX_IN_FLIGHT = 256
+_CUSTODY_RETRY_S = 5.0
 
 
 class KeyManager:
@@ -45,12 +48,9 @@ class KeyManager:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         redactor.register(*settings.secret_values())
-        self.keyring = KekRing.from_secrets(
-            settings.key_encryption_secret.get_secret_value(),
-            settings.key_encryption_secret_previous.get_secret_value()
-            if settings.key_encryption_secret_previous
-            else None,
-        )
+        self.custody: Custody = build_custody(settings)
+        # Fingerprints, derived ids and the intake key; filled when the custody record opens.
+        self.keyring: KekRing = self.custody.ring
         self._nc: NATS | None = None
         self._connected = False
         self._events: EventPublisher | None = None
@@ -59,6 +59,8 @@ class KeyManager:
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(_MAX_IN_FLIGHT)
         self._policy_task: asyncio.Task[None] | None = None
+        self._rewrap_task: asyncio.Task[None] | None = None
+        self._bootstrap_pending = False
         self._streams: StreamGuard | None = None
         self._stopping = asyncio.Event()
 
@@ -96,7 +98,7 @@ class KeyManager:
         await store.open()
         self._keys = KeyService(
             store=store,
-            keyring=self.keyring,
+            custody=self.custody,
             events=self._events,
             policy=KeyPolicy(
                 rotation_grace_s=settings.rotation_grace_s,
@@ -106,18 +108,18 @@ class KeyManager:
             notify=self._publish_notice,
         )
         await self._keys.refresh()
-        if settings.openai_api_key is not None:
-            await self._keys.bootstrap(
-                settings.openai_api_key.get_secret_value().encode(),
-                provider="openai",
-                environment=settings.node_env.value,
-            )
+        # Prove the KEK opens this bucket before serving; a wrong one leaves us not ready
+        # (with the reason) rather than failing every lease later.
+        verified = await self._keys.verify_custody()
+        self._bootstrap_pending = settings.openai_api_key is not None
+        if verified:
+            await self._bootstrap()
         leases = LeaseDesk(
             keys=self._keys,
             settings=settings,
             responder=Responder(self._nc, settings.allowed_requesters),
         )
-        admin = AdminDesk(
+        admin = CustodyDesk(
             keys=self._keys,
             keyring=self.keyring,
             settings=settings,
@@ -137,14 +139,20 @@ class KeyManager:
         ]
         await self._nc.flush()
         self._policy_task = asyncio.create_task(self._policy_loop(), name="key-policy")
+        if settings.kek_rewrap_interval_s is not None:
+            self._rewrap_task = asyncio.create_task(self._rewrap_loop(), name="kek-rewrap")
         log.info(
-            "key manager serving %s (KEK %s)", settings.node_env.value, self.keyring.current.kek_id
+            "key manager serving %s (KEK provider %s, custody %s)",
+            settings.node_env.value,
+            self.custody.provider.name,
+            "verified" if verified else "NOT verified: " + self.custody.status.reason,
         )
 
     async def stop(self) -> None:
         self._stopping.set()
-        if self._policy_task is not None:
-            await self._policy_task
+        for task in (self._policy_task, self._rewrap_task):
+            if task is not None:
+                await task
         for subscription in self._subscriptions:
             with contextlib.suppress(Exception):
                 await subscription.unsubscribe()
@@ -157,6 +165,7 @@ class KeyManager:
         if self._nc is not None and not self._nc.is_closed:
             with contextlib.suppress(Exception):
                 await self._nc.drain()
+        self.custody.close()
 
     async def __aenter__(self) -> KeyManager:
         await self.start()
@@ -172,6 +181,10 @@ class KeyManager:
 
     async def ready(self) -> bool:
         return self._connected and self._keys is not None
+
+    async def kek_ready(self) -> bool:
+        """The custody record opened under the configured KEK (reason: `keyveil keys doctor`)."""
+        return self._keys is not None and self.custody.status.ok
 
     async def streams_ready(self) -> bool:
         return self._streams is not None and await self._streams.ready()
@@ -209,14 +222,51 @@ class KeyManager:
         except Exception as exc:  # requesters still expire their leases on their own
             log.warning("rotated notice not published: %s", type(exc).__name__)
 
+    async def _bootstrap(self) -> None:
+        """Import OPENAI_API_KEY, once the KEK has proven itself (never under a wrong one)."""
+        key = self.settings.openai_api_key
+        if not self._bootstrap_pending or key is None:
+            return
+        await self.keys.bootstrap(
+            key.get_secret_value().encode(),
+            provider="openai",
+            environment=self.settings.node_env.value,
+        )
+        self._bootstrap_pending = False
+
     async def _policy_loop(self) -> None:
         while not self._stopping.is_set():
             try:
                 await self.keys.enforce_policy()
+                if await self.keys.verify_custody():
+                    await self._bootstrap()
             except Exception as exc:  # NATS may be down for a while; try again next round
                 log.warning("key policy round failed: %s", type(exc).__name__)
+            # An unverified KEK (Vault sealed, KMS unreachable at start) is retried sooner.
+            interval = self.settings.policy_interval_s
+            if not self.custody.status.ok:
+                interval = min(interval, _CUSTODY_RETRY_S)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), self.settings.policy_interval_s)
+                await asyncio.wait_for(self._stopping.wait(), interval)
+
+    async def _rewrap_loop(self) -> None:
+        """KEK_REWRAP_INTERVAL_S: move records to the current KEK version on a schedule."""
+        interval = self.settings.kek_rewrap_interval_s or 86_400.0
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), interval)
+            if self._stopping.is_set():
+                return
+            try:
+                result = await self.keys.rewrap(actor=SERVICE)
+                if result.rewrapped or result.failed:
+                    log.info(
+                        "scheduled rewrap: %d moved, %d failed",
+                        result.rewrapped,
+                        len(result.failed),
+                    )
+            except Exception as exc:  # the provider may be down; the next round tries again
+                log.warning("scheduled rewrap failed: %s", type(exc).__name__)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -232,5 +282,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = service_app("keyveil key-manager", lifespan)
     app.state.manager = manager
-    add_edge_routes(app, {"nats": manager.ready, "streams": manager.streams_ready})
+    add_edge_routes(
+        app, {"nats": manager.ready, "streams": manager.streams_ready, "kek": manager.kek_ready}
+    )
     return app

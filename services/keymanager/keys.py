@@ -15,18 +15,12 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from services.keymanager import metrics
+from services.keymanager.custody import Custody, explain
 from services.keymanager.errors import ConflictError, KeyIntegrityError
+from services.keymanager.kek import KekUnavailableError, KekUnwrapError
 from services.keymanager.records import KeyRecord
 from services.keymanager.store import KeyStore, StoredRecord
-from shared.crypto import (
-    Envelope,
-    EnvelopeError,
-    KekRing,
-    UnknownKekError,
-    open_envelope,
-    rewrap_envelope,
-    seal_envelope,
-)
+from shared.crypto import Envelope, EnvelopeError, UnknownKekError
 from shared.errors import BadRequestError, NotFoundError, UnavailableError
 from shared.events import AuditEvent, EventPublisher
 from shared.keyadmin import KeyInfo, KeyStatus, RewrapReply
@@ -53,14 +47,15 @@ class KeyService:
         self,
         *,
         store: KeyStore,
-        keyring: KekRing,
+        custody: Custody,
         events: EventPublisher,
         policy: KeyPolicy,
         notify: Notifier,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._store = store
-        self._keyring = keyring
+        self._custody = custody
+        self._keyring = custody.ring
         self._events = events
         self._policy = policy
         self._notify = notify
@@ -122,24 +117,58 @@ class KeyService:
 
     # --- decrypt -----------------------------------------------------------------------
 
-    def decrypt(self, record: KeyRecord, *, actor: str) -> bytes:
-        """The plaintext key, or `KeyIntegrityError` naming the key (and an audit event)."""
+    @property
+    def store(self) -> KeyStore:
+        return self._store
+
+    @property
+    def custody(self) -> Custody:
+        return self._custody
+
+    async def decrypt(self, record: KeyRecord, *, actor: str) -> bytes:
+        """The plaintext key, or `KeyIntegrityError` naming the key (and an audit event).
+
+        A KEK provider that cannot be reached (or refuses) is `key_unavailable`: leases fail
+        closed once no cached data key is left for the record.
+        """
         started = time.perf_counter()
         try:
-            plaintext = open_envelope(
-                record.envelope, keyring=self._keyring, associated_data=record.associated_data
-            )
+            plaintext = await self._custody.open(record.envelope, record.wrap_context)
+        except KekUnavailableError as exc:
+            raise self._kek_unavailable(record, exc, actor=actor) from None
         except (EnvelopeError, ValueError) as exc:
             raise self._integrity_failure(record, exc, actor=actor) from None
         finally:
             metrics.DECRYPT_SECONDS.observe(time.perf_counter() - started)
         return plaintext
 
+    def _kek_unavailable(
+        self, record: KeyRecord, exc: KekUnavailableError, *, actor: str
+    ) -> UnavailableError:
+        log.error(
+            "key %s v%d: KEK provider %s unavailable", record.key_id, record.version, exc.provider
+        )
+        self.audit(
+            "kek_unavailable",
+            actor=actor,
+            outcome="failure",
+            record=record,
+            kek_provider=exc.provider,
+            reason=exc.reason,
+        )
+        return UnavailableError(
+            f"key {record.key_id} v{record.version}: KEK provider {exc.provider} "
+            f"unavailable ({exc.reason})",
+            code="key_unavailable",
+        )
+
     def _integrity_failure(
         self, record: KeyRecord, exc: Exception, *, actor: str
     ) -> KeyIntegrityError:
         if isinstance(exc, UnknownKekError):
             reason, label = f"wrapped under unknown KEK version {exc.kek_id}", "unknown_kek"
+        elif isinstance(exc, KekUnwrapError):
+            reason, label = f"the KEK provider refused to unwrap: {exc.reason}", "kek_refused"
         elif isinstance(exc, EnvelopeError):
             reason = "authentication failed (tampered ciphertext or wrong associated data)"
             label = "integrity"
@@ -152,7 +181,7 @@ class KeyService:
 
     # --- store and rotate ---------------------------------------------------------------
 
-    def _new_record(
+    async def _new_record(
         self,
         secret: bytes,
         *,
@@ -162,6 +191,7 @@ class KeyService:
         environment: str,
         actor: str,
     ) -> KeyRecord:
+        self._custody.require()
         now = self._clock()
         kek = self._keyring.current
         shell = KeyRecord(
@@ -180,7 +210,12 @@ class KeyService:
             ciphertext="",
             updated_by=actor,
         )
-        envelope = seal_envelope(secret, kek=kek, associated_data=shell.associated_data)
+        try:
+            envelope = await self._custody.seal(secret, shell.wrap_context)
+        except KekUnavailableError as exc:
+            raise UnavailableError(
+                f"KEK provider {exc.provider} unavailable ({exc.reason})", code="kek_unavailable"
+            ) from None
         return shell.with_envelope(envelope)
 
     def find_by_fingerprint(self, secret: bytes) -> KeyRecord | None:
@@ -206,6 +241,7 @@ class KeyService:
     async def add(self, secret: bytes, *, provider: str, environment: str, actor: str) -> KeyRecord:
         """Store a new key as the active version 1 of a new key id."""
         _check_secret(secret)
+        self._custody.require()
         await self.refresh()
         existing = self.find_by_fingerprint(secret)
         if existing is not None:
@@ -225,7 +261,7 @@ class KeyService:
         # The id is keyed on the key itself, so two replicas importing the same key
         # at once collide on one record instead of storing it twice.
         key_id = "key_" + self._keyring.current.derived_id(f"{provider}|{environment}", secret)
-        record = self._new_record(
+        record = await self._new_record(
             secret,
             key_id=key_id,
             version=1,
@@ -244,6 +280,7 @@ class KeyService:
     ) -> tuple[KeyRecord, list[KeyRecord]]:
         """Store `secret` as the next version (active); live older versions start retiring."""
         _check_secret(secret)
+        self._custody.require()
         await self.refresh()
         versions = self._versions(key_id)
         if not versions:
@@ -254,7 +291,7 @@ class KeyService:
             raise ConflictError(
                 f"this key is already stored as {existing.key_id} v{existing.version}"
             )
-        record = self._new_record(
+        record = await self._new_record(
             secret,
             key_id=key_id,
             version=latest.version + 1,
@@ -332,41 +369,57 @@ class KeyService:
         return revoked
 
     async def rewrap(self, *, actor: str) -> RewrapReply:
-        """Re-wrap every data key under the current KEK; fingerprints move with it."""
+        """Move every data key (and the custody record) under the current KEK version.
+
+        Within a remote provider the provider rewraps (Vault `rewrap`, KMS `ReEncrypt`), so
+        no data key leaves the key-manager or the provider; fingerprints made under an
+        older service key move to the current one. Versions that do not open are reported.
+        """
+        self._custody.require()
         await self.refresh()
-        current = self._keyring.current
+        try:
+            current_kek = await self._custody.current_kek_id()
+            await self._rewrap_custody(actor=actor)
+        except KekUnavailableError as exc:
+            raise UnavailableError(
+                f"KEK provider {exc.provider} unavailable ({exc.reason})", code="kek_unavailable"
+            ) from None
+        service = self._keyring.current
         rewrapped = already = 0
         failed: list[str] = []
         for stored in list(self._view.values()):
             record = stored.record
-            if record.kek_id == current.kek_id and record.fingerprint_kek == current.kek_id:
+            if record.kek_id == current_kek and record.fingerprint_kek == service.kek_id:
                 already += 1
                 continue
             try:
-                plaintext = self.decrypt(record, actor=actor)
-                envelope = rewrap_envelope(
-                    record.envelope, keyring=self._keyring, associated_data=record.associated_data
-                )
-            except (EnvelopeError, KeyIntegrityError, ValueError):
+                envelope = record.envelope
+                if record.kek_id != current_kek:
+                    envelope = await self._custody.rewrap(envelope, record.wrap_context)
+                fingerprint = record.fingerprint
+                if record.fingerprint_kek != service.kek_id:
+                    plaintext = await self.decrypt(record, actor=actor)
+                    fingerprint = service.fingerprint(plaintext)
+                    del plaintext
+            except (EnvelopeError, KeyIntegrityError, KekUnavailableError, UnavailableError):
                 failed.append(f"{record.key_id} v{record.version}")
                 continue
-            fingerprint = current.fingerprint(plaintext)
-            del plaintext
 
             def move(
                 old: KeyRecord,
                 env: Envelope = envelope,
                 fp: str = fingerprint,
                 ciphertext: str = record.ciphertext,
+                wrapped: str = record.wrapped_key,
             ) -> KeyRecord | None:
-                if old.kek_id == current.kek_id or old.ciphertext != ciphertext:
+                if old.ciphertext != ciphertext or old.wrapped_key != wrapped:
                     return None
                 return old.with_envelope(
-                    env, fingerprint=fp, fingerprint_kek=current.kek_id, updated_by=actor
+                    env, fingerprint=fp, fingerprint_kek=service.kek_id, updated_by=actor
                 )
 
             changed = await self._store.mutate(record.kv_key, move)
-            if changed is not None:
+            if changed is not None and changed.record.kek_id == envelope.kek_id:
                 self._remember(changed)
                 rewrapped += 1
                 self.audit(
@@ -374,13 +427,86 @@ class KeyService:
                     actor=actor,
                     record=changed.record,
                     from_kek=record.kek_id,
-                    to_kek=current.kek_id,
+                    to_kek=envelope.kek_id,
                 )
         if failed:
             self.audit("key_rewrap", actor=actor, outcome="failure", failed=failed)
         return RewrapReply(
-            kek_id=current.kek_id, rewrapped=rewrapped, already_current=already, failed=failed
+            kek_id=current_kek, rewrapped=rewrapped, already_current=already, failed=failed
         )
+
+    async def _rewrap_custody(self, *, actor: str) -> None:
+        for _ in range(3):
+            found = await self._store.get_custody()
+            if found is None:
+                return
+            record, revision = found
+            moved = await self._custody.rewrap_custody(record, actor=actor)
+            if moved is None:
+                return
+            try:
+                await self._store.put_custody(moved, last=revision)
+            except ConflictError:
+                continue
+            self.audit("custody_rewrap", actor=actor, from_kek=record.kek_id, to_kek=moved.kek_id)
+            return
+
+    # --- custody verification -----------------------------------------------------------
+
+    async def verify_custody(self, *, actor: str = SERVICE) -> bool:
+        """Prove the configured KEK opens this bucket: the custody record, else the newest record.
+
+        A bucket without a custody record gets one, but only when it is empty or its newest
+        record opens: a wrong KEK must not be blessed. The result drives `/readyz`, the
+        `keyveil_keymanager_kek_ready` gauge and (on every change) an audit event.
+        """
+        custody = self._custody
+        try:
+            found = await self._store.get_custody()
+            if found is None:
+                seed, custody_kek = await self._first_custody(actor=actor)
+            else:
+                seed = await custody.open_custody(found[0])
+                custody_kek = found[0].kek_id
+        except (EnvelopeError, KekUnavailableError, ConflictError) as exc:
+            kind = "unavailable" if isinstance(exc, KekUnavailableError) else "custody"
+            metrics.KEK_ERRORS.labels(custody.provider.name, kind).inc()
+            reason = explain(exc, what="the custody record")
+            if custody.mark(False, reason):
+                log.error("key custody not verified: %s", reason)
+                self.audit(
+                    "kek_verify",
+                    actor=actor,
+                    outcome="failure",
+                    kek_provider=custody.provider.name,
+                    reason=reason,
+                )
+            return False
+        custody.adopt(seed)
+        del seed
+        reason = f"custody record opens under {custody_kek}"
+        if custody.mark(True, reason, custody_kek):
+            log.info("key custody verified: %s", reason)
+            self.audit("kek_verify", actor=actor, kek_provider=custody.provider.name, reason=reason)
+        return True
+
+    async def _first_custody(self, *, actor: str) -> tuple[bytes, str]:
+        records = [s.record for s in await self._store.snapshot()]
+        if records:
+            # Records from before custody records existed: the newest must open first.
+            newest = max(records, key=lambda r: (r.created_at, r.version))
+            await self._custody.open(newest.envelope, newest.wrap_context)
+        record, seed = await self._custody.new_custody_record(actor=actor)
+        try:
+            await self._store.put_custody(record, last=None)
+        except ConflictError:
+            # Another replica wrote it first: use theirs.
+            found = await self._store.get_custody()
+            if found is None:
+                raise
+            return await self._custody.open_custody(found[0]), found[0].kek_id
+        self.audit("custody_created", actor=actor, kek_id=record.kek_id)
+        return seed, record.kek_id
 
     async def bootstrap(self, secret: bytes, *, provider: str, environment: str) -> KeyRecord:
         """Import OPENAI_API_KEY once: stored as active unless its fingerprint is known."""

@@ -133,7 +133,7 @@ class LeaseDesk:
             expires_at=round(expires_at, 3),
             sealed="",
         )
-        plaintext = self._keys.decrypt(record, actor=request.requester)
+        plaintext = await self._keys.decrypt(record, actor=request.requester)
         try:
             sealed = seal_for_requester(
                 plaintext, public_key, info=shell.info_for(request), kem=request.kem

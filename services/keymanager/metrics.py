@@ -6,8 +6,12 @@ from prometheus_client import Counter, Gauge, Histogram
 
 __all__ = [
     "ADMIN_OPERATIONS",
+    "DATA_KEY_CACHE",
     "DECRYPT_SECONDS",
     "INTEGRITY_FAILURES",
+    "KEK_ERRORS",
+    "KEK_READY",
+    "KEK_SECONDS",
     "KEY_AGE_SECONDS",
     "LEASES",
     "LEASE_SECONDS",
@@ -46,4 +50,24 @@ INTEGRITY_FAILURES = Counter(
     "keyveil_keymanager_integrity_failures_total",
     "Key records that did not decrypt, by reason",
     ["reason"],
+)
+KEK_READY = Gauge(
+    "keyveil_keymanager_kek_ready",
+    "1 when the custody record opened under the configured KEK provider, else 0",
+)
+KEK_ERRORS = Counter(
+    "keyveil_keymanager_kek_errors_total",
+    "KEK provider failures, by provider and kind (unavailable, unwrap, custody)",
+    ["provider", "kind"],
+)
+KEK_SECONDS = Histogram(
+    "keyveil_keymanager_kek_seconds",
+    "Time of a KEK provider call (wrap, unwrap, rewrap)",
+    ["provider", "op"],
+    buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.0),
+)
+DATA_KEY_CACHE = Counter(
+    "keyveil_keymanager_data_key_cache_total",
+    "Unwrapped data-key cache lookups (remote KEK providers), by result",
+    ["result"],
 )

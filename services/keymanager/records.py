@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from services.keymanager.kek import WrapContext
 from shared.crypto import Envelope, b64url_decode, b64url_encode
 from shared.keyadmin import (
     ENVIRONMENT_PATTERN,
@@ -51,6 +52,20 @@ class KeyRecord(BaseModel):
         """Binds the ciphertext to this record: a swapped ciphertext fails to decrypt."""
         parts = ("keyveil-key-v1", self.key_id, str(self.version), self.provider, self.environment)
         return "|".join(parts).encode()
+
+    @property
+    def wrap_context(self) -> WrapContext:
+        """The identity a KEK provider binds the data key to (Vault context, KMS context)."""
+        return WrapContext(
+            aad=self.associated_data,
+            fields={
+                "keyveil": "key-v1",
+                "key_id": self.key_id,
+                "version": str(self.version),
+                "provider": self.provider,
+                "environment": self.environment,
+            },
+        )
 
     @property
     def envelope(self) -> Envelope:

@@ -15,6 +15,7 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 from pydantic import ValidationError
 
+from services.keymanager.custody import CUSTODY_KEY, CustodyRecord
 from services.keymanager.errors import ConflictError
 from services.keymanager.records import KeyRecord
 from shared.streams import keys_bucket_config
@@ -24,6 +25,7 @@ __all__ = ["KeyStore", "StoredRecord"]
 log = logging.getLogger(__name__)
 
 _KV_DELETE_OPS = ("DEL", "PURGE")
+_META_PREFIX = "meta."
 
 
 class StoredRecord(NamedTuple):
@@ -62,11 +64,11 @@ class KeyStore:
                 entry = await watcher.updates(timeout=5.0)  # type: ignore[no-untyped-call]
                 if entry is None:
                     break
-                if entry.operation in _KV_DELETE_OPS or entry.value is None:
-                    continue
-                parsed = self._parse(entry.key, entry.value, entry.revision or 0)
-                if parsed is not None:
-                    found.append(parsed)
+                deleted = entry.operation in _KV_DELETE_OPS or entry.value is None
+                if not deleted and not entry.key.startswith(_META_PREFIX):
+                    parsed = self._parse(entry.key, entry.value or b"", entry.revision or 0)
+                    if parsed is not None:
+                        found.append(parsed)
                 if not entry.delta:
                     break
         finally:
@@ -124,6 +126,31 @@ class KeyStore:
             except ConflictError:
                 continue
         raise ConflictError(f"record {key} kept changing; try again")
+
+    # --- the custody record (see custody.py) --------------------------------------------
+
+    async def get_custody(self) -> tuple[CustodyRecord, int] | None:
+        try:
+            entry = await self.kv.get(CUSTODY_KEY)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        if entry.value is None:
+            return None
+        try:
+            return CustodyRecord.model_validate_json(entry.value), entry.revision or 0
+        except ValidationError:
+            log.error("unreadable custody record (revision %d)", entry.revision or 0)
+            return None
+
+    async def put_custody(self, record: CustodyRecord, *, last: int | None) -> int:
+        """Create (`last` None) or replace by CAS; ConflictError when another writer won."""
+        value = record.model_dump_json().encode()
+        try:
+            if last is None:
+                return await self.kv.create(CUSTODY_KEY, value)
+            return await self.kv.update(CUSTODY_KEY, value, last=last)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            raise ConflictError("the custody record changed concurrently") from None
 
     @staticmethod
     def _parse(key: str, value: bytes, revision: int) -> StoredRecord | None:

@@ -15,6 +15,8 @@ __all__ = [
     "REQUESTS",
     "REQUEST_DURATION",
     "UPSTREAM_LATENCY",
+    "UPSTREAM_RESPONSES",
+    "count_upstream_status",
     "status_class",
 ]
 
@@ -76,3 +78,19 @@ AUTH_FAILURES = _shared(
 
 def status_class(status: int) -> str:
     return f"{status // 100}xx"
+
+
+UPSTREAM_RESPONSES = Counter(
+    "keyveil_proxy_upstream_responses_total",
+    "Provider answers by status class and status (429 apart from the other 4xx)",
+    ["status_class", "status"],
+)
+# Statuses OpenAI documents; anything else counts as "other" so the label stays bounded.
+_KNOWN_STATUSES = frozenset({200, 400, 401, 403, 404, 408, 409, 413, 415, 422, 429})
+_KNOWN_STATUSES |= frozenset({500, 502, 503, 504})
+
+
+def count_upstream_status(status: int) -> None:
+    """One provider answer, by class and (bounded) status code."""
+    shown = str(status) if status in _KNOWN_STATUSES else "other"
+    UPSTREAM_RESPONSES.labels(status_class(status), shown).inc()

@@ -29,6 +29,7 @@ from .http1 import (
     UpstreamReadError,
     send_body,
 )
+from .metrics import count_upstream_status
 from .routes import Route
 
 __all__ = [
@@ -292,6 +293,7 @@ class Forwarder:
                 conn.close()
                 self._pool.release(conn)
                 raise
+            count_upstream_status(conn.status)
             return UpstreamResponse(conn, self._pool, lease, self._read_timeout_s)
         raise AssertionError("unreachable")  # pragma: no cover
 

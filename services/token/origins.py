@@ -31,7 +31,10 @@ class OriginPolicy:
                 raise ForbiddenError("an Origin header is required", code="origin_required")
             return
         if not self.allows(origin):
-            raise ForbiddenError("origin is not allowed", code="origin_forbidden")
+            raise ForbiddenError(
+                "origin is not allowed (the server lists allowed origins in ALLOWED_ORIGINS)",
+                code="origin_forbidden",
+            )
 
     def response_headers(self, origin: str | None) -> dict[str, str]:
         """CORS headers for an actual (non-preflight) response from an allowed origin."""

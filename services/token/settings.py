@@ -12,7 +12,13 @@ from shared.crypto import b64url_decode
 from shared.errors import ConfigError
 from shared.principals import PrincipalHasher
 from shared.ratelimit import FailureMode
-from shared.settings import CommaList, EdgeSettings, check_secret_strength, split_commas
+from shared.settings import (
+    CommaList,
+    EdgeSettings,
+    check_secret_strength,
+    public_url_problem,
+    split_commas,
+)
 from shared.tokens import Scope
 
 __all__ = ["ASYMMETRIC_ALGORITHMS", "AuthMode", "Settings", "parse_ed25519_public_key"]
@@ -43,91 +49,132 @@ class Settings(EdgeSettings):
     """Environment of `python -m services.token`."""
 
     port: int = Field(default=8080, ge=0, le=65535, validation_alias="KEYVEIL_PORT")
+    """TCP port the service listens on (HTTP: API, /healthz, /readyz, /metrics)."""
 
     rate_limit_per_minute: int = Field(
         default=10, ge=1, le=100_000, validation_alias="VOICE_AGENT_RATE_LIMIT"
     )
+    """Token issuances per client IP per minute."""
     rate_limit_failure_mode: FailureMode = Field(
         default=FailureMode.closed, validation_alias="TOKEN_RATE_LIMIT_FAILURE_MODE"
     )
+    """What issuance does when Redis is unreachable: closed (refuse), open (allow) or local
+    (a per-process limit)."""
     block_after_strikes: int = Field(
         default=20, ge=1, validation_alias="RATE_LIMIT_BLOCK_AFTER_STRIKES"
     )
+    """Auth failures or limit hits within RATE_LIMIT_STRIKE_WINDOW_S that block a client IP
+    (`keyveil blocks` lists and lifts blocks)."""
     strike_window_s: float = Field(
         default=60.0, gt=0, validation_alias="RATE_LIMIT_STRIKE_WINDOW_S"
     )
+    """Seconds over which strikes are counted."""
     block_for_s: float = Field(default=300.0, gt=0, validation_alias="RATE_LIMIT_BLOCK_FOR_S")
+    """Seconds a blocked client IP stays blocked."""
 
     token_duration_s: int = Field(
         default=300, ge=10, le=7200, validation_alias="VOICE_AGENT_TOKEN_DURATION"
     )
+    """Lifetime of an issued token in seconds."""
     allowed_origins: CommaList = Field(
         default_factory=lambda: ["http://localhost:3000", "http://127.0.0.1:3000"],
         validation_alias="ALLOWED_ORIGINS",
     )
+    """Comma-separated browser origins (scheme://host[:port]) allowed to get tokens and call the
+    proxy; https only in production, never '*'."""
     upstream_timeout_s: float = Field(
         default=5.0, gt=0, le=60, validation_alias="TOKEN_UPSTREAM_TIMEOUT_S"
     )
+    """Seconds to wait for OpenAI when minting a realtime client secret."""
     proxy_public_url: str = Field(
         default="http://127.0.0.1:8081/api/voice-agent/proxy/v1",
         validation_alias="PROXY_PUBLIC_URL",
     )
+    """The proxy's public base URL that issued tokens tell browsers to call (the ingress host +
+    /api/voice-agent/proxy/v1); https and not loopback in production."""
     proxy_scopes: CommaList = Field(
         default_factory=lambda: [s.value for s in Scope], validation_alias="PROXY_SCOPES"
     )
+    """Comma-separated scopes a proxy token carries (which proxy endpoints it may call)."""
     realtime_models: CommaList = Field(
         default_factory=lambda: list(DEFAULT_REALTIME_MODELS), validation_alias="REALTIME_MODELS"
     )
+    """Comma-separated realtime models a client may ask for."""
     realtime_voices: CommaList = Field(
         default_factory=lambda: list(DEFAULT_REALTIME_VOICES), validation_alias="REALTIME_VOICES"
     )
+    """Comma-separated realtime voices a client may ask for."""
     max_body_bytes: int = Field(
         default=16_384, ge=256, le=1_048_576, validation_alias="TOKEN_MAX_BODY_BYTES"
     )
+    """Largest token request body accepted, in bytes."""
     legacy_deprecated_at: int = Field(
         default=1_767_225_600, ge=0, validation_alias="LEGACY_TOKEN_DEPRECATED_AT"
     )
+    """Unix time from which the legacy /api/voice-agent/token answers carry a Deprecation
+    header."""
     legacy_sunset_at: int = Field(
         default=1_798_761_600, ge=0, validation_alias="LEGACY_TOKEN_SUNSET_AT"
     )
+    """Unix time after which the legacy /api/voice-agent/token endpoint is gone (Sunset
+    header)."""
 
     # -- who may ask (services/token/identity.py) --
     auth_mode: AuthMode = Field(default="anonymous", validation_alias="KEYVEIL_AUTH_MODE")
+    """Who may get tokens: oidc (the app's login), assertion (the app backend's) or anonymous."""
     allow_anonymous: bool = Field(default=False, validation_alias="KEYVEIL_ALLOW_ANONYMOUS")
+    """Allow anonymous issuance in production (refused there without it)."""
     principal_key: SecretStr | None = Field(default=None, validation_alias="KEYVEIL_PRINCIPAL_KEY")
+    """Keys the user-id hash in tokens; default derived from PROXY_SIGNING_KEY."""
     tier_claim: str | None = Field(default="tier", validation_alias="OIDC_TIER_CLAIM")
+    """ID-token claim naming the caller's tier (policy tiers); unset: no tier."""
     app_claim: str | None = Field(default="app", validation_alias="OIDC_APP_CLAIM")
+    """ID-token claim naming the caller's app; unset: no app."""
     oidc_issuer: str | None = Field(default=None, validation_alias="OIDC_ISSUER")
+    """The identity provider's issuer (`iss`), pinned; its discovery document names the JWKS."""
     oidc_audience: CommaList = Field(default_factory=list, validation_alias="OIDC_AUDIENCE")
+    """Accepted audiences (`aud`), comma-separated."""
     oidc_jwks_url: str | None = Field(default=None, validation_alias="OIDC_JWKS_URL")
+    """The JWKS URL, instead of the issuer's discovery document."""
     oidc_algorithms: CommaList = Field(
         default_factory=lambda: list(DEFAULTASYMMETRIC_ALGORITHMS),
         validation_alias="OIDC_ALGORITHMS",
     )
+    """Accepted signature algorithms (asymmetric only), comma-separated."""
     oidc_leeway_s: float = Field(default=30.0, ge=0, le=300, validation_alias="OIDC_LEEWAY_S")
+    """Seconds of clock leeway on exp/nbf/iat."""
     oidc_jwks_timeout_s: float = Field(
         default=2.0, gt=0, le=30, validation_alias="OIDC_JWKS_TIMEOUT_S"
     )
+    """Seconds a JWKS fetch may take."""
     oidc_jwks_min_refresh_s: float = Field(
         default=30.0, ge=0, le=3600, validation_alias="OIDC_JWKS_MIN_REFRESH_S"
     )
+    """Least seconds between JWKS refreshes on an unknown kid."""
     oidc_jwks_cache_s: float = Field(
         default=300.0, gt=0, le=86_400, validation_alias="OIDC_JWKS_CACHE_S"
     )
+    """Seconds a fetched JWKS is used before it is refreshed."""
     oidc_jwks_max_stale_s: float = Field(
         default=86_400.0, gt=0, le=30 * 86_400, validation_alias="OIDC_JWKS_MAX_STALE_S"
     )
+    """Seconds a JWKS may still be used while its issuer is unreachable."""
     assertion_key: SecretStr | None = Field(default=None, validation_alias="KEYVEIL_ASSERTION_KEY")
+    """HMAC key of the app backend's assertions (assertion mode)."""
     assertion_public_key: str | None = Field(
         default=None, validation_alias="KEYVEIL_ASSERTION_PUBLIC_KEY"
     )
+    """Ed25519 public key (PEM) of the app backend's assertions, instead of a shared key."""
     assertion_issuer: str | None = Field(default=None, validation_alias="KEYVEIL_ASSERTION_ISSUER")
+    """The assertions' required issuer (`iss`)."""
     assertion_audience: str = Field(
         default="keyveil-token", validation_alias="KEYVEIL_ASSERTION_AUDIENCE"
     )
+    """The assertions' required audience (`aud`)."""
     assertion_max_lifetime_s: int = Field(
         default=300, ge=10, le=3600, validation_alias="KEYVEIL_ASSERTION_MAX_LIFETIME_S"
     )
+    """Longest accepted assertion lifetime, seconds."""
 
     _split = field_validator(
         "proxy_scopes",
@@ -240,3 +287,9 @@ class Settings(EdgeSettings):
         if not value:
             raise ValueError("must name at least one allowed value")
         return value
+
+    @model_validator(mode="after")
+    def _public_url_in_production(self) -> Self:
+        if self.is_production and (rule := public_url_problem(self.proxy_public_url)):
+            raise ConfigError([("PROXY_PUBLIC_URL", rule)])
+        return self

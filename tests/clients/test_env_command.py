@@ -43,6 +43,7 @@ def good_env(**overrides: str) -> dict[str, str]:
         "OIDC_AUDIENCE": "keyveil-app",
         "LEDGER_SIGNING_KEY": LEDGER_SEED,
         "LEDGER_CHECKPOINT_DIR": "/var/lib/keyveil/ledger-checkpoints",
+        "PROXY_PUBLIC_URL": "https://gw.keyveil.test/api/voice-agent/proxy/v1",
     }
     values.update(overrides)
     return values
@@ -192,6 +193,10 @@ def test_posture_scores_a_hardened_environment_above_a_careless_one(
         NATS_PASSWORD="nats-pw-Hj4Kl6Zx8Cv0Bn2Mq5Wr7Ty9Ui1Op3As",
         REDIS_URL="rediss://:pw@redis:6379/0",
         TRUSTED_PROXIES="10.0.0.0/8",
+        KEK_PROVIDER="vault-transit",
+        VAULT_ADDR="https://vault.internal:8200",
+        VAULT_TRANSIT_KEY="keyveil",
+        VAULT_K8S_ROLE="keyveil-keymanager",
     )
     careless = {
         "KEY_ENCRYPTION_SECRET": "short",
@@ -200,6 +205,7 @@ def test_posture_scores_a_hardened_environment_above_a_careless_one(
         "OPENAI_API_KEY": "sk-should-not-be-here-0123456789",
         "TRUSTED_PROXIES": "0.0.0.0/0",
         "VOICE_AGENT_TOKEN_DURATION": "7200",
+        "KEK_PROVIDER": "vault-transit",  # ...with nowhere to reach it
     }
     good_file = write_env(tmp_path / "hard.env", **hardened)
     bad_file = write_env(tmp_path / "careless.env", **careless)
@@ -213,6 +219,7 @@ def test_posture_scores_a_hardened_environment_above_a_careless_one(
     bad = json.loads(out)
     assert bad["score"] < 40
     assert "PROXY_SIGNING_KEY" in bad["missing"]
+    assert "VAULT_ADDR" in bad["missing"]
     for variable in (
         "KEY_ENCRYPTION_SECRET",
         "ALLOWED_ORIGINS",
@@ -243,3 +250,42 @@ def test_posture_grades_anonymous_issuance_weak_and_a_login_strong(
         "assertion": "strong",
         "guess": "missing",
     }
+
+
+@pytest.mark.parametrize(
+    ("extra", "status", "variable", "says"),
+    [
+        ({}, "weak", "KEK_PROVIDER", "KEK_PROVIDER=vault-transit"),
+        ({"NODE_ENV": "development"}, "strong", "KEK_PROVIDER", "development"),
+        ({"KEK_PROVIDER": "vault-transit"}, "missing", "VAULT_ADDR", "VAULT_ADDR"),
+        (
+            {
+                "KEK_PROVIDER": "vault-transit",
+                "VAULT_ADDR": "https://vault:8200",
+                "VAULT_TRANSIT_KEY": "keyveil",
+                "VAULT_TOKEN": "hvs.static",
+            },
+            "weak",
+            "VAULT_TOKEN",
+            "VAULT_K8S_ROLE",
+        ),
+        ({"KEK_PROVIDER": "aws-kms"}, "missing", "KMS_KEY_ID", "KMS_KEY_ID"),
+        (
+            {"KEK_PROVIDER": "aws-kms", "KMS_KEY_ID": "alias/keyveil", "KEY_ENCRYPTION_SECRET": ""},
+            "strong",
+            "KEK_PROVIDER",
+            "AWS KMS",
+        ),
+    ],
+)
+def test_posture_grades_where_the_kek_lives(
+    extra: dict[str, str], status: str, variable: str, says: str
+) -> None:
+    from keyveil.commands.env import posture
+
+    checks = {c.name: c for c in posture(good_env(**extra))}
+    custody = checks["KEK custody"]
+    assert (custody.status, custody.variable) == (status, variable)
+    assert says in custody.detail
+    if extra.get("KEY_ENCRYPTION_SECRET") == "":
+        assert checks["KEY_ENCRYPTION_SECRET set"].status == "strong"

@@ -12,7 +12,9 @@ from tests.deploy.kustomize import Doc, build
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "k8s"
-OVERLAYS = ("dev", "prod")
+OVERLAYS = ("dev", "prod", "prod-vault", "prod-aws-kms")
+# Where the KEK lives, per overlay (no KEY_ENCRYPTION_SECRET beside a remote one).
+KEK_OVERLAYS = {"prod-vault": "vault-transit", "prod-aws-kms": "aws-kms"}
 SERVICES = {"token": 8080, "proxy": 8081, "keymanager": 8082, "auditor": 8083}
 
 

@@ -3,9 +3,11 @@ small resolver covering the features deploy/k8s uses.
 
 Resolver scope (anything else in a kustomization fails loudly, so a new feature cannot
 slip past the tests): `resources` (files and directories), `namespace`, `images`,
-`replicas`, and `patches` given as a strategic-merge file (`path`) or as an inline
-JSON 6902 list with a `target`. Strategic merge here merges maps, merges lists of maps
-by their `name`, and replaces other lists: what Kubernetes does for the fields patched.
+`replicas`, `patches` given as a strategic-merge file (`path`) or as an inline
+JSON 6902 list with a `target`, and `replacements` (inline or a `path`; dotted field
+paths with numeric list indices; the `delimiter`/`index` option). Strategic merge here
+merges maps, merges lists of maps by their `name`, and replaces other lists: what
+Kubernetes does for the fields patched.
 """
 
 from __future__ import annotations
@@ -20,7 +22,16 @@ import yaml
 
 Doc = dict[str, Any]
 
-SUPPORTED = {"apiVersion", "kind", "resources", "namespace", "images", "replicas", "patches"}
+SUPPORTED = {
+    "apiVersion",
+    "kind",
+    "resources",
+    "namespace",
+    "images",
+    "replicas",
+    "patches",
+    "replacements",
+}
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"}
 
 
@@ -78,6 +89,12 @@ def build(directory: Path) -> list[Doc]:
                     new_name = image.get("newName", name)
                     container["image"] = f"{new_name}:{image['newTag']}"
 
+    # kustomize runs replacements after every transformer of the same kustomization.
+    for entry in kustomization.get("replacements", []):
+        rules = load_docs(directory / entry["path"]) if "path" in entry else [entry]
+        for rule in rules:
+            _replace(docs, rule)
+
     if "namespace" in kustomization:
         for doc in docs:
             if doc["kind"] not in CLUSTER_SCOPED:
@@ -134,3 +151,42 @@ def _json6902(doc: Doc, op: Doc) -> None:
         del node[key]
     else:
         raise KustomizeError(f"unsupported JSON patch op {op['op']}")
+
+
+def _path(field_path: str) -> list[str]:
+    return field_path.split(".")
+
+
+def _get(node: Any, field_path: str) -> Any:
+    for part in _path(field_path):
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    return node
+
+
+def _replace(docs: list[Doc], rule: Doc) -> None:
+    source = rule["source"]
+    value = _get(_find(docs, source["kind"], source["name"]), source["fieldPath"])
+    for target in rule["targets"]:
+        select = target["select"]
+        chosen = [
+            d
+            for d in docs
+            if d["kind"] == select["kind"]
+            and select.get("name", d["metadata"]["name"]) == d["metadata"]["name"]
+        ]
+        if not chosen:
+            raise KustomizeError(f"replacement target {select} not found")
+        options = target.get("options", {})
+        for doc in chosen:
+            for field_path in target["fieldPaths"]:
+                *parents, last = _path(field_path)
+                node: Any = doc
+                for part in parents:
+                    node = node[int(part)] if isinstance(node, list) else node[part]
+                key: Any = int(last) if isinstance(node, list) else last
+                new = value
+                if "delimiter" in options:
+                    pieces = str(node[key]).split(options["delimiter"])
+                    pieces[int(options.get("index", 0))] = str(value)
+                    new = options["delimiter"].join(pieces)
+                node[key] = new

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.deploy.conftest import SERVICES
+from tests.deploy.conftest import KEK_OVERLAYS, SERVICES
 from tests.deploy.kustomize import Doc
 
 PROVIDER_SECRETS = {"OPENAI_API_KEY", "KEY_ENCRYPTION_SECRET", "KEY_ENCRYPTION_SECRET_PREVIOUS"}
@@ -219,11 +219,14 @@ def test_k8s_only_token_and_proxy_are_reachable_from_the_ingress(
 def test_k8s_egress_is_nats_redis_and_https_only_where_needed(
     overlay: tuple[str, list[Doc]],
 ) -> None:
-    _, docs = overlay
+    overlay_name, docs = overlay
+    kek_port = {"vault-transit": 8200, "aws-kms": 443}.get(KEK_OVERLAYS.get(overlay_name, ""))
     for name in SERVICES:
         (policy,) = policies_for(docs, name)
         ports = {p["port"] for rule in policy["spec"]["egress"] for p in rule["ports"]}
         expected = {4222, 6379, 443} if name in ("token", "proxy") else {4222}
+        if name == "keymanager" and kek_port is not None:
+            expected = {4222, kek_port}  # the KEK provider, and nothing else
         assert ports == expected, name
         for rule in policy["spec"]["egress"]:
             for peer in rule["to"]:
@@ -241,3 +244,33 @@ def test_k8s_keymanager_and_auditor_have_no_ingress_route(overlay: tuple[str, li
         for path in rule["http"]["paths"]
     }
     assert backends == {"keyveil-token", "keyveil-proxy"}
+
+
+def test_k8s_remote_kek_overlays_hold_no_kek_secret(overlay: tuple[str, list[Doc]]) -> None:
+    name, docs = overlay
+    (keymanager,) = [d for d in by_kind(docs, "Deployment") if component(d) == "keymanager"]
+    env = container_env(keymanager)
+    provider = KEK_OVERLAYS.get(name)
+    if provider is None:
+        assert "KEY_ENCRYPTION_SECRET" in env
+        assert "KEK_PROVIDER" not in env
+        return
+    assert env["KEK_PROVIDER"]["value"] == provider
+    assert not {"KEY_ENCRYPTION_SECRET", "KEY_ENCRYPTION_SECRET_PREVIOUS"} & set(env)
+    assert "OPENAI_API_KEY" in env  # the bootstrap key still comes from the provider Secret
+    pod = keymanager["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    (account,) = [
+        d for d in by_kind(docs, "ServiceAccount") if d["metadata"]["name"] == "keyveil-keymanager"
+    ]
+    if provider == "aws-kms":
+        assert env["KMS_KEY_ID"]["value"]
+        role = account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"]
+        assert role.startswith("arn:aws:iam::")
+    else:
+        assert env["VAULT_ADDR"]["value"].startswith("https://")
+        assert env["VAULT_K8S_ROLE"]["value"]
+        (volume,) = [v for v in pod["volumes"] if v["name"] == "vault-identity"]
+        token = volume["projected"]["sources"][0]["serviceAccountToken"]
+        assert token["audience"] == "vault"
+        assert env["VAULT_K8S_TOKEN_PATH"]["value"] == "/var/run/secrets/vault/token"

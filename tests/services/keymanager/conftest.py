@@ -9,7 +9,8 @@ from __future__ import annotations
 import base64
 import secrets
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import nats
@@ -17,9 +18,17 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
+from keyveil.servers import ServerProcess
 from services.keymanager.app import KeyManager
 from services.keymanager.settings import Settings
 from shared.settings import load_settings
+from tests.services.keymanager.kms_servers import (
+    AWS_ENV,
+    KekBackend,
+    OpenBao,
+    start_moto,
+    start_openbao,
+)
 from tests.support import TEST_KEY_ENCRYPTION_SECRET, TEST_PROVIDER_KEY
 
 PROVIDER_KEYS: set[str] = {TEST_PROVIDER_KEY}
@@ -118,3 +127,44 @@ async def start_keymanager(nats_url: str) -> AsyncIterator[KeyManagerFactory]:
 @pytest.fixture
 async def keymanager(start_keymanager: KeyManagerFactory) -> KeyManager:
     return await start_keymanager()
+
+
+# --- KEK providers on real servers (see kms_servers.py) --------------------------------
+
+KEK_PROVIDERS = ["local", "vault-transit", "aws-kms"]
+
+
+@pytest.fixture(scope="session")
+def openbao(infra_dir: Path) -> Iterator[OpenBao]:
+    bao = start_openbao(infra_dir)
+    yield bao
+    bao.server.stop()
+
+
+@pytest.fixture(scope="session")
+def moto_kms(infra_dir: Path) -> Iterator[ServerProcess]:
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in AWS_ENV.items():  # the standard credential chain, as in a pod
+            patch.setenv(name, value)
+        server = start_moto(infra_dir)
+        yield server
+        server.stop()
+
+
+def backend(name: str, request: pytest.FixtureRequest) -> KekBackend:
+    if name == "vault-transit":
+        return KekBackend(name, bao=request.getfixturevalue("openbao"))
+    if name == "aws-kms":
+        return KekBackend(name, moto=request.getfixturevalue("moto_kms"))
+    return KekBackend(name)
+
+
+@pytest.fixture(params=KEK_PROVIDERS)
+def kek(request: pytest.FixtureRequest) -> KekBackend:
+    """Each provider in turn, with a KEK of its own for this test."""
+    return backend(request.param, request)
+
+
+@pytest.fixture(params=["vault-transit", "aws-kms"])
+def remote_kek(request: pytest.FixtureRequest) -> KekBackend:
+    return backend(request.param, request)

@@ -6,12 +6,13 @@ import argparse
 import asyncio
 import io
 import json
+from pathlib import Path
 
 import pytest
 
 from keyveil.commands import keys as keys_command
 from services.keymanager.app import KeyManager
-from tests.services.keymanager.conftest import new_provider_key
+from tests.services.keymanager.conftest import KeyManagerFactory, new_provider_key
 
 
 def _run(argv: list[str], stdin: str = "") -> tuple[int, str, str]:
@@ -79,3 +80,52 @@ async def test_keys_commands(
     assert code == 1
     assert "conflict" in err
     assert key not in err
+
+
+async def test_keys_doctor_backup_restore(
+    nats_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    start_keymanager: KeyManagerFactory,
+    tmp_path: Path,
+) -> None:
+    monkeypatch.setenv("NATS_URL", nats_url)
+    monkeypatch.delenv("NATS_USER", raising=False)
+    manager = await start_keymanager()
+    bucket = manager.settings.kv_bucket
+    key = new_provider_key()
+    code, _, err = await asyncio.to_thread(_run, ["keys", "add"], key + "\n")
+    assert code == 0, err
+
+    code, out, err = await asyncio.to_thread(_run, ["keys", "doctor"])
+    assert code == 0, err
+    assert out.startswith("OK: custody record opens under kek-")
+    assert "KEK provider: local" in out
+
+    backup = tmp_path / "keys.json"
+    code, out, err = await asyncio.to_thread(_run, ["keys", "backup", str(backup)])
+    assert code == 0, err
+    assert "backed up 1 record" in out
+    assert oct(backup.stat().st_mode & 0o777) == "0o600"
+    assert key not in backup.read_text()
+
+    tampered = tmp_path / "tampered.json"
+    document = json.loads(backup.read_text())
+    document["records"][0]["last4"] = "XXXX"
+    tampered.write_text(json.dumps(document))
+    code, _, err = await asyncio.to_thread(_run, ["keys", "restore", str(tampered)])
+    assert code == 1
+    assert "bad_backup_signature" in err
+
+    code, out, err = await asyncio.to_thread(_run, ["keys", "restore", str(backup)])
+    assert code == 0, err
+    assert "restored 0, already present 1" in out
+
+    # A key-manager with the wrong KEK: doctor says what is wrong and exits non-zero.
+    await manager.stop()
+    await start_keymanager(
+        KEYMANAGER_KV_BUCKET=bucket, KEY_ENCRYPTION_SECRET="wrong-kek-Qm4Xz8Lp2Vr6Tn0Wy3Kc7Hs1"
+    )
+    code, out, err = await asyncio.to_thread(_run, ["keys", "doctor"])
+    assert code == 1
+    assert out.startswith("PROBLEM: the custody record is wrapped under kek-")
+    assert "KEY_ENCRYPTION_SECRET_PREVIOUS" in out

@@ -66,7 +66,7 @@ async def test_tampered_record_is_refused_naming_the_key(
     )
     await _edit(nc, bucket, key, **{field: _flip(getattr(stored, field), -3)})
     with pytest.raises(UnavailableError) as direct:
-        keymanager.keys.decrypt(await _record(nc, bucket, key), actor="test")
+        await keymanager.keys.decrypt(await _record(nc, bucket, key), actor="test")
     assert info.key_id in str(direct.value)
     assert "v1" in str(direct.value)
     await _lease_error(nc)
@@ -90,13 +90,13 @@ async def test_swapped_ciphertexts_both_fail(nc: NATS, keymanager: KeyManager) -
     await _edit(nc, bucket, key_b, **{f: getattr(rec_a, f) for f in swap})
     for key, key_id in ((key_a, a.key_id), (key_b, b.key_id)):
         with pytest.raises(UnavailableError) as caught:
-            keymanager.keys.decrypt(await _record(nc, bucket, key), actor="test")
+            await keymanager.keys.decrypt(await _record(nc, bucket, key), actor="test")
         assert caught.value.code == "key_integrity"
         assert key_id in caught.value.message
     # The version number is bound too: relabelling v1 as v2 fails.
     relabelled = (await _record(nc, bucket, key_a)).model_copy(update={"version": 2})
     with pytest.raises(UnavailableError):
-        keymanager.keys.decrypt(relabelled, actor="test")
+        await keymanager.keys.decrypt(relabelled, actor="test")
 
 
 async def test_rewrap_after_kek_change(
@@ -108,17 +108,21 @@ async def test_rewrap_after_kek_change(
     dev, stage = new_provider_key(), new_provider_key()
     info = await admin.add(dev.encode(), environment="development")
     await admin.add(stage.encode(), environment="staging")
-    old_kek = first.keyring.current.kek_id
+    old_kek = (await _record(nc, bucket, f"openai.development.{info.key_id}.1")).kek_id
+    assert old_kek.startswith("kek-")
     await first.stop()
 
     # Only the new KEK: the records are unreadable, and the error names the key and KEK.
     blind = await start_keymanager(
         make_settings(nats_url, KEYMANAGER_KV_BUCKET=bucket, KEY_ENCRYPTION_SECRET=OTHER_KEK)
     )
+    # It says so at start-up: not ready, naming the KEK the bucket was written with.
+    assert not await blind.kek_ready()
+    assert old_kek in blind.custody.status.reason
     error = await _lease_error(nc)
     assert error.code == "key_unavailable"
     with pytest.raises(UnavailableError) as caught:
-        blind.keys.decrypt(
+        await blind.keys.decrypt(
             await _record(nc, bucket, f"openai.development.{info.key_id}.1"), actor="t"
         )
     assert info.key_id in caught.value.message
@@ -139,7 +143,7 @@ async def test_rewrap_after_kek_change(
     ] == f"Bearer {dev}"
     result = await admin.rewrap()
     assert (result.rewrapped, result.failed) == (2, [])
-    assert result.kek_id == both.keyring.current.kek_id != old_kek
+    assert result.kek_id == await both.custody.current_kek_id() != old_kek
     again = await admin.rewrap()
     assert (again.rewrapped, again.already_current) == (0, 2)
     listed = await admin.list_keys()

@@ -107,3 +107,46 @@ async def test_survives_a_nats_restart(tmp_path: Path) -> None:
             await client.close()
         await asyncio.to_thread(service.stop)
         server.stop()
+
+
+async def test_wrong_kek_process_is_alive_but_not_ready_and_says_why(
+    nc: NATS, nats_url: str, tmp_path: Path
+) -> None:
+    bucket = f"KEYS_{uuid.uuid4().hex[:12]}"
+    first = ServiceProcess("keymanager", _env(nats_url, bucket), tmp_path / "km.log")
+    await asyncio.to_thread(first.start)
+    await asyncio.to_thread(first.stop)
+
+    wrong_secret = "wrong-kek-Zq8Xw3Lm5Np7Rt2Vb4Hc6Jd9Kf1Gs0"
+    wrong = ServiceProcess(
+        "keymanager",
+        {**_env(nats_url, bucket), "KEY_ENCRYPTION_SECRET": wrong_secret},
+        tmp_path / "wrong.log",
+    )
+    await asyncio.to_thread(wrong.start, wait_ready=False)
+    try:
+        async with httpx.AsyncClient(base_url=wrong.url) as http:
+            for _ in range(100):
+                try:
+                    if (await http.get("/healthz")).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(0.1)
+            for _ in range(50):  # NATS connects first; then the custody check has run
+                ready = await http.get("/readyz")
+                if ready.json()["checks"].get("nats"):
+                    break
+                await asyncio.sleep(0.1)
+            assert ready.status_code == 503
+            checks = ready.json()["checks"]
+            assert (checks["nats"], checks["kek"]) == (True, False)
+            metrics = (await http.get("/metrics")).text
+            assert "keyveil_keymanager_kek_ready 0.0" in metrics
+    finally:
+        await asyncio.to_thread(wrong.stop)
+    log = wrong.log()
+    assert "key custody not verified: the custody record is wrapped under kek-" in log
+    assert "KEY_ENCRYPTION_SECRET_PREVIOUS" in log
+    assert wrong_secret not in log
+    assert "imported as" not in log  # nothing is written under a KEK that did not prove itself
