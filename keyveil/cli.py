@@ -25,6 +25,7 @@ COMMANDS = (
     "tokens",
     "sessions",
     "budgets",
+    "spend",
     "env",
     "keys",
     "openapi",
