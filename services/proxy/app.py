@@ -221,6 +221,15 @@ def create_app(settings: Settings, *, keys: KeySource | None = None) -> FastAPI:
             # One pipelined connection for the per-request admission script.
             admission = Admission(redis, service="proxy", pipelined=True)
             stack.push_async_callback(admission.aclose)
+            budgets = None
+            if settings.budgets:
+                budgets = Budgets(
+                    redis,
+                    hold_ttl_s=settings.budget_hold_ttl_s,
+                    failure_mode=settings.budget_failure_mode,
+                    pipelined=True,
+                )
+                stack.push_async_callback(budgets.aclose)
             handler = ProxyHandler(
                 settings=settings,
                 tokens=TokenCache(keyring, settings.token_cache_size),
@@ -238,13 +247,7 @@ def create_app(settings: Settings, *, keys: KeySource | None = None) -> FastAPI:
                 voice=voice,
                 policy=RequestPolicy(policy),
                 prices=prices,
-                budgets=Budgets(
-                    redis,
-                    hold_ttl_s=settings.budget_hold_ttl_s,
-                    failure_mode=settings.budget_failure_mode,
-                )
-                if settings.budgets
-                else None,
+                budgets=budgets,
             )
             policy.start()
             stack.push_async_callback(policy.stop)
