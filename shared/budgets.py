@@ -182,6 +182,83 @@ return 1
 """
 
 
+# Usage already spent (a voice tick), added to every budget that applies. ARGV: tokens,
+# micros, then (scope, subject) pairs (the first four ARGV of the lookup are unused).
+# Returns {permille of the fullest budget (committed + held) / limit, its name}.
+_CHARGE_LUA: Final = r"""
+local cfg = KEYS[1]
+if redis.call('EXISTS', cfg) == 0 then return {0} end
+local t = redis.call('TIME')
+local sec = tonumber(t[1])
+local now_ms = sec * 1000 + math.floor(tonumber(t[2]) / 1000)
+local est = {tokens = tonumber(ARGV[3]), micros = tonumber(ARGV[4])}
+local function days_from_civil(y, m, d)
+  if m <= 2 then y = y - 1 end
+  local era = math.floor(y / 400)
+  local yoe = y - era * 400
+  local mp = (m + 9) % 12
+  local doy = math.floor((153 * mp + 2) / 5) + d - 1
+  local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
+  return era * 146097 + doe - 719468
+end
+local function civil(days)
+  local z = days + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
+    - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local m = mp < 10 and mp + 3 or mp - 9
+  local y = yoe + era * 400
+  if m <= 2 then y = y + 1 end
+  return y, m
+end
+local function window(w)
+  if w == 'minute' then local i = math.floor(sec / 60) return i, (i + 1) * 60 end
+  if w == 'day' then local i = math.floor(sec / 86400) return i, (i + 1) * 86400 end
+  local y, m = civil(math.floor(sec / 86400))
+  local ny, nm = y, m + 1
+  if nm == 13 then ny, nm = y + 1, 1 end
+  return y * 12 + m - 1, days_from_civil(ny, nm, 1) * 86400
+end
+local units = {'tokens', 'micros'}
+local windows = {'minute', 'day', 'month'}
+local fields, meta = {}, {}
+for i = 5, #ARGV, 2 do
+  local scope, subject = ARGV[i], ARGV[i + 1]
+  for _, u in ipairs(units) do
+    for _, w in ipairs(windows) do
+      fields[#fields + 1] = scope .. ':' .. subject .. ':' .. u .. ':' .. w
+      fields[#fields + 1] = scope .. ':*:' .. u .. ':' .. w
+      meta[#meta + 1] = {scope, subject, u, w}
+    end
+  end
+end
+local values = redis.call('HMGET', cfg, unpack(fields))
+local worst, worst_name = 0, ''
+for j, m in ipairs(meta) do
+  local limit = tonumber(values[2 * j - 1] or '') or tonumber(values[2 * j] or '')
+  if limit then
+    local idx, ends = window(m[4])
+    local base = 'kv:budget:{budget}:' .. m[1] .. ':' .. m[2] .. ':' .. m[3] .. ':'
+      .. m[4] .. ':' .. idx
+    local add = est[m[3]]
+    local used = tonumber(redis.call('GET', base) or '0')
+    if add > 0 then used = redis.call('INCRBY', base, add) end
+    redis.call('EXPIREAT', base, ends + 3600)
+    local held = 0
+    for _, member in ipairs(redis.call('ZRANGEBYSCORE', base .. ':held', now_ms, '+inf')) do
+      held = held + tonumber(string.match(member, '|(%d+)$'))
+    end
+    local permille = limit > 0 and math.floor(1000 * (used + held) / limit) or 1000
+    if permille >= worst then worst, worst_name = permille, m[1] .. '-' .. m[3] .. '-' .. m[4] end
+  end
+end
+return {worst, worst_name}
+"""
+
+
 @dataclass(frozen=True, slots=True)
 class Estimate:
     """The most one call can use: what is reserved before it goes upstream."""
@@ -245,6 +322,7 @@ class Budgets:
         self._redis = redis
         self._reserve: Any = redis.register_script(_RESERVE_LUA)
         self._settle: Any = redis.register_script(_SETTLE_LUA)
+        self._charge: Any = redis.register_script(_CHARGE_LUA)
         self._pipes: list[PipelinedScript] = []
         if pipelined:
             reserve = PipelinedScript.for_client(redis, _RESERVE_LUA)
@@ -313,6 +391,22 @@ class Budgets:
                 if attempt == 2:
                     raise
                 await asyncio.sleep(0.2)
+
+    async def charge(
+        self, *, subjects: list[tuple[str, str]], tokens: int, micros: int
+    ) -> tuple[float, str] | None:
+        """Count usage already spent (voice); (the fullest budget's share used, its name),
+        or None when no budget applies. Raises RedisUnavailableError."""
+        args: list[Any] = ["charge", 0, max(tokens, 0), max(micros, 0)]
+        for scope, subject in subjects:
+            args += [scope, subject]
+        with redis_unavailable():
+            async with asyncio.timeout(self._deadline_s):
+                raw = await self._charge(keys=[CONFIG_KEY], args=args)
+        if len(raw) < 2 or not raw[1]:
+            return None
+        name = raw[1].decode() if isinstance(raw[1], bytes) else str(raw[1])
+        return int(raw[0]) / 1000, name
 
     def _reset(self) -> None:
         for pipe in self._pipes:

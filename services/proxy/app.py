@@ -207,20 +207,6 @@ def create_app(settings: Settings, *, keys: KeySource | None = None) -> FastAPI:
                 )
                 stack.push_async_callback(forwarder.aclose)
             keyring = settings.keyring()
-            voice = None
-            if not settings.demo_mode:
-                voice = await open_voice(
-                    stack,
-                    settings=settings,
-                    redis=redis,
-                    keys=key_source,
-                    publisher=publisher,
-                    spend=SpendMeter(prices),
-                    policy=policy.current.voice,
-                )
-            # One pipelined connection for the per-request admission script.
-            admission = Admission(redis, service="proxy", pipelined=True)
-            stack.push_async_callback(admission.aclose)
             budgets = None
             if settings.budgets:
                 budgets = Budgets(
@@ -230,6 +216,21 @@ def create_app(settings: Settings, *, keys: KeySource | None = None) -> FastAPI:
                     pipelined=True,
                 )
                 stack.push_async_callback(budgets.aclose)
+            voice = None
+            if not settings.demo_mode:
+                voice = await open_voice(
+                    stack,
+                    settings=settings,
+                    redis=redis,
+                    keys=key_source,
+                    publisher=publisher,
+                    spend=SpendMeter(prices),
+                    budgets=budgets,
+                    policy=policy.current.voice,
+                )
+            # One pipelined connection for the per-request admission script.
+            admission = Admission(redis, service="proxy", pipelined=True)
+            stack.push_async_callback(admission.aclose)
             handler = ProxyHandler(
                 settings=settings,
                 tokens=TokenCache(keyring, settings.token_cache_size),

@@ -126,3 +126,26 @@ def test_windows_are_numbered_like_the_script() -> None:
     assert window_index("minute", moment) == int(moment // 60)
     assert window_index("day", moment) == 20_424
     assert window_index("month", moment) == 2025 * 12 + 11
+
+
+async def test_spent_usage_is_charged_and_reports_the_fullest_budget(
+    redis_client: aioredis.Redis, admin: BudgetAdmin
+) -> None:
+    user = _user()
+    await admin.set("user", user, "micros", "day", 10_000)
+    await admin.set("global", "all", "micros", "month", 10**12)
+    budgets = Budgets(redis_client)
+    subjects = [("user", user), ("global", "all")]
+    assert await budgets.charge(subjects=subjects, tokens=0, micros=4_000) == (
+        0.4,
+        "user-micros-day",
+    )
+    held = await budgets.reserve(subjects=subjects, estimate=Estimate(0, 5_000))
+    assert held is not None  # a reservation counts toward how full the budget is
+    assert await budgets.charge(subjects=subjects, tokens=0, micros=500) == (
+        0.95,
+        "user-micros-day",
+    )
+    assert await budgets.charge(subjects=[("user", _user())], tokens=5, micros=5) is None
+    [state] = [s for s in await admin.show() if s.subject == user]
+    assert state.used == 4_500

@@ -11,6 +11,7 @@ from contextlib import AsyncExitStack
 import httpx
 import redis.asyncio as aioredis
 
+from shared.budgets import Budgets
 from shared.events import EventPublisher
 from shared.metering import SpendMeter
 from shared.voicepolicy import VoicePolicy
@@ -33,6 +34,7 @@ async def open_voice(
     keys: KeySource,
     publisher: EventPublisher | None,
     spend: SpendMeter | None = None,
+    budgets: Budgets | None = None,
     policy: VoicePolicy | None = None,
 ) -> VoiceBroker:
     """The broker and its supervisor, started; `stack` stops them (sidebands let go).
@@ -57,6 +59,7 @@ async def open_voice(
         policy=policy,
         replica=replica_id(),
         spend=spend,
+        budgets=budgets,
     )
     sessions = VoiceSessions(ctx, lease_ms=settings.voice_lease_ms)
     sessions.start()
