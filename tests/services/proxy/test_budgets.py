@@ -213,3 +213,47 @@ async def test_an_abandoned_stream_is_settled_with_its_reservation(
     counted = [int(await redis_client.get(key) or 0) for key in minute_keys]
     assert sum(counted) == worst.total_tokens
     assert all(state.held == 0 for state in await admin.show())
+
+
+async def test_a_user_tpm_holds_across_replicas_and_adds_up(
+    replicas: list[ServiceProcess],
+    upstream: FakeUpstream,
+    admin: BudgetAdmin,
+    redis_client: aioredis.Redis,
+    bus: NATS,
+) -> None:
+    upstream.behave(random_usage=True, max_random_output=300)
+    user = uuid.uuid4().hex
+    limit = 40_000  # tokens per minute
+    await admin.set("user", user, "tokens", "minute", limit)
+    browsers = [Browser(service.url) for service in replicas]
+    body = chat_body(model="gpt-4o-mini", max_tokens=300)
+    largest_reservation = len(body) + 300
+    tokens = [_user_token(browsers[0], user) for _ in range(300)]
+    minute_before = window_index("minute", time.time())
+    try:
+        statuses = await asyncio.gather(
+            *(browsers[i % 3].post(CHAT, body, tokens[i]) for i in range(300))
+        )
+    finally:
+        for browser in browsers:
+            await browser.close()
+    ok = [tokens[i].claims.jti for i, r in enumerate(statuses) if r.status_code == 200]
+    refused = [r for r in statuses if r.status_code == 429]
+    assert ok
+    assert refused
+    assert {r.json()["error"]["code"] for r in refused} == {"budget_exceeded"}
+    events = await _events(bus, set(ok))
+    assert len(events) == len(ok)
+    used_by_events = sum(e["total_tokens"] for e in events)
+    minutes = {minute_before, window_index("minute", time.time())}
+    keys = [counter_key("user", user, "tokens", "minute", i) for i in minutes]
+    deadline = time.monotonic() + 5
+    counted = -1
+    while time.monotonic() < deadline:
+        counted = sum([int(await redis_client.get(k) or 0) for k in keys])
+        if counted == used_by_events:
+            break
+        await asyncio.sleep(0.1)
+    assert counted == used_by_events
+    assert counted <= len(minutes) * limit + largest_reservation
