@@ -33,7 +33,7 @@ from benchmarks.proxy_bench import (
     wait_ready,
 )
 from keyveil.servers import ServerProcess, free_port, start_nats, start_redis
-from shared.budgets import CONFIG_KEY, budget_field
+from shared.budgets import CONFIG_KEY, INDEX_FIELD, budget_field
 
 CLIENTS = 16
 
@@ -58,6 +58,7 @@ async def main() -> None:
     store = sync_redis.Redis.from_url(redis_server.url)
     store.hset(CONFIG_KEY, budget_field("global", "all", "micros", "day"), 10**15)
     store.hset(CONFIG_KEY, budget_field("token", "*", "tokens", "minute"), 10**12)
+    store.hset(CONFIG_KEY, INDEX_FIELD, "global:micros:day,token:tokens:minute")  # as BudgetAdmin
     store.close()
     processes: list[subprocess.Popen[bytes]] = []
     try:
@@ -89,14 +90,23 @@ async def main() -> None:
             await wait_ready(port)
         best: dict[str, float] = {"off": 0.0, "on": 0.0}
         p50: dict[str, float] = {}
+        cpu_us: dict[str, dict[str, float]] = {}
         for _ in range(2):
             for mode in ("off", "on"):
-                pids = {"proxy": proxies[mode].pid, "upstream": _pid(fake)}
+                pids = {
+                    "proxy": proxies[mode].pid,
+                    "upstream": _pid(fake),
+                    "redis": _pid(redis_server),
+                }
                 bench = Bench(ports[mode], up_port, pids)
                 phase = await bench.proxy_phase(CLIENTS, args.requests)
                 if phase.rps > best[mode]:
                     best[mode] = phase.rps
                     p50[mode] = phase.pct(0.5)
+                    cpu_us[mode] = {
+                        name: round(1e6 * sec / phase.requests, 1)
+                        for name, sec in phase.cpu_s.items()
+                    }
         ratio = best["on"] / best["off"]
         results = {
             "rps_budgets_off": round(best["off"], 1),
@@ -104,6 +114,7 @@ async def main() -> None:
             "p50_ms_budgets_off": round(p50["off"], 3),
             "p50_ms_budgets_on": round(p50["on"], 3),
             "on_over_off": round(ratio, 3),
+            "cpu_us_per_request": cpu_us,
             "clients": CLIENTS,
             "requests_per_phase": args.requests,
             "machine": {"cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]},
@@ -114,6 +125,8 @@ async def main() -> None:
             f"({CLIENTS} clients, {args.requests} requests per phase, load "
             f"{os.getloadavg()[0]:.2f})"
         )
+        for mode in ("off", "on"):
+            print(f"  CPU per request, budgets {mode}: {cpu_us[mode]} (microseconds)")
         if args.json is not None:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")

@@ -62,6 +62,7 @@ SCOPES: Final[tuple[Scope, ...]] = ("token", "user", "app", "global")
 UNITS: Final[tuple[Unit, ...]] = ("tokens", "micros")
 WINDOWS: Final[tuple[Window, ...]] = ("minute", "day", "month")
 CONFIG_KEY: Final = "kv:budget:{budget}:cfg"
+INDEX_FIELD: Final = "_index"
 
 DECISIONS = Counter(
     "keyveil_budget_decisions_total",
@@ -115,6 +116,13 @@ local function window(w)
   if nm == 13 then ny, nm = y + 1, 1 end
   return y * 12 + m - 1, days_from_civil(ny, nm, 1) * 86400
 end
+-- `_index`: the scope:unit:window combinations some budget uses (BudgetAdmin keeps it);
+-- without it every combination is looked up.
+local used_combos = {}
+local index = redis.call('HGET', cfg, '_index')
+if index then
+  for combo in string.gmatch(index, '[^,]+') do used_combos[combo] = true end
+end
 local units = {'tokens', 'micros'}
 local windows = {'minute', 'day', 'month'}
 local fields, meta = {}, {}
@@ -122,12 +130,15 @@ for i = 5, #ARGV, 2 do
   local scope, subject = ARGV[i], ARGV[i + 1]
   for _, u in ipairs(units) do
     for _, w in ipairs(windows) do
-      fields[#fields + 1] = scope .. ':' .. subject .. ':' .. u .. ':' .. w
-      fields[#fields + 1] = scope .. ':*:' .. u .. ':' .. w
-      meta[#meta + 1] = {scope, subject, u, w}
+      if not index or used_combos[scope .. ':' .. u .. ':' .. w] then
+        fields[#fields + 1] = scope .. ':' .. subject .. ':' .. u .. ':' .. w
+        fields[#fields + 1] = scope .. ':*:' .. u .. ':' .. w
+        meta[#meta + 1] = {scope, subject, u, w}
+      end
     end
   end
 end
+if #fields == 0 then return {0} end
 local values = redis.call('HMGET', cfg, unpack(fields))
 local applied = {}
 for j, m in ipairs(meta) do
@@ -222,6 +233,13 @@ local function window(w)
   if nm == 13 then ny, nm = y + 1, 1 end
   return y * 12 + m - 1, days_from_civil(ny, nm, 1) * 86400
 end
+-- `_index`: the scope:unit:window combinations some budget uses (BudgetAdmin keeps it);
+-- without it every combination is looked up.
+local used_combos = {}
+local index = redis.call('HGET', cfg, '_index')
+if index then
+  for combo in string.gmatch(index, '[^,]+') do used_combos[combo] = true end
+end
 local units = {'tokens', 'micros'}
 local windows = {'minute', 'day', 'month'}
 local fields, meta = {}, {}
@@ -229,12 +247,15 @@ for i = 5, #ARGV, 2 do
   local scope, subject = ARGV[i], ARGV[i + 1]
   for _, u in ipairs(units) do
     for _, w in ipairs(windows) do
-      fields[#fields + 1] = scope .. ':' .. subject .. ':' .. u .. ':' .. w
-      fields[#fields + 1] = scope .. ':*:' .. u .. ':' .. w
-      meta[#meta + 1] = {scope, subject, u, w}
+      if not index or used_combos[scope .. ':' .. u .. ':' .. w] then
+        fields[#fields + 1] = scope .. ':' .. subject .. ':' .. u .. ':' .. w
+        fields[#fields + 1] = scope .. ':*:' .. u .. ':' .. w
+        meta[#meta + 1] = {scope, subject, u, w}
+      end
     end
   end
 end
+if #fields == 0 then return {0} end
 local values = redis.call('HMGET', cfg, unpack(fields))
 local worst, worst_name = 0, ''
 for j, m in ipairs(meta) do
@@ -452,15 +473,35 @@ class BudgetAdmin:
         if scope not in SCOPES or unit not in UNITS or window not in WINDOWS or limit < 0:
             raise ValueError("scope, unit, window or limit is not valid")
         await self._redis.hset(CONFIG_KEY, budget_field(scope, subject, unit, window), limit)
+        await self._reindex()
 
     async def remove(self, scope: str, subject: str, unit: str, window: str) -> bool:
-        return bool(await self._redis.hdel(CONFIG_KEY, budget_field(scope, subject, unit, window)))
+        removed = await self._redis.hdel(CONFIG_KEY, budget_field(scope, subject, unit, window))
+        await self._reindex()
+        return bool(removed)
+
+    async def _reindex(self) -> None:
+        """Write `_index`, the combinations in use, so the scripts look up only those."""
+        combos: set[str] = set()
+        for raw in await self._redis.hkeys(CONFIG_KEY):
+            text = raw.decode() if isinstance(raw, bytes) else str(raw)
+            if text == INDEX_FIELD:
+                continue
+            scope, rest = text.split(":", 1)
+            _, unit, window = rest.rsplit(":", 2)
+            combos.add(f"{scope}:{unit}:{window}")
+        if combos:
+            await self._redis.hset(CONFIG_KEY, INDEX_FIELD, ",".join(sorted(combos)))
+        else:
+            await self._redis.delete(CONFIG_KEY)
 
     async def show(self, now: float | None = None) -> list[BudgetState]:
         moment = time.time() if now is None else now
         out = []
         for raw_field, raw_limit in sorted((await self._redis.hgetall(CONFIG_KEY)).items()):
             text = raw_field.decode() if isinstance(raw_field, bytes) else str(raw_field)
+            if text == INDEX_FIELD:
+                continue
             scope, rest = text.split(":", 1)
             subject, unit, window = rest.rsplit(":", 2)
             key = counter_key(scope, subject, unit, window, window_index(window, moment))

@@ -154,7 +154,9 @@ class _Rates:
             + audio_out * self.audio_output
             + usage.characters * self.characters
         )
-        seconds = Fraction(usage.seconds) if usage.seconds > 0 else Fraction(0)
+        if usage.seconds <= 0:
+            return -(-per_million // _MILLION)  # the same ceiling, in integers (hot path)
+        seconds = Fraction(usage.seconds)
         total = Fraction(per_million, _MILLION) + seconds * self.second + seconds * self.minute / 60
         return math.ceil(total)
 

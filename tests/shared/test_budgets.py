@@ -12,6 +12,7 @@ import redis.asyncio as aioredis
 
 from shared.budgets import (
     CONFIG_KEY,
+    INDEX_FIELD,
     BudgetAdmin,
     BudgetExceeded,
     Budgets,
@@ -149,3 +150,18 @@ async def test_spent_usage_is_charged_and_reports_the_fullest_budget(
     assert await budgets.charge(subjects=[("user", _user())], tokens=5, micros=5) is None
     [state] = [s for s in await admin.show() if s.subject == user]
     assert state.used == 4_500
+
+
+async def test_budgets_written_without_the_index_are_still_enforced(
+    redis_client: aioredis.Redis, admin: BudgetAdmin
+) -> None:
+    user = _user()
+    # As an older writer (or a hand-made HSET) leaves it: no `_index` field.
+    await redis_client.hset(CONFIG_KEY, f"user:{user}:tokens:day", 10)
+    budgets = Budgets(redis_client)
+    with pytest.raises(BudgetExceeded, match="user-tokens-day"):
+        await budgets.reserve(subjects=[("user", user)], estimate=Estimate(11, 0))
+    await admin.set("app", "shop", "micros", "day", 5)  # writes the index: both combos
+    assert await redis_client.hget(CONFIG_KEY, INDEX_FIELD) == b"app:micros:day,user:tokens:day"
+    with pytest.raises(BudgetExceeded, match="user-tokens-day"):
+        await budgets.reserve(subjects=[("user", user)], estimate=Estimate(11, 0))
