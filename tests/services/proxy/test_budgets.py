@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import pytest
 import redis.asyncio as aioredis
@@ -257,3 +258,47 @@ async def test_a_user_tpm_holds_across_replicas_and_adds_up(
         await asyncio.sleep(0.1)
     assert counted == used_by_events
     assert counted <= len(minutes) * limit + largest_reservation
+
+
+async def test_a_proxy_killed_mid_stream_leaves_its_reservation_to_lapse(
+    proxy_nats: ServerProcess,
+    redis_url: str,
+    fake_upstream: FakeUpstream,
+    key_manager: ServiceProcess,
+    upstream: FakeUpstream,
+    admin: BudgetAdmin,
+    tmp_path: Path,
+) -> None:
+    env = proxy_env(
+        proxy_nats.url,
+        redis_url,
+        fake_upstream,
+        KEYVEIL_BUDGETS="true",
+        KEYVEIL_BUDGET_HOLD_TTL_S="2",
+        UPSTREAM_READ_TIMEOUT_S="10",
+    )
+    doomed = ServiceProcess("proxy", env, tmp_path / "doomed.log").start()
+    upstream.behave(random_usage=True, chunk_delay_ms=1000, stream_chunks=20)
+    user = uuid.uuid4().hex
+    await admin.set("user", user, "micros", "day", 1_000_000)
+    browser = Browser(doomed.url)
+    token = _user_token(browser, user)
+    body = chat_body(model="gpt-4o", max_tokens=4000, stream=True)
+    headers = browser.signed_headers(token, CHAT, body)
+    try:
+        async with browser.http.stream("POST", CHAT, content=body, headers=headers) as response:
+            assert response.status_code == 200
+            async for _ in response.aiter_raw():
+                break
+            doomed.kill()  # SIGKILL mid-answer: nothing settles the reservation
+    except httpx.HTTPError:
+        pass  # the connection dies with the process
+    finally:
+        await browser.close()
+        doomed.stop()
+    [state] = await admin.show()
+    assert state.held > 0
+    assert state.used == 0
+    await asyncio.sleep(2.5)
+    [state] = await admin.show()
+    assert (state.held, state.used) == (0, 0)
