@@ -12,7 +12,8 @@ Which events count as what:
   IdP's JWKS unreachable and no key cached: logins are refused with 503);
 - proxy request: a proxy event that was not refused at the door (outcome ok/error);
   an error is outcome "error" or a 5xx status; voice metering ("voice.usage", many per
-  session) is not a request: the session's set-up was one already;
+  session, and its "voice.budget.warning") is not a request: the session's set-up was
+  one already;
 - replay: reason "replay"; tampering: reason "signature" / "digest" / "tampered";
 - rotation overdue: an `AuditEvent` of type "rotation_due" from the key-manager.
 """
@@ -34,7 +35,7 @@ from services.auditor.settings import Settings
 from shared.events import AuditEvent, UsageEvent
 
 # Usage events that meter a running session rather than record a request.
-METERING_TYPES = frozenset({"voice.usage"})
+METERING_TYPES = frozenset({"voice.usage", "voice.budget.warning"})
 
 __all__ = ["ALERT_TYPES", "AUTH_REASONS", "Detectors", "Finding"]
 
