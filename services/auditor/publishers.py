@@ -25,14 +25,25 @@ AUDIT_SUBJECT_PREFIX = "keyveil.audit."
 _DRIFT = "stream.drift"
 
 PUBLISHERS: Mapping[str, tuple[str, ...]] = {
-    # services/keymanager: keys.py, leasing.py, admin.py
-    "keymanager": ("key_*", "lease_*", "admin_*", "rotation_*", "decrypt_failed", _DRIFT),
+    # services/keymanager: keys.py, leasing.py, admin.py, recovery.py (backup, restore), KEK
+    "keymanager": (
+        "key_*",
+        "keys_*",
+        "kek_*",
+        "custody_*",
+        "lease_*",
+        "admin_*",
+        "rotation_*",
+        "decrypt_failed",
+        _DRIFT,
+    ),
     # services/token/app.py: a token holder's signed DELETE
     "token": ("token.revoked", _DRIFT),
     # keyveil/commands (the operator login): `keyveil tokens revoke` and operator actions
     "operator": ("token.revoked", "operator.*"),
-    # The proxy and the auditor publish only stream drift.
-    "proxy": (_DRIFT,),
+    # The proxy: stream drift, and its brokered voice sessions (services/proxy/voice).
+    "proxy": ("voice.*", _DRIFT),
+    # The auditor publishes only stream drift.
     "auditor": (_DRIFT,),
 }
 
