@@ -62,6 +62,8 @@ _PRIVATE_VARIABLES = (
     "PROXY_SIGNING_KEY",
     "PROXY_SIGNING_KEY_PREVIOUS",
     "LEDGER_SIGNING_KEY",
+    "KEYVEIL_PRINCIPAL_KEY",
+    "KEYVEIL_ASSERTION_KEY",
     "NATS_USER",
     "NATS_PASSWORD",
     "KEYVEIL_PORT",
@@ -424,7 +426,10 @@ class Stack:
             "VOICE_AGENT_DEMO_MODE": "true" if demo else "false",
             "PROXY_SIGNING_KEY": keys["PROXY_SIGNING_KEY"],
             **{k: v for k, v in keys.items() if k == "PROXY_SIGNING_KEY_PREVIOUS"},
+            # Token and proxy must hash principals with the same key (if one is given).
+            **{k: os.environ[k] for k in ("KEYVEIL_PRINCIPAL_KEY",) if os.environ.get(k)},
         }
+        token_only = {k: os.environ[k] for k in ("KEYVEIL_ASSERTION_KEY",) if os.environ.get(k)}
         keymanager_env = {
             **nats_env("keymanager"),
             "KEY_ENCRYPTION_SECRET": keys["KEY_ENCRYPTION_SECRET"],
@@ -442,7 +447,7 @@ class Stack:
                 "token",
                 "services.token",
                 token_port,
-                {**nats_env("token"), **edge, "PROXY_PUBLIC_URL": proxy_url},
+                {**nats_env("token"), **edge, **token_only, "PROXY_PUBLIC_URL": proxy_url},
                 logs,
             )
         )

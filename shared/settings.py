@@ -225,9 +225,9 @@ class EdgeSettings(CommonSettings):
     )
     """Seconds a request signature's `created` may differ from now, both ways; nonces are
     remembered this long."""
+
     policy_file: Path | None = Field(default=None, validation_alias="KEYVEIL_POLICY_FILE")
     """The usage policy (shared/policy.py), the same file for the token service and the proxy."""
-
     # HTTP bounds enforced by the protocol (shared.httpprotocol), before the app runs.
     max_header_count: int = Field(
         default=100, ge=16, le=10_000, validation_alias="HTTP_MAX_HEADER_COUNT"

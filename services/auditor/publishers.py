@@ -25,7 +25,7 @@ AUDIT_SUBJECT_PREFIX = "keyveil.audit."
 _DRIFT = "stream.drift"
 
 PUBLISHERS: Mapping[str, tuple[str, ...]] = {
-    # services/keymanager: keys.py, leasing.py, admin.py, recovery.py (backup, restore), KEK
+    # services/keymanager: keys.py, leasing.py, admin.py, custody.py, recovery.py
     "keymanager": (
         "key_*",
         "keys_*",
@@ -40,10 +40,9 @@ PUBLISHERS: Mapping[str, tuple[str, ...]] = {
     # services/token/app.py: a token holder's signed DELETE
     "token": ("token.revoked", _DRIFT),
     # keyveil/commands (the operator login): `keyveil tokens revoke` and operator actions
-    "operator": ("token.revoked", "operator.*"),
-    # The proxy: stream drift, and its brokered voice sessions (services/proxy/voice).
-    "proxy": ("voice.*", _DRIFT),
-    # The auditor publishes only stream drift.
+    "operator": ("token.revoked", "operator.*", "voice.session.close_requested"),
+    # The proxy: the voice broker's sideband actions (services/proxy/voice), and drift.
+    "proxy": ("voice.policy.*", "voice.session.*", _DRIFT),
     "auditor": (_DRIFT,),
 }
 

@@ -87,9 +87,9 @@ class Settings(CommonSettings):
     token_user_threshold: int = Field(
         default=20, ge=1, validation_alias="AUDITOR_TOKEN_USER_THRESHOLD"
     )
-    """Tokens issued to one user within the token window that raise an alert."""
+    """Tokens one user may get within AUDITOR_TOKEN_WINDOW_S before an alert."""
     user_ip_threshold: int = Field(default=5, ge=2, validation_alias="AUDITOR_USER_IP_THRESHOLD")
-    """Distinct client IPs using one user's tokens within the window that raise an alert."""
+    """Distinct client IPs one user may appear from within AUDITOR_USER_IP_WINDOW_S."""
     user_ip_window_s: float = Field(
         default=600.0, gt=0, validation_alias="AUDITOR_USER_IP_WINDOW_S"
     )

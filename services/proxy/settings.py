@@ -38,7 +38,7 @@ class Settings(EdgeSettings):
     user_rate_limit_per_min: int = Field(
         default=300, ge=1, le=1_000_000, validation_alias="VOICE_AGENT_USER_RATE_LIMIT"
     )
-    """Proxy requests per user (all their tokens) per minute."""
+    """Proxy requests per user (hashed principal) per minute, across all their tokens."""
     key_environment: str | None = Field(default=None, validation_alias="KEY_ENVIRONMENT")
     """Environment whose provider key the proxy leases (default: NODE_ENV)."""
     prices_file: Path | None = Field(default=None, validation_alias="KEYVEIL_PRICES_FILE")

@@ -121,60 +121,62 @@ class Settings(EdgeSettings):
 
     # -- who may ask (services/token/identity.py) --
     auth_mode: AuthMode = Field(default="anonymous", validation_alias="KEYVEIL_AUTH_MODE")
-    """Who may get tokens: oidc (the app's login), assertion (the app backend's) or anonymous."""
+    """Who may get tokens: oidc (the app's login), assertion (signed by the app's backend) or
+    anonymous (production only with KEYVEIL_ALLOW_ANONYMOUS=true)."""
     allow_anonymous: bool = Field(default=False, validation_alias="KEYVEIL_ALLOW_ANONYMOUS")
-    """Allow anonymous issuance in production (refused there without it)."""
+    """Explicit opt-in to anonymous issuance in production."""
     principal_key: SecretStr | None = Field(default=None, validation_alias="KEYVEIL_PRINCIPAL_KEY")
-    """Keys the user-id hash in tokens; default derived from PROXY_SIGNING_KEY."""
+    """Key of the user-id hash carried in tokens and events (default: derived from
+    PROXY_SIGNING_KEY); token and proxy must agree."""
     tier_claim: str | None = Field(default="tier", validation_alias="OIDC_TIER_CLAIM")
-    """ID-token claim naming the caller's tier (policy tiers); unset: no tier."""
+    """Login claim naming the caller's tier (selects the policy's per-tier rules)."""
     app_claim: str | None = Field(default="app", validation_alias="OIDC_APP_CLAIM")
-    """ID-token claim naming the caller's app; unset: no app."""
+    """Login claim naming the app (else the request's origin)."""
     oidc_issuer: str | None = Field(default=None, validation_alias="OIDC_ISSUER")
-    """The identity provider's issuer (`iss`), pinned; its discovery document names the JWKS."""
+    """The identity provider's issuer URL (`iss` must equal it); https in production."""
     oidc_audience: CommaList = Field(default_factory=list, validation_alias="OIDC_AUDIENCE")
-    """Accepted audiences (`aud`), comma-separated."""
+    """Accepted `aud` values of the app's login."""
     oidc_jwks_url: str | None = Field(default=None, validation_alias="OIDC_JWKS_URL")
-    """The JWKS URL, instead of the issuer's discovery document."""
+    """Where the issuer's keys are (default: `jwks_uri` of its discovery document)."""
     oidc_algorithms: CommaList = Field(
         default_factory=lambda: list(DEFAULTASYMMETRIC_ALGORITHMS),
         validation_alias="OIDC_ALGORITHMS",
     )
-    """Accepted signature algorithms (asymmetric only), comma-separated."""
+    """Accepted signature algorithms; `none` and HS* are refused."""
     oidc_leeway_s: float = Field(default=30.0, ge=0, le=300, validation_alias="OIDC_LEEWAY_S")
-    """Seconds of clock leeway on exp/nbf/iat."""
+    """Clock skew allowed on `exp`, `nbf` and `iat`."""
     oidc_jwks_timeout_s: float = Field(
         default=2.0, gt=0, le=30, validation_alias="OIDC_JWKS_TIMEOUT_S"
     )
-    """Seconds a JWKS fetch may take."""
+    """Longest a request waits for a JWKS fetch."""
     oidc_jwks_min_refresh_s: float = Field(
         default=30.0, ge=0, le=3600, validation_alias="OIDC_JWKS_MIN_REFRESH_S"
     )
-    """Least seconds between JWKS refreshes on an unknown kid."""
+    """At most one JWKS refresh (for an unknown `kid`) this often."""
     oidc_jwks_cache_s: float = Field(
         default=300.0, gt=0, le=86_400, validation_alias="OIDC_JWKS_CACHE_S"
     )
-    """Seconds a fetched JWKS is used before it is refreshed."""
+    """Seconds fetched keys are used before a routine refresh."""
     oidc_jwks_max_stale_s: float = Field(
         default=86_400.0, gt=0, le=30 * 86_400, validation_alias="OIDC_JWKS_MAX_STALE_S"
     )
-    """Seconds a JWKS may still be used while its issuer is unreachable."""
+    """Longest cached keys keep working while the issuer is unreachable."""
     assertion_key: SecretStr | None = Field(default=None, validation_alias="KEYVEIL_ASSERTION_KEY")
-    """HMAC key of the app backend's assertions (assertion mode)."""
+    """HMAC key the app's backend signs assertions with (assertion mode, HS256)."""
     assertion_public_key: str | None = Field(
         default=None, validation_alias="KEYVEIL_ASSERTION_PUBLIC_KEY"
     )
-    """Ed25519 public key (PEM) of the app backend's assertions, instead of a shared key."""
+    """Ed25519 public key (PEM or base64url) of the app's backend (assertion mode, EdDSA)."""
     assertion_issuer: str | None = Field(default=None, validation_alias="KEYVEIL_ASSERTION_ISSUER")
-    """The assertions' required issuer (`iss`)."""
+    """Required `iss` of an assertion."""
     assertion_audience: str = Field(
         default="keyveil-token", validation_alias="KEYVEIL_ASSERTION_AUDIENCE"
     )
-    """The assertions' required audience (`aud`)."""
+    """Required `aud` of an assertion."""
     assertion_max_lifetime_s: int = Field(
         default=300, ge=10, le=3600, validation_alias="KEYVEIL_ASSERTION_MAX_LIFETIME_S"
     )
-    """Longest accepted assertion lifetime, seconds."""
+    """Longest lifetime (`exp - iat`) an assertion may claim."""
 
     _split = field_validator(
         "proxy_scopes",

@@ -234,24 +234,6 @@ def test_posture_scores_a_hardened_environment_above_a_careless_one(
     assert "sk-should-not-be-here" not in text
 
 
-def test_posture_grades_anonymous_issuance_weak_and_a_login_strong(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    grades = {}
-    for mode in ("anonymous", "oidc", "assertion", "guess"):
-        env_file = write_env(tmp_path / f"{mode}.env", **good_env(KEYVEIL_AUTH_MODE=mode))
-        _, out, _ = run(capsys, "posture", "--env-file", str(env_file), "--json")
-        report = json.loads(out)
-        check = next(c for c in report["checks"] if c["name"] == "caller authentication")
-        grades[mode] = check["status"]
-    assert grades == {
-        "anonymous": "weak",
-        "oidc": "strong",
-        "assertion": "strong",
-        "guess": "missing",
-    }
-
-
 @pytest.mark.parametrize(
     ("extra", "status", "variable", "says"),
     [
@@ -289,3 +271,21 @@ def test_posture_grades_where_the_kek_lives(
     assert says in custody.detail
     if extra.get("KEY_ENCRYPTION_SECRET") == "":
         assert checks["KEY_ENCRYPTION_SECRET set"].status == "strong"
+
+
+def test_posture_grades_anonymous_issuance_weak_and_a_login_strong(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    grades = {}
+    for mode in ("anonymous", "oidc", "assertion", "guess"):
+        env_file = write_env(tmp_path / f"{mode}.env", **good_env(KEYVEIL_AUTH_MODE=mode))
+        _, out, _ = run(capsys, "posture", "--env-file", str(env_file), "--json")
+        report = json.loads(out)
+        check = next(c for c in report["checks"] if c["name"] == "caller authentication")
+        grades[mode] = check["status"]
+    assert grades == {
+        "anonymous": "weak",
+        "oidc": "strong",
+        "assertion": "strong",
+        "guess": "missing",
+    }

@@ -10,6 +10,7 @@ from pydantic import Field
 
 from keyveil.cli import main
 from keyveil.configref import REFERENCE_PATH, REGENERATE, render_reference, undocumented
+from services.auditor.ledgerkeys import LedgerSigner
 from services.auditor.settings import Settings as AuditorSettings
 from services.keymanager.settings import Settings as KeymanagerSettings
 from services.token.settings import Settings as TokenSettings
@@ -68,10 +69,9 @@ def _production(**overrides: str) -> dict[str, str]:
         "PROXY_SIGNING_KEY": TEST_PROXY_SIGNING_KEY,
         "ALLOWED_ORIGINS": "https://app.keyveil.test",
         "PROXY_PUBLIC_URL": "https://gw.keyveil.test/api/voice-agent/proxy/v1",
-        "KEYVEIL_ALLOW_ANONYMOUS": "true",  # the token service's identity rules
-        # The auditor's ledger rules in production.
-        "LEDGER_SIGNING_KEY": "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8",
-        "LEDGER_CHECKPOINT_DIR": "/var/lib/keyveil/checkpoints",
+        "KEYVEIL_ALLOW_ANONYMOUS": "true",  # the identity rules: tests/services/token
+        "LEDGER_SIGNING_KEY": LedgerSigner.generate().seed_b64(),
+        "LEDGER_CHECKPOINT_DIR": "/var/lib/keyveil/ledger",
     }
     values.update(overrides)
     return values

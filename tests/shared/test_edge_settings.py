@@ -19,8 +19,8 @@ PRODUCTION_OK = {
     "PROXY_SIGNING_KEY": TEST_PROXY_SIGNING_KEY,
     "ALLOWED_ORIGINS": "https://app.example.com",
     "OPENAI_BASE_URL": "https://api.openai.com/v1",
-    "KEYVEIL_ALLOW_ANONYMOUS": "true",  # the token service's identity rules: test_identity.py
     "PROXY_PUBLIC_URL": "https://keyveil.example.com/api/voice-agent/proxy/v1",
+    "KEYVEIL_ALLOW_ANONYMOUS": "true",  # the token service's identity rules: test_identity.py
 }
 
 
