@@ -4,8 +4,9 @@ Only the text endpoints (chat completions, Responses) are budgeted: their cost i
 bounded before the call by the body's size (input tokens are at most its bytes) and the
 output cap (the request's max tokens, else the policy's, else `_DEFAULT_OUTPUT_CAP`).
 A call that ends without reported usage is settled with nothing when the provider
-never answered (refused, errored), and with its whole estimate when the answer was cut
-(client gone, stream broken): the provider bills what it generated.
+never answered (refused, errored, a 4xx), and with its whole estimate when the answer
+was cut (client gone, stream broken) or came without a usage report: the provider bills
+what it generated.
 """
 
 from __future__ import annotations
@@ -83,7 +84,9 @@ class SpendGuard:
         """(tokens, micros) to settle `hold` with; `relayed`: an answer was being sent."""
         if priced is not None:
             return priced.usage.total_tokens, priced.cost_micros or 0
-        if relayed and status in _CUT:
+        if relayed and (status in _CUT or 200 <= status < 300):
+            # Answered (or cut mid-answer) without a usage report: the provider billed
+            # something nobody told us about, so the whole estimate stays counted.
             return hold.estimate.tokens, hold.estimate.micros
         return 0, 0
 

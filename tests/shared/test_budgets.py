@@ -18,6 +18,7 @@ from shared.budgets import (
     Budgets,
     BudgetUnavailable,
     Estimate,
+    Hold,
     counter_key,
     window_index,
 )
@@ -165,3 +166,15 @@ async def test_budgets_written_without_the_index_are_still_enforced(
     assert await redis_client.hget(CONFIG_KEY, INDEX_FIELD) == b"app:micros:day,user:tokens:day"
     with pytest.raises(BudgetExceeded, match="user-tokens-day"):
         await budgets.reserve(subjects=[("user", user)], estimate=Estimate(11, 0))
+
+
+def test_what_a_call_without_reported_usage_is_settled_with() -> None:
+    from services.proxy.spend import SpendGuard
+
+    hold = Hold("h", (), Estimate(tokens=500, micros=300))
+    assert SpendGuard.charge(hold, 200, None, relayed=True) == (500, 300)  # no usage report
+    assert SpendGuard.charge(hold, 499, None, relayed=True) == (500, 300)  # client gone
+    assert SpendGuard.charge(hold, 502, None, relayed=True) == (500, 300)  # stream broke
+    assert SpendGuard.charge(hold, 400, None, relayed=True) == (0, 0)  # the provider refused
+    assert SpendGuard.charge(hold, 502, None, relayed=False) == (0, 0)  # never answered
+    assert SpendGuard.charge(hold, 200, None, relayed=False) == (0, 0)  # cache hit, demo
