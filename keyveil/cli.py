@@ -24,6 +24,8 @@ COMMANDS = (
     "audit",
     "tokens",
     "sessions",
+    "budgets",
+    "spend",
     "env",
     "keys",
     "openapi",

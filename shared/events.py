@@ -93,13 +93,24 @@ class UsageEvent(Event):
     app: str | None = None
     latency_ms: float | None = None
     upstream_latency_ms: float | None = None
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
+    prompt_tokens: int | None = None  # every input token (cached and audio ones too)
+    completion_tokens: int | None = None  # every output token (audio ones too)
     total_tokens: int | None = None
+    # Parts of the above as the provider reported them (shared.metering), the billed
+    # input characters (speech), and the cost by the price table (shared.pricing):
+    # integer micro-dollars, None when the model is not in the table.
+    cached_tokens: int | None = None
+    audio_input_tokens: int | None = None
+    cached_audio_tokens: int | None = None
+    audio_output_tokens: int | None = None
+    characters: int | None = None
+    cost_micros: int | None = None
+    price_version: str | None = None
     count: int | None = None
     """How many refusals this one event stands for (sampled refusals); None means one."""
     # Voice sessions (type "voice.usage"): billable seconds since the previous usage event
     # of the same session, the session's cumulative total, and the brokered session id.
+    # A proxied transcription billed per minute carries its audio `seconds` too.
     seconds: float | None = None
     seconds_total: float | None = None
     voice_session_id: str | None = None

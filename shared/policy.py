@@ -277,6 +277,7 @@ def endpoint_for(route_endpoint: str) -> Endpoint | None:
 
 _ROUTE_ENDPOINTS: Mapping[str, Endpoint] = {
     "chat_completions": "chat",
+    "responses": "chat",
     "audio_speech": "speech",
     "audio_transcriptions": "transcription",
 }

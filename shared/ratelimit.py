@@ -590,7 +590,7 @@ class PipelinedScript:
             self._pipe = pipe
             return pipe
 
-    async def __call__(self, *, keys: Sequence[str], args: Sequence[int]) -> Any:
+    async def __call__(self, *, keys: Sequence[str], args: Sequence[int | str]) -> Any:
         pipe = await self._connected()
         tail: tuple[str | int, ...] = (len(keys), *keys, *args)
         reply = await pipe.call(_pack("EVALSHA", self._sha, *tail))

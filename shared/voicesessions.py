@@ -77,6 +77,8 @@ class VoiceSession(BaseModel):
     api: str  # shared.voicepolicy.VoiceApi value
     token_id: str
     token_session: str  # the proxy token's `sid`
+    user: str | None = None  # the token's principal hash and app (budgets)
+    app: str | None = None
     model: str
     voice: str | None = None
     started_at: float = Field(default_factory=time.time)

@@ -12,7 +12,8 @@ Which events count as what:
   IdP's JWKS unreachable and no key cached: logins are refused with 503);
 - proxy request: a proxy event that was not refused at the door (outcome ok/error);
   an error is outcome "error" or a 5xx status; voice metering ("voice.usage", many per
-  session) is not a request: the session's set-up was one already;
+  session, and its "voice.budget.warning") is not a request: the session's set-up was
+  one already;
 - replay: a refusal of category replay; tampering: category tamper (a signature or
   digest that does not match); v1 reasons ("replay", "signature", ...) map onto them;
 - rotation overdue: an `AuditEvent` of type "rotation_due" from the key-manager.
@@ -36,7 +37,7 @@ from shared.contract import Category, Refusal, category_of
 from shared.events import AuditEvent, UsageEvent
 
 # Usage events that meter a running session rather than record a request.
-METERING_TYPES = frozenset({"voice.usage"})
+METERING_TYPES = frozenset({"voice.usage", "voice.budget.warning"})
 
 __all__ = ["ALERT_TYPES", "AUTH_CATEGORIES", "Detectors", "Finding"]
 
@@ -61,6 +62,7 @@ ALERT_TYPES = (
     "proxy_error_rate",
     "usage_spike_key",
     "usage_spike_subject",
+    "spend_spike",
     "replay_attempts",
     "tampering_attempts",
     "geo_token_countries",
@@ -117,6 +119,7 @@ class Detectors:
         self.proxy_errors = RatioWindow(s.proxy_error_window_s)
         self.key_usage: BoundedMap[Baseline] = BoundedMap(cap)
         self.subject_usage: BoundedMap[Baseline] = BoundedMap(cap)
+        self.app_spend: BoundedMap[Baseline] = BoundedMap(cap)
         self.replays = WindowCounter(s.replay_window_s, s.replay_threshold, cap)
         self.tampering = WindowCounter(s.replay_window_s, s.tamper_threshold, cap)
         self.token_countries: BoundedMap[dict[str, float]] = BoundedMap(cap)
@@ -157,6 +160,8 @@ class Detectors:
                     {"service": event.service},
                 )
             )
+        if event.cost_micros:
+            findings.extend(self._spend(event))
         findings.extend(self._geography(event))
         return self._pass_cooldown(findings)
 
@@ -351,6 +356,28 @@ class Detectors:
                     event.ts,
                     {label: ident, "count": f"{verdict.count:g}"},
                 )
+
+    def _spend(self, event: UsageEvent) -> Iterable[Finding]:
+        """Provider spend per app (micro-dollars per bucket) against its learned baseline;
+        voice metering counts too: it is where live-voice money goes."""
+        s = self.settings
+        app = event.app or "none"
+        baseline = self.app_spend.get(app)
+        if baseline is None:
+            baseline = self._baseline(min_count=s.spend_min_micros)
+            self.app_spend.put(app, baseline)
+        verdict = baseline.add(event.ts, float(event.cost_micros or 0))
+        if verdict.spike:
+            yield Finding(
+                "spend_spike",
+                "warning",
+                app,
+                f"${verdict.count / 1e6:.4f} spent by app {app} in the current "
+                f"{s.baseline_bucket_s:g}s bucket against a baseline of "
+                f"${baseline.stats.mean / 1e6:.4f}",
+                event.ts,
+                {"app": app, "micros": f"{verdict.count:.0f}"},
+            )
 
     def _geography(self, event: UsageEvent) -> Iterable[Finding]:
         country = _country(event.country)

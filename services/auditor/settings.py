@@ -126,6 +126,10 @@ class Settings(CommonSettings):
     """Standard deviations above the baseline that count as a spike."""
     spike_min_count: int = Field(default=60, ge=1, validation_alias="AUDITOR_SPIKE_MIN_COUNT")
     """Events per bucket below which no spike is raised."""
+    spend_min_micros: int = Field(
+        default=100_000, ge=1, validation_alias="AUDITOR_SPEND_MIN_MICROS"
+    )
+    """Micro-dollars an app spends per bucket below which no spend spike is raised."""
     max_tracked: int = Field(default=50_000, ge=100, validation_alias="AUDITOR_MAX_TRACKED")
     """Keys, tokens and IPs tracked at once by each detector (oldest forgotten first)."""
 

@@ -47,6 +47,21 @@ _REQUEST_SCHEMAS: dict[str, dict[str, Any]] = {
             "temperature": {"type": "number", "minimum": 0, "maximum": 2},
         },
     },
+    "responses": {
+        "type": "object",
+        "required": ["model", "input"],
+        "properties": {
+            "model": {"type": "string", "maxLength": 200},
+            "input": {
+                "description": "Text, or a list of input items",
+                "oneOf": [{"type": "string"}, {"type": "array", "maxItems": 50}],
+            },
+            "instructions": {"type": "string"},
+            "stream": {"type": "boolean"},
+            "max_output_tokens": {"type": "integer", "minimum": 1},
+            "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+        },
+    },
     "audio/speech": {
         "type": "object",
         "required": ["model", "voice", "input"],
@@ -59,6 +74,7 @@ _REQUEST_SCHEMAS: dict[str, dict[str, Any]] = {
                 "enum": ["mp3", "opus", "aac", "flac", "wav", "pcm"],
             },
             "speed": {"type": "number", "minimum": 0.25, "maximum": 4},
+            "stream_format": {"type": "string", "enum": ["audio", "sse"]},
         },
     },
     "audio/transcriptions": {
@@ -70,6 +86,7 @@ _REQUEST_SCHEMAS: dict[str, dict[str, Any]] = {
             "language": {"type": "string"},
             "prompt": {"type": "string"},
             "response_format": {"type": "string", "enum": ["json", "text", "verbose_json"]},
+            "stream": {"type": "string", "enum": ["true", "false"]},
         },
     },
     "live/sessions": {
@@ -136,8 +153,40 @@ _ANSWERS: dict[str, dict[str, Any]] = {
             }
         },
     },
-    "audio/speech": {"audio/*": {"schema": {"type": "string", "format": "binary"}}},
-    "audio/transcriptions": {"application/json": {"schema": _ANY_JSON}},
+    "responses": {
+        "application/json": {"schema": _ANY_JSON},
+        "text/event-stream": {
+            "schema": {
+                "type": "object",
+                "description": "One semantic Server-Sent Event (response.created, "
+                "response.output_text.delta, ...), response.completed last (with usage)",
+                "required": ["event", "data"],
+                "properties": {"event": {"type": "string"}, "data": {"type": "string"}},
+            }
+        },
+    },
+    "audio/speech": {
+        "audio/*": {"schema": {"type": "string", "format": "binary"}},
+        "text/event-stream": {
+            "schema": {
+                "type": "object",
+                "description": 'With stream_format "sse": speech.audio.delta events, '
+                "speech.audio.done (with usage) last",
+                "properties": {"data": {"type": "string"}},
+            }
+        },
+    },
+    "audio/transcriptions": {
+        "application/json": {"schema": _ANY_JSON},
+        "text/event-stream": {
+            "schema": {
+                "type": "object",
+                "description": "With stream=true: transcript.text.delta events, "
+                "transcript.text.done (with usage) last",
+                "properties": {"data": {"type": "string"}},
+            }
+        },
+    },
     "live/sessions": {
         "application/json": {
             "schema": {

@@ -22,11 +22,14 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from shared import bus
+from shared.budgets import Budgets
 from shared.errors import ApiError
 from shared.events import EventPublisher, drift_reporter
 from shared.httpedge import add_edge_routes, parse_networks, service_app
 from shared.leases import LeaseClient
+from shared.metering import SpendMeter
 from shared.policy import PolicyHolder
+from shared.pricing import DEFAULT_PRICES_FILE, load_prices
 from shared.ratelimit import Admission, redis_client
 from shared.streams import EDGE_STREAMS, StreamGuard
 from shared.telemetry import redactor
@@ -152,6 +155,7 @@ def create_app(settings: Settings, *, keys: KeySource | None = None) -> FastAPI:
     """The proxy app. `keys` replaces the key-manager lease client (benchmarks only)."""
     redactor.register(*settings.secret_values())
     policy = PolicyHolder(settings.policy_file, service="proxy")  # ConfigError: refuse to start
+    prices = load_prices(settings.prices_file or DEFAULT_PRICES_FILE)  # likewise
     live = _Live()
     state: dict[str, Any] = {"nats": False, "streams": None}
 
@@ -203,6 +207,15 @@ def create_app(settings: Settings, *, keys: KeySource | None = None) -> FastAPI:
                 )
                 stack.push_async_callback(forwarder.aclose)
             keyring = settings.keyring()
+            budgets = None
+            if settings.budgets:
+                budgets = Budgets(
+                    redis,
+                    hold_ttl_s=settings.budget_hold_ttl_s,
+                    failure_mode=settings.budget_failure_mode,
+                    pipelined=True,
+                )
+                stack.push_async_callback(budgets.aclose)
             voice = None
             if not settings.demo_mode:
                 voice = await open_voice(
@@ -211,6 +224,8 @@ def create_app(settings: Settings, *, keys: KeySource | None = None) -> FastAPI:
                     redis=redis,
                     keys=key_source,
                     publisher=publisher,
+                    spend=SpendMeter(prices),
+                    budgets=budgets,
                     policy=policy.current.voice,
                 )
             # One pipelined connection for the per-request admission script.
@@ -239,6 +254,8 @@ def create_app(settings: Settings, *, keys: KeySource | None = None) -> FastAPI:
                 trusted_proxies=parse_networks(settings.trusted_proxies),
                 voice=voice,
                 policy=RequestPolicy(policy),
+                prices=prices,
+                budgets=budgets,
             )
             policy.start()
             stack.push_async_callback(policy.stop)

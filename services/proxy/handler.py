@@ -34,6 +34,7 @@ import orjson
 from prometheus_client import Counter, Histogram
 from starlette.types import Message, Receive, Scope, Send
 
+from shared.budgets import Budgets, Hold
 from shared.contract import Refusal, counts_as_strike, refusal_category
 from shared.errors import (
     ApiError,
@@ -49,6 +50,8 @@ from shared.httpedge import (
     from_trusted_proxy,
     signed_scheme,
 )
+from shared.metering import SpendMeter, event_fields
+from shared.pricing import DEFAULT_PRICES_FILE, PriceTable, Usage, load_prices
 from shared.ratelimit import Admission, Limit
 from shared.refusals import RefusalSampler
 from shared.signing import ExpectedDigest
@@ -71,8 +74,9 @@ from .metrics import (
 from .policy import RequestPolicy
 from .routes import ROUTES, BodyKind, Route
 from .settings import Settings
+from .spend import SpendGuard
 from .upstream import Forwarder, UpstreamResponse, UpstreamStreamError, combine_headers
-from .usage import TokenUsage, UsageTap
+from .usage import UsageTap, ask_for_usage
 from .voice.broker import VoiceBroker
 
 __all__ = ["ProxyHandler"]
@@ -112,6 +116,8 @@ class _Exchange:
     key_id: str | None = None  # the leased provider key that served the call
     country: str | None = None
     rate_headers: dict[str, str] = field(default_factory=dict)
+    characters: int = 0  # what plain speech audio is billed by (the request's input)
+    hold: Hold | None = None  # a budget reservation, settled in _finish
 
 
 @dataclass
@@ -187,10 +193,14 @@ class ProxyHandler:
         trusted_proxies: list[IpNetwork],
         voice: VoiceBroker | None = None,
         policy: RequestPolicy | None = None,
+        prices: PriceTable | None = None,
+        budgets: Budgets | None = None,
     ) -> None:
         self._settings = settings
         self._voice = voice
         self._policy = policy or RequestPolicy.built_in()
+        self._spend = SpendMeter(prices or load_prices(DEFAULT_PRICES_FILE))
+        self._spend_guard = SpendGuard(budgets, self._spend.prices) if budgets is not None else None
         self._tokens = tokens
         self._admission = admission
         self._forwarder = forwarder
@@ -339,7 +349,12 @@ class ProxyHandler:
             limit=self._settings.max_json_body_bytes,
         )
         exchange.model = body.model
-        body = self._policy.apply(route, caller.claims, body)
+        body = ask_for_usage(route, self._policy.apply(route, caller.claims, body))
+        if route.endpoint == "audio_speech" and isinstance(text := body.payload.get("input"), str):
+            exchange.characters = len(text)
+        if self._spend_guard is not None:
+            cap = self._policy.output_cap(route, caller.claims)
+            exchange.hold = await self._spend_guard.reserve(route, caller.claims, body, cap)
         if self._settings.demo_mode:
             return self._demo(exchange, stream=bool(body.payload.get("stream")))
         cache_key: str | None = None
@@ -452,7 +467,7 @@ class ProxyHandler:
             error = Refusal.UPSTREAM_ERROR.error("the provider's answer broke off")
             return self._refused(exchange, error, before_upstream=False)
         upstream.release()
-        tap = UsageTap(sse=False, json_body=content_type.startswith("application/json"))
+        tap = self._tap(exchange, sse=False, content_type=content_type)
         tap.feed(body)
         self._finish(exchange, status, perf_counter() - upstream_started, usage=tap.result())
         if cache_key is not None and self._cache is not None:
@@ -478,7 +493,7 @@ class ProxyHandler:
         self, reply: _Reply, relay: _Relay, exchange: _Exchange, receive: Receive, send: Send
     ) -> None:
         upstream = relay.upstream
-        tap = UsageTap(sse=relay.sse, json_body=relay.content_type.startswith("application/json"))
+        tap = self._tap(exchange, sse=relay.sse, content_type=relay.content_type)
         cache = self._cache if relay.cache_key is not None else None
         kept: list[bytes] | None = [] if cache is not None else None
         kept_size = 0
@@ -535,6 +550,15 @@ class ProxyHandler:
         if cache is not None and kept is not None and relay.cache_key is not None and status < 300:
             self._spawn(cache.put(relay.cache_key, relay.content_type, b"".join(kept)))
 
+    @staticmethod
+    def _tap(exchange: _Exchange, *, sse: bool, content_type: str) -> UsageTap:
+        return UsageTap(
+            sse=sse,
+            json_body=content_type.startswith("application/json"),
+            audio_output=exchange.route.endpoint == "audio_speech",
+            characters=exchange.characters,
+        )
+
     def _refused(self, exchange: _Exchange, exc: ApiError, *, before_upstream: bool) -> _Reply:
         if before_upstream:
             category = refusal_category(exc)
@@ -573,7 +597,7 @@ class ProxyHandler:
         reason: str | None = None,
         refused: bool = False,
         sampled: bool = False,
-        usage: TokenUsage | None = None,
+        usage: Usage | None = None,
     ) -> None:
         total = perf_counter() - exchange.started
         endpoint = exchange.route.endpoint
@@ -583,9 +607,20 @@ class ProxyHandler:
         added.observe(max(total - upstream_s, 0.0))
         if upstream_s:
             upstream.observe(upstream_s)
+        claims = exchange.caller.claims if exchange.caller else None
+        priced = (
+            self._spend.record(
+                model=exchange.model, app=claims.app if claims else None, usage=usage
+            )
+            if usage is not None
+            else None
+        )
+        if exchange.hold is not None and self._spend_guard is not None:
+            relayed = reason is None and not refused
+            self._spawn(self._spend_guard.settle(exchange.hold, status, priced, relayed=relayed))
+            exchange.hold = None
         if self._publisher is None:
             return
-        claims = exchange.caller.claims if exchange.caller else None
         outcome: Literal["ok", "denied", "error"] = (
             "denied" if refused else ("error" if status >= 500 else "ok")
         )
@@ -611,9 +646,7 @@ class ProxyHandler:
                     "app": claims.app if claims else None,
                     "latency_ms": round(total * 1000, 3),
                     "upstream_latency_ms": round(upstream_s * 1000, 3) if upstream_s else None,
-                    "prompt_tokens": usage.prompt_tokens if usage else None,
-                    "completion_tokens": usage.completion_tokens if usage else None,
-                    "total_tokens": usage.total_tokens if usage else None,
+                    **(event_fields(priced) if priced is not None else {}),
                 }
             )
         )

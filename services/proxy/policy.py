@@ -20,8 +20,12 @@ from .routes import Route
 
 __all__ = ["RequestPolicy"]
 
-# Body fields a `max_tokens` cap applies to (chat completions has had both names).
-_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens")
+# Body fields a `max_tokens` cap applies to (chat completions has had both names; the
+# Responses API calls it max_output_tokens).
+_TOKEN_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
+
+# Where a clamping policy writes its cap when the request named none.
+_DEFAULT_CAP_FIELD = {"chat_completions": "max_completion_tokens", "responses": "max_output_tokens"}
 
 
 def _limit(name: str, cap: int) -> BadRequestError:
@@ -51,6 +55,11 @@ class RequestPolicy:
     def _rules(self, route: Route, claims: ProxyClaims) -> EndpointRules | None:
         endpoint = endpoint_for(route.endpoint)
         return self._holder.current.rules(endpoint, claims.tier) if endpoint else None
+
+    def output_cap(self, route: Route, claims: ProxyClaims) -> int | None:
+        """The policy's output token cap for this route and tier (None: no cap)."""
+        rules = self._rules(route, claims)
+        return rules.max_tokens if rules is not None else None
 
     @staticmethod
     def user_limits(claims: ProxyClaims, per_minute: int) -> list[Limit]:
@@ -97,10 +106,10 @@ class RequestPolicy:
                     raise _limit(name, cap)
                 clamped[name] = cap
         asked = any(payload.get(f) is not None for f in _TOKEN_FIELDS)
-        chat = route.endpoint == "chat_completions"
-        if chat and rules.over_cap == "clamp" and rules.max_tokens is not None and not asked:
+        field = _DEFAULT_CAP_FIELD.get(route.endpoint)
+        if field and rules.over_cap == "clamp" and rules.max_tokens is not None and not asked:
             # No cap asked for means the provider's maximum: a clamping policy sets its own.
-            clamped["max_completion_tokens"] = rules.max_tokens
+            clamped[field] = rules.max_tokens
         if not clamped:
             return body
         changed = {**payload, **clamped}

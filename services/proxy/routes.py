@@ -31,6 +31,8 @@ ROUTES: dict[str, Route] = {
     PREFIX + "chat/completions": Route(
         "chat_completions", Scope.chat, "/chat/completions", BodyKind.json
     ),
+    # OpenAI's recommended text endpoint; metered from `usage` / `response.completed`.
+    PREFIX + "responses": Route("responses", Scope.chat, "/responses", BodyKind.json),
     PREFIX + "audio/speech": Route(
         "audio_speech", Scope.speech, "/audio/speech", BodyKind.json, cacheable=True
     ),

@@ -70,6 +70,18 @@ class Settings(EdgeSettings):
     """Proxy requests per user (hashed principal) per minute, across all their tokens."""
     key_environment: str | None = Field(default=None, validation_alias="KEY_ENVIRONMENT")
     """Environment whose provider key the proxy leases (default: NODE_ENV)."""
+    prices_file: Path | None = Field(default=None, validation_alias="KEYVEIL_PRICES_FILE")
+    """The price table (shared/pricing.py); default the shipped shared/prices.toml."""
+    budgets: bool = Field(default=False, validation_alias="KEYVEIL_BUDGETS")
+    """Enforce the spend budgets in Redis (shared/budgets.py) on chat and Responses calls."""
+    budget_hold_ttl_s: float = Field(
+        default=300.0, ge=1, le=3600, validation_alias="KEYVEIL_BUDGET_HOLD_TTL_S"
+    )
+    """Seconds a budget reservation counts if never settled (a proxy killed mid-answer)."""
+    budget_failure_mode: Literal["closed", "open"] = Field(
+        default="closed", validation_alias="KEYVEIL_BUDGET_FAILURE_MODE"
+    )
+    """While Redis is unreachable, budgeted calls are refused (closed, 503) or let through."""
 
     max_json_body_bytes: int = Field(
         default=4 * MIB, ge=1024, le=64 * MIB, validation_alias="PROXY_MAX_JSON_BYTES"

@@ -90,7 +90,7 @@ async def test_proxy_mode_chat_speech_and_transcription(
     audio = await client.speech("hello there")
     assert audio.startswith(b"ID3")
     text = await client.transcribe(("clip.webm", b"\x1a\x45\xdf\xa3" * 100, "audio/webm"))
-    assert text == {"text": "transcribed 400 bytes"}
+    assert text["text"] == "transcribed 400 bytes"
     assert await client.request_token("proxy") is token  # cached, not re-issued
 
 
@@ -106,7 +106,9 @@ async def test_streaming_chat_yields_chunks_as_they_arrive(
             arrivals.append(time.monotonic())
             parts.append(text)
     assert "".join(parts) == "Hello from the fake"
-    assert stream.usage == {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}
+    assert stream.usage is not None
+    counts = {k: stream.usage[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    assert counts == {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}
     # Chunks were relayed as produced, not buffered until the end.
     assert arrivals[-1] - arrivals[0] > 0.3
 

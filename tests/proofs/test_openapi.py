@@ -101,6 +101,7 @@ def test_proxy_spec_describes_every_allowlisted_path() -> None:
     operations = _operations(document)
     assert set(operations) == {
         "POST /api/voice-agent/proxy/v1/chat/completions",
+        "POST /api/voice-agent/proxy/v1/responses",
         "POST /api/voice-agent/proxy/v1/audio/speech",
         "POST /api/voice-agent/proxy/v1/audio/transcriptions",
         "POST /api/voice-agent/proxy/v1/live/sessions",

@@ -11,7 +11,9 @@ from contextlib import AsyncExitStack
 import httpx
 import redis.asyncio as aioredis
 
+from shared.budgets import Budgets
 from shared.events import EventPublisher
+from shared.metering import SpendMeter
 from shared.voicepolicy import VoicePolicy
 from shared.voicesessions import VoiceRegistry
 
@@ -31,6 +33,8 @@ async def open_voice(
     redis: aioredis.Redis,
     keys: KeySource,
     publisher: EventPublisher | None,
+    spend: SpendMeter | None = None,
+    budgets: Budgets | None = None,
     policy: VoicePolicy | None = None,
 ) -> VoiceBroker:
     """The broker and its supervisor, started; `stack` stops them (sidebands let go).
@@ -54,6 +58,8 @@ async def open_voice(
         publisher=publisher,
         policy=policy,
         replica=replica_id(),
+        spend=spend,
+        budgets=budgets,
     )
     sessions = VoiceSessions(ctx, lease_ms=settings.voice_lease_ms)
     sessions.start()

@@ -223,6 +223,8 @@ class VoiceBroker:
             api=api.value,
             token_id=claims.jti,
             token_session=claims.sid,
+            user=claims.sub,
+            app=claims.app,
             model=session["model"],
             voice=session["audio"]["output"]["voice"],
             started_at=now,

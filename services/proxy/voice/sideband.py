@@ -34,7 +34,11 @@ import websockets
 import websockets.exceptions
 from websockets.asyncio.client import ClientConnection, connect
 
+from shared.budgets import Budgets
 from shared.events import AuditEvent, EventPublisher, UsageEvent
+from shared.metering import SpendMeter, event_fields, read_usage
+from shared.pricing import Usage
+from shared.ratelimit import RedisUnavailableError
 from shared.voicepolicy import VoiceApi, VoicePolicy, revert_event, violations
 from shared.voicesessions import VoiceRegistry, VoiceSession
 
@@ -57,6 +61,7 @@ _CLOSE_WAIT_S = 1.5
 _GONE = frozenset({404, 410})
 # A session reverted this often is closed on the next violation instead.
 _MAX_REVERTS = 3
+_BUDGET_WARNING = 0.9  # share of a budget at which a live session gets its warning event
 
 
 def upstream_url(base_url: str, suffix: str) -> str:
@@ -90,6 +95,8 @@ class SidebandContext:
     policy: VoicePolicy
     replica: str
     open_timeout_s: float = 5.0
+    spend: SpendMeter | None = None  # prices voice usage (shared.pricing)
+    budgets: Budgets | None = None  # charged every tick: a warning at 90 %, the end at 100 %
 
 
 class Sideband:
@@ -107,6 +114,7 @@ class Sideband:
         self._let_go = False
         self._closer: asyncio.Task[None] | None = None
         self._reverts = 0
+        self._budget_warned = False
 
     @property
     def session_id(self) -> str:
@@ -285,11 +293,16 @@ class Sideband:
         if total <= self.record.billed_s:
             return  # cumulative: an older or repeated report adds nothing
         delta = round(total - self.record.billed_s, 3)
+        priced = self._price(Usage(seconds=delta), already=Usage(seconds=self.record.billed_s))
         event = self._usage(
-            _event_id(self.session_id, "seconds", total), seconds=delta, seconds_total=total
+            _event_id(self.session_id, "seconds", total),
+            seconds=delta,
+            seconds_total=total,
+            **priced,
         )
         await self._commit(event, billed_s=total)
         BILLABLE_SECONDS.labels(self.api.value).inc(delta)
+        await self._charge_budgets(0, event.cost_micros or 0)
 
     async def _bill_tokens(self, response: Any) -> None:
         if not isinstance(response, dict):
@@ -301,16 +314,61 @@ class Sideband:
         inputs = usage.get("input_tokens")
         outputs = usage.get("output_tokens")
         ident = response.get("id") or _event_id(orjson.dumps(usage))
-        event = self._usage(
-            _event_id(self.session_id, "response", ident),
-            prompt_tokens=inputs if isinstance(inputs, int) else None,
-            completion_tokens=outputs if isinstance(outputs, int) else None,
-            total_tokens=total if isinstance(total, int) else None,
-        )
+        metered = read_usage(usage)
+        fields: dict[str, Any] = {
+            "prompt_tokens": inputs if isinstance(inputs, int) else None,
+            "completion_tokens": outputs if isinstance(outputs, int) else None,
+            "total_tokens": total if isinstance(total, int) else None,
+        }
+        if metered is not None:
+            fields.update(self._price(metered))
+        event = self._usage(_event_id(self.session_id, "response", ident), **fields)
         tokens = self.record.tokens + (total if isinstance(total, int) else 0)
         await self._commit(event, tokens=tokens)
         if isinstance(total, int):
             TOKENS.labels(self.api.value).inc(total)
+        await self._charge_budgets(event.total_tokens or 0, event.cost_micros or 0)
+
+    async def _charge_budgets(self, tokens: int, micros: int) -> None:
+        """Count this tick against the budgets; warn at 90 %, end the session at 100 %."""
+        budgets = self.ctx.budgets
+        if budgets is None or (not tokens and not micros) or self._ending is not None:
+            return
+        subjects = [("token", self.record.token_id), ("global", "all")]
+        if self.record.user:
+            subjects.append(("user", self.record.user))
+        if self.record.app:
+            subjects.append(("app", self.record.app))
+        try:
+            found = await budgets.charge(subjects=subjects, tokens=tokens, micros=micros)
+        except RedisUnavailableError as exc:
+            log.warning("voice usage not charged to budgets, redis unavailable (%s)", exc)
+            return
+        if found is None:
+            return
+        share, name = found
+        if share >= 1.0:
+            log.warning("voice session over budget %s; ending it", name)
+            # Not awaited here: this runs in the reader, which must go on to read session.closed.
+            self._closer = asyncio.get_running_loop().create_task(self.end("budget_exceeded"))
+        elif share >= _BUDGET_WARNING and not self._budget_warned:
+            self._budget_warned = True
+            if self.ctx.publisher is not None:
+                warning = self._usage(
+                    _event_id(self.session_id, "budget-warning", name), reason=name
+                )
+                self.ctx.publisher.emit(warning.model_copy(update={"type": "voice.budget.warning"}))
+
+    def _price(self, usage: Usage, *, already: Usage | None = None) -> dict[str, Any]:
+        """The event's metered fields, with the cost by the price table (shared.pricing)."""
+        if self.ctx.spend is None:
+            return {}
+        priced = self.ctx.spend.record(
+            model=self.record.model, app=None, usage=usage, already=already
+        )
+        fields = event_fields(priced)
+        fields.pop("seconds", None)  # the event's own seconds field already says it
+        return {k: v for k, v in fields.items() if v is not None}
 
     def _usage(self, event_id: str, **fields: Any) -> UsageEvent:
         return UsageEvent(

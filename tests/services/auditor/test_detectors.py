@@ -237,3 +237,26 @@ async def test_sampled_refusals_still_add_up_to_a_burst() -> None:
 
     found = [f for f in feed(Detectors(settings()), sent) if f.type == "auth_failure_burst"]
     assert len(found) == 1  # two events, one of them standing for 24: over the 10 threshold
+
+
+def test_spend_spike_per_app_against_its_baseline() -> None:
+    detectors = Detectors(settings())
+    events = []
+    for minute in range(30):  # shop: about $0.02 a minute, every minute
+        for i in range(4):
+            events.append(
+                proxied(ts=T0 + minute * 60 + i * 10, app="shop", cost_micros=5_000 + 100 * i)
+            )
+    assert [f for f in feed(detectors, events) if f.type == "spend_spike"] == []
+    now = T0 + 30 * 60
+    # A voice session burning $0.60 within one minute: metering events, not requests.
+    burn = [
+        proxied(ts=now + i, app="shop", type="voice.usage", cost_micros=20_000) for i in range(30)
+    ]
+    found = [f for f in feed(detectors, burn) if f.type == "spend_spike"]
+    assert len(found) == 1  # one incident, one alert
+    assert found[0].labels["app"] == "shop"
+    assert found[0].severity == "warning"
+    # A quiet app's first dear minute is no anomaly: no baseline to compare with.
+    fresh = [proxied(ts=now + i, app="new", cost_micros=50_000) for i in range(10)]
+    assert [f for f in feed(detectors, fresh) if f.type == "spend_spike"] == []

@@ -39,6 +39,8 @@ SHARED_PREFIXES = (
     "keyveil_build_",  # keyveil_build_info{service,version,python}, the usual build-info name
     "keyveil_policy_",  # shared/policy.py, labelled by service
     "keyveil_voice_",  # the voice broker (shared.voicesessions and the proxy's sidebands)
+    "keyveil_usage_",  # shared/metering.py: provider-reported usage and cost, model x app
+    "keyveil_budget_",  # shared/budgets.py
 )
 DEFAULT_COLLECTORS = ("python_", "process_")
 TIME_WORDS = re.compile(r"(latency|duration|_age|_time|delay|_lag|elapsed|uptime)")

@@ -194,13 +194,16 @@ def chat_body(**extra: Any) -> bytes:
     return orjson.dumps(payload)
 
 
-def multipart(file_bytes: bytes | None, *, model: str | None = "whisper-1") -> tuple[bytes, str]:
+def multipart(
+    file_bytes: bytes | None, *, model: str | None = "whisper-1", **fields: str
+) -> tuple[bytes, str]:
     boundary = "keyveilboundary" + secrets.token_hex(8)
     parts: list[bytes] = []
-    if model is not None:
+    named = ({"model": model} if model is not None else {}) | fields
+    for name, value in named.items():
         parts.append(
             f"--{boundary}\r\nContent-Disposition: form-data; "
-            f'name="model"\r\n\r\n{model}\r\n'.encode()
+            f'name="{name}"\r\n\r\n{value}\r\n'.encode()
         )
     if file_bytes is not None:
         parts.append(

@@ -1,0 +1,143 @@
+"""Budget benchmark: proxy throughput with budgets on vs off, same machine, same run.
+
+Starts real NATS and Redis, the fake upstream, the key manager and TWO proxy workers:
+one without budgets, one with KEYVEIL_BUDGETS=true and two budgets that apply to every
+call (a global micro-dollar budget per day and a per-token TPM), so each call reserves
+before forwarding and settles after. Both are driven by proxy_bench's load generator
+(16 keep-alive clients, requests signed ahead of the clock); the phases alternate
+off/on twice and the better of each is kept, to damp the noise of a shared machine.
+
+    .venv/bin/python -m benchmarks.budget_bench [--requests 2000] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import redis as sync_redis
+
+from benchmarks.proxy_bench import (
+    KEK_SECRET,
+    PROVIDER_KEY,
+    SIGNING_KEY,
+    Bench,
+    _pid,
+    start_service,
+    wait_ready,
+)
+from keyveil.servers import ServerProcess, free_port, start_nats, start_redis
+from shared.budgets import CONFIG_KEY, INDEX_FIELD, budget_field
+
+CLIENTS = 16
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--requests", type=int, default=2000, help="requests per phase")
+    parser.add_argument("--json", type=Path, help="also write the numbers to this file")
+    args = parser.parse_args()
+    state = Path(tempfile.mkdtemp(prefix="keyveil-budget-bench-"))
+    nats_server = start_nats(state, streams=True)
+    redis_server = start_redis(state)
+    up_port = free_port()
+    fake = ServerProcess(
+        "fake-upstream",
+        f"http://127.0.0.1:{up_port}",
+        up_port,
+        [sys.executable, "-m", "shared.testing.fake_upstream", "--port", str(up_port)],
+        state / "fake.log",
+    )
+    fake.start()
+    store = sync_redis.Redis.from_url(redis_server.url)
+    store.hset(CONFIG_KEY, budget_field("global", "all", "micros", "day"), 10**15)
+    store.hset(CONFIG_KEY, budget_field("token", "*", "tokens", "minute"), 10**12)
+    store.hset(CONFIG_KEY, INDEX_FIELD, "global:micros:day,token:tokens:minute")  # as BudgetAdmin
+    store.close()
+    processes: list[subprocess.Popen[bytes]] = []
+    try:
+        km_port = free_port()
+        km_env = {
+            "NATS_URL": nats_server.url,
+            "KEY_ENCRYPTION_SECRET": KEK_SECRET,
+            "OPENAI_API_KEY": PROVIDER_KEY,
+        }
+        processes.append(start_service("keymanager", km_env, km_port, state / "km.log"))
+        await wait_ready(km_port)
+        base = {
+            "NATS_URL": nats_server.url,
+            "REDIS_URL": redis_server.url,
+            "PROXY_SIGNING_KEY": SIGNING_KEY,
+            "OPENAI_BASE_URL": f"http://127.0.0.1:{up_port}/v1",
+            "VOICE_AGENT_PROXY_RATE_LIMIT": "1000000",
+            "VOICE_AGENT_PROXY_IP_RATE_LIMIT": "10000000",
+        }
+        ports = {"off": free_port(), "on": free_port()}
+        proxies = {
+            "off": start_service("proxy", base, ports["off"], state / "proxy-off.log"),
+            "on": start_service(
+                "proxy", {**base, "KEYVEIL_BUDGETS": "true"}, ports["on"], state / "proxy-on.log"
+            ),
+        }
+        processes.extend(proxies.values())
+        for port in ports.values():
+            await wait_ready(port)
+        best: dict[str, float] = {"off": 0.0, "on": 0.0}
+        p50: dict[str, float] = {}
+        cpu_us: dict[str, dict[str, float]] = {}
+        for _ in range(2):
+            for mode in ("off", "on"):
+                pids = {
+                    "proxy": proxies[mode].pid,
+                    "upstream": _pid(fake),
+                    "redis": _pid(redis_server),
+                }
+                bench = Bench(ports[mode], up_port, pids)
+                phase = await bench.proxy_phase(CLIENTS, args.requests)
+                if phase.rps > best[mode]:
+                    best[mode] = phase.rps
+                    p50[mode] = phase.pct(0.5)
+                    cpu_us[mode] = {
+                        name: round(1e6 * sec / phase.requests, 1)
+                        for name, sec in phase.cpu_s.items()
+                    }
+        ratio = best["on"] / best["off"]
+        results = {
+            "rps_budgets_off": round(best["off"], 1),
+            "rps_budgets_on": round(best["on"], 1),
+            "p50_ms_budgets_off": round(p50["off"], 3),
+            "p50_ms_budgets_on": round(p50["on"], 3),
+            "on_over_off": round(ratio, 3),
+            "cpu_us_per_request": cpu_us,
+            "clients": CLIENTS,
+            "requests_per_phase": args.requests,
+            "machine": {"cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]},
+        }
+        print(
+            f"budgets off: {best['off']:.0f} req/s (p50 {p50['off']:.2f} ms); "
+            f"on: {best['on']:.0f} req/s (p50 {p50['on']:.2f} ms); on/off = {ratio:.3f} "
+            f"({CLIENTS} clients, {args.requests} requests per phase, load "
+            f"{os.getloadavg()[0]:.2f})"
+        )
+        for mode in ("off", "on"):
+            print(f"  CPU per request, budgets {mode}: {cpu_us[mode]} (microseconds)")
+        if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    finally:
+        for process in reversed(processes):
+            process.terminate()
+            process.wait(15)
+        fake.stop()
+        redis_server.stop()
+        nats_server.stop()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

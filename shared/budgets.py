@@ -1,0 +1,523 @@
+"""Spend budgets shared by every replica: reserve before forwarding, reconcile at the end.
+
+A budget is a limit on one subject's usage in one window:
+
+    scope    token | user | app | global      (subject: token id, user hash, app, "all")
+    unit     tokens | micros                  (provider-reported tokens, or micro-dollars)
+    window   minute | day | month             (fixed UTC windows; month = calendar month)
+
+Budgets live in Redis, in one hash (`kv:budget:cfg`, field
+`scope:subject:unit:window` = limit; subject `*` applies to every subject of the scope
+that has no budget of its own), written by `keyveil budgets set|reset`, so every
+replica sees a change at once and the proxy needs no configuration for them.
+
+Admission (`_RESERVE_LUA`, one script, atomic): for every budget that applies, the
+window's committed usage plus the live reservations plus this request's estimate must
+fit the limit, else nothing is reserved and the call is refused (429
+`budget_exceeded`, naming the budget). Otherwise the estimate is held, in a sorted set
+per counter scored by its expiry: a proxy killed mid-stream leaves a reservation that
+stops counting when its TTL passes. At the end (`_SETTLE_LUA`) the reservation is
+dropped and the real usage is added to the counter. The estimate is an upper bound
+(input bytes for input tokens, the output cap for output tokens), so the committed
+spend never passes a limit by more than one reservation's error.
+
+Redis unreachable: `closed` (the default, 503 `budget_unavailable`) or `open`
+(KEYVEIL_BUDGET_FAILURE_MODE). Keys carry the `{budget}` hash tag: one Cluster slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+import redis.asyncio as aioredis
+from prometheus_client import Counter
+
+from shared.ratelimit import PipelinedScript, RedisUnavailableError, redis_unavailable
+
+__all__ = [
+    "CONFIG_KEY",
+    "SCOPES",
+    "UNITS",
+    "WINDOWS",
+    "BudgetAdmin",
+    "BudgetExceeded",
+    "BudgetState",
+    "BudgetUnavailable",
+    "Budgets",
+    "Estimate",
+    "Hold",
+    "budget_field",
+    "counter_key",
+    "window_index",
+]
+
+Scope = Literal["token", "user", "app", "global"]
+Unit = Literal["tokens", "micros"]
+Window = Literal["minute", "day", "month"]
+SCOPES: Final[tuple[Scope, ...]] = ("token", "user", "app", "global")
+UNITS: Final[tuple[Unit, ...]] = ("tokens", "micros")
+WINDOWS: Final[tuple[Window, ...]] = ("minute", "day", "month")
+CONFIG_KEY: Final = "kv:budget:{budget}:cfg"
+INDEX_FIELD: Final = "_index"
+
+DECISIONS = Counter(
+    "keyveil_budget_decisions_total",
+    "Budget reservations (result: reserved|exceeded|unavailable|none)",
+    ["result"],
+)
+
+
+def budget_field(scope: str, subject: str, unit: str, window: str) -> str:
+    return f"{scope}:{subject}:{unit}:{window}"
+
+
+# ARGV: reservation id, ttl_ms, estimate tokens, estimate micros, then (scope, subject)
+# pairs. Returns {0, counters...} (base key, unit, window end s, amount per counter) or
+# {1, name, limit, remaining, reset_s} when a budget would be exceeded.
+_RESERVE_LUA: Final = r"""
+local cfg = KEYS[1]
+if redis.call('EXISTS', cfg) == 0 then return {0} end
+local t = redis.call('TIME')
+local sec = tonumber(t[1])
+local now_ms = sec * 1000 + math.floor(tonumber(t[2]) / 1000)
+local id, ttl = ARGV[1], tonumber(ARGV[2])
+local est = {tokens = tonumber(ARGV[3]), micros = tonumber(ARGV[4])}
+local function days_from_civil(y, m, d)
+  if m <= 2 then y = y - 1 end
+  local era = math.floor(y / 400)
+  local yoe = y - era * 400
+  local mp = (m + 9) % 12
+  local doy = math.floor((153 * mp + 2) / 5) + d - 1
+  local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
+  return era * 146097 + doe - 719468
+end
+local function civil(days)
+  local z = days + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
+    - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local m = mp < 10 and mp + 3 or mp - 9
+  local y = yoe + era * 400
+  if m <= 2 then y = y + 1 end
+  return y, m
+end
+local function window(w)
+  if w == 'minute' then local i = math.floor(sec / 60) return i, (i + 1) * 60 end
+  if w == 'day' then local i = math.floor(sec / 86400) return i, (i + 1) * 86400 end
+  local y, m = civil(math.floor(sec / 86400))
+  local ny, nm = y, m + 1
+  if nm == 13 then ny, nm = y + 1, 1 end
+  return y * 12 + m - 1, days_from_civil(ny, nm, 1) * 86400
+end
+-- `_index`: the scope:unit:window combinations some budget uses (BudgetAdmin keeps it);
+-- without it every combination is looked up.
+local used_combos = {}
+local index = redis.call('HGET', cfg, '_index')
+if index then
+  for combo in string.gmatch(index, '[^,]+') do used_combos[combo] = true end
+end
+local units = {'tokens', 'micros'}
+local windows = {'minute', 'day', 'month'}
+local fields, meta = {}, {}
+for i = 5, #ARGV, 2 do
+  local scope, subject = ARGV[i], ARGV[i + 1]
+  for _, u in ipairs(units) do
+    for _, w in ipairs(windows) do
+      if not index or used_combos[scope .. ':' .. u .. ':' .. w] then
+        fields[#fields + 1] = scope .. ':' .. subject .. ':' .. u .. ':' .. w
+        fields[#fields + 1] = scope .. ':*:' .. u .. ':' .. w
+        meta[#meta + 1] = {scope, subject, u, w}
+      end
+    end
+  end
+end
+if #fields == 0 then return {0} end
+local values = redis.call('HMGET', cfg, unpack(fields))
+local applied = {}
+for j, m in ipairs(meta) do
+  local limit = tonumber(values[2 * j - 1] or '') or tonumber(values[2 * j] or '')
+  if limit then
+    local idx, ends = window(m[4])
+    local base = 'kv:budget:{budget}:' .. m[1] .. ':' .. m[2] .. ':' .. m[3] .. ':'
+      .. m[4] .. ':' .. idx
+    local held_key = base .. ':held'
+    redis.call('ZREMRANGEBYSCORE', held_key, '-inf', now_ms)
+    local held = 0
+    for _, member in ipairs(redis.call('ZRANGE', held_key, 0, -1)) do
+      held = held + tonumber(string.match(member, '|(%d+)$'))
+    end
+    local used = tonumber(redis.call('GET', base) or '0')
+    local need = est[m[3]]
+    if used + held + need > limit then
+      local name = m[1] .. '-' .. m[3] .. '-' .. m[4]
+      return {1, name, limit, math.max(limit - used - held, 0), ends - sec}
+    end
+    applied[#applied + 1] = {base, m[3], ends, need}
+  end
+end
+local out = {0}
+for _, a in ipairs(applied) do
+  if a[4] > 0 then
+    local held_key = a[1] .. ':held'
+    redis.call('ZADD', held_key, now_ms + ttl, id .. '|' .. a[4])
+    redis.call('PEXPIRE', held_key, ttl + 1000)
+  end
+  out[#out + 1] = a[1]
+  out[#out + 1] = a[2]
+  out[#out + 1] = a[3]
+  out[#out + 1] = a[4]
+end
+return out
+"""
+
+# ARGV: reservation id, actual tokens, actual micros, then (base, unit, window end s,
+# reserved amount) per counter. Drops the reservations, adds the real usage.
+_SETTLE_LUA: Final = r"""
+local id = ARGV[1]
+local actual = {tokens = tonumber(ARGV[2]), micros = tonumber(ARGV[3])}
+for i = 4, #ARGV, 4 do
+  local base, unit, ends, amount = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3]
+  redis.call('ZREM', base .. ':held', id .. '|' .. amount)
+  local add = actual[unit]
+  if add > 0 then redis.call('INCRBY', base, add) end
+  redis.call('EXPIREAT', base, ends + 3600)
+end
+return 1
+"""
+
+
+# Usage already spent (a voice tick), added to every budget that applies. ARGV: tokens,
+# micros, then (scope, subject) pairs (the first four ARGV of the lookup are unused).
+# Returns {permille of the fullest budget (committed + held) / limit, its name}.
+_CHARGE_LUA: Final = r"""
+local cfg = KEYS[1]
+if redis.call('EXISTS', cfg) == 0 then return {0} end
+local t = redis.call('TIME')
+local sec = tonumber(t[1])
+local now_ms = sec * 1000 + math.floor(tonumber(t[2]) / 1000)
+local est = {tokens = tonumber(ARGV[3]), micros = tonumber(ARGV[4])}
+local function days_from_civil(y, m, d)
+  if m <= 2 then y = y - 1 end
+  local era = math.floor(y / 400)
+  local yoe = y - era * 400
+  local mp = (m + 9) % 12
+  local doy = math.floor((153 * mp + 2) / 5) + d - 1
+  local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
+  return era * 146097 + doe - 719468
+end
+local function civil(days)
+  local z = days + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
+    - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local m = mp < 10 and mp + 3 or mp - 9
+  local y = yoe + era * 400
+  if m <= 2 then y = y + 1 end
+  return y, m
+end
+local function window(w)
+  if w == 'minute' then local i = math.floor(sec / 60) return i, (i + 1) * 60 end
+  if w == 'day' then local i = math.floor(sec / 86400) return i, (i + 1) * 86400 end
+  local y, m = civil(math.floor(sec / 86400))
+  local ny, nm = y, m + 1
+  if nm == 13 then ny, nm = y + 1, 1 end
+  return y * 12 + m - 1, days_from_civil(ny, nm, 1) * 86400
+end
+-- `_index`: the scope:unit:window combinations some budget uses (BudgetAdmin keeps it);
+-- without it every combination is looked up.
+local used_combos = {}
+local index = redis.call('HGET', cfg, '_index')
+if index then
+  for combo in string.gmatch(index, '[^,]+') do used_combos[combo] = true end
+end
+local units = {'tokens', 'micros'}
+local windows = {'minute', 'day', 'month'}
+local fields, meta = {}, {}
+for i = 5, #ARGV, 2 do
+  local scope, subject = ARGV[i], ARGV[i + 1]
+  for _, u in ipairs(units) do
+    for _, w in ipairs(windows) do
+      if not index or used_combos[scope .. ':' .. u .. ':' .. w] then
+        fields[#fields + 1] = scope .. ':' .. subject .. ':' .. u .. ':' .. w
+        fields[#fields + 1] = scope .. ':*:' .. u .. ':' .. w
+        meta[#meta + 1] = {scope, subject, u, w}
+      end
+    end
+  end
+end
+if #fields == 0 then return {0} end
+local values = redis.call('HMGET', cfg, unpack(fields))
+local worst, worst_name = 0, ''
+for j, m in ipairs(meta) do
+  local limit = tonumber(values[2 * j - 1] or '') or tonumber(values[2 * j] or '')
+  if limit then
+    local idx, ends = window(m[4])
+    local base = 'kv:budget:{budget}:' .. m[1] .. ':' .. m[2] .. ':' .. m[3] .. ':'
+      .. m[4] .. ':' .. idx
+    local add = est[m[3]]
+    local used = tonumber(redis.call('GET', base) or '0')
+    if add > 0 then used = redis.call('INCRBY', base, add) end
+    redis.call('EXPIREAT', base, ends + 3600)
+    local held = 0
+    for _, member in ipairs(redis.call('ZRANGEBYSCORE', base .. ':held', now_ms, '+inf')) do
+      held = held + tonumber(string.match(member, '|(%d+)$'))
+    end
+    local permille = limit > 0 and math.floor(1000 * (used + held) / limit) or 1000
+    if permille >= worst then worst, worst_name = permille, m[1] .. '-' .. m[3] .. '-' .. m[4] end
+  end
+end
+return {worst, worst_name}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    """The most one call can use: what is reserved before it goes upstream."""
+
+    tokens: int
+    micros: int
+
+
+@dataclass(frozen=True, slots=True)
+class _Counter:
+    base: str
+    unit: str
+    ends_s: int
+    amount: int
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """A reservation to settle when the answer ends (or to let expire)."""
+
+    id: str
+    counters: tuple[_Counter, ...]
+    estimate: Estimate
+
+
+class BudgetExceeded(Exception):
+    """One budget would be passed: its name, limit, what is left and when it resets."""
+
+    def __init__(self, name: str, limit: int, remaining: int, reset_s: int) -> None:
+        self.name, self.limit, self.remaining, self.reset_s = name, limit, remaining, reset_s
+        super().__init__(name)
+
+    def headers(self) -> dict[str, str]:
+        window = self.name.rsplit("-", 1)[-1]
+        w = 60 if window == "minute" else 86_400 if window == "day" else 30 * 86_400
+        return {
+            "RateLimit-Policy": f'"budget-{self.name}";q={self.limit};w={w}',
+            "RateLimit": f'"budget-{self.name}";r={self.remaining};t={self.reset_s}',
+            "Retry-After": str(max(1, self.reset_s)),
+        }
+
+
+class BudgetUnavailable(Exception):
+    """Redis could not be asked, and the failure mode is closed."""
+
+
+class Budgets:
+    """Reserve and settle against the budgets in Redis (see the module docstring)."""
+
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        *,
+        hold_ttl_s: float = 300.0,
+        failure_mode: Literal["closed", "open"] = "closed",
+        deadline_s: float = 1.5,
+        pipelined: bool = False,
+    ) -> None:
+        """`pipelined=True`: each script over one pipelined connection of its own
+        (shared.ratelimit.PipelinedScript, far cheaper per call); `aclose()` when done."""
+        self._redis = redis
+        self._reserve: Any = redis.register_script(_RESERVE_LUA)
+        self._settle: Any = redis.register_script(_SETTLE_LUA)
+        self._charge: Any = redis.register_script(_CHARGE_LUA)
+        self._pipes: list[PipelinedScript] = []
+        if pipelined:
+            reserve = PipelinedScript.for_client(redis, _RESERVE_LUA)
+            settle = PipelinedScript.for_client(redis, _SETTLE_LUA)
+            if reserve is not None and settle is not None:
+                self._reserve, self._settle = reserve, settle
+                self._pipes = [reserve, settle]
+        self._ttl_ms = max(1, int(hold_ttl_s * 1000))
+        self._mode = failure_mode
+        self._deadline_s = deadline_s
+
+    async def reserve(self, *, subjects: list[tuple[str, str]], estimate: Estimate) -> Hold | None:
+        """A hold on every budget that applies (None: none applies, or Redis is away
+        and the mode is open); raises BudgetExceeded or BudgetUnavailable."""
+        hold_id = secrets.token_hex(8)
+        args: list[Any] = [hold_id, self._ttl_ms, estimate.tokens, estimate.micros]
+        for scope, subject in subjects:
+            args += [scope, subject]
+        try:
+            with redis_unavailable():
+                async with asyncio.timeout(self._deadline_s):
+                    raw = await self._reserve(keys=[CONFIG_KEY], args=args)
+        except RedisUnavailableError as exc:
+            if exc.reply_code is None:
+                self._reset()
+            DECISIONS.labels("unavailable").inc()
+            if self._mode == "open":
+                return None
+            raise BudgetUnavailable() from None
+        if int(raw[0]) == 1:
+            DECISIONS.labels("exceeded").inc()
+            name = raw[1].decode() if isinstance(raw[1], bytes) else str(raw[1])
+            raise BudgetExceeded(name, int(raw[2]), int(raw[3]), int(raw[4]))
+        items = raw[1:]
+        counters = tuple(
+            _Counter(
+                base=items[i].decode() if isinstance(items[i], bytes) else str(items[i]),
+                unit=items[i + 1].decode()
+                if isinstance(items[i + 1], bytes)
+                else str(items[i + 1]),
+                ends_s=int(items[i + 2]),
+                amount=int(items[i + 3]),
+            )
+            for i in range(0, len(items), 4)
+        )
+        if not counters:
+            DECISIONS.labels("none").inc()
+            return None
+        DECISIONS.labels("reserved").inc()
+        return Hold(hold_id, counters, estimate)
+
+    async def settle(self, hold: Hold, *, tokens: int, micros: int) -> None:
+        """Drop the reservation and count what was really used (retried once)."""
+        args: list[Any] = [hold.id, max(tokens, 0), max(micros, 0)]
+        for counter in hold.counters:
+            args += [counter.base, counter.unit, counter.ends_s, counter.amount]
+        for attempt in (1, 2):
+            try:
+                with redis_unavailable():
+                    async with asyncio.timeout(self._deadline_s):
+                        await self._settle(keys=[CONFIG_KEY], args=args)
+                return
+            except RedisUnavailableError as exc:
+                if exc.reply_code is None:
+                    self._reset()
+                if attempt == 2:
+                    raise
+                await asyncio.sleep(0.2)
+
+    async def charge(
+        self, *, subjects: list[tuple[str, str]], tokens: int, micros: int
+    ) -> tuple[float, str] | None:
+        """Count usage already spent (voice); (the fullest budget's share used, its name),
+        or None when no budget applies. Raises RedisUnavailableError."""
+        args: list[Any] = ["charge", 0, max(tokens, 0), max(micros, 0)]
+        for scope, subject in subjects:
+            args += [scope, subject]
+        with redis_unavailable():
+            async with asyncio.timeout(self._deadline_s):
+                raw = await self._charge(keys=[CONFIG_KEY], args=args)
+        if len(raw) < 2 or not raw[1]:
+            return None
+        name = raw[1].decode() if isinstance(raw[1], bytes) else str(raw[1])
+        return int(raw[0]) / 1000, name
+
+    def _reset(self) -> None:
+        for pipe in self._pipes:
+            pipe.reset()  # a stuck or broken connection is not reused
+
+    async def aclose(self) -> None:
+        for pipe in self._pipes:
+            await pipe.aclose()
+
+
+def window_index(window: str, now: float) -> int:
+    """The window a moment falls in, as the reserve script numbers it (UTC)."""
+    if window == "minute":
+        return int(now // 60)
+    if window == "day":
+        return int(now // 86_400)
+    moment = time.gmtime(now)
+    return moment.tm_year * 12 + moment.tm_mon - 1
+
+
+def counter_key(scope: str, subject: str, unit: str, window: str, index: int) -> str:
+    return f"kv:budget:{{budget}}:{scope}:{subject}:{unit}:{window}:{index}"
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetState:
+    scope: str
+    subject: str
+    unit: str
+    window: str
+    limit: int
+    used: int
+    held: int
+
+
+class BudgetAdmin:
+    """What `keyveil budgets set|show|reset` does, on the same keys as the scripts."""
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self._redis = redis
+
+    async def set(self, scope: str, subject: str, unit: str, window: str, limit: int) -> None:
+        if scope not in SCOPES or unit not in UNITS or window not in WINDOWS or limit < 0:
+            raise ValueError("scope, unit, window or limit is not valid")
+        await self._redis.hset(CONFIG_KEY, budget_field(scope, subject, unit, window), limit)
+        await self._reindex()
+
+    async def remove(self, scope: str, subject: str, unit: str, window: str) -> bool:
+        removed = await self._redis.hdel(CONFIG_KEY, budget_field(scope, subject, unit, window))
+        await self._reindex()
+        return bool(removed)
+
+    async def _reindex(self) -> None:
+        """Write `_index`, the combinations in use, so the scripts look up only those."""
+        combos: set[str] = set()
+        for raw in await self._redis.hkeys(CONFIG_KEY):
+            text = raw.decode() if isinstance(raw, bytes) else str(raw)
+            if text == INDEX_FIELD:
+                continue
+            scope, rest = text.split(":", 1)
+            _, unit, window = rest.rsplit(":", 2)
+            combos.add(f"{scope}:{unit}:{window}")
+        if combos:
+            await self._redis.hset(CONFIG_KEY, INDEX_FIELD, ",".join(sorted(combos)))
+        else:
+            await self._redis.delete(CONFIG_KEY)
+
+    async def show(self, now: float | None = None) -> list[BudgetState]:
+        moment = time.time() if now is None else now
+        out = []
+        for raw_field, raw_limit in sorted((await self._redis.hgetall(CONFIG_KEY)).items()):
+            text = raw_field.decode() if isinstance(raw_field, bytes) else str(raw_field)
+            if text == INDEX_FIELD:
+                continue
+            scope, rest = text.split(":", 1)
+            subject, unit, window = rest.rsplit(":", 2)
+            key = counter_key(scope, subject, unit, window, window_index(window, moment))
+            used = int(await self._redis.get(key) or 0)
+            now_ms = int(moment * 1000)
+            members: list[bytes] = await self._redis.zrangebyscore(  # type: ignore[assignment]
+                f"{key}:held", now_ms, "+inf"
+            )
+            held = sum(int(bytes(m).rsplit(b"|", 1)[1]) for m in members)
+            out.append(BudgetState(scope, subject, unit, window, int(raw_limit), used, held))
+        return out
+
+    async def reset(self, scope: str, subject: str) -> int:
+        """Forget the usage counted against one subject's budgets (every window)."""
+        removed = 0
+        pattern = f"kv:budget:{{budget}}:{scope}:{subject}:*"
+        async for key in self._redis.scan_iter(match=pattern, count=500):
+            removed += int(await self._redis.delete(key))
+        return removed

@@ -1,0 +1,180 @@
+"""Budgets against a real Redis: reserve, refuse, settle, expire, fail closed or open."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from shared.budgets import (
+    CONFIG_KEY,
+    INDEX_FIELD,
+    BudgetAdmin,
+    BudgetExceeded,
+    Budgets,
+    BudgetUnavailable,
+    Estimate,
+    Hold,
+    counter_key,
+    window_index,
+)
+from shared.ratelimit import redis_client as make_client
+from tests.support import free_port
+
+
+@pytest.fixture
+async def admin(redis_client: aioredis.Redis) -> AsyncIterator[BudgetAdmin]:
+    await redis_client.delete(CONFIG_KEY)
+    yield BudgetAdmin(redis_client)
+    await redis_client.delete(CONFIG_KEY)
+
+
+def _user() -> str:
+    return uuid.uuid4().hex
+
+
+async def test_reservations_fit_the_limit_and_settle_to_real_usage(
+    redis_client: aioredis.Redis, admin: BudgetAdmin
+) -> None:
+    user = _user()
+    await admin.set("user", user, "micros", "day", 1000)
+    budgets = Budgets(redis_client)
+    subjects = [("token", "t1"), ("user", user)]
+    first = await budgets.reserve(subjects=subjects, estimate=Estimate(tokens=10, micros=600))
+    assert first is not None
+    # 600 held + 600 more would pass 1000: refused, naming the budget, nothing held.
+    with pytest.raises(BudgetExceeded) as refused:
+        await budgets.reserve(subjects=subjects, estimate=Estimate(tokens=10, micros=600))
+    assert refused.value.name == "user-micros-day"
+    assert refused.value.remaining == 400
+    headers = refused.value.headers()
+    assert headers["RateLimit-Policy"] == '"budget-user-micros-day";q=1000;w=86400'
+    assert headers["RateLimit"].startswith('"budget-user-micros-day";r=400;t=')
+    # The call really cost 250: the reservation goes, the real cost stays.
+    await budgets.settle(first, tokens=10, micros=250)
+    [state] = await admin.show()
+    assert (state.used, state.held, state.limit) == (250, 0, 1000)
+    second = await budgets.reserve(subjects=subjects, estimate=Estimate(tokens=10, micros=600))
+    assert second is not None
+    await budgets.settle(second, tokens=10, micros=0)
+    key = counter_key("user", user, "micros", "day", window_index("day", time.time()))
+    assert int(await redis_client.get(key) or 0) == 250
+    assert 0 < await redis_client.ttl(key) <= 86_400 + 3600
+
+
+async def test_a_default_budget_applies_to_every_subject_without_its_own(
+    redis_client: aioredis.Redis, admin: BudgetAdmin
+) -> None:
+    await admin.set("user", "*", "tokens", "minute", 100)
+    vip = _user()
+    await admin.set("user", vip, "tokens", "minute", 10_000)
+    budgets = Budgets(redis_client)
+    with pytest.raises(BudgetExceeded, match="user-tokens-minute"):
+        await budgets.reserve(subjects=[("user", _user())], estimate=Estimate(500, 0))
+    assert await budgets.reserve(subjects=[("user", vip)], estimate=Estimate(500, 0)) is not None
+    # No budget for apps: nothing to hold.
+    assert await budgets.reserve(subjects=[("app", "demo")], estimate=Estimate(500, 0)) is None
+
+
+async def test_a_reservation_never_settled_lapses_with_its_ttl(
+    redis_client: aioredis.Redis, admin: BudgetAdmin
+) -> None:
+    user = _user()
+    await admin.set("user", user, "micros", "month", 100)
+    budgets = Budgets(redis_client, hold_ttl_s=0.3)
+    held = await budgets.reserve(subjects=[("user", user)], estimate=Estimate(0, 100))
+    assert held is not None  # ... and the proxy holding it is killed: never settled
+    with pytest.raises(BudgetExceeded):
+        await budgets.reserve(subjects=[("user", user)], estimate=Estimate(0, 1))
+    await asyncio.sleep(0.4)
+    assert await budgets.reserve(subjects=[("user", user)], estimate=Estimate(0, 100))
+    [state] = await admin.show()
+    assert state.used == 0
+
+
+async def test_reset_forgets_counted_usage(
+    redis_client: aioredis.Redis, admin: BudgetAdmin
+) -> None:
+    user = _user()
+    await admin.set("user", user, "micros", "day", 100)
+    budgets = Budgets(redis_client)
+    hold = await budgets.reserve(subjects=[("user", user)], estimate=Estimate(0, 100))
+    assert hold is not None
+    await budgets.settle(hold, tokens=0, micros=100)
+    with pytest.raises(BudgetExceeded):
+        await budgets.reserve(subjects=[("user", user)], estimate=Estimate(0, 1))
+    assert await admin.reset("user", user) >= 1
+    assert await budgets.reserve(subjects=[("user", user)], estimate=Estimate(0, 1))
+
+
+async def test_unreachable_redis_fails_closed_by_default_or_open_when_told() -> None:
+    dead = make_client(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.2)
+    try:
+        closed = Budgets(dead)
+        with pytest.raises(BudgetUnavailable):
+            await closed.reserve(subjects=[("user", "u")], estimate=Estimate(1, 1))
+        opened = Budgets(dead, failure_mode="open")
+        assert await opened.reserve(subjects=[("user", "u")], estimate=Estimate(1, 1)) is None
+    finally:
+        await dead.aclose()
+
+
+def test_windows_are_numbered_like_the_script() -> None:
+    moment = 1_764_633_600.0  # 2025-12-02T00:00:00Z
+    assert window_index("minute", moment) == int(moment // 60)
+    assert window_index("day", moment) == 20_424
+    assert window_index("month", moment) == 2025 * 12 + 11
+
+
+async def test_spent_usage_is_charged_and_reports_the_fullest_budget(
+    redis_client: aioredis.Redis, admin: BudgetAdmin
+) -> None:
+    user = _user()
+    await admin.set("user", user, "micros", "day", 10_000)
+    await admin.set("global", "all", "micros", "month", 10**12)
+    budgets = Budgets(redis_client)
+    subjects = [("user", user), ("global", "all")]
+    assert await budgets.charge(subjects=subjects, tokens=0, micros=4_000) == (
+        0.4,
+        "user-micros-day",
+    )
+    held = await budgets.reserve(subjects=subjects, estimate=Estimate(0, 5_000))
+    assert held is not None  # a reservation counts toward how full the budget is
+    assert await budgets.charge(subjects=subjects, tokens=0, micros=500) == (
+        0.95,
+        "user-micros-day",
+    )
+    assert await budgets.charge(subjects=[("user", _user())], tokens=5, micros=5) is None
+    [state] = [s for s in await admin.show() if s.subject == user]
+    assert state.used == 4_500
+
+
+async def test_budgets_written_without_the_index_are_still_enforced(
+    redis_client: aioredis.Redis, admin: BudgetAdmin
+) -> None:
+    user = _user()
+    # As an older writer (or a hand-made HSET) leaves it: no `_index` field.
+    await redis_client.hset(CONFIG_KEY, f"user:{user}:tokens:day", 10)
+    budgets = Budgets(redis_client)
+    with pytest.raises(BudgetExceeded, match="user-tokens-day"):
+        await budgets.reserve(subjects=[("user", user)], estimate=Estimate(11, 0))
+    await admin.set("app", "shop", "micros", "day", 5)  # writes the index: both combos
+    assert await redis_client.hget(CONFIG_KEY, INDEX_FIELD) == b"app:micros:day,user:tokens:day"
+    with pytest.raises(BudgetExceeded, match="user-tokens-day"):
+        await budgets.reserve(subjects=[("user", user)], estimate=Estimate(11, 0))
+
+
+def test_what_a_call_without_reported_usage_is_settled_with() -> None:
+    from services.proxy.spend import SpendGuard
+
+    hold = Hold("h", (), Estimate(tokens=500, micros=300))
+    assert SpendGuard.charge(hold, 200, None, relayed=True) == (500, 300)  # no usage report
+    assert SpendGuard.charge(hold, 499, None, relayed=True) == (500, 300)  # client gone
+    assert SpendGuard.charge(hold, 502, None, relayed=True) == (500, 300)  # stream broke
+    assert SpendGuard.charge(hold, 400, None, relayed=True) == (0, 0)  # the provider refused
+    assert SpendGuard.charge(hold, 502, None, relayed=False) == (0, 0)  # never answered
+    assert SpendGuard.charge(hold, 200, None, relayed=False) == (0, 0)  # cache hit, demo
