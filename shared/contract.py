@@ -145,6 +145,12 @@ class Refusal(StrEnum):
         _C.unavailable,
         "the identity provider cannot be reached; try again shortly",
     )
+    BUDGET_UNAVAILABLE = (
+        "budget_unavailable",
+        503,
+        _C.unavailable,
+        "budgets cannot be checked; try again",
+    )
     KEY_UNAVAILABLE = ("key_unavailable", 503, _C.unavailable, "no provider key is available")
     KEK_UNAVAILABLE = ("kek_unavailable", 503, _C.unavailable, "the key custody is unavailable")
     VOICE_UNAVAILABLE = ("voice_unavailable", 503, _C.unavailable, "voice is unavailable")
