@@ -17,7 +17,7 @@ import asyncio
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -169,35 +169,72 @@ async def read_json(
     return JsonBody(raw, payload)
 
 
-@dataclass
-class _FormScan:
-    """Names the multipart parts as they stream past (no part data is kept)."""
+class PartReader:
+    """Follows a multipart body part by part: collects each part's Content-Disposition and
+    hands its options to `part_named`; subclasses decide what to keep of the part data."""
 
-    header_field: bytearray = field(default_factory=bytearray)
-    header_value: bytearray = field(default_factory=bytearray)
-    disposition: bytes = b""
-    has_file: bool = False
-    model: bytearray | None = None
-    in_model: bool = False
+    def __init__(self) -> None:
+        self._field = bytearray()
+        self._value = bytearray()
+        self._disposition = b""
+
+    def parser(self, boundary: bytes) -> MultipartParser:
+        """A python-multipart parser that calls this reader back."""
+        return MultipartParser(
+            boundary,
+            {
+                "on_part_begin": self.on_part_begin,
+                "on_header_field": self.on_header_field,
+                "on_header_value": self.on_header_value,
+                "on_header_end": self.on_header_end,
+                "on_headers_finished": self.on_headers_finished,
+                "on_part_data": self.on_part_data,
+            },
+        )
 
     def on_part_begin(self) -> None:
-        self.disposition = b""
-        self.in_model = False
+        self._disposition = b""
+        self.part_begins()
 
     def on_header_field(self, data: bytes, start: int, end: int) -> None:
-        self.header_field += data[start:end]
+        self._field += data[start:end]
 
     def on_header_value(self, data: bytes, start: int, end: int) -> None:
-        self.header_value += data[start:end]
+        self._value += data[start:end]
 
     def on_header_end(self) -> None:
-        if bytes(self.header_field).lower() == b"content-disposition":
-            self.disposition = bytes(self.header_value)
-        self.header_field.clear()
-        self.header_value.clear()
+        if bytes(self._field).lower() == b"content-disposition":
+            self._disposition = bytes(self._value)
+        self._field.clear()
+        self._value.clear()
 
     def on_headers_finished(self) -> None:
-        _, options = parse_options_header(self.disposition)
+        _, options = parse_options_header(self._disposition)
+        self.part_named(options)
+
+    def part_begins(self) -> None:
+        """A new part starts (before its headers)."""
+
+    def part_named(self, options: dict[bytes, bytes]) -> None:
+        """The part's Content-Disposition options are known (`name`, `filename`)."""
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        """A piece of the current part's data."""
+
+
+class _FormScan(PartReader):
+    """Names the multipart parts as they stream past (no part data is kept)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.has_file = False
+        self.model: bytearray | None = None
+        self.in_model = False
+
+    def part_begins(self) -> None:
+        self.in_model = False
+
+    def part_named(self, options: dict[bytes, bytes]) -> None:
         name = options.get(b"name")
         if name == b"file" and b"filename" in options:
             self.has_file = True
@@ -243,17 +280,7 @@ async def spool_multipart(
         raise UnsupportedMediaTypeError("Content-Type must be multipart/form-data with a boundary")
     _check_declared_length(content_length, limit)
     scan = _FormScan()
-    parser = MultipartParser(
-        boundary,
-        {
-            "on_part_begin": scan.on_part_begin,
-            "on_header_field": scan.on_header_field,
-            "on_header_value": scan.on_header_value,
-            "on_header_end": scan.on_header_end,
-            "on_headers_finished": scan.on_headers_finished,
-            "on_part_data": scan.on_part_data,
-        },
-    )
+    parser = scan.parser(boundary)
     hasher = digest.new_hasher()
     spool = tempfile.SpooledTemporaryFile(  # noqa: SIM115 - closed by Upload
         max_size=_SPOOL_IN_MEMORY, dir=str(spool_dir) if spool_dir else None

@@ -27,7 +27,7 @@ from typing import Any
 
 import httpx
 import orjson
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import parse_options_header
 
 from shared.errors import (
     BadRequestError,
@@ -41,7 +41,7 @@ from shared.tokens import ProxyClaims
 from shared.voicepolicy import VoiceApi, VoicePolicy, build_session
 from shared.voicesessions import VoiceSession
 
-from ..bodies import UnsupportedMediaTypeError, read_json
+from ..bodies import PartReader, UnsupportedMediaTypeError, read_json
 from ..routes import PREFIX, Route
 from ..upstream import KeySource
 from .metrics import SETUP_LATENCY
@@ -88,34 +88,18 @@ async def _read_capped(
     return b"".join(parts)
 
 
-class _Form:
+class _Form(PartReader):
     """The named parts of a small multipart body (sdp, session); nothing else allowed."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.parts: dict[str, bytearray] = {}
-        self._field = bytearray()
-        self._value = bytearray()
-        self._disposition = b""
         self._current: bytearray | None = None
 
-    def on_part_begin(self) -> None:
-        self._disposition = b""
+    def part_begins(self) -> None:
         self._current = None
 
-    def on_header_field(self, data: bytes, start: int, end: int) -> None:
-        self._field += data[start:end]
-
-    def on_header_value(self, data: bytes, start: int, end: int) -> None:
-        self._value += data[start:end]
-
-    def on_header_end(self) -> None:
-        if bytes(self._field).lower() == b"content-disposition":
-            self._disposition = bytes(self._value)
-        self._field.clear()
-        self._value.clear()
-
-    def on_headers_finished(self) -> None:
-        _, options = parse_options_header(self._disposition)
+    def part_named(self, options: dict[bytes, bytes]) -> None:
         name = options.get(b"name", b"").decode("latin-1")
         if name not in ("sdp", "session"):
             raise BadRequestError(
@@ -136,17 +120,7 @@ def _parse_form(raw: bytes, content_type: str) -> dict[str, bytes]:
     if not boundary:
         raise UnsupportedMediaTypeError("multipart/form-data needs a boundary")
     form = _Form()
-    parser = MultipartParser(
-        boundary,
-        {
-            "on_part_begin": form.on_part_begin,
-            "on_header_field": form.on_header_field,
-            "on_header_value": form.on_header_value,
-            "on_header_end": form.on_header_end,
-            "on_headers_finished": form.on_headers_finished,
-            "on_part_data": form.on_part_data,
-        },
-    )
+    parser = form.parser(boundary)
     try:
         parser.write(raw)
         parser.finalize()
