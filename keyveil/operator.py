@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import nats
+import nats.errors
 from nats.aio.client import Client as NATS
 
 from shared.bus import server_urls
@@ -77,3 +78,27 @@ def print_table(header: Sequence[str], rows: Iterable[Sequence[str]], *, empty: 
     for row in table:
         cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
         print("  ".join(cells).rstrip())
+
+
+async def publish_operator_audit(state_dir: Path, event_type: str, detail: dict[str, Any]) -> bool:
+    """Record an operator action on `keyveil.audit.operator`; False when it could not be."""
+    from shared.events import AUDIT_STREAM, AuditEvent
+
+    event = AuditEvent(service="operator", type=event_type, actor="operator", detail=detail)
+    try:
+        nc = await operator_nats(state_dir)
+    except (OSError, nats.errors.Error):
+        return False
+    try:
+        await nc.jetstream().publish(
+            event.subject,
+            event.model_dump_json().encode(),
+            stream=AUDIT_STREAM.name,
+            timeout=3.0,
+            headers={"Nats-Msg-Id": event.event_id},
+        )
+    except (OSError, nats.errors.Error):
+        return False
+    finally:
+        await nc.close()
+    return True

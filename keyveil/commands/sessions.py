@@ -18,11 +18,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import nats.errors
 import redis.exceptions
 
-from keyveil.operator import load_stack, operator_nats
-from shared.events import AUDIT_STREAM, AuditEvent
+from keyveil.operator import load_stack, publish_operator_audit
 from shared.ratelimit import redis_client
 from shared.voicesessions import VoiceRegistry, VoiceSession
 
@@ -153,26 +151,5 @@ async def _close(registry: VoiceRegistry, args: argparse.Namespace, state_dir: P
 
 
 async def _audit(state_dir: Path, args: argparse.Namespace) -> bool:
-    event = AuditEvent(
-        service="operator",
-        type="voice.session.close_requested",
-        actor="operator",
-        detail={"voice_session_id": args.session_id, "via": "cli", "reason": args.reason},
-    )
-    try:
-        nc = await operator_nats(state_dir)
-    except (OSError, nats.errors.Error):
-        return False
-    try:
-        await nc.jetstream().publish(
-            event.subject,
-            event.model_dump_json().encode(),
-            stream=AUDIT_STREAM.name,
-            timeout=3.0,
-            headers={"Nats-Msg-Id": event.event_id},
-        )
-    except (OSError, nats.errors.Error):
-        return False
-    finally:
-        await nc.close()
-    return True
+    detail = {"voice_session_id": args.session_id, "via": "cli", "reason": args.reason}
+    return await publish_operator_audit(state_dir, "voice.session.close_requested", detail)

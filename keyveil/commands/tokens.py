@@ -21,13 +21,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import nats.errors
 import redis.exceptions
 
-from keyveil.operator import load_stack, operator_nats
+from keyveil.operator import load_stack, publish_operator_audit
 from services.token.revocation import revoke_token
 from shared.errors import UnavailableError
-from shared.events import AUDIT_STREAM, AuditEvent
 from shared.principals import PrincipalHasher, revoked_user_key
 from shared.ratelimit import redis_client
 
@@ -149,29 +147,7 @@ async def _revoke_user(args: argparse.Namespace) -> int:
 async def _audit(
     state_dir: Path, args: argparse.Namespace, detail: dict[str, Any] | None = None
 ) -> bool:
-    event = AuditEvent(
-        service="operator",
-        type="token.revoked",
-        actor="operator",
-        detail=detail_for(args, detail),
-    )
-    try:
-        nc = await operator_nats(state_dir)
-    except (OSError, nats.errors.Error):
-        return False
-    try:
-        await nc.jetstream().publish(
-            event.subject,
-            event.model_dump_json().encode(),
-            stream=AUDIT_STREAM.name,
-            timeout=3.0,
-            headers={"Nats-Msg-Id": event.event_id},
-        )
-    except (OSError, nats.errors.Error):
-        return False
-    finally:
-        await nc.close()
-    return True
+    return await publish_operator_audit(state_dir, "token.revoked", detail_for(args, detail))
 
 
 def detail_for(args: argparse.Namespace, extra: dict[str, Any] | None) -> dict[str, Any]:
