@@ -24,6 +24,7 @@ import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -150,8 +151,22 @@ class LocalKek(KekProvider):
 # --- remote helpers ---------------------------------------------------------------------
 
 
-async def _in_thread(call: Callable[[], T]) -> T:
-    return await asyncio.to_thread(call)
+class _BlockingCalls:
+    """The provider's own small thread pool for its blocking client (hvac, boto3).
+
+    Not the loop's default executor: while Vault or KMS hangs, each call holds a thread
+    until the client's own timeout, and in the shared pool those would starve everything
+    else that runs in threads (the JWKS fetches, other providers' calls).
+    """
+
+    def __init__(self, name: str, max_workers: int = 8) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix=name)
+
+    async def run(self, call: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, call)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 # --- Vault / OpenBao transit ------------------------------------------------------------
@@ -199,6 +214,7 @@ class VaultTransitKek(KekProvider):
         self._mount = mount
         self._auth = auth
         self._client = hvac.Client(url=addr, timeout=timeout_s, verify=verify)
+        self._calls = _BlockingCalls("kek-vault")
         self._logged_in = auth.method == "token"
         if auth.token:
             self._client.token = auth.token
@@ -278,11 +294,11 @@ class VaultTransitKek(KekProvider):
         return self._call(operation)
 
     async def current_kek_id(self) -> str:
-        data = await _in_thread(self._read_key)
+        data = await self._calls.run(self._read_key)
         return f"{self._prefix}v{data['latest_version']}"
 
     async def describe(self) -> dict[str, str]:
-        data = await _in_thread(self._read_key)
+        data = await self._calls.run(self._read_key)
         return {
             "provider": self.name,
             "current": f"{self._prefix}v{data['latest_version']}",
@@ -301,7 +317,7 @@ class VaultTransitKek(KekProvider):
             text: str = reply["data"]["ciphertext"]
             return text
 
-        ciphertext = await _in_thread(lambda: self._bound(encrypt))
+        ciphertext = await self._calls.run(lambda: self._bound(encrypt))
         return WrappedKey(self._kek_id(ciphertext), ciphertext.encode())
 
     async def unwrap(self, wrapped: WrappedKey, context: WrapContext) -> bytes:
@@ -317,7 +333,7 @@ class VaultTransitKek(KekProvider):
             )
             return base64.b64decode(reply["data"]["plaintext"])
 
-        return await _in_thread(lambda: self._bound(decrypt))
+        return await self._calls.run(lambda: self._bound(decrypt))
 
     async def rewrap(self, wrapped: WrappedKey, context: WrapContext) -> WrappedKey:
         if not self.owns(wrapped.kek_id):
@@ -333,10 +349,11 @@ class VaultTransitKek(KekProvider):
             text: str = reply["data"]["ciphertext"]
             return text
 
-        ciphertext = await _in_thread(lambda: self._bound(rewrap))
+        ciphertext = await self._calls.run(lambda: self._bound(rewrap))
         return WrappedKey(self._kek_id(ciphertext), ciphertext.encode())
 
     def close(self) -> None:
+        self._calls.close()
         self._client.adapter.close()
 
 
@@ -371,6 +388,7 @@ class AwsKmsKek(KekProvider):
         from botocore.config import Config
 
         self._key_id = key_id
+        self._calls = _BlockingCalls("kek-kms")
         self._client: Any = boto3.session.Session().client(
             "kms",
             region_name=region,
@@ -410,7 +428,7 @@ class AwsKmsKek(KekProvider):
         return f"aws-kms:{arn}#r{len(rotations)}"
 
     async def current_kek_id(self) -> str:
-        return await _in_thread(lambda: self._call(self._version))
+        return await self._calls.run(lambda: self._call(self._version))
 
     async def describe(self) -> dict[str, str]:
         def state() -> dict[str, str]:
@@ -418,7 +436,7 @@ class AwsKmsKek(KekProvider):
             meta = self._client.describe_key(KeyId=self._key_id)["KeyMetadata"]
             return {"provider": self.name, "current": current, "key_state": str(meta["KeyState"])}
 
-        return await _in_thread(lambda: self._call(state))
+        return await self._calls.run(lambda: self._call(state))
 
     async def new_data_key(self, context: WrapContext) -> tuple[bytes, WrappedKey]:
         def generate() -> tuple[bytes, WrappedKey]:
@@ -428,7 +446,7 @@ class AwsKmsKek(KekProvider):
             )
             return bytes(reply["Plaintext"]), WrappedKey(kek_id, bytes(reply["CiphertextBlob"]))
 
-        return await _in_thread(lambda: self._call(generate))
+        return await self._calls.run(lambda: self._call(generate))
 
     async def wrap(self, data_key: bytes, context: WrapContext) -> WrappedKey:
         def encrypt() -> WrappedKey:
@@ -438,7 +456,7 @@ class AwsKmsKek(KekProvider):
             )
             return WrappedKey(kek_id, bytes(reply["CiphertextBlob"]))
 
-        return await _in_thread(lambda: self._call(encrypt))
+        return await self._calls.run(lambda: self._call(encrypt))
 
     def _resolve(self) -> str:
         if self._arn is None:
@@ -465,7 +483,7 @@ class AwsKmsKek(KekProvider):
             )
             return bytes(reply["Plaintext"])
 
-        return await _in_thread(lambda: self._call(decrypt))
+        return await self._calls.run(lambda: self._call(decrypt))
 
     async def rewrap(self, wrapped: WrappedKey, context: WrapContext) -> WrappedKey:
         if not wrapped.kek_id.startswith("aws-kms:"):
@@ -481,9 +499,10 @@ class AwsKmsKek(KekProvider):
             )
             return WrappedKey(kek_id, bytes(reply["CiphertextBlob"]))
 
-        return await _in_thread(lambda: self._call(reencrypt))
+        return await self._calls.run(lambda: self._call(reencrypt))
 
     def close(self) -> None:
+        self._calls.close()
         self._client.close()
 
 

@@ -63,9 +63,11 @@ def test_every_audit_type_the_producers_emit_is_in_the_table() -> None:
             is None
         ), event_type
     token = (ROOT / "services/token/app.py").read_text()
-    operator = (ROOT / "keyveil/commands/tokens.py").read_text()
+    operator = "\n".join(p.read_text() for p in (ROOT / "keyveil/commands").glob("*.py"))
     for publisher, source in (("token", token), ("operator", operator)):
         found = re.findall(rf'AuditEvent\(\s*service="{publisher}",\s*type="([a-z_.]+)"', source)
+        if publisher == "operator":  # keyveil.operator.publish_operator_audit(dir, "type", ...)
+            found += re.findall(r'publish_operator_audit\(\s*\w+,\s*"([a-z_.]+)"', source)
         assert found, publisher
         for event_type in found:
             assert (
