@@ -75,16 +75,15 @@ def budget_field(scope: str, subject: str, unit: str, window: str) -> str:
     return f"{scope}:{subject}:{unit}:{window}"
 
 
-# ARGV: reservation id, ttl_ms, estimate tokens, estimate micros, then (scope, subject)
-# pairs. Returns {0, counters...} (base key, unit, window end s, amount per counter) or
-# {1, name, limit, remaining, reset_s} when a budget would be exceeded.
-_RESERVE_LUA: Final = r"""
+# The start both scripts share: Redis time, the calendar windows (minute, day, UTC month)
+# and the lookup of every configured budget that applies to the given (scope, subject)
+# pairs. ARGV[3], ARGV[4]: tokens and micros; then the pairs from ARGV[5].
+_LOOKUP_LUA: Final = r"""
 local cfg = KEYS[1]
 if redis.call('EXISTS', cfg) == 0 then return {0} end
 local t = redis.call('TIME')
 local sec = tonumber(t[1])
 local now_ms = sec * 1000 + math.floor(tonumber(t[2]) / 1000)
-local id, ttl = ARGV[1], tonumber(ARGV[2])
 local est = {tokens = tonumber(ARGV[3]), micros = tonumber(ARGV[4])}
 local function days_from_civil(y, m, d)
   if m <= 2 then y = y - 1 end
@@ -140,6 +139,16 @@ for i = 5, #ARGV, 2 do
 end
 if #fields == 0 then return {0} end
 local values = redis.call('HMGET', cfg, unpack(fields))
+"""
+
+
+# ARGV: reservation id, ttl_ms, estimate tokens, estimate micros, then (scope, subject)
+# pairs. Returns {0, counters...} (base key, unit, window end s, amount per counter) or
+# {1, name, limit, remaining, reset_s} when a budget would be exceeded.
+_RESERVE_LUA: Final = (
+    _LOOKUP_LUA
+    + r"""
+local id, ttl = ARGV[1], tonumber(ARGV[2])
 local applied = {}
 for j, m in ipairs(meta) do
   local limit = tonumber(values[2 * j - 1] or '') or tonumber(values[2 * j] or '')
@@ -176,6 +185,7 @@ for _, a in ipairs(applied) do
 end
 return out
 """
+)
 
 # ARGV: reservation id, actual tokens, actual micros, then (base, unit, window end s,
 # reserved amount) per counter. Drops the reservations, adds the real usage.
@@ -196,67 +206,9 @@ return 1
 # Usage already spent (a voice tick), added to every budget that applies. ARGV: tokens,
 # micros, then (scope, subject) pairs (the first four ARGV of the lookup are unused).
 # Returns {permille of the fullest budget (committed + held) / limit, its name}.
-_CHARGE_LUA: Final = r"""
-local cfg = KEYS[1]
-if redis.call('EXISTS', cfg) == 0 then return {0} end
-local t = redis.call('TIME')
-local sec = tonumber(t[1])
-local now_ms = sec * 1000 + math.floor(tonumber(t[2]) / 1000)
-local est = {tokens = tonumber(ARGV[3]), micros = tonumber(ARGV[4])}
-local function days_from_civil(y, m, d)
-  if m <= 2 then y = y - 1 end
-  local era = math.floor(y / 400)
-  local yoe = y - era * 400
-  local mp = (m + 9) % 12
-  local doy = math.floor((153 * mp + 2) / 5) + d - 1
-  local doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
-  return era * 146097 + doe - 719468
-end
-local function civil(days)
-  local z = days + 719468
-  local era = math.floor(z / 146097)
-  local doe = z - era * 146097
-  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
-    - math.floor(doe / 146096)) / 365)
-  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
-  local mp = math.floor((5 * doy + 2) / 153)
-  local m = mp < 10 and mp + 3 or mp - 9
-  local y = yoe + era * 400
-  if m <= 2 then y = y + 1 end
-  return y, m
-end
-local function window(w)
-  if w == 'minute' then local i = math.floor(sec / 60) return i, (i + 1) * 60 end
-  if w == 'day' then local i = math.floor(sec / 86400) return i, (i + 1) * 86400 end
-  local y, m = civil(math.floor(sec / 86400))
-  local ny, nm = y, m + 1
-  if nm == 13 then ny, nm = y + 1, 1 end
-  return y * 12 + m - 1, days_from_civil(ny, nm, 1) * 86400
-end
--- `_index`: the scope:unit:window combinations some budget uses (BudgetAdmin keeps it);
--- without it every combination is looked up.
-local used_combos = {}
-local index = redis.call('HGET', cfg, '_index')
-if index then
-  for combo in string.gmatch(index, '[^,]+') do used_combos[combo] = true end
-end
-local units = {'tokens', 'micros'}
-local windows = {'minute', 'day', 'month'}
-local fields, meta = {}, {}
-for i = 5, #ARGV, 2 do
-  local scope, subject = ARGV[i], ARGV[i + 1]
-  for _, u in ipairs(units) do
-    for _, w in ipairs(windows) do
-      if not index or used_combos[scope .. ':' .. u .. ':' .. w] then
-        fields[#fields + 1] = scope .. ':' .. subject .. ':' .. u .. ':' .. w
-        fields[#fields + 1] = scope .. ':*:' .. u .. ':' .. w
-        meta[#meta + 1] = {scope, subject, u, w}
-      end
-    end
-  end
-end
-if #fields == 0 then return {0} end
-local values = redis.call('HMGET', cfg, unpack(fields))
+_CHARGE_LUA: Final = (
+    _LOOKUP_LUA
+    + r"""
 local worst, worst_name = 0, ''
 for j, m in ipairs(meta) do
   local limit = tonumber(values[2 * j - 1] or '') or tonumber(values[2 * j] or '')
@@ -278,6 +230,7 @@ for j, m in ipairs(meta) do
 end
 return {worst, worst_name}
 """
+)
 
 
 @dataclass(frozen=True, slots=True)
