@@ -57,4 +57,4 @@ class PrincipalHasher:
 
 def revoked_user_key(sub_hash: str) -> str:
     """The Redis key holding the time (unix s) before which a user's tokens are revoked."""
-    return f"kv:revoked-user:{sub_hash}"
+    return f"kv:revoked-user:{{{sub_hash}}}"  # hash tag: the user's slot (shared.ratelimit)

@@ -35,7 +35,7 @@ import math
 import ssl
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
@@ -46,11 +46,12 @@ import redis.exceptions
 from prometheus_client import Counter
 from redis.asyncio.connection import Connection as _TcpConnection
 from redis.asyncio.connection import SSLConnection as _SslConnection
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.asyncio.sentinel import SentinelConnectionPool, SentinelManagedSSLConnection
 
+from shared.clusteradmission import SlotGroupedAdmission
 from shared.contract import Category, Refusal
 from shared.principals import revoked_user_key
+from shared.redistopology import RedisTopology, cluster_of, connect
 from shared.tokens import revoked_key
 
 __all__ = [
@@ -163,10 +164,12 @@ def redis_unavailable() -> Iterator[None]:
 
 
 # KEYS: block, revoked ("" when unused), nonce ("" when unused), revoked user ("" when
-# unused), then one per layer.
-# ARGV: nonce_ttl_ms, token iat (s; a user's tokens issued at or before the stored time
-# are revoked), then (period_us, limit) per layer.
-# Returns {code, layer_index (1-based, 0 = none), remaining, reset_after_us, retry_after_us}.
+# unused), then one per layer. (A cluster slot group passes a key of its own slot that
+# never exists instead of "": shared.clusteradmission.)
+# ARGV: nonce_ttl_ms (0: no nonce), token iat (s; a user's tokens issued at or before the
+# stored time are revoked), then (period_us, limit) per layer.
+# Returns {code, layer_index (1-based, 0 = none), remaining, reset_after_us, retry_after_us},
+# and when admitted the new TAT of every layer after them (what a refund compares).
 _ADMIT_LUA: Final = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -184,7 +187,8 @@ if KEYS[4] ~= '' then
     return {3, 0, 0, 0, 0}
   end
 end
-if KEYS[3] ~= '' and redis.call('EXISTS', KEYS[3]) == 1 then
+local nonce = KEYS[3] ~= '' and tonumber(ARGV[1]) > 0
+if nonce and redis.call('EXISTS', KEYS[3]) == 1 then
   return {2, 0, 0, 0, 0}
 end
 local n = #KEYS - 4
@@ -208,15 +212,17 @@ for i = 1, n do
     best, best_remaining, best_reset = i, remaining, math.ceil(new_tat - now)
   end
 end
+local out = {0, best, math.max(best_remaining, 0), best_reset, 0}
 for i = 1, n do
   local ttl_ms = math.ceil((new_tats[i] - now) / 1000)
-  redis.call('SET', KEYS[4 + i], string.format('%.17g', new_tats[i]), 'PX', ttl_ms)
+  local stored = string.format('%.17g', new_tats[i])
+  redis.call('SET', KEYS[4 + i], stored, 'PX', ttl_ms)
+  out[5 + i] = stored
 end
-if KEYS[3] ~= '' then
+if nonce then
   redis.call('SET', KEYS[3], '1', 'PX', tonumber(ARGV[1]))
 end
-if best_remaining < 0 then best_remaining = 0 end
-return {0, best, best_remaining, best_reset, 0}
+return out
 """
 
 # KEYS: strikes, block. ARGV: threshold, window_ms, block_ms. Returns 1 when this strike blocked.
@@ -233,37 +239,32 @@ return 0
 """
 
 
+# Every key names its subject as a Cluster hash tag ({subject}): what one check must
+# change atomically shares a slot (docs/redis.md has the key table).
+
+
 def rate_key(layer: str, subject: str) -> str:
-    return f"kv:rl:{layer}:{subject}"
+    return f"kv:rl:{layer}:{{{subject}}}"
 
 
 def nonce_key(nonce: str) -> str:
-    """`nonce` is whatever must be unique, e.g. f"{keyid}:{nonce}"."""
-    return f"kv:nonce:{nonce}"
+    """`nonce` is whatever must be unique, e.g. f"{keyid}:{nonce}"; the part before the
+    first ':' is its subject (the token id: its slot holds the token's other keys)."""
+    subject, _, rest = nonce.partition(":")
+    return f"kv:nonce:{{{subject}}}:{rest}"
 
 
 def block_key(client_ip: str) -> str:
-    return f"kv:block:{client_ip}"
+    return f"kv:block:{{{client_ip}}}"
 
 
 def strikes_key(client_ip: str) -> str:
-    return f"kv:strikes:{client_ip}"
+    return f"kv:strikes:{{{client_ip}}}"
 
 
 def redis_client(url: str, timeout_s: float = 0.5) -> aioredis.Redis:
-    """A Redis client that cannot hang: socket and connect timeouts, one quick retry.
-
-    The single retry lets a pooled connection that died with a restarted server be
-    replaced transparently; anything more would multiply the worst-case latency.
-    """
-    client: aioredis.Redis = aioredis.Redis.from_url(
-        url,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        retry=Retry(NoBackoff(), 1),
-        health_check_interval=0,
-    )
-    return client
+    """A standalone Redis client that cannot hang (shared.redistopology has the others)."""
+    return connect(RedisTopology(url, timeout_s))
 
 
 @dataclass(frozen=True)
@@ -507,9 +508,11 @@ class PipelinedScript:
     redis-py's asyncio client spends ~250 us of CPU per call (pool checkout, retry
     wrapper, timeouts, parsing); concurrent requests here share one connection and
     only pay for packing and parsing a five-integer reply. TCP or TLS (`rediss://`,
-    the server certificate verified unless the URL says `ssl_cert_reqs=none`); for a
-    unix socket `for_client` returns None and callers keep redis-py. Any connection
-    trouble raises `redis.exceptions.ConnectionError`, and the next call reconnects.
+    the server certificate verified unless the URL says `ssl_cert_reqs=none`). Behind
+    Sentinel each connection goes to the master Sentinel names at that moment (`resolve`),
+    so a failover is followed at the next reconnect. For a unix socket or a cluster
+    `for_client` returns None and callers keep redis-py. Any connection trouble raises
+    `redis.exceptions.ConnectionError`, and the next call reconnects.
     """
 
     def __init__(
@@ -523,8 +526,11 @@ class PipelinedScript:
         connect_timeout_s: float = 0.5,
         script: str,
         tls: ssl.SSLContext | None = None,
+        resolve: Callable[[], Awaitable[Any]] | None = None,
     ) -> None:
+        """`resolve()`: the (host, port) to connect to now, instead of host and port."""
         self._host, self._port, self._db = host, port, db
+        self._resolve = resolve
         self._tls = tls
         self._username, self._password = username, password
         self._connect_timeout_s = connect_timeout_s
@@ -535,15 +541,19 @@ class PipelinedScript:
 
     @classmethod
     def for_client(cls, client: aioredis.Redis, script: str) -> PipelinedScript | None:
+        if cluster_of(client) is not None:
+            return None
         pool = client.connection_pool
         kw = pool.connection_kwargs
-        if pool.connection_class is _SslConnection:
+        resolve = pool.get_master_address if isinstance(pool, SentinelConnectionPool) else None
+        if pool.connection_class in (_SslConnection, SentinelManagedSSLConnection):
             tls: ssl.SSLContext | None = tls_context(kw)
-        elif pool.connection_class is _TcpConnection:
+        elif pool.connection_class is _TcpConnection or resolve is not None:
             tls = None
         else:
             return None
         return cls(
+            resolve=resolve,
             tls=tls,
             host=str(kw.get("host", "localhost")),
             port=int(kw.get("port", 6379)),
@@ -564,12 +574,15 @@ class PipelinedScript:
             loop = asyncio.get_running_loop()
             try:
                 async with asyncio.timeout(self._connect_timeout_s):
+                    host, port = self._host, self._port
+                    if self._resolve is not None:
+                        host, port = await self._resolve()
                     _, pipe = await loop.create_connection(
                         _Pipe,
-                        self._host,
-                        self._port,
+                        host,
+                        port,
                         ssl=self._tls,
-                        server_hostname=self._host if self._tls is not None else None,
+                        server_hostname=host if self._tls is not None else None,
                     )
                     setup = []
                     if self._password is not None:
@@ -633,9 +646,14 @@ class Admission:
         self._block_after = block_after_strikes
         self._strike_window_ms = max(1, int(strike_window_s * 1000))
         self._block_ms = max(1, int(block_for_s * 1000))
-        self._admit = redis.register_script(_ADMIT_LUA)
+        cluster = cluster_of(redis)
+        self._admit: Any = (
+            redis.register_script(_ADMIT_LUA)
+            if cluster is None
+            else SlotGroupedAdmission(cluster, _ADMIT_LUA)
+        )
         self._pipelined = PipelinedScript.for_client(redis, _ADMIT_LUA) if pipelined else None
-        if pipelined and self._pipelined is None:
+        if pipelined and self._pipelined is None and cluster is None:
             log.warning(
                 "pipelined admission not in use for this Redis connection (%s); "
                 "checks go through redis-py",
@@ -648,7 +666,10 @@ class Admission:
         self._degraded = False
         # Belt and braces over the socket timeouts: a check never outlives this.
         if deadline_s is None:
-            kwargs = redis.connection_pool.connection_kwargs
+            pool = getattr(redis, "connection_pool", None)
+            kwargs = pool.connection_kwargs if pool is not None else {}
+            if cluster is not None:
+                kwargs = cluster.get_connection_kwargs()
             socket_timeout = kwargs.get("socket_timeout") or 5.0
             deadline_s = 2 * float(socket_timeout) + 0.5
         self._deadline_s = deadline_s
@@ -679,7 +700,10 @@ class Admission:
             revoked_user_key(revoked_user[0]) if revoked_user else "",
             *(rate_key(item.layer, item.subject) for item in limits),
         ]
-        args: list[int] = [max(1, nonce_ttl_s) * 1000, revoked_user[1] if revoked_user else 0]
+        args: list[int] = [
+            max(1, nonce_ttl_s) * 1000 if nonce else 0,
+            revoked_user[1] if revoked_user else 0,
+        ]
         for item in limits:
             args += [max(1, round(item.period_s * _US)), item.limit]
         script = self._pipelined or self._admit
@@ -688,8 +712,9 @@ class Admission:
                 async with asyncio.timeout(self._deadline_s):
                     raw: Any = await script(keys=keys, args=args)
         except RedisUnavailableError as exc:
-            if self._pipelined is not None and exc.reply_code is None:
-                self._pipelined.reset()  # a stuck or broken connection is not reused
+            if self._pipelined is not None and exc.reply_code in (None, "READONLY"):
+                # A stuck or broken connection, or a master demoted by a failover: not reused.
+                self._pipelined.reset()
             return self._fallback(limits, nonce, nonce_ttl_s, exc)
         self._recovered()
         return self._decision(raw, limits)
@@ -721,7 +746,7 @@ class Admission:
         return False
 
     def _decision(self, raw: Any, limits: Sequence[Limit]) -> Decision:
-        code, index, remaining, reset_us, retry_us = (int(v) for v in raw)
+        code, index, remaining, reset_us, retry_us = (int(v) for v in raw[:5])
         if code in _CHECK_LAYERS:
             DECISIONS.labels(self._service, _CHECK_LAYERS[code], "blocked").inc()
             return Decision(

@@ -26,6 +26,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from shared.errors import ConfigError
+from shared.redistopology import RedisTopology, TopologyError, parse_hosts
 from shared.tokens import TokenKeyring
 
 __all__ = [
@@ -200,6 +201,18 @@ class EdgeSettings(CommonSettings):
     user:password@ for auth)."""
     redis_timeout_s: float = Field(default=0.5, gt=0, le=10, validation_alias="REDIS_TIMEOUT_S")
     """Seconds a Redis call may take before the limiter's failure mode applies."""
+    redis_sentinels: CommaList = Field(default_factory=list, validation_alias="REDIS_SENTINELS")
+    """Comma-separated Sentinel host:port list: the master is found (and followed across
+    failovers) through them; REDIS_URL then gives only credentials, database and TLS
+    (docs/redis.md)."""
+    redis_sentinel_master: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9._-]{1,64}$", validation_alias="REDIS_SENTINEL_MASTER"
+    )
+    """The master's name in Sentinel (`sentinel monitor <name> ...`); required with
+    REDIS_SENTINELS."""
+    redis_cluster: bool = Field(default=False, validation_alias="REDIS_CLUSTER")
+    """True: Redis/Valkey Cluster, with comma-separated seed nodes in REDIS_URL
+    (redis://host1:port1,host2:port2); keys are hash-tagged per subject (docs/redis.md)."""
     proxy_signing_key: SecretStr = Field(validation_alias="PROXY_SIGNING_KEY")
     """Signs proxy tokens and derives each token's request-signing key; 32+ characters, high
     entropy. Shared by token and proxy."""
@@ -273,7 +286,26 @@ class EdgeSettings(CommonSettings):
     )
     """A small request body (the token service's) must be all there this long after the head."""
 
-    _split_edge = field_validator("allowed_origins", "trusted_proxies", mode="before")(split_commas)
+    _split_edge = field_validator(
+        "allowed_origins", "trusted_proxies", "redis_sentinels", mode="before"
+    )(split_commas)
+
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _sentinel_hosts(cls, value: list[str]) -> list[str]:
+        if value:
+            parse_hosts(",".join(value), default_port=26379)  # ValueError names the bad entry
+        return value
+
+    @property
+    def redis_sentinel_hosts(self) -> list[tuple[str, int]]:
+        if not self.redis_sentinels:
+            return []
+        return parse_hosts(",".join(self.redis_sentinels), default_port=26379)
+
+    def redis_topology(self, url: str | None = None) -> RedisTopology:
+        """Where Redis is (shared.redistopology); `url` replaces REDIS_URL."""
+        return RedisTopology.from_settings(self, url=url)
 
     @field_validator("allowed_origins")
     @classmethod
@@ -304,6 +336,10 @@ class EdgeSettings(CommonSettings):
     @model_validator(mode="after")
     def _edge_rules(self) -> Self:
         problems: list[tuple[str, str]] = []
+        try:
+            self.redis_topology()
+        except TopologyError as exc:
+            problems.append((exc.variable, str(exc)))
         for name, keys in (
             ("PROXY_SIGNING_KEY", [self.proxy_signing_key.get_secret_value()]),
             ("PROXY_SIGNING_KEY_PREVIOUS", self.previous_signing_keys),

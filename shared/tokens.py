@@ -66,7 +66,7 @@ class ProxyClaims(BaseModel):
 
 def revoked_key(token_id: str) -> str:
     """The Redis key that marks a token id as revoked until its expiry."""
-    return f"kv:revoked:{token_id}"
+    return f"kv:revoked:{{{token_id}}}"  # hash tag: the token's slot (shared.ratelimit)
 
 
 def _hkdf(secret: bytes, info: bytes) -> bytes:

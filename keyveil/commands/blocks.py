@@ -43,7 +43,8 @@ def _run(operation: Any) -> Any:
 
 
 def _prefix(make_key: Any) -> str:
-    return str(make_key(""))
+    # Keys end with the IP as a hash tag: "kv:block:{203.0.113.7}".
+    return str(make_key("")).removesuffix("{}")
 
 
 async def _list(args: argparse.Namespace) -> int:
@@ -54,7 +55,7 @@ async def _list(args: argparse.Namespace) -> int:
             prefix = _prefix(make_key)
             async for raw in store.scan_iter(match=f"{prefix}*", count=500):
                 key = raw.decode() if isinstance(raw, bytes) else str(raw)
-                ip = key.removeprefix(prefix)
+                ip = key.removeprefix(prefix).removeprefix("{").removesuffix("}")
                 entry = rows.setdefault(ip, {"ip": ip, "blocked": False, "strikes": 0})
                 ttl_ms = int(await store.pttl(key))
                 if kind == "blocked":

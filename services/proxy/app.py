@@ -30,7 +30,8 @@ from shared.leases import LeaseClient
 from shared.metering import SpendMeter
 from shared.policy import PolicyHolder
 from shared.pricing import DEFAULT_PRICES_FILE, load_prices
-from shared.ratelimit import Admission, redis_client
+from shared.ratelimit import Admission
+from shared.redistopology import connect
 from shared.streams import EDGE_STREAMS, StreamGuard
 from shared.telemetry import redactor
 
@@ -162,9 +163,9 @@ def create_app(settings: Settings, *, keys: KeySource | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         async with AsyncExitStack() as stack:
-            redis = redis_client(settings.redis_url, settings.redis_timeout_s)
+            redis = connect(settings.redis_topology())
             stack.push_async_callback(redis.aclose)
-            cache_redis = redis_client(settings.response_cache_redis_url, settings.redis_timeout_s)
+            cache_redis = connect(settings.redis_topology(settings.response_cache_redis_url))
             stack.push_async_callback(cache_redis.aclose)
 
             def on_state(connected: bool) -> None:

@@ -180,6 +180,8 @@ class Settings(EdgeSettings):
 
     @property
     def response_cache_redis_url(self) -> str:
+        if self.redis_cluster:  # one database only: the cluster itself, or its own
+            return self.cache_redis_url or self.redis_url
         return self.cache_redis_url or with_database(self.redis_url, 1)
 
     # The voice session policy (shared.voicepolicy); a policy file may replace it.

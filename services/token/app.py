@@ -49,7 +49,8 @@ from shared.httpedge import (
 )
 from shared.leases import LeaseClient
 from shared.policy import PolicyHolder, default_policy
-from shared.ratelimit import Admission, Decision, Limit, redis_client
+from shared.ratelimit import Admission, Decision, Limit
+from shared.redistopology import connect
 from shared.streams import EDGE_STREAMS, StreamGuard
 from shared.telemetry import redactor
 
@@ -317,7 +318,7 @@ def create_app(settings: Settings) -> FastAPI:
         def on_state(connected: bool) -> None:
             state["nats_connected"] = connected
 
-        store = redis_client(settings.redis_url, settings.redis_timeout_s)
+        store = connect(settings.redis_topology())
         nc = await bus.connect(settings, name="token", on_state=on_state)
         js = nc.jetstream()
         events = EventPublisher(js)

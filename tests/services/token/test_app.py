@@ -327,11 +327,11 @@ async def test_issuance_is_limited_per_client_ip(token_app: AppFactory, events: 
 async def test_spoofed_forwarded_for_from_an_untrusted_peer_changes_nothing(
     token_app: AppFactory, redis_client: aioredis.Redis
 ) -> None:
-    await redis_client.delete("kv:rl:token_ip:127.0.0.1")
+    await redis_client.delete("kv:rl:token_ip:{127.0.0.1}")
     async with token_app(VOICE_AGENT_RATE_LIMIT=1, TRUSTED_PROXIES="") as client:
         first = await client.post(SECURE, json={"mode": "proxy"}, headers=browser())
         spoofed = await client.post(SECURE, json={"mode": "proxy"}, headers=browser())
-    await redis_client.delete("kv:rl:token_ip:127.0.0.1")
+    await redis_client.delete("kv:rl:token_ip:{127.0.0.1}")
     assert (first.status_code, spoofed.status_code) == (200, 429)
 
 

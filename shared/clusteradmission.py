@@ -1,0 +1,177 @@
+"""The admission script on Redis/Valkey Cluster: one call per slot group, in parallel.
+
+A Cluster script may only touch keys of one slot. Every admission key carries its
+subject as a hash tag (shared.ratelimit), so one check's keys fall into at most three
+slots: the client IP's (block, per-ip layer), the token's (revocation, nonce, per-token
+layer) and the user's (user revocation, per-user layer). Each group runs the same
+`_ADMIT_LUA`, atomically for its own keys: its checks, then all its layers or none.
+
+    all groups admit        -> admitted; every layer consumed exactly once
+    some group refuses      -> refused; the groups that admitted are refunded
+                               (`_REFUND_LUA`: each TAT put back, the nonce forgotten)
+    some group unreachable  -> the others refunded, the outage raised (fail closed)
+
+Limits stay exact because a request is admitted only when every group admitted it, and
+each group's consumption is atomic. The cost of two steps is over-refusal, never
+over-admission: between a group's admit and its refund (one round trip) a neighbour
+sees one unit taken; a refund is skipped when another request moved that TAT in
+between (putting it back could erase the other's unit), and then the refused request
+keeps one unit until it drains (one emission interval). A proxy killed between the two
+steps leaves the same. docs/redis.md has the table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
+
+__all__ = ["SlotGroupedAdmission", "hash_tag"]
+
+log = logging.getLogger(__name__)
+
+# KEYS: the admitted layer keys, then the nonce key when ARGV[1] == '1'.
+# ARGV: nonce flag, then (stored TAT, period_us, limit) per layer.
+_REFUND_LUA: Final = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local n = (#ARGV - 1) / 3
+for i = 1, n do
+  local stored = ARGV[3 * i - 1]
+  if redis.call('GET', KEYS[i]) == stored then
+    local back = tonumber(stored) - tonumber(ARGV[3 * i]) / tonumber(ARGV[3 * i + 1])
+    local ttl_ms = math.ceil((back - now) / 1000)
+    if ttl_ms > 0 then
+      redis.call('SET', KEYS[i], string.format('%.17g', back), 'PX', ttl_ms)
+    else
+      redis.call('DEL', KEYS[i])
+    end
+  end
+end
+if ARGV[1] == '1' then redis.call('DEL', KEYS[n + 1]) end
+return 1
+"""
+
+_CHECKS: Final = 4  # block, revoked token, nonce, revoked user (the script's first KEYS)
+_NONCE: Final = 2
+# Which refusal wins when several groups refuse: the order the single script checks in.
+_PRECEDENCE: Final = {4: 0, 3: 1, 2: 2, 1: 3}
+
+
+def hash_tag(key: str) -> str:
+    """What Cluster hashes for `key`: the first non-empty {...}, else the whole key."""
+    start = key.find("{")
+    if start >= 0:
+        end = key.find("}", start + 1)
+        if end > start + 1:
+            return key[start + 1 : end]
+    return key
+
+
+@dataclass
+class _Group:
+    slot: int
+    checks: dict[int, str] = field(default_factory=dict)  # script position -> key
+    layers: list[int] = field(default_factory=list)  # indices into the request's layers
+
+    def placeholder(self, any_key: str) -> str:
+        # A key of this slot that is never written: stands for a check the group lacks.
+        key = f"kv:unused:{{{hash_tag(any_key)}}}"
+        if key_slot(key.encode()) != self.slot:
+            raise ValueError("a key whose hash tag cannot be reproduced")
+        return key
+
+
+class SlotGroupedAdmission:
+    """Callable like a redis-py Script: `await admit(keys=..., args=...)`, cluster-safe."""
+
+    def __init__(self, cluster: RedisCluster, script: str) -> None:
+        self._admit: Any = cluster.register_script(script)
+        self._refund: Any = cluster.register_script(_REFUND_LUA)
+
+    async def __call__(self, *, keys: Sequence[str], args: Sequence[int | str]) -> list[Any]:
+        groups = self._groups(keys)
+        layer_keys = keys[_CHECKS:]
+        pairs = args[2:]
+        calls = []
+        for group in groups:
+            sample = next(iter(group.checks.values()), None) or layer_keys[group.layers[0]]
+            group_keys = [group.checks.get(i) or group.placeholder(sample) for i in range(_CHECKS)]
+            group_keys += [layer_keys[j] for j in group.layers]
+            group_args = [args[0] if _NONCE in group.checks else 0, args[1]]
+            for j in group.layers:
+                group_args += [pairs[2 * j], pairs[2 * j + 1]]
+            calls.append(self._admit(keys=group_keys, args=group_args))
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        admitted = [
+            (g, r) for g, r in zip(groups, results, strict=True) if not isinstance(r, BaseException)
+        ]
+        failure = next((r for r in results if isinstance(r, BaseException)), None)
+        refused = [(g, r) for g, r in admitted if int(r[0]) != 0]
+        if failure is not None or refused:
+            await self._refund_all(
+                [(g, r) for g, r in admitted if int(r[0]) == 0], layer_keys, keys, pairs
+            )
+            if failure is not None:
+                raise failure
+            group, reply = min(refused, key=lambda gr: self._rank(gr[0], gr[1]))
+            code, index = int(reply[0]), int(reply[1])
+            return [code, group.layers[index - 1] + 1 if index else 0, *reply[2:5]]
+        # The tightest layer names the headers; on a tie the first, as the single script.
+        candidates = [
+            (int(reply[2]), group.layers[int(reply[1]) - 1] + 1, reply[3])
+            for group, reply in admitted
+            if int(reply[1])
+        ]
+        if not candidates:
+            return [0, 0, 0, 0, 0]
+        remaining, index, reset = min(candidates, key=lambda c: (c[0], c[1]))
+        return [0, index, remaining, reset, 0]
+
+    @staticmethod
+    def _groups(keys: Sequence[str]) -> list[_Group]:
+        by_slot: dict[int, _Group] = {}
+        for position, key in enumerate(keys):
+            if not key:
+                continue
+            slot = key_slot(key.encode())
+            group = by_slot.setdefault(slot, _Group(slot))
+            if position < _CHECKS:
+                group.checks[position] = key
+            else:
+                group.layers.append(position - _CHECKS)
+        return list(by_slot.values())
+
+    @staticmethod
+    def _rank(group: _Group, reply: Sequence[Any]) -> tuple[int, int]:
+        code, index = int(reply[0]), int(reply[1])
+        return _PRECEDENCE.get(code, 9), group.layers[index - 1] if index else -1
+
+    async def _refund_all(
+        self,
+        admitted: list[tuple[_Group, Any]],
+        layer_keys: Sequence[str],
+        keys: Sequence[str],
+        pairs: Sequence[int | str],
+    ) -> None:
+        calls = []
+        for group, reply in admitted:
+            nonce = _NONCE in group.checks
+            if not group.layers and not nonce:
+                continue  # it only read
+            refund_keys = [layer_keys[j] for j in group.layers]
+            refund_args: list[Any] = ["1" if nonce else "0"]
+            for n, j in enumerate(group.layers):
+                refund_args += [reply[5 + n], pairs[2 * j], pairs[2 * j + 1]]
+            if nonce:
+                refund_keys.append(keys[_NONCE])
+            calls.append(self._refund(keys=refund_keys, args=refund_args))
+        for outcome in await asyncio.gather(*calls, return_exceptions=True):
+            if isinstance(outcome, BaseException):
+                # Over-refusal only: the units stay taken until they drain.
+                log.warning("admission refund not applied (%s)", type(outcome).__name__)
