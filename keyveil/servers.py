@@ -420,10 +420,10 @@ def start_redis_cluster(
         span = 16384 // masters
         for i, server in enumerate(primaries):
             last = 16383 if i == masters - 1 else (i + 1) * span - 1
-            clients[server.port].execute_command("CLUSTER ADDSLOTSRANGE", i * span, last)
+            clients[server.port].cluster("ADDSLOTSRANGE", i * span, last)
         first = clients[primaries[0].port]
         for server in primaries[1:] + followers:
-            first.execute_command("CLUSTER MEET", "127.0.0.1", server.port, bus_ports[server.port])
+            first.cluster("MEET", "127.0.0.1", server.port, bus_ports[server.port])
         total = len(clients)
         _wait_until(
             lambda: all(len(c.cluster("NODES")) == total for c in clients.values()),
@@ -435,9 +435,7 @@ def start_redis_cluster(
             for j in range(replicas):
                 follower = followers[i * replicas + j]
                 _wait_until(
-                    lambda f=follower, m=master_id: bool(
-                        clients[f.port].execute_command("CLUSTER REPLICATE", m)
-                    ),
+                    lambda f=follower, m=master_id: bool(clients[f.port].cluster("REPLICATE", m)),
                     "a replica cannot follow its master",
                 )
         _wait_until(

@@ -24,11 +24,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from redis.asyncio.cluster import RedisCluster
+import redis.exceptions
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import SSLConnection
 from redis.crc import key_slot
 
 __all__ = ["SlotGroupedAdmission", "hash_tag"]
@@ -87,12 +90,93 @@ class _Group:
         return key
 
 
+class _SlotRouter:
+    """Scripts sent to the master of a slot, one pipelined connection per master.
+
+    redis-py's cluster client checks a connection out of a per-node pool per call (and
+    refuses when the pool is full); here concurrent checks share one pipelined
+    connection per master (shared.ratelimit.PipelinedScript). The slot map is redis-py's
+    (`nodes_manager`), reloaded after a MOVED reply or a connection failure (at most
+    every `_REFRESH_S`), which is how a failover is followed. An ASK (a slot being
+    migrated) is answered as unavailable for that moment.
+    """
+
+    _REFRESH_S: Final = 0.2
+
+    def __init__(self, cluster: RedisCluster, scripts: dict[str, str]) -> None:
+        self._cluster = cluster
+        self._scripts = scripts
+        self._pipes: dict[tuple[str, str], Any] = {}
+        self._started = False
+        self._stale = False
+        self._refreshed_at = 0.0
+        self._lock = asyncio.Lock()
+
+    async def call(self, name: str, slot: int, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        for attempt in (0, 1):
+            await self._fresh()
+            node = self._cluster.nodes_manager.get_node_from_slot(slot)
+            pipe = self._pipe(name, node)
+            try:
+                return await pipe(keys=keys, args=args)
+            except redis.exceptions.ResponseError as exc:
+                code = str(exc).split(" ", 1)[0]
+                if code in ("MOVED", "ASK", "CLUSTERDOWN", "TRYAGAIN", "READONLY"):
+                    self._stale = True
+                    if code == "MOVED" and attempt == 0:
+                        continue
+                raise
+            except redis.exceptions.ConnectionError:
+                pipe.reset()
+                self._stale = True
+                raise
+        raise AssertionError("unreachable")
+
+    async def _fresh(self) -> None:
+        if self._started and not self._stale:
+            return
+        async with self._lock:
+            if not self._started:
+                await self._cluster.initialize()
+                self._started = True
+                self._refreshed_at = time.monotonic()
+            elif self._stale and time.monotonic() - self._refreshed_at >= self._REFRESH_S:
+                self._refreshed_at = time.monotonic()
+                await self._cluster.nodes_manager.initialize()
+                self._stale = False
+
+    def _pipe(self, name: str, node: ClusterNode) -> Any:
+        pipe = self._pipes.get((name, node.name))
+        if pipe is None:
+            from shared.ratelimit import PipelinedScript, tls_context  # it imports this module
+
+            kw = node.connection_kwargs
+            pipe = PipelinedScript(
+                host=node.host,
+                port=int(node.port),
+                username=kw.get("username"),
+                password=kw.get("password"),
+                connect_timeout_s=float(kw.get("socket_connect_timeout") or 0.5),
+                script=self._scripts[name],
+                tls=tls_context(kw) if kw.get("connection_class") is SSLConnection else None,
+            )
+            self._pipes[(name, node.name)] = pipe
+        return pipe
+
+    async def aclose(self) -> None:
+        for pipe in self._pipes.values():
+            await pipe.aclose()
+        self._pipes.clear()
+
+
 class SlotGroupedAdmission:
     """Callable like a redis-py Script: `await admit(keys=..., args=...)`, cluster-safe."""
 
     def __init__(self, cluster: RedisCluster, script: str) -> None:
-        self._admit: Any = cluster.register_script(script)
-        self._refund: Any = cluster.register_script(_REFUND_LUA)
+        self._router = _SlotRouter(cluster, {"admit": script, "refund": _REFUND_LUA})
+
+    async def aclose(self) -> None:
+        await self._router.aclose()
 
     async def __call__(self, *, keys: Sequence[str], args: Sequence[int | str]) -> list[Any]:
         groups = self._groups(keys)
@@ -106,7 +190,7 @@ class SlotGroupedAdmission:
             group_args = [args[0] if _NONCE in group.checks else 0, args[1]]
             for j in group.layers:
                 group_args += [pairs[2 * j], pairs[2 * j + 1]]
-            calls.append(self._admit(keys=group_keys, args=group_args))
+            calls.append(self._router.call("admit", group.slot, group_keys, group_args))
         results = await asyncio.gather(*calls, return_exceptions=True)
         admitted = [
             (g, r) for g, r in zip(groups, results, strict=True) if not isinstance(r, BaseException)
@@ -170,7 +254,7 @@ class SlotGroupedAdmission:
                 refund_args += [reply[5 + n], pairs[2 * j], pairs[2 * j + 1]]
             if nonce:
                 refund_keys.append(keys[_NONCE])
-            calls.append(self._refund(keys=refund_keys, args=refund_args))
+            calls.append(self._router.call("refund", group.slot, refund_keys, refund_args))
         for outcome in await asyncio.gather(*calls, return_exceptions=True):
             if isinstance(outcome, BaseException):
                 # Over-refusal only: the units stay taken until they drain.

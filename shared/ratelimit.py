@@ -23,6 +23,7 @@ replication problem. `redis_unavailable` is the one place that decides what coun
       <- a ResponseError whose code is OOM, LOADING, BUSY, MASTERDOWN, READONLY,
          CLUSTERDOWN, TRYAGAIN or NOREPLICAS (redis-py's classes for them, or a raw
          reply from `PipelinedScript`)
+      <- the cluster client's ClusterError, SlotNotCoveredError, "cannot be connected"
     anything else (a script bug, a wrong type) is raised unchanged: a bug, not an outage.
 """
 
@@ -115,7 +116,11 @@ _UNAVAILABLE_CLASSES = (
     redis.exceptions.ReadOnlyError,
     redis.exceptions.ClusterDownError,  # and MasterDownError
     redis.exceptions.TryAgainError,
+    redis.exceptions.ClusterError,  # a cluster command's retries ran out
+    redis.exceptions.SlotNotCoveredError,  # a slot's master is gone, no failover yet
 )
+# redis-py's cluster client raises these (not RedisErrors) when no node answers.
+_CLUSTER_UNREACHABLE: Final = ("Redis Cluster cannot be connected", "All slots are not covered")
 
 
 class RedisUnavailableError(redis.exceptions.ConnectionError):
@@ -148,6 +153,10 @@ def as_unavailable(exc: BaseException) -> RedisUnavailableError | None:
         isinstance(exc, redis.exceptions.ResponseError) and _reply_code(exc) in _UNAVAILABLE_REPLIES
     ):
         return RedisUnavailableError(exc)
+    if isinstance(exc, redis.exceptions.RedisClusterException) and str(exc).startswith(
+        _CLUSTER_UNREACHABLE
+    ):
+        return RedisUnavailableError(exc)
     return None
 
 
@@ -156,7 +165,12 @@ def redis_unavailable() -> Iterator[None]:
     """Raise `RedisUnavailableError` for every Redis outage inside the block."""
     try:
         yield
-    except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
+    except (
+        redis.exceptions.RedisError,
+        redis.exceptions.RedisClusterException,
+        OSError,
+        TimeoutError,
+    ) as exc:
         outage = as_unavailable(exc)
         if outage is None:
             raise
@@ -720,9 +734,11 @@ class Admission:
         return self._decision(raw, limits)
 
     async def aclose(self) -> None:
-        """Close the pipelined connection, if any (the redis client is the caller's)."""
+        """Close the pipelined connections, if any (the redis client is the caller's)."""
         if self._pipelined is not None:
             await self._pipelined.aclose()
+        if isinstance(self._admit, SlotGroupedAdmission):
+            await self._admit.aclose()
 
     async def strike(self, client_ip: str, reason: Category) -> bool:
         """Count an auth failure or limit hit; True when this strike blocked `client_ip`."""

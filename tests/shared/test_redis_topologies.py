@@ -1,0 +1,364 @@
+"""Admission on real Redis topologies: a 3-master Valkey Cluster and a Sentinel set.
+
+The servers are real (keyveil.servers.start_redis_cluster / start_redis_sentinel); three
+`Admission` objects with clients of their own stand for three proxy replicas. What is
+proved: limits exact across replicas on the cluster (the per-slot-group execution with
+refunds of shared.clusteradmission), and a kill -9 of the master under traffic: fail
+closed, back on its own after the failover, no nonce accepted twice outside the stated
+window of doubt (writes acknowledged just before the kill, not yet replicated).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import redis as sync_redis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import SSLConnection
+from redis.asyncio.sentinel import SentinelManagedSSLConnection
+from redis.crc import key_slot
+
+from keyveil.servers import (
+    RedisClusterSet,
+    SentinelSet,
+    start_redis_cluster,
+    start_redis_sentinel,
+)
+from shared.budgets import CONFIG_KEY, counter_key
+from shared.contract import Category, Refusal
+from shared.principals import revoked_user_key
+from shared.ratelimit import Admission, Decision, Limit, block_key, nonce_key, rate_key, strikes_key
+from shared.redistopology import RedisTopology, TopologyError, connect
+from shared.tokens import revoked_key
+
+DAY = 86_400.0  # a period long enough that nothing drains during a test
+# Writes acknowledged by a master this long before its kill -9 may not have reached the
+# replica (asynchronous replication; sub-millisecond on loopback, more on a busy host).
+WINDOW_OF_DOUBT_S = 0.25
+
+
+def slot(key: str) -> int:
+    return key_slot(key.encode())
+
+
+def test_what_one_check_changes_shares_a_slot() -> None:
+    ip, jti, sub = "203.0.113.7", "tok-1", "u_abc"
+    assert {slot(block_key(ip)), slot(strikes_key(ip)), slot(rate_key("per-ip", ip))} == {
+        slot(block_key(ip))
+    }
+    token = {slot(revoked_key(jti)), slot(nonce_key(f"{jti}:n1")), slot(rate_key("per-token", jti))}
+    assert token == {slot(revoked_key(jti))}
+    assert slot(revoked_user_key(sub)) == slot(rate_key("per-user", sub))
+    assert slot(CONFIG_KEY) == slot(counter_key("user", sub, "tokens", "day", 1))
+    # and the subjects spread: different tokens, different slots (most of the time)
+    assert len({slot(rate_key("per-token", f"tok-{i}")) for i in range(50)}) > 40
+
+
+def test_topologies_are_validated() -> None:
+    with pytest.raises(TopologyError) as exc:
+        RedisTopology("redis://h:1", sentinels=(("s", 26379),))
+    assert exc.value.variable == "REDIS_SENTINEL_MASTER"
+    with pytest.raises(TopologyError) as exc:
+        RedisTopology("redis://h:1/2", cluster=True)
+    assert exc.value.variable == "REDIS_URL"
+    with pytest.raises(TopologyError):
+        RedisTopology("redis://h:1", cluster=True, sentinels=(("s", 1),), sentinel_master="m")
+
+
+async def test_tls_in_every_topology() -> None:
+    cluster = connect(RedisTopology("rediss://:pw@10.0.0.1:7000,10.0.0.2:7001", cluster=True))
+    assert isinstance(cluster, RedisCluster)
+    kwargs = cluster.get_connection_kwargs()
+    assert kwargs["connection_class"] is SSLConnection
+    assert kwargs["password"] == "pw"
+    assert {n.port for n in cluster.nodes_manager.startup_nodes.values()} == {7000, 7001}
+    await cluster.aclose()
+    master = connect(
+        RedisTopology("rediss://10.0.0.1/3", sentinels=(("10.0.0.9", 26379),), sentinel_master="m")
+    )
+    assert master.connection_pool.connection_class is SentinelManagedSSLConnection
+    assert master.connection_pool.connection_kwargs["db"] == 3
+    await master.aclose()
+
+
+# --- the cluster ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterSet]:
+    servers = start_redis_cluster(tmp_path_factory.mktemp("cluster"), replicas=0)
+    yield servers
+    servers.stop()
+
+
+@pytest.fixture
+async def replicas(cluster: RedisClusterSet) -> AsyncIterator[list[Admission]]:
+    async with _replicas(RedisTopology(cluster.url, cluster=True)) as admissions:
+        yield admissions
+
+
+class _replicas:
+    def __init__(self, topology: RedisTopology, count: int = 3) -> None:
+        self._clients = [connect(topology) for _ in range(count)]
+        self.admissions = [
+            Admission(client, service="test", pipelined=True) for client in self._clients
+        ]
+
+    async def __aenter__(self) -> list[Admission]:
+        await self._clients[0].flushall()  # a cluster client flushes every master
+        return self.admissions
+
+    async def __aexit__(self, *exc: object) -> None:
+        for admission, client in zip(self.admissions, self._clients, strict=True):
+            await admission.aclose()
+            await client.aclose()
+
+
+def _limits(jti: str, ip: str, sub: str, *, token: int, per_ip: int, user: int) -> list[Limit]:
+    return [
+        Limit("per-token", jti, token, DAY),
+        Limit("per-ip", ip, per_ip, DAY),
+        Limit("per-user", sub, user, DAY),
+    ]
+
+
+async def _storm(
+    admissions: list[Admission], requests: list[tuple[str, str, str]], **limits: int
+) -> list[tuple[str, Decision]]:
+    async def one(i: int, jti: str, ip: str, sub: str) -> tuple[str, Decision]:
+        decision = await admissions[i % len(admissions)].check(
+            limits=_limits(jti, ip, sub, **limits),
+            client_ip=ip,
+            nonce=f"{jti}:n{i}",
+            nonce_ttl_s=600,
+            revoked_token_id=jti,
+            revoked_user=(sub, 1),
+        )
+        return jti, decision
+
+    return await asyncio.gather(*(one(i, *r) for i, r in enumerate(requests)))
+
+
+@pytest.mark.slow
+async def test_a_shared_limit_is_exact_across_three_replicas(
+    cluster: RedisClusterSet, replicas: list[Admission]
+) -> None:
+    # per-ip binds; the tokens' and the user's slots are refunded for every refusal.
+    requests = [(f"tok-{i % 3}", "198.51.100.1", "u_one") for i in range(150)]
+    results = await _storm(replicas, requests, token=1000, per_ip=45, user=1000)
+    allowed = [d for _, d in results if d.allowed]
+    assert len(allowed) == 45
+    refused = {d.refusal for _, d in results if not d.allowed}
+    assert refused == {Refusal.RATE_LIMITED}
+    assert {d.layer for _, d in results if not d.allowed} == {"per-ip"}
+
+
+@pytest.mark.slow
+async def test_per_token_limits_are_exact_across_three_replicas(
+    cluster: RedisClusterSet, replicas: list[Admission]
+) -> None:
+    requests = [(f"tok-{i % 3}", f"198.51.100.{i % 5}", "u_two") for i in range(150)]
+    results = await _storm(replicas, requests, token=20, per_ip=1000, user=1000)
+    per_token = {f"tok-{i}": 0 for i in range(3)}
+    for jti, decision in results:
+        per_token[jti] += decision.allowed
+    assert per_token == {"tok-0": 20, "tok-1": 20, "tok-2": 20}
+
+
+@pytest.mark.slow
+async def test_a_refusal_in_one_slot_gives_back_the_others(
+    cluster: RedisClusterSet, replicas: list[Admission]
+) -> None:
+    one = replicas[0]
+    ip = "198.51.100.77"
+    assert slot(rate_key("per-token", "tok-a")) != slot(rate_key("per-ip", ip))
+
+    async def ask(jti: str, n: int) -> Decision:
+        per_token = 2 if jti == "tok-a" else 10
+        return await one.check(
+            limits=[Limit("per-token", jti, per_token, DAY), Limit("per-ip", ip, 5, DAY)],
+            client_ip=ip,
+            nonce=f"{jti}:{n}",
+            nonce_ttl_s=600,
+        )
+
+    assert [(await ask("tok-a", n)).allowed for n in range(3)] == [True, True, False]
+    # tok-a's third call took a per-ip unit and gave it back: tok-b still gets three.
+    assert [(await ask("tok-b", n)).allowed for n in range(4)] == [True, True, True, False]
+    last = await ask("tok-b", 9)
+    assert last.layer == "per-ip"
+    # a refused call's nonce is not kept: the same nonce later meets the limit, not replay
+    assert (await ask("tok-a", 2)).refusal is Refusal.RATE_LIMITED
+    assert (await ask("tok-a", 0)).refusal is Refusal.REPLAY_DETECTED
+
+
+@pytest.mark.slow
+async def test_revocation_and_block_refuse_on_the_cluster(
+    cluster: RedisClusterSet, replicas: list[Admission]
+) -> None:
+    client = connect(RedisTopology(cluster.url, cluster=True))
+    try:
+        await client.set(revoked_key("tok-r"), "1", ex=60)
+        await client.set(block_key("198.51.100.9"), "1", ex=60)
+        await client.set(revoked_user_key("u_gone"), "100", ex=60)
+    finally:
+        await client.aclose()
+    one = replicas[1]
+    revoked = await one.check(
+        limits=[Limit("per-token", "tok-r", 5, DAY)],
+        client_ip="198.51.100.8",
+        revoked_token_id="tok-r",
+    )
+    assert revoked.refusal is Refusal.TOKEN_REVOKED
+    blocked = await one.check(limits=[], client_ip="198.51.100.9")
+    assert blocked.refusal is Refusal.IP_BLOCKED
+    user = await one.check(
+        limits=[Limit("per-user", "u_gone", 5, DAY)],
+        client_ip="198.51.100.8",
+        revoked_user=("u_gone", 99),
+    )
+    assert user.refusal is Refusal.TOKEN_REVOKED
+    # a strike and its block share the IP's slot
+    for _ in range(19):
+        assert not await one.strike("198.51.100.10", Category.auth)
+    assert await one.strike("198.51.100.10", Category.auth)
+
+
+# --- kill -9 of a master under traffic ------------------------------------------------
+
+
+@dataclass
+class _Outcome:
+    started: float
+    finished: float
+    nonce: str
+    decision: Decision
+
+
+async def _traffic(
+    admissions: list[Admission],
+    *,
+    jti: str,
+    ip: str,
+    limit: int,
+    rate: float,
+    duration_s: float,
+    kill_at_s: float,
+    kill: object,
+) -> tuple[list[_Outcome], float]:
+    outcomes: list[_Outcome] = []
+
+    async def one(n: int) -> None:
+        nonce = f"{jti}:n{n}"
+        started = time.monotonic()
+        decision = await admissions[n % len(admissions)].check(
+            limits=[Limit("per-token", jti, limit, DAY), Limit("per-ip", ip, 100_000, DAY)],
+            client_ip=ip,
+            nonce=nonce,
+            nonce_ttl_s=600,
+            revoked_token_id=jti,
+        )
+        outcomes.append(_Outcome(started, time.monotonic(), nonce, decision))
+
+    tasks = []
+    begin = time.monotonic()
+    killed_at = 0.0
+    n = 0
+    while time.monotonic() - begin < duration_s:
+        if not killed_at and time.monotonic() - begin >= kill_at_s:
+            killed_at = time.monotonic()
+            await asyncio.to_thread(kill)  # type: ignore[arg-type]
+        tasks.append(asyncio.create_task(one(n)))
+        n += 1
+        await asyncio.sleep(1 / rate)
+    await asyncio.gather(*tasks)
+    return outcomes, killed_at
+
+
+async def _prove_failover(admissions: list[Admission], *, jti: str, ip: str, kill: object) -> None:
+    limit = 150
+    outcomes, killed_at = await _traffic(
+        admissions, jti=jti, ip=ip, limit=limit, rate=80, duration_s=10, kill_at_s=1.5, kill=kill
+    )
+    allowed = [o for o in outcomes if o.decision.allowed]
+    doubt = [o for o in allowed if killed_at - WINDOW_OF_DOUBT_S <= o.finished <= killed_at]
+    unavailable = [o for o in outcomes if o.decision.refusal is Refusal.SECURITY_UNAVAILABLE]
+    after = [o for o in allowed if o.started > killed_at]
+    limited = [o for o in outcomes if o.decision.refusal is Refusal.RATE_LIMITED]
+    print(
+        f"allowed={len(allowed)} in-doubt={len(doubt)} unavailable={len(unavailable)} "
+        f"allowed-after-kill={len(after)} limited={len(limited)}"
+    )
+    # fail closed: the outage answered 503, and never a 200 beyond the limit
+    assert unavailable, "the kill was not noticed"
+    assert len(allowed) <= limit + len(doubt)
+    # back on its own: admitted again after the failover, up to the limit
+    assert after, "no admission after the failover"
+    assert limited, "the limit was not reached again after the failover"
+    recovered = min(o.started for o in after) - killed_at
+    print(f"first admission {recovered:.2f}s after the kill")
+    # no nonce accepted twice, outside the window of doubt
+    replays = await asyncio.gather(
+        *(
+            admissions[0].check(
+                limits=[Limit("per-token", jti, limit, DAY)],
+                client_ip=ip,
+                nonce=o.nonce,
+                nonce_ttl_s=600,
+            )
+            for o in allowed
+        )
+    )
+    forgotten = [
+        o for o, d in zip(allowed, replays, strict=True) if d.refusal is not Refusal.REPLAY_DETECTED
+    ]
+    print(f"nonces forgotten by the failover: {len(forgotten)}")
+    assert all(o in doubt for o in forgotten)
+
+
+def _cluster_master_of(cluster: RedisClusterSet, key: str) -> int:
+    """Port of the master serving `key`'s slot now."""
+    client = sync_redis.Redis(port=cluster.masters[0].port)
+    try:
+        for start, end, master, *_ in client.execute_command("CLUSTER SLOTS"):
+            if start <= slot(key) <= end:
+                return int(master[1])
+    finally:
+        client.close()
+    raise AssertionError("slot not served")
+
+
+@pytest.mark.slow
+async def test_cluster_master_killed_under_traffic(tmp_path: Path) -> None:
+    servers = start_redis_cluster(tmp_path, replicas=1)
+    try:
+        jti, ip = "tok-failover", "198.51.100.50"
+        port = _cluster_master_of(servers, rate_key("per-token", jti))
+        victim = next(s for s in servers.masters if s.port == port)
+        async with _replicas(RedisTopology(servers.url, cluster=True)) as admissions:
+            await _prove_failover(admissions, jti=jti, ip=ip, kill=victim.kill)
+    finally:
+        servers.stop()
+
+
+@pytest.mark.slow
+async def test_sentinel_master_killed_under_traffic(tmp_path: Path) -> None:
+    servers: SentinelSet = start_redis_sentinel(tmp_path)
+    try:
+        topology = RedisTopology(
+            servers.master.url,
+            sentinels=tuple(("127.0.0.1", s.port) for s in servers.sentinels),
+            sentinel_master=servers.name,
+        )
+        async with _replicas(topology) as admissions:
+            assert all(a._pipelined is not None for a in admissions)  # follows the master
+            await _prove_failover(
+                admissions, jti="tok-sentinel", ip="198.51.100.60", kill=servers.master.kill
+            )
+    finally:
+        servers.stop()
