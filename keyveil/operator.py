@@ -10,11 +10,20 @@ from typing import Any
 
 import nats
 import nats.errors
+import redis.asyncio as aioredis
 from nats.aio.client import Client as NATS
 
 from shared.bus import server_urls
+from shared.redistopology import RedisTopology, connect
 
-__all__ = ["CommandError", "load_stack", "operator_nats", "print_table", "redis_url"]
+__all__ = [
+    "CommandError",
+    "load_stack",
+    "operator_nats",
+    "operator_redis",
+    "print_table",
+    "redis_url",
+]
 
 
 class CommandError(Exception):
@@ -66,6 +75,15 @@ def redis_url(state_dir: Path) -> str:
     if not url:
         raise CommandError("set REDIS_URL (or run `keyveil up` so stack.json names one)", 2)
     return str(url)
+
+
+def operator_redis(url: str) -> aioredis.Redis:
+    """A client for `url` in the topology REDIS_SENTINELS / REDIS_CLUSTER describe."""
+    try:
+        topology = RedisTopology.from_environ(os.environ, url=url)
+    except ValueError as exc:
+        raise CommandError(f"Redis topology: {exc}", 2) from None
+    return connect(topology)
 
 
 def print_table(header: Sequence[str], rows: Iterable[Sequence[str]], *, empty: str) -> None:

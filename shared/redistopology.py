@@ -19,6 +19,7 @@ connection pool (shared.ratelimit's pipelined script) ask `cluster_of` first.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, cast
@@ -126,6 +127,20 @@ class RedisTopology:
         return Topology.sentinel if self.sentinels else Topology.standalone
 
     @classmethod
+    def from_environ(
+        cls, environ: Mapping[str, str], *, url: str, timeout_s: float = 3.0
+    ) -> RedisTopology:
+        """From REDIS_SENTINELS, REDIS_SENTINEL_MASTER and REDIS_CLUSTER (operator commands)."""
+        sentinels = environ.get("REDIS_SENTINELS", "")
+        return cls(
+            url=url,
+            timeout_s=timeout_s,
+            sentinels=tuple(parse_hosts(sentinels, default_port=26379)) if sentinels else (),
+            sentinel_master=environ.get("REDIS_SENTINEL_MASTER") or None,
+            cluster=environ.get("REDIS_CLUSTER", "").strip().lower() in ("1", "true", "yes"),
+        )
+
+    @classmethod
     def from_settings(cls, settings: Any, *, url: str | None = None) -> RedisTopology:
         """From EdgeSettings (REDIS_*); `url` replaces REDIS_URL (the response cache's)."""
         return cls(
@@ -197,6 +212,8 @@ def connect(topology: RedisTopology) -> aioredis.Redis:
         port=port,
         startup_nodes=[ClusterNode(h, p) for h, p in seeds],
         ssl=tls,
+        # Per node; redis-py refuses (MaxConnectionsError) rather than waits past it.
+        max_connections=1024,
         **common,
         **kwargs,
     )

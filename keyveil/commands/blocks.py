@@ -16,8 +16,8 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from keyveil.operator import CommandError, print_table, redis_url
-from shared.ratelimit import block_key, redis_client, strikes_key
+from keyveil.operator import CommandError, operator_redis, print_table, redis_url
+from shared.ratelimit import block_key, strikes_key
 
 __all__ = ["register"]
 
@@ -48,7 +48,7 @@ def _prefix(make_key: Any) -> str:
 
 
 async def _list(args: argparse.Namespace) -> int:
-    store = redis_client(redis_url(Path(args.state_dir)), timeout_s=3.0)
+    store = operator_redis(redis_url(Path(args.state_dir)))
     try:
         rows: dict[str, dict[str, Any]] = {}
         for kind, make_key in (("blocked", block_key), ("strikes", strikes_key)):
@@ -92,7 +92,7 @@ async def _unblock(args: argparse.Namespace) -> int:
         ip = str(ipaddress.ip_address(args.ip))
     except ValueError:
         raise CommandError("IP must be an IPv4 or IPv6 address", 2) from None
-    store = redis_client(redis_url(Path(args.state_dir)), timeout_s=3.0)
+    store = operator_redis(redis_url(Path(args.state_dir)))
     try:
         removed = int(await store.delete(block_key(ip), strikes_key(ip)))
     except RedisError as exc:

@@ -24,9 +24,8 @@ from typing import Any
 
 import redis.exceptions
 
-from keyveil.operator import load_stack
+from keyveil.operator import load_stack, operator_redis
 from shared.budgets import SCOPES, UNITS, WINDOWS, BudgetAdmin
-from shared.ratelimit import redis_client
 
 __all__ = ["register"]
 
@@ -68,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace, url: str) -> int:
-    store = redis_client(url, timeout_s=3.0)
+    store = operator_redis(url)
     admin = BudgetAdmin(store)
     try:
         command = args.budgets_command

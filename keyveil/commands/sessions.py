@@ -20,8 +20,7 @@ from typing import Any
 
 import redis.exceptions
 
-from keyveil.operator import load_stack, publish_operator_audit
-from shared.ratelimit import redis_client
+from keyveil.operator import load_stack, operator_redis, publish_operator_audit
 from shared.voicesessions import VoiceRegistry, VoiceSession
 
 __all__ = ["register"]
@@ -83,7 +82,7 @@ def _summary(record: VoiceSession, owner: str | None) -> dict[str, Any]:
 
 
 async def _run(args: argparse.Namespace, url: str, state_dir: Path) -> int:
-    store = redis_client(url, timeout_s=3.0)
+    store = operator_redis(url)
     try:
         registry = VoiceRegistry(store)
         if args.sessions_command == "list":

@@ -23,11 +23,10 @@ from typing import Any
 
 import redis.exceptions
 
-from keyveil.operator import load_stack, publish_operator_audit
+from keyveil.operator import load_stack, operator_redis, publish_operator_audit
 from services.token.revocation import revoke_token
 from shared.errors import UnavailableError
 from shared.principals import PrincipalHasher, revoked_user_key
-from shared.ratelimit import redis_client
 
 __all__ = ["register"]
 
@@ -77,7 +76,7 @@ async def _revoke(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    store = redis_client(url, timeout_s=3.0)
+    store = operator_redis(url)
     try:
         await revoke_token(store, args.token_id, args.ttl)
     except UnavailableError:
@@ -126,7 +125,7 @@ async def _revoke_user(args: argparse.Namespace) -> int:
     if not url:
         print("keyveil tokens: set REDIS_URL (or run `keyveil up`)", file=sys.stderr)
         return 2
-    store = redis_client(url, timeout_s=3.0)
+    store = operator_redis(url)
     try:
         await store.set(revoked_user_key(sub_hash), str(int(time.time())), ex=args.ttl)
     except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError):
