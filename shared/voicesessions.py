@@ -1,11 +1,12 @@
 """The voice session registry in Redis, shared by every proxy replica and the CLI.
 
-Keys (all under `kv:voice:`):
+Keys (all under `kv:voice:{voice}:`, one Cluster slot: a session's record, its lease and
+the live set change together in one MULTI):
 
-    kv:voice:live                 set of session ids not yet closed
-    kv:voice:session:<id>         hash: the record (`VoiceSession` fields, JSON values)
-    kv:voice:owner:<id>           the replica holding the sideband; a lease with a TTL
-    kv:voice:close:<id>           a close request (the reason), from `keyveil sessions close`
+    kv:voice:{voice}:live           set of session ids not yet closed
+    kv:voice:{voice}:session:<id>   hash: the record (`VoiceSession` fields, JSON values)
+    kv:voice:{voice}:owner:<id>     the replica holding the sideband; a lease with a TTL
+    kv:voice:{voice}:close:<id>     a close request (the reason), from `keyveil sessions close`
 
 A replica renews the owner lease of each sideband it holds; when a replica dies its
 leases expire and another replica claims the session (`SET NX PX`, atomic) and
@@ -39,7 +40,7 @@ __all__ = [
     "session_key",
 ]
 
-LIVE_SET: Final = "kv:voice:live"
+LIVE_SET: Final = "kv:voice:{voice}:live"
 _RECORD_TTL_S: Final = 7 * 86_400
 
 _RENEW_LUA: Final = """
@@ -57,15 +58,15 @@ return 0
 
 
 def session_key(session_id: str) -> str:
-    return f"kv:voice:session:{session_id}"
+    return f"kv:voice:{{voice}}:session:{session_id}"
 
 
 def owner_key(session_id: str) -> str:
-    return f"kv:voice:owner:{session_id}"
+    return f"kv:voice:{{voice}}:owner:{session_id}"
 
 
 def close_key(session_id: str) -> str:
-    return f"kv:voice:close:{session_id}"
+    return f"kv:voice:{{voice}}:close:{session_id}"
 
 
 class VoiceSession(BaseModel):
