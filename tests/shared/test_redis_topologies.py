@@ -362,3 +362,50 @@ async def test_sentinel_master_killed_under_traffic(tmp_path: Path) -> None:
             )
     finally:
         servers.stop()
+
+
+# --- three proxy processes on the cluster ----------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+async def test_three_proxy_replicas_share_one_limit_on_the_cluster(
+    cluster: RedisClusterSet, tmp_path: Path
+) -> None:
+    import httpx
+
+    from tests.stack import issue_token, running_stack, signed_headers
+
+    chat = "/api/voice-agent/proxy/v1/chat/completions"
+    body = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}'
+    env = {
+        "REDIS_URL": cluster.url,
+        "REDIS_CLUSTER": "true",
+        "VOICE_AGENT_PROXY_RATE_LIMIT": "30",
+        "VOICE_AGENT_PROXY_IP_RATE_LIMIT": "1000000",
+        "VOICE_AGENT_RATE_LIMIT": "1000",
+        "LOG_LEVEL": "WARNING",
+    }
+    args = ("--fake-upstream", "--proxy-replicas", "3")
+    with running_stack(tmp_path, args=args, env=env) as stack:
+        token = issue_token(stack).json()
+        urls = stack.info["proxy_urls"]
+        assert len(urls) == 3
+        prepared = []
+        for n in range(120):
+            url = urls[n % 3]
+            authority = url.removeprefix("http://")
+            headers = signed_headers(
+                token, method="POST", path=chat, body=body, authority=authority
+            )
+            prepared.append((f"{url}{chat}", headers))
+        async with httpx.AsyncClient(timeout=30) as client:
+            started = time.monotonic()
+            answers = await asyncio.gather(
+                *(client.post(url, content=body, headers=headers) for url, headers in prepared)
+            )
+            elapsed = time.monotonic() - started
+    statuses = [a.status_code for a in answers]
+    # 30 per minute, refilled at 0.5/s while the burst runs
+    assert 30 <= statuses.count(200) <= 30 + int(elapsed / 2)
+    assert statuses.count(200) + statuses.count(429) == 120
