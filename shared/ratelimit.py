@@ -228,7 +228,7 @@ for i = 1, n do
 end
 local out = {0, best, math.max(best_remaining, 0), best_reset, 0}
 for i = 1, n do
-  local ttl_ms = math.ceil((new_tats[i] - now) / 1000)
+  local ttl_ms = math.max(1, math.ceil((new_tats[i] - now) / 1000))  -- >0 even below float precision
   local stored = string.format('%.17g', new_tats[i])
   redis.call('SET', KEYS[4 + i], stored, 'PX', ttl_ms)
   out[5 + i] = stored
