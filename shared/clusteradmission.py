@@ -27,6 +27,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Final
 
 import redis.exceptions
@@ -76,18 +77,23 @@ def hash_tag(key: str) -> str:
     return key
 
 
+@lru_cache(maxsize=65_536)
+def _tag_slot(tag: str) -> tuple[int, str]:
+    """The slot of a hash tag, and a key of that slot that is never written (it stands
+    for a check a slot group lacks). Cached: the subjects repeat, the nonces do not."""
+    slot = key_slot(tag.encode())
+    placeholder = f"kv:unused:{{{tag}}}"
+    if key_slot(placeholder.encode()) != slot:
+        raise ValueError("a key whose hash tag cannot be reproduced")
+    return slot, placeholder
+
+
 @dataclass
 class _Group:
     slot: int
+    placeholder: str
     checks: dict[int, str] = field(default_factory=dict)  # script position -> key
     layers: list[int] = field(default_factory=list)  # indices into the request's layers
-
-    def placeholder(self, any_key: str) -> str:
-        # A key of this slot that is never written: stands for a check the group lacks.
-        key = f"kv:unused:{{{hash_tag(any_key)}}}"
-        if key_slot(key.encode()) != self.slot:
-            raise ValueError("a key whose hash tag cannot be reproduced")
-        return key
 
 
 class _SlotRouter:
@@ -131,6 +137,47 @@ class _SlotRouter:
                 self._stale = True
                 raise
         raise AssertionError("unreachable")
+
+    def send(
+        self, name: str, slot: int, keys: Sequence[str], args: Sequence[Any]
+    ) -> tuple[Any, Any]:
+        """(awaitable, pipe): the raw reply's future on an open connection with a fresh
+        slot map (pipe set: `settle` the reply), else the full `call` (pipe None)."""
+        if self._started and not self._stale:
+            node = self._cluster.nodes_manager.slots_cache.get(slot)
+            if node:
+                pipe = self._pipe(name, node[0])
+                future = pipe.send(keys, args)
+                if future is not None:
+                    return future, pipe
+        return self.call(name, slot, keys, args), None
+
+    async def settle(
+        self,
+        outcome: Any,
+        pipe: Any,
+        name: str,
+        slot: int,
+        keys: Sequence[str],
+        args: Sequence[Any],
+    ) -> Any:
+        """A `send` outcome as `call` would have returned it (or raised it)."""
+        from shared.ratelimit import _ReplyError
+
+        if pipe is None:
+            if isinstance(outcome, BaseException):
+                raise outcome
+            return outcome
+        if isinstance(outcome, redis.exceptions.ConnectionError):
+            pipe.reset()
+            self._stale = True
+            raise outcome
+        if isinstance(outcome, BaseException):
+            raise outcome
+        if isinstance(outcome, _ReplyError):
+            # NOSCRIPT (a restarted or new master), MOVED, ...: the full path handles each
+            return await self.call(name, slot, keys, args)
+        return outcome
 
     async def _fresh(self) -> None:
         if self._started and not self._stale:
@@ -182,16 +229,26 @@ class SlotGroupedAdmission:
         groups = self._groups(keys)
         layer_keys = keys[_CHECKS:]
         pairs = args[2:]
-        calls = []
+        sent = []
         for group in groups:
-            sample = next(iter(group.checks.values()), None) or layer_keys[group.layers[0]]
-            group_keys = [group.checks.get(i) or group.placeholder(sample) for i in range(_CHECKS)]
+            group_keys = [group.checks.get(i) or group.placeholder for i in range(_CHECKS)]
             group_keys += [layer_keys[j] for j in group.layers]
             group_args = [args[0] if _NONCE in group.checks else 0, args[1]]
             for j in group.layers:
                 group_args += [pairs[2 * j], pairs[2 * j + 1]]
-            calls.append(self._router.call("admit", group.slot, group_keys, group_args))
-        results = await asyncio.gather(*calls, return_exceptions=True)
+            awaitable, pipe = self._router.send("admit", group.slot, group_keys, group_args)
+            sent.append((awaitable, pipe, group, group_keys, group_args))
+        outcomes = await asyncio.gather(*(s[0] for s in sent), return_exceptions=True)
+        results: list[Any] = []
+        for outcome, (_, pipe, group, group_keys, group_args) in zip(outcomes, sent, strict=True):
+            try:
+                results.append(
+                    await self._router.settle(
+                        outcome, pipe, "admit", group.slot, group_keys, group_args
+                    )
+                )
+            except Exception as exc:  # an outage, or a bug: raised after the refunds
+                results.append(exc)
         admitted = [
             (g, r) for g, r in zip(groups, results, strict=True) if not isinstance(r, BaseException)
         ]
@@ -223,8 +280,10 @@ class SlotGroupedAdmission:
         for position, key in enumerate(keys):
             if not key:
                 continue
-            slot = key_slot(key.encode())
-            group = by_slot.setdefault(slot, _Group(slot))
+            slot, placeholder = _tag_slot(hash_tag(key))
+            group = by_slot.get(slot)
+            if group is None:
+                group = by_slot[slot] = _Group(slot, placeholder)
             if position < _CHECKS:
                 group.checks[position] = key
             else:

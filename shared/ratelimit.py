@@ -228,7 +228,7 @@ for i = 1, n do
 end
 local out = {0, best, math.max(best_remaining, 0), best_reset, 0}
 for i = 1, n do
-  local ttl_ms = math.max(1, math.ceil((new_tats[i] - now) / 1000))  -- >0 even below float precision
+  local ttl_ms = math.max(1, math.ceil((new_tats[i] - now) / 1000))  -- >0 below float precision
   local stored = string.format('%.17g', new_tats[i])
   redis.call('SET', KEYS[4 + i], stored, 'PX', ttl_ms)
   out[5 + i] = stored
@@ -449,12 +449,17 @@ def _pack(*args: str | int | bytes) -> bytes:
 
 
 class _Pipe(asyncio.Protocol):
-    """One Redis connection; replies come back in order, so waiters are a FIFO."""
+    """One Redis connection; replies come back in order, so waiters are a FIFO.
+
+    Commands issued in one event-loop turn leave in one write (one syscall, not one
+    per caller): concurrent checks share the cost of sending.
+    """
 
     def __init__(self) -> None:
         self._buf = bytearray()
         self._waiters: deque[asyncio.Future[Any]] = deque()
         self._transport: asyncio.Transport | None = None
+        self._outgoing: list[bytes] = []
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -487,10 +492,18 @@ class _Pipe(asyncio.Protocol):
     def call(self, packed: bytes) -> asyncio.Future[Any]:
         if self.closed or self._transport is None:
             raise redis.exceptions.ConnectionError("redis connection closed")
-        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[Any] = loop.create_future()
         self._waiters.append(waiter)
-        self._transport.write(packed)
+        if not self._outgoing:
+            loop.call_soon(self._flush)
+        self._outgoing.append(packed)
         return waiter
+
+    def _flush(self) -> None:
+        outgoing, self._outgoing = self._outgoing, []
+        if self._transport is not None and not self.closed:
+            self._transport.write(b"".join(outgoing))
 
     def close(self) -> None:
         if self._transport is not None:
@@ -616,6 +629,15 @@ class PipelinedScript:
                 raise redis.exceptions.ConnectionError(type(exc).__name__) from None
             self._pipe = pipe
             return pipe
+
+    def send(self, keys: Sequence[str], args: Sequence[int | str]) -> asyncio.Future[Any] | None:
+        """EVALSHA on the open connection without a coroutine: its raw reply's future
+        (a `NOSCRIPT` or other error reply is the caller's to handle), or None when not
+        connected (then `await self(...)`)."""
+        pipe = self._pipe
+        if pipe is None or pipe.closed:
+            return None
+        return pipe.call(_pack("EVALSHA", self._sha, len(keys), *keys, *args))
 
     async def __call__(self, *, keys: Sequence[str], args: Sequence[int | str]) -> Any:
         pipe = await self._connected()
