@@ -30,6 +30,7 @@ COMMANDS = (
     "keys",
     "openapi",
     "blocks",
+    "rediskeys",
 )
 
 _CREDENTIALS_IN_URL = re.compile(r"(//)[^@/\s]*@")

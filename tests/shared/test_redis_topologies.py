@@ -409,3 +409,35 @@ async def test_three_proxy_replicas_share_one_limit_on_the_cluster(
     # 30 per minute, refilled at 0.5/s while the burst runs
     assert 30 <= statuses.count(200) <= 30 + int(elapsed / 2)
     assert statuses.count(200) + statuses.count(429) == 120
+
+
+# --- upgrading from untagged keys ------------------------------------------------------
+
+
+async def test_revocations_of_earlier_versions_are_carried_over(redis_url: str) -> None:
+    from keyveil.commands.rediskeys import migrate_untagged_keys
+    from shared.ratelimit import redis_client
+
+    store = redis_client(redis_url)
+    try:
+        await store.set("kv:revoked:tok-old", "1", ex=300)
+        await store.set("kv:revoked-user:u_old", "100", ex=300)
+        await store.set("kv:block:192.0.2.99", "1", ex=300)
+        assert (await migrate_untagged_keys(store, dry_run=True))["kv:revoked:"] >= 1
+        assert await store.exists("kv:revoked:tok-old")
+        counts = await migrate_untagged_keys(store)
+        assert counts["kv:revoked:"] >= 1
+        assert counts["kv:revoked-user:"] >= 1
+        assert not await store.exists("kv:revoked:tok-old")
+        assert 0 < await store.ttl(revoked_key("tok-old")) <= 300
+        assert (await migrate_untagged_keys(store))["kv:revoked:"] == 0
+        admission = Admission(store, service="test")
+        token = await admission.check(limits=[], client_ip="192.0.2.1", revoked_token_id="tok-old")
+        assert token.refusal is Refusal.TOKEN_REVOKED
+        user = await admission.check(limits=[], client_ip="192.0.2.1", revoked_user=("u_old", 50))
+        assert user.refusal is Refusal.TOKEN_REVOKED
+        blocked = await admission.check(limits=[], client_ip="192.0.2.99")
+        assert blocked.refusal is Refusal.IP_BLOCKED
+    finally:
+        await store.delete(block_key("192.0.2.99"), revoked_key("tok-old"))
+        await store.aclose()
