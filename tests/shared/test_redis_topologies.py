@@ -441,3 +441,22 @@ async def test_revocations_of_earlier_versions_are_carried_over(redis_url: str) 
     finally:
         await store.delete(block_key("192.0.2.99"), revoked_key("tok-old"))
         await store.aclose()
+
+
+@pytest.mark.slow
+async def test_budgets_reserve_and_settle_in_their_one_slot(cluster: RedisClusterSet) -> None:
+    from shared.budgets import BudgetExceeded, Budgets, Estimate, budget_field
+
+    client = connect(RedisTopology(cluster.url, cluster=True))
+    budgets = Budgets(client, pipelined=True)
+    try:
+        await client.hset(CONFIG_KEY, budget_field("token", "tok-b", "tokens", "day"), 100)
+        hold = await budgets.reserve(subjects=[("token", "tok-b")], estimate=Estimate(60, 0))
+        assert hold is not None
+        with pytest.raises(BudgetExceeded):
+            await budgets.reserve(subjects=[("token", "tok-b")], estimate=Estimate(60, 0))
+        await budgets.settle(hold, tokens=10, micros=0)
+        assert await budgets.reserve(subjects=[("token", "tok-b")], estimate=Estimate(60, 0))
+    finally:
+        await budgets.aclose()
+        await client.aclose()
