@@ -7,7 +7,12 @@ the proxy's check (IP block, token revocation, nonce, user revocation, per-token
 and per-user layers over many subjects: three slot groups on the cluster). Phases
 alternate twice and the better of each is kept, to damp a shared machine's noise.
 
-    .venv/bin/python -m benchmarks.topology_bench [--seconds 3] [--json PATH]
+With `--proxy` it also runs one proxy worker per topology (REDIS_CLUSTER /
+REDIS_SENTINELS set as a deployment would) behind proxy_bench's load generator
+(16 keep-alive clients) and reports requests/s and the proxy's CPU per request: the
+number the "within 15 % of standalone" target is about.
+
+    .venv/bin/python -m benchmarks.topology_bench [--seconds 3] [--proxy] [--json PATH]
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -95,9 +102,97 @@ async def run(topologies: dict[str, RedisTopology], seconds: float) -> dict[str,
     return {"concurrency": CONCURRENCY, "seconds": seconds, "topologies": best}
 
 
+def _topology_env(topology: RedisTopology) -> dict[str, str]:
+    env = {"REDIS_URL": topology.url}
+    if topology.cluster:
+        env["REDIS_CLUSTER"] = "true"
+    if topology.sentinels:
+        env["REDIS_SENTINELS"] = ",".join(f"{h}:{p}" for h, p in topology.sentinels)
+        env["REDIS_SENTINEL_MASTER"] = topology.sentinel_master or ""
+    return env
+
+
+async def proxy_run(
+    topologies: dict[str, RedisTopology], state: Path, requests: int
+) -> dict[str, Any]:
+    """One proxy worker per topology, the same load; the better of two phases each."""
+    from benchmarks.proxy_bench import (
+        KEK_SECRET,
+        PROVIDER_KEY,
+        SIGNING_KEY,
+        Bench,
+        start_service,
+        wait_ready,
+    )
+    from keyveil.servers import ServerProcess, free_port, start_nats
+
+    nats_server = start_nats(state, name="bench-nats", streams=True)
+    up_port = free_port()
+    fake = ServerProcess(
+        "fake-upstream",
+        f"http://127.0.0.1:{up_port}",
+        up_port,
+        [sys.executable, "-m", "shared.testing.fake_upstream", "--port", str(up_port)],
+        state / "fake.log",
+    )
+    fake.start()
+    processes: list[subprocess.Popen[bytes]] = []
+    out: dict[str, Any] = {}
+    try:
+        km_port = free_port()
+        km_env = {
+            "NATS_URL": nats_server.url,
+            "KEY_ENCRYPTION_SECRET": KEK_SECRET,
+            "OPENAI_API_KEY": PROVIDER_KEY,
+        }
+        processes.append(start_service("keymanager", km_env, km_port, state / "km.log"))
+        await wait_ready(km_port)
+        proxies: dict[str, tuple[int, int]] = {}
+        for name, topology in topologies.items():
+            port = free_port()
+            env = {
+                "NATS_URL": nats_server.url,
+                "PROXY_SIGNING_KEY": SIGNING_KEY,
+                "OPENAI_BASE_URL": f"http://127.0.0.1:{up_port}/v1",
+                "VOICE_AGENT_PROXY_RATE_LIMIT": "1000000",
+                "VOICE_AGENT_PROXY_IP_RATE_LIMIT": "10000000",
+                **_topology_env(topology),
+            }
+            proxy = start_service("proxy", env, port, state / f"proxy-{name}.log")
+            processes.append(proxy)
+            await wait_ready(port)
+            proxies[name] = (port, proxy.pid)
+        for _ in range(2):
+            for name, (port, pid) in proxies.items():
+                phase = await Bench(port, up_port, {"proxy": pid}).proxy_phase(16, requests)
+                result = {
+                    "rate_per_s": round(phase.rps, 1),
+                    "proxy_cpu_us": round(1e6 * phase.cpu_s["proxy"] / phase.requests, 1),
+                }
+                if name not in out or result["proxy_cpu_us"] < out[name]["proxy_cpu_us"]:
+                    out[name] = result
+    finally:
+        for process in reversed(processes):
+            process.terminate()
+            process.wait(15)
+        fake.stop()
+        nats_server.stop()
+    base = out["standalone"]["proxy_cpu_us"]
+    for name, result in out.items():
+        result["cpu_vs_standalone"] = round(result["proxy_cpu_us"] / base, 3)
+        print(
+            f"proxy on {name:>10}: {result['rate_per_s']:>7} req/s, "
+            f"{result['proxy_cpu_us']:.0f} us proxy CPU per request "
+            f"({result['cpu_vs_standalone']:.0%} of standalone)"
+        )
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--proxy", action="store_true", help="also through a proxy worker")
+    parser.add_argument("--requests", type=int, default=3000, help="proxy requests per phase")
     add_json_option(parser)
     args = parser.parse_args()
     state = Path(tempfile.mkdtemp(prefix="keyveil-topology-bench-"))
@@ -114,7 +209,10 @@ def main() -> None:
             ),
             "cluster": RedisTopology(cluster.url, cluster=True),
         }
-        write_json(args.json, asyncio.run(run(topologies, args.seconds)))
+        results = asyncio.run(run(topologies, args.seconds))
+        if args.proxy:
+            results["proxy"] = asyncio.run(proxy_run(topologies, state, args.requests))
+        write_json(args.json, results)
     finally:
         cluster.stop()
         sentinel.stop()
