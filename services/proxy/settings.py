@@ -121,8 +121,9 @@ class Settings(EdgeSettings):
     """Largest answer stored in the response cache, in bytes (0 disables it)."""
 
     cache_redis_url: str | None = Field(default=None, validation_alias="PROXY_CACHE_REDIS_URL")
-    """The cache's own Redis (default: REDIS_URL's server, database 1), so that cache
-    entries can be evicted (allkeys-lru) without ever evicting a limit or a nonce."""
+    """The cache's own Redis (default: REDIS_URL's server, database 1; with REDIS_CLUSTER the
+    cluster itself), so that cache entries can be evicted (allkeys-lru) without ever evicting
+    a limit or a nonce; same topology as REDIS_URL."""
 
     # A client that does not read its answer for this long is cut (shared.httpprotocol).
     write_timeout_s: float = Field(
