@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import redis as sync_redis
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import SSLConnection
 from redis.asyncio.sentinel import SentinelManagedSSLConnection
@@ -460,3 +463,50 @@ async def test_budgets_reserve_and_settle_in_their_one_slot(cluster: RedisCluste
     finally:
         await budgets.aclose()
         await client.aclose()
+
+
+# --- the cluster path against the single script: same decisions ------------------------
+
+_request = st.tuples(
+    st.integers(0, 2),  # token
+    st.integers(0, 2),  # client IP
+    st.sampled_from([None, 0, 1]),  # user
+    st.integers(0, 6),  # nonce (repeats are replays)
+)
+
+
+@pytest.mark.slow
+@settings(max_examples=20, deadline=None)
+@given(requests=st.lists(_request, min_size=1, max_size=25))
+def test_the_cluster_decides_as_the_single_script(
+    cluster: RedisClusterSet, redis_url: str, requests: list[tuple[int, int, int | None, int]]
+) -> None:
+    async def decide(topology: RedisTopology) -> list[tuple[object, ...]]:
+        client = connect(topology)
+        admission = Admission(client, service="test", pipelined=True)
+        space = uuid.uuid4().hex[:8]  # fresh subjects: no state from other examples
+        out = []
+        try:
+            for token, ip, user, nonce in requests:
+                jti, address = f"t{token}-{space}", f"10.{token}.{ip}.1"
+                sub = f"u{user}-{space}" if user is not None else None
+                limits = [Limit("per-token", jti, 3, DAY), Limit("per-ip", address + space, 4, DAY)]
+                if sub:
+                    limits.append(Limit("per-user", sub, 5, DAY))
+                d = await admission.check(
+                    limits=limits,
+                    client_ip=address + space,
+                    nonce=f"{jti}:{nonce}",
+                    nonce_ttl_s=60,
+                    revoked_token_id=jti,
+                    revoked_user=(sub, 1) if sub else None,
+                )
+                out.append((d.allowed, d.refusal, d.layer, d.remaining, d.limit))
+        finally:
+            await admission.aclose()
+            await client.aclose()
+        return out
+
+    single = asyncio.run(decide(RedisTopology(redis_url)))
+    sharded = asyncio.run(decide(RedisTopology(cluster.url, cluster=True)))
+    assert sharded == single
