@@ -520,6 +520,16 @@ class TestUpstreamTransport:
             await _read_all(chunked)
         chunked.abort()
 
+    async def test_garbage_from_the_upstream_is_unreachable(
+        self,
+        servers: Callable[..., Awaitable[tuple[_Server, str]]],
+        forwarders: Callable[..., Forwarder],
+    ) -> None:
+        _, base_url = await servers(_answering(b"NOT HTTP AT ALL\r\n\r\n"))
+        with pytest.raises(UpstreamError) as caught:
+            await _chat(forwarders(base_url))
+        assert caught.value.code == "upstream_unreachable"
+
     async def test_nothing_listening_is_unreachable(
         self, forwarders: Callable[..., Forwarder]
     ) -> None:
