@@ -5,19 +5,25 @@ UPSTREAM_TRANSPORT=auto picks exactly when an egress proxy applies to the upstre
 The proxy's own HTTP/1.1 client connects directly, so UPSTREAM_TRANSPORT=http1 with a proxy
 that applies (or a SOCKS proxy, which no transport here speaks) exits 2 naming the
 variable: never one edge working and the other not. The proxied requests themselves are
-in the conformance suite (test_transport.py).
+in the conformance suite (test_transport.py); here, the proxy process end to end.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from keyveil.servers import ServerProcess
 from services.proxy.transport import EgressProxyError, TransportKind, choose_transport
-from tests.support import TEST_PROXY_SIGNING_KEY
+from tests.support import TEST_PROXY_SIGNING_KEY, FakeUpstream, ServiceProcess
+
+from .conftest import CHAT, Browser, chat_body, proxy_env
+from .egress import EgressProxy
 
 OPENAI = "https://api.openai.com/v1"
 EGRESS = "http://egress:3128"
@@ -96,3 +102,33 @@ def test_an_unknown_transport_refuses_to_start() -> None:
     done = _start_proxy(UPSTREAM_TRANSPORT="curl")
     assert done.returncode == 2
     assert "UPSTREAM_TRANSPORT" in done.stderr
+
+
+async def test_the_proxy_process_forwards_through_the_egress_proxy(
+    proxy_nats: ServerProcess,
+    redis_url: str,
+    upstream: FakeUpstream,
+    key_manager: ServiceProcess,
+    tmp_path: Path,
+) -> None:
+    egress = EgressProxy()
+    egress_url = await egress.start()
+    env = proxy_env(proxy_nats.url, redis_url, upstream, HTTP_PROXY=egress_url, NO_PROXY="")
+    service = ServiceProcess("proxy", env, tmp_path / "proxy.log")
+    browser: Browser | None = None
+    try:
+        await asyncio.to_thread(service.start)  # the egress proxy keeps serving meanwhile
+        browser = Browser(service.url)
+        answer = await browser.post(CHAT, chat_body())
+        assert answer.status_code == 200, answer.text
+        streamed = await browser.post(CHAT, chat_body(stream=True))
+        assert streamed.status_code == 200, streamed.text
+        assert streamed.text.rstrip().endswith("data: [DONE]")
+    finally:
+        if browser is not None:
+            await browser.close()
+        await asyncio.to_thread(service.stop)
+        await egress.stop()
+    assert egress.targets == [f"{upstream.base_url}/chat/completions"] * 2
+    assert [call["path"] for call in upstream.calls()] == ["/v1/chat/completions"] * 2
+    assert "upstream transport: httpx (HTTP_PROXY applies to 127.0.0.1" in service.log()

@@ -3,7 +3,7 @@
 Every case runs against both `http1` and `httpx`, through the Forwarder that uses them,
 against real servers started here: the fake upstream, small raw asyncio servers for the
 edges (framing, streaming, broken answers, timeouts, TLS with a test CA) and a real
-CONNECT proxy for the egress case.
+CONNECT proxy (egress.py) for the egress case.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from shared.leases import LeaseReply
 from tests.support import FakeUpstream
 
 from .conftest import CHAT, STT, multipart
+from .egress import EgressProxy
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 KINDS = ("http1", "httpx")
@@ -189,50 +190,6 @@ def _pki(tmp_path: Path) -> _Pki:
     server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server.load_cert_chain(cert_path, key_path)
     return _Pki(server=server, client=ssl.create_default_context(cafile=str(ca_path)))
-
-
-@dataclass
-class _ConnectProxy:
-    """A real HTTP CONNECT egress proxy: tunnels bytes, records each CONNECT target."""
-
-    targets: list[str] = field(default_factory=list)
-    server: asyncio.Server | None = None
-    writers: list[asyncio.StreamWriter] = field(default_factory=list)
-
-    async def start(self) -> str:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            method, target, _ = head.split(b"\r\n", 1)[0].split(b" ", 2)
-            if method != b"CONNECT":
-                writer.write(b"HTTP/1.1 405 Method Not Allowed\r\ncontent-length: 0\r\n\r\n")
-                return
-            self.targets.append(target.decode())
-            host, _, port = target.decode().rpartition(":")
-            up_reader, up_writer = await asyncio.open_connection(host, int(port))
-            self.writers += [writer, up_writer]
-            writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
-
-            async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-                with contextlib.suppress(ConnectionError):
-                    while data := await src.read(65536):
-                        dst.write(data)
-                        await dst.drain()
-                dst.close()
-
-            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-        finally:
-            writer.close()
-
-    async def stop(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        for writer in self.writers:
-            writer.close()
-        await self.server.wait_closed()
 
 
 async def _chat(forwarder: Forwarder) -> tuple[int, bytes]:
@@ -692,7 +649,7 @@ class TestUpstreamTransport:
         pki = _pki(tmp_path)
         seen: list[bytes] = []
         _, base_url = await servers(_answering(_OK, seen), pki.server)
-        egress = _ConnectProxy()
+        egress = EgressProxy()
         proxy_url = await egress.start()
         try:
             proxies = {"https": proxy_url}
