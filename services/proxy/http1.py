@@ -74,8 +74,11 @@ class Http1Connection(asyncio.Protocol):
         self._drained: asyncio.Future[None] | None = None
         self._framed = False  # Content-Length or chunked: the end is known
         self._keep_alive = False
-        self._head_bytes = 0  # header fields of the answer (bounded)
-        self._head_fed = 0  # bytes fed while the head was still incomplete (bounded)
+        # The answer's head is bounded: bytes fed while it was incomplete, and, once
+        # those pass the bound, its header fields counted exactly.
+        self._head_fed = 0
+        self._count_fields = False
+        self._head_bytes = 0
 
     # -- asyncio.Protocol ------------------------------------------------------------
 
@@ -86,18 +89,25 @@ class Http1Connection(asyncio.Protocol):
         if self._head is None or self._complete:
             self.close()  # bytes nobody asked for (e.g. a second answer): never reuse
             return
-        head = self._head
+        large = False
+        if self.status < 200:  # the head is not complete yet (a 1xx does not count)
+            fed = self._head_fed + len(data)
+            self._head_fed = fed
+            if fed > MAX_RESPONSE_HEAD_BYTES:
+                # Rare (a large first read, or a large head): from now on the header fields
+                # are counted one by one; everything fed before was head.
+                large = True
+                if not self._count_fields:
+                    self._count_fields = True
+                    self._head_bytes = fed - len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._fail(UpstreamReadError(f"invalid HTTP from the upstream ({type(exc).__name__})"))
             self.close()
             return
-        if not head.done():
-            # The parser holds a header it has not finished: bound that too.
-            self._head_fed += len(data)
-            if self._head_fed > MAX_RESPONSE_HEAD_BYTES:
-                self._head_too_large()
+        if large and self.status < 200:  # all of it head, and still no end: too large
+            self._head_too_large()
 
     def eof_received(self) -> bool:
         return False  # close the transport
@@ -125,7 +135,8 @@ class Http1Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes | None) -> None:
         if not self._complete:
             value = value or b""
-            self._head_bytes += len(name) + len(value) + 4
+            if self._count_fields:
+                self._head_bytes += len(name) + len(value) + 4
             self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -133,7 +144,7 @@ class Http1Connection(asyncio.Protocol):
             self._fail(UpstreamReadError("the upstream sent more than one answer"))
             self.close()
             return
-        if self._head_bytes > MAX_RESPONSE_HEAD_BYTES:
+        if self._count_fields and self._head_bytes > MAX_RESPONSE_HEAD_BYTES:
             self._head_too_large()
             return
         self.status = self._parser.get_status_code()
@@ -196,8 +207,9 @@ class Http1Connection(asyncio.Protocol):
         self._error = None
         self._framed = False
         self._keep_alive = False
-        self._head_bytes = 0
         self._head_fed = 0
+        self._count_fields = False
+        self._head_bytes = 0
 
     def write(self, data: bytes) -> None:
         if self.closed or self.transport is None:
