@@ -85,9 +85,9 @@ class Settings(EdgeSettings):
     """Pooled upstream connections per proxy process."""
     upstream_transport: TransportKind = Field(default="auto", validation_alias="UPSTREAM_TRANSPORT")
     """The upstream HTTP client: `http1` (the proxy's own, fastest; direct egress only),
-    `httpx` (honours HTTPS_PROXY/HTTP_PROXY/ALL_PROXY with NO_PROXY; a few hundred us of CPU
-    more per call), or `auto`: httpx exactly when an egress proxy applies to the upstream
-    host, else http1. The choice and its reason are logged once at start-up."""
+    `httpx` (honours HTTPS_PROXY/HTTP_PROXY/ALL_PROXY with NO_PROXY; ~15x the CPU per
+    call), or `auto`: httpx exactly when an egress proxy applies to the upstream host,
+    else http1. The choice and its reason are logged once at start-up."""
     token_cache_size: int = Field(default=10_000, ge=1, validation_alias="PROXY_TOKEN_CACHE_SIZE")
     """Verified tokens cached per proxy process."""
 
