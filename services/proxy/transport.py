@@ -20,7 +20,7 @@ to the upstream host, else http1. Errors, the same for both:
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 from urllib.parse import urlsplit
 
@@ -104,7 +104,7 @@ class EgressProxy:
     """The egress proxy configured for the upstream: the variable that set it and its URL."""
 
     variable: str
-    url: str
+    url: str = field(repr=False)  # may carry credentials
 
     @property
     def address(self) -> str:
@@ -138,7 +138,8 @@ def egress_proxy(base_url: str, proxies: Mapping[str, str]) -> EgressProxy | Non
     if not proxy or _bypassed(upstream.hostname or "", proxies.get("no", "")):
         return None
     variable = "ALL_PROXY" if not proxies.get(scheme) else f"{scheme.upper()}_PROXY"
-    return EgressProxy(variable, proxy)
+    # curl and httpx's own reading take `host:port` to mean an http:// proxy.
+    return EgressProxy(variable, proxy if "://" in proxy else f"http://{proxy}")
 
 
 @dataclass(frozen=True, slots=True)

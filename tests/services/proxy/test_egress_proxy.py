@@ -76,6 +76,13 @@ def test_the_logged_reason_never_shows_the_proxy_credentials() -> None:
     assert choice.reason == "HTTPS_PROXY applies to api.openai.com: via http://egress:3128"
     assert choice.proxy is not None
     assert choice.proxy.address == "http://egress:3128"
+    assert "s3cret" not in repr(choice)
+
+
+def test_a_proxy_without_a_scheme_is_an_http_proxy() -> None:
+    choice = choose_transport("auto", OPENAI, {"https": "egress:3128"})
+    assert choice.proxy is not None
+    assert choice.proxy.url == "http://egress:3128"
 
 
 def _start_proxy(**extra: str) -> subprocess.CompletedProcess[str]:

@@ -581,6 +581,32 @@ class TestUpstreamTransport:
             assert await _chat(forwarder) == (200, b"{}")
         assert server.connections == 2
 
+    async def test_abort_wakes_a_reader_waiting_for_the_body(
+        self,
+        servers: Callable[..., Awaitable[tuple[_Server, str]]],
+        forwarders: Callable[..., Forwarder],
+    ) -> None:
+        closed_by_client = asyncio.Event()
+
+        async def stalled(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await _read_request(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n")
+            writer.write(b"transfer-encoding: chunked\r\n\r\n")
+            await writer.drain()
+            if await reader.read() == b"":
+                closed_by_client.set()
+
+        _, base_url = await servers(stalled)
+        # As the proxy does when the browser leaves mid-stream: abort from another task.
+        response = await _open(forwarders(base_url, read_timeout_s=30.0))
+        reading = asyncio.get_running_loop().create_task(response.readany())
+        await asyncio.sleep(0.1)
+        response.abort()
+        async with asyncio.timeout(2):
+            with pytest.raises(UpstreamStreamError):
+                await reading
+            await closed_by_client.wait()
+
     async def test_a_full_pool_refuses_after_the_connect_timeout(
         self,
         servers: Callable[..., Awaitable[tuple[_Server, str]]],
