@@ -14,6 +14,7 @@ import datetime
 import ipaddress
 import socket
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -502,10 +503,12 @@ class TestUpstreamTransport:
     ) -> None:
         with _unanswered_listener() as port:
             forwarder = forwarders(f"http://127.0.0.1:{port}/v1", connect_timeout_s=0.3)
+            started = time.monotonic()
             with pytest.raises(UpstreamError) as caught:
                 async with asyncio.timeout(5):
                     await _chat(forwarder)
         assert caught.value.code == "upstream_unreachable"
+        assert time.monotonic() - started >= 0.25  # it waited: a timeout, not a refusal
 
     async def test_no_answer_in_time_is_a_timeout(
         self,
