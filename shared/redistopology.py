@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, cast
+from typing import Any, Protocol, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
@@ -33,6 +33,7 @@ from redis.backoff import NoBackoff
 from redis.connection import parse_url as _parse_url
 
 __all__ = [
+    "RedisSettings",
     "RedisTopology",
     "Topology",
     "TopologyError",
@@ -141,7 +142,7 @@ class RedisTopology:
         )
 
     @classmethod
-    def from_settings(cls, settings: Any, *, url: str | None = None) -> RedisTopology:
+    def from_settings(cls, settings: RedisSettings, *, url: str | None = None) -> RedisTopology:
         """From EdgeSettings (REDIS_*); `url` replaces REDIS_URL (the response cache's)."""
         return cls(
             url=url or settings.redis_url,
@@ -150,6 +151,18 @@ class RedisTopology:
             sentinel_master=settings.redis_sentinel_master,
             cluster=settings.redis_cluster,
         )
+
+
+class RedisSettings(Protocol):
+    """The REDIS_* fields of shared.settings.EdgeSettings (which imports this module)."""
+
+    redis_url: str
+    redis_timeout_s: float
+    redis_sentinel_master: str | None
+    redis_cluster: bool
+
+    @property
+    def redis_sentinel_hosts(self) -> list[tuple[str, int]]: ...
 
 
 def _common(timeout_s: float) -> dict[str, Any]:

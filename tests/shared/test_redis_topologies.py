@@ -101,11 +101,13 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterSe
 
 @pytest.fixture
 async def replicas(cluster: RedisClusterSet) -> AsyncIterator[list[Admission]]:
-    async with _replicas(RedisTopology(cluster.url, cluster=True)) as admissions:
+    async with Replicas(RedisTopology(cluster.url, cluster=True)) as admissions:
         yield admissions
 
 
-class _replicas:
+class Replicas:
+    """`count` Admission objects with clients of their own: stand-ins for proxy replicas."""
+
     def __init__(self, topology: RedisTopology, count: int = 3) -> None:
         self._clients = [connect(topology) for _ in range(count)]
         self.admissions = [
@@ -343,7 +345,7 @@ async def test_cluster_master_killed_under_traffic(tmp_path: Path) -> None:
         jti, ip = "tok-failover", "198.51.100.50"
         port = _cluster_master_of(servers, rate_key("per-token", jti))
         victim = next(s for s in servers.masters if s.port == port)
-        async with _replicas(RedisTopology(servers.url, cluster=True)) as admissions:
+        async with Replicas(RedisTopology(servers.url, cluster=True)) as admissions:
             await _prove_failover(admissions, jti=jti, ip=ip, kill=victim.kill)
     finally:
         servers.stop()
@@ -358,7 +360,7 @@ async def test_sentinel_master_killed_under_traffic(tmp_path: Path) -> None:
             sentinels=tuple(("127.0.0.1", s.port) for s in servers.sentinels),
             sentinel_master=servers.name,
         )
-        async with _replicas(topology) as admissions:
+        async with Replicas(topology) as admissions:
             assert all(a._pipelined is not None for a in admissions)  # follows the master
             await _prove_failover(
                 admissions, jti="tok-sentinel", ip="198.51.100.60", kill=servers.master.kill
