@@ -175,8 +175,12 @@ class _SlotRouter:
         if isinstance(outcome, BaseException):
             raise outcome
         if isinstance(outcome, _ReplyError):
-            # NOSCRIPT (a restarted or new master), MOVED, ...: the full path handles each
-            return await self.call(name, slot, keys, args)
+            if outcome.startswith(("NOSCRIPT", "MOVED")):
+                # the script did not run: a new master without it, or a slot that moved
+                return await self.call(name, slot, keys, args)
+            if outcome.split(" ", 1)[0] in ("ASK", "CLUSTERDOWN", "TRYAGAIN", "READONLY"):
+                self._stale = True
+            raise redis.exceptions.ResponseError(outcome)
         return outcome
 
     async def _fresh(self) -> None:

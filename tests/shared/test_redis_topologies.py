@@ -512,3 +512,19 @@ def test_the_cluster_decides_as_the_single_script(
     single = asyncio.run(decide(RedisTopology(redis_url)))
     sharded = asyncio.run(decide(RedisTopology(cluster.url, cluster=True)))
     assert sharded == single
+
+
+@pytest.mark.slow
+async def test_a_master_that_forgot_the_script_is_sent_it_again(
+    cluster: RedisClusterSet, replicas: list[Admission]
+) -> None:
+    one = replicas[2]
+    limits = [Limit("per-token", "tok-s", 10, DAY), Limit("per-ip", "198.51.100.88", 10, DAY)]
+    assert (await one.check(limits=limits, client_ip="198.51.100.88")).allowed
+    for server in cluster.masters:  # as a restarted or newly promoted master would be
+        client = sync_redis.Redis(port=server.port)
+        client.script_flush()
+        client.close()
+    second = await one.check(limits=limits, client_ip="198.51.100.88")
+    assert second.allowed
+    assert second.remaining == 8
