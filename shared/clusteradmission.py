@@ -23,6 +23,7 @@ steps leaves the same. docs/redis.md has the table.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -138,6 +139,10 @@ class _SlotRouter:
                 raise
         raise AssertionError("unreachable")
 
+    def add(self, name: str, script: str) -> None:
+        """Another script this router may send (a rider's)."""
+        self._scripts.setdefault(name, script)
+
     def send(
         self, name: str, slot: int, keys: Sequence[str], args: Sequence[Any]
     ) -> tuple[Any, Any]:
@@ -230,6 +235,41 @@ class SlotGroupedAdmission:
         await self._router.aclose()
 
     async def __call__(self, *, keys: Sequence[str], args: Sequence[int | str]) -> list[Any]:
+        reply, _ = await self._admit(keys, args)
+        return reply
+
+    async def ridden(
+        self, rider: str, *, keys: Sequence[str], args: Sequence[int | str]
+    ) -> list[Any]:
+        """The admission with a rider (shared.ratelimit.admission_with's KEYS and ARGV:
+        the rider's one key last, its ARGV after the layers'). On a cluster the rider runs
+        in its own slot once every group admitted (a third step); when it refuses (code 5,
+        its data after) the groups are refunded, so nothing of the admission is consumed.
+        """
+        layers = len(keys) - _CHECKS - 1
+        cut = 2 + 2 * layers
+        reply, admitted = await self._admit(keys[:-1], args[:cut])
+        if int(reply[0]) != 0:
+            return reply
+        name = f"rider:{hashlib.sha1(rider.encode(), usedforsecurity=False).hexdigest()}"
+        self._router.add(
+            name, f"local function rider(KEYS, ARGV)\n{rider}\nend\nreturn rider(KEYS, ARGV)\n"
+        )
+        slot, _ = _tag_slot(hash_tag(keys[-1]))
+        try:
+            ridden = await self._router.call(name, slot, [keys[-1]], args[cut:])
+        except Exception:
+            await self._refund_all(admitted, keys[_CHECKS:-1], keys, args[2:cut])
+            raise
+        if int(ridden[0]) != 0:
+            await self._refund_all(admitted, keys[_CHECKS:-1], keys, args[2:cut])
+            return [5, 0, 0, 0, 0, *ridden[1:]]
+        return [*reply[:5], *ridden[1:]]
+
+    async def _admit(
+        self, keys: Sequence[str], args: Sequence[int | str]
+    ) -> tuple[list[Any], list[tuple[_Group, Any]]]:
+        """The combined reply, and the groups that consumed (to refund on a later refusal)."""
         groups = self._groups(keys)
         layer_keys = keys[_CHECKS:]
         pairs = args[2:]
@@ -266,7 +306,7 @@ class SlotGroupedAdmission:
                 raise failure
             group, reply = min(refused, key=lambda gr: self._rank(gr[0], gr[1]))
             code, index = int(reply[0]), int(reply[1])
-            return [code, group.layers[index - 1] + 1 if index else 0, *reply[2:5]]
+            return [code, group.layers[index - 1] + 1 if index else 0, *reply[2:5]], []
         # The tightest layer names the headers; on a tie the first, as the single script.
         candidates = [
             (int(reply[2]), group.layers[int(reply[1]) - 1] + 1, reply[3])
@@ -274,9 +314,9 @@ class SlotGroupedAdmission:
             if int(reply[1])
         ]
         if not candidates:
-            return [0, 0, 0, 0, 0]
+            return [0, 0, 0, 0, 0], admitted
         remaining, index, reset = min(candidates, key=lambda c: (c[0], c[1]))
-        return [0, index, remaining, reset, 0]
+        return [0, index, remaining, reset, 0], admitted
 
     @staticmethod
     def _groups(keys: Sequence[str]) -> list[_Group]:

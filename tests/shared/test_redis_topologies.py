@@ -528,3 +528,33 @@ async def test_a_master_that_forgot_the_script_is_sent_it_again(
     second = await one.check(limits=limits, client_ip="198.51.100.88")
     assert second.allowed
     assert second.remaining == 8
+
+
+@pytest.mark.slow
+async def test_a_rider_refusal_gives_back_every_slot(cluster: RedisClusterSet) -> None:
+    from shared.clusteradmission import SlotGroupedAdmission
+    from shared.ratelimit import _ADMIT_LUA
+
+    rider = (
+        "if ARGV[1] == 'no' then return {1, 'refused'} end\nreturn {0, redis.call('INCR', KEYS[1])}"
+    )
+    client = connect(RedisTopology(cluster.url, cluster=True))
+    assert isinstance(client, RedisCluster)
+    admit = SlotGroupedAdmission(client, _ADMIT_LUA)
+    ip, jti = "198.51.100.99", "tok-rider"
+    keys = [block_key(ip), "", "", "", rate_key("per-token", jti), rate_key("per-ip", ip)]
+    one_per_day = [int(DAY * 1e6), 1]
+    try:
+        args = [0, 0, *one_per_day, *one_per_day]
+        refused = await admit.ridden(rider, keys=[*keys, "kv:test:{rider}"], args=[*args, "no"])
+        assert [int(v) for v in refused[:5]] == [5, 0, 0, 0, 0]
+        assert refused[5] == b"refused"
+        # both layers (one per day) were given back: the next call is admitted
+        ridden = await admit.ridden(rider, keys=[*keys, "kv:test:{rider}"], args=[*args, "go"])
+        assert int(ridden[0]) == 0
+        assert int(ridden[5]) == 1
+        again = await admit(keys=keys, args=args)
+        assert int(again[0]) == 1  # now consumed
+    finally:
+        await admit.aclose()
+        await client.aclose()
