@@ -28,17 +28,26 @@ Redis unreachable: `closed` (the default, 503 `budget_unavailable`) or `open`
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 import redis.asyncio as aioredis
 from prometheus_client import Counter
 
-from shared.ratelimit import PipelinedScript, RedisUnavailableError, redis_unavailable
+from shared.ratelimit import (
+    Decision,
+    PipelinedScript,
+    RedisUnavailableError,
+    RiderCall,
+    redis_unavailable,
+)
 
 __all__ = [
+    "ADMISSION_RIDER",
     "CONFIG_KEY",
     "SCOPES",
     "UNITS",
@@ -48,6 +57,7 @@ __all__ = [
     "BudgetState",
     "BudgetUnavailable",
     "Budgets",
+    "Claim",
     "Estimate",
     "Hold",
     "budget_field",
@@ -63,6 +73,8 @@ UNITS: Final[tuple[Unit, ...]] = ("tokens", "micros")
 WINDOWS: Final[tuple[Window, ...]] = ("minute", "day", "month")
 CONFIG_KEY: Final = "kv:budget:{budget}:cfg"
 INDEX_FIELD: Final = "_index"
+
+log = logging.getLogger(__name__)
 
 DECISIONS = Counter(
     "keyveil_budget_decisions_total",
@@ -187,17 +199,33 @@ return out
 """
 )
 
-# ARGV: reservation id, actual tokens, actual micros, then (base, unit, window end s,
-# reserved amount) per counter. Drops the reservations, adds the real usage.
+# The reservation as the admission script's rider (shared.ratelimit.admission_with): one
+# script, one round trip, all-or-nothing with the block, revocation, nonce and rate-limit
+# checks. The combined script's KEYS: block, revoked token ("" unused), nonce ("" unused),
+# revoked user ("" unused), one per rate-limit layer, then CONFIG_KEY (last); its ARGV:
+# nonce ttl ms, token iat, (period us, limit) per layer, then this script's ARGV. The
+# counter and hold keys are built in the script from the configuration (all `{budget}`).
+ADMISSION_RIDER: Final = _RESERVE_LUA
+
+# ARGV, per hold: reservation id, actual tokens, actual micros, the number of counters,
+# then (base, unit, window end s, reserved amount) per counter. Drops the reservations,
+# adds the real usage (a counter's expiry is set when this creates it). Many holds per
+# call: settlements are batched (`Budgets.settle_soon`).
 _SETTLE_LUA: Final = r"""
-local id = ARGV[1]
-local actual = {tokens = tonumber(ARGV[2]), micros = tonumber(ARGV[3])}
-for i = 4, #ARGV, 4 do
-  local base, unit, ends, amount = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3]
-  redis.call('ZREM', base .. ':held', id .. '|' .. amount)
-  local add = actual[unit]
-  if add > 0 then redis.call('INCRBY', base, add) end
-  redis.call('EXPIREAT', base, ends + 3600)
+local i = 1
+while i <= #ARGV do
+  local id = ARGV[i]
+  local actual = {tokens = tonumber(ARGV[i + 1]), micros = tonumber(ARGV[i + 2])}
+  local last = i + 3 + 4 * tonumber(ARGV[i + 3])
+  for c = i + 4, last, 4 do
+    local base, unit, ends, amount = ARGV[c], ARGV[c + 1], ARGV[c + 2], ARGV[c + 3]
+    redis.call('ZREM', base .. ':held', id .. '|' .. amount)
+    local add = actual[unit]
+    if add > 0 and redis.call('INCRBY', base, add) == add then
+      redis.call('EXPIREAT', base, tonumber(ends) + 3600)
+    end
+  end
+  i = last + 1
 end
 return 1
 """
@@ -258,6 +286,15 @@ class Hold:
     estimate: Estimate
 
 
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A reservation to make inside the admission round trip (`Budgets.claim`)."""
+
+    id: str
+    estimate: Estimate
+    rider: RiderCall
+
+
 class BudgetExceeded(Exception):
     """One budget would be passed: its name, limit, what is left and when it resets."""
 
@@ -279,8 +316,21 @@ class BudgetUnavailable(Exception):
     """Redis could not be asked, and the failure mode is closed."""
 
 
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+# The most holds settled in one script call.
+_SETTLE_BATCH = 128
+_SETTLE_RETRY_S = 0.2
+
+
 class Budgets:
-    """Reserve and settle against the budgets in Redis (see the module docstring)."""
+    """Reserve and settle against the budgets in Redis (see the module docstring).
+
+    Two ways to reserve: `reserve`, a round trip of its own, or `claim` + `held`, inside
+    the admission script (`ADMISSION_RIDER`, given to `shared.ratelimit.Admission`).
+    """
 
     def __init__(
         self,
@@ -307,18 +357,51 @@ class Budgets:
         self._ttl_ms = max(1, int(hold_ttl_s * 1000))
         self._mode = failure_mode
         self._deadline_s = deadline_s
+        self._pending: list[list[Any]] = []  # the settle ARGV of each queued hold
+        self._settling: asyncio.Task[None] | None = None
 
-    async def reserve(self, *, subjects: list[tuple[str, str]], estimate: Estimate) -> Hold | None:
-        """A hold on every budget that applies (None: none applies, or Redis is away
-        and the mode is open); raises BudgetExceeded or BudgetUnavailable."""
-        hold_id = secrets.token_hex(8)
+    @property
+    def failure_mode(self) -> Literal["closed", "open"]:
+        return self._mode
+
+    def _args(self, hold_id: str, subjects: list[tuple[str, str]], estimate: Estimate) -> list[Any]:
         args: list[Any] = [hold_id, self._ttl_ms, estimate.tokens, estimate.micros]
         for scope, subject in subjects:
             args += [scope, subject]
+        return args
+
+    def claim(self, *, subjects: list[tuple[str, str]], estimate: Estimate) -> Claim:
+        """What to give `Admission.check(rider=...)` to reserve `estimate` in its round trip."""
+        hold_id = secrets.token_hex(8)
+        return Claim(
+            hold_id, estimate, RiderCall(CONFIG_KEY, self._args(hold_id, subjects, estimate))
+        )
+
+    def held(self, claim: Claim, decision: Decision) -> Hold | None:
+        """The outcome of a claim: its Hold (None: no budget applies, or Redis was away and
+        the mode is open); raises BudgetExceeded or BudgetUnavailable. Call it only for an
+        admitted decision or one its rider refused."""
+        if decision.rider is None:
+            # Redis could not be asked (the admission's fallback let the call through).
+            DECISIONS.labels("unavailable").inc()
+            if self._mode == "open":
+                return None
+            raise BudgetUnavailable()
+        return self._outcome(
+            claim.id, claim.estimate, decision.rider, refused=decision.rider_refused
+        )
+
+    async def reserve(self, *, subjects: list[tuple[str, str]], estimate: Estimate) -> Hold | None:
+        """A hold on every budget that applies, in a round trip of its own (None: none
+        applies, or Redis is away and the mode is open); raises BudgetExceeded or
+        BudgetUnavailable."""
+        hold_id = secrets.token_hex(8)
         try:
             with redis_unavailable():
                 async with asyncio.timeout(self._deadline_s):
-                    raw = await self._reserve(keys=[CONFIG_KEY], args=args)
+                    raw = await self._reserve(
+                        keys=[CONFIG_KEY], args=self._args(hold_id, subjects, estimate)
+                    )
         except RedisUnavailableError as exc:
             if exc.reply_code is None:
                 self._reset()
@@ -326,17 +409,20 @@ class Budgets:
             if self._mode == "open":
                 return None
             raise BudgetUnavailable() from None
-        if int(raw[0]) == 1:
+        return self._outcome(hold_id, estimate, raw[1:], refused=int(raw[0]) == 1)
+
+    @staticmethod
+    def _outcome(
+        hold_id: str, estimate: Estimate, items: Sequence[Any], *, refused: bool
+    ) -> Hold | None:
+        """The reserve script's answer after its status: a refusal, or the counters held."""
+        if refused:
             DECISIONS.labels("exceeded").inc()
-            name = raw[1].decode() if isinstance(raw[1], bytes) else str(raw[1])
-            raise BudgetExceeded(name, int(raw[2]), int(raw[3]), int(raw[4]))
-        items = raw[1:]
+            raise BudgetExceeded(_text(items[0]), int(items[1]), int(items[2]), int(items[3]))
         counters = tuple(
             _Counter(
-                base=items[i].decode() if isinstance(items[i], bytes) else str(items[i]),
-                unit=items[i + 1].decode()
-                if isinstance(items[i + 1], bytes)
-                else str(items[i + 1]),
+                base=_text(items[i]),
+                unit=_text(items[i + 1]),
                 ends_s=int(items[i + 2]),
                 amount=int(items[i + 3]),
             )
@@ -348,11 +434,39 @@ class Budgets:
         DECISIONS.labels("reserved").inc()
         return Hold(hold_id, counters, estimate)
 
-    async def settle(self, hold: Hold, *, tokens: int, micros: int) -> None:
-        """Drop the reservation and count what was really used (retried once)."""
-        args: list[Any] = [hold.id, max(tokens, 0), max(micros, 0)]
+    @staticmethod
+    def _settle_args(hold: Hold, tokens: int, micros: int) -> list[Any]:
+        args: list[Any] = [hold.id, max(tokens, 0), max(micros, 0), len(hold.counters)]
         for counter in hold.counters:
             args += [counter.base, counter.unit, counter.ends_s, counter.amount]
+        return args
+
+    async def settle(self, hold: Hold, *, tokens: int, micros: int) -> None:
+        """Drop the reservation and count what was really used, now (retried once)."""
+        await self._send_settlements(self._settle_args(hold, tokens, micros))
+
+    def settle_soon(self, hold: Hold, *, tokens: int, micros: int) -> None:
+        """`settle`, off the caller's path: queued, and sent with the others queued
+        meanwhile in one script call (one in flight at a time). `flush` waits for them."""
+        self._pending.append(self._settle_args(hold, tokens, micros))
+        if self._settling is None:
+            self._settling = asyncio.get_running_loop().create_task(self._settle_pending())
+
+    async def _settle_pending(self) -> None:
+        try:
+            while self._pending:
+                await asyncio.sleep(0)  # the settlements of this loop turn join in
+                batch = self._pending[:_SETTLE_BATCH]
+                del self._pending[:_SETTLE_BATCH]
+                try:
+                    await self._send_settlements([arg for args in batch for arg in args])
+                except RedisUnavailableError as exc:
+                    # The reservations lapse by their TTL; the real usage is not counted.
+                    log.error("%d budget settlements lost, redis unavailable (%s)", len(batch), exc)
+        finally:
+            self._settling = None
+
+    async def _send_settlements(self, args: list[Any]) -> None:
         for attempt in (1, 2):
             try:
                 with redis_unavailable():
@@ -364,7 +478,12 @@ class Budgets:
                     self._reset()
                 if attempt == 2:
                     raise
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(_SETTLE_RETRY_S)
+
+    async def flush(self) -> None:
+        """Wait until every queued settlement was sent (or given up)."""
+        while self._settling is not None:
+            await asyncio.shield(self._settling)
 
     async def charge(
         self, *, subjects: list[tuple[str, str]], tokens: int, micros: int
@@ -387,6 +506,8 @@ class Budgets:
             pipe.reset()  # a stuck or broken connection is not reused
 
     async def aclose(self) -> None:
+        """Send what is queued, then close the pipelined connections."""
+        await self.flush()
         for pipe in self._pipes:
             await pipe.aclose()
 
