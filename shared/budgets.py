@@ -168,12 +168,21 @@ for j, m in ipairs(meta) do
     local idx, ends = window(m[4])
     local base = 'kv:budget:{budget}:' .. m[1] .. ':' .. m[2] .. ':' .. m[3] .. ':'
       .. m[4] .. ':' .. idx
+    -- Live holds: a sorted set scored by expiry, and their running sum (`:held:sum`),
+    -- so a check costs the same with one hold in flight or thousands. Lapsed holds
+    -- leave the sum here; settled ones in the settle script.
     local held_key = base .. ':held'
-    redis.call('ZREMRANGEBYSCORE', held_key, '-inf', now_ms)
-    local held = 0
-    for _, member in ipairs(redis.call('ZRANGE', held_key, 0, -1)) do
-      held = held + tonumber(string.match(member, '|(%d+)$'))
+    local sum_key = held_key .. ':sum'
+    local lapsed = redis.call('ZRANGEBYSCORE', held_key, '-inf', now_ms)
+    if #lapsed > 0 then
+      local gone = 0
+      for _, member in ipairs(lapsed) do
+        gone = gone + tonumber(string.match(member, '|(%d+)$'))
+      end
+      redis.call('ZREMRANGEBYSCORE', held_key, '-inf', now_ms)
+      if redis.call('DECRBY', sum_key, gone) <= 0 then redis.call('DEL', sum_key) end
     end
+    local held = math.max(tonumber(redis.call('GET', sum_key) or '0'), 0)
     local used = tonumber(redis.call('GET', base) or '0')
     local need = est[m[3]]
     if used + held + need > limit then
@@ -188,7 +197,12 @@ for _, a in ipairs(applied) do
   if a[4] > 0 then
     local held_key = a[1] .. ':held'
     redis.call('ZADD', held_key, now_ms + ttl, id .. '|' .. a[4])
-    redis.call('PEXPIRE', held_key, ttl + 1000)
+    if redis.call('INCRBY', held_key .. ':sum', a[4]) == a[4] then
+      -- Created now: the window's holds all lapse by its end plus a hold's TTL.
+      local gone_at = a[3] + math.ceil(ttl / 1000) + 1
+      redis.call('EXPIREAT', held_key, gone_at)
+      redis.call('EXPIREAT', held_key .. ':sum', gone_at)
+    end
   end
   out[#out + 1] = a[1]
   out[#out + 1] = a[2]
@@ -219,7 +233,10 @@ while i <= #ARGV do
   local last = i + 3 + 4 * tonumber(ARGV[i + 3])
   for c = i + 4, last, 4 do
     local base, unit, ends, amount = ARGV[c], ARGV[c + 1], ARGV[c + 2], ARGV[c + 3]
-    redis.call('ZREM', base .. ':held', id .. '|' .. amount)
+    if redis.call('ZREM', base .. ':held', id .. '|' .. amount) == 1 then
+      local sum_key = base .. ':held:sum'
+      if redis.call('DECRBY', sum_key, amount) <= 0 then redis.call('DEL', sum_key) end
+    end
     local add = actual[unit]
     if add > 0 and redis.call('INCRBY', base, add) == add then
       redis.call('EXPIREAT', base, tonumber(ends) + 3600)
