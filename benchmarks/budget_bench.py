@@ -38,6 +38,13 @@ from shared.budgets import CONFIG_KEY, INDEX_FIELD, budget_field
 CLIENTS = 16
 
 
+def _script_calls(store: sync_redis.Redis) -> tuple[int, int]:
+    """Script calls since the last reset, and the microseconds Redis spent in them."""
+    stats: dict[str, dict[str, float]] = store.info("commandstats")  # type: ignore[assignment]
+    found = [stats.get(f"cmdstat_{name}", {}) for name in ("evalsha", "eval")]
+    return int(sum(s.get("calls", 0) for s in found)), int(sum(s.get("usec", 0) for s in found))
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--requests", type=int, default=2000, help="requests per phase")
@@ -59,7 +66,6 @@ async def main() -> None:
     store.hset(CONFIG_KEY, budget_field("global", "all", "micros", "day"), 10**15)
     store.hset(CONFIG_KEY, budget_field("token", "*", "tokens", "minute"), 10**12)
     store.hset(CONFIG_KEY, INDEX_FIELD, "global:micros:day,token:tokens:minute")  # as BudgetAdmin
-    store.close()
     processes: list[subprocess.Popen[bytes]] = []
     try:
         km_port = free_port()
@@ -91,6 +97,7 @@ async def main() -> None:
         best: dict[str, float] = {"off": 0.0, "on": 0.0}
         p50: dict[str, float] = {}
         cpu_us: dict[str, dict[str, float]] = {}
+        scripts: dict[str, dict[str, float]] = {}
         for _ in range(2):
             for mode in ("off", "on"):
                 pids = {
@@ -99,13 +106,18 @@ async def main() -> None:
                     "redis": _pid(redis_server),
                 }
                 bench = Bench(ports[mode], up_port, pids)
-                phase = await bench.proxy_phase(CLIENTS, args.requests)
+                phase = await bench.proxy_phase(CLIENTS, args.requests, store.config_resetstat)
+                calls = _script_calls(store)
                 if phase.rps > best[mode]:
                     best[mode] = phase.rps
                     p50[mode] = phase.pct(0.5)
                     cpu_us[mode] = {
                         name: round(1e6 * sec / phase.requests, 1)
                         for name, sec in phase.cpu_s.items()
+                    }
+                    scripts[mode] = {
+                        "calls_per_request": round(calls[0] / phase.requests, 3),
+                        "server_us_per_request": round(calls[1] / phase.requests, 1),
                     }
         ratio = best["on"] / best["off"]
         results = {
@@ -115,6 +127,7 @@ async def main() -> None:
             "p50_ms_budgets_on": round(p50["on"], 3),
             "on_over_off": round(ratio, 3),
             "cpu_us_per_request": cpu_us,
+            "redis_scripts": scripts,
             "clients": CLIENTS,
             "requests_per_phase": args.requests,
             "machine": {"cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]},
@@ -127,10 +140,12 @@ async def main() -> None:
         )
         for mode in ("off", "on"):
             print(f"  CPU per request, budgets {mode}: {cpu_us[mode]} (microseconds)")
+            print(f"  Redis scripts per request, budgets {mode}: {scripts[mode]}")
         if args.json is not None:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     finally:
+        store.close()
         for process in reversed(processes):
             process.terminate()
             process.wait(15)

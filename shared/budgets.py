@@ -28,6 +28,7 @@ Redis unreachable: `closed` (the default, 503 `budget_unavailable`) or `open`
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import secrets
 import time
@@ -81,6 +82,9 @@ DECISIONS = Counter(
     "Budget reservations (result: reserved|exceeded|unavailable|none)",
     ["result"],
 )
+_RESERVED, _EXCEEDED, _UNAVAILABLE, _NONE = (
+    DECISIONS.labels(result) for result in ("reserved", "exceeded", "unavailable", "none")
+)
 
 
 def budget_field(scope: str, subject: str, unit: str, window: str) -> str:
@@ -92,7 +96,8 @@ def budget_field(scope: str, subject: str, unit: str, window: str) -> str:
 # pairs. ARGV[3], ARGV[4]: tokens and micros; then the pairs from ARGV[5].
 _LOOKUP_LUA: Final = r"""
 local cfg = KEYS[1]
-if redis.call('EXISTS', cfg) == 0 then return {0} end
+local index = redis.call('HGET', cfg, '_index')
+if not index and redis.call('EXISTS', cfg) == 0 then return {0} end
 local t = redis.call('TIME')
 local sec = tonumber(t[1])
 local now_ms = sec * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -127,26 +132,32 @@ local function window(w)
   if nm == 13 then ny, nm = y + 1, 1 end
   return y * 12 + m - 1, days_from_civil(ny, nm, 1) * 86400
 end
--- `_index`: the scope:unit:window combinations some budget uses (BudgetAdmin keeps it);
--- without it every combination is looked up.
-local used_combos = {}
-local index = redis.call('HGET', cfg, '_index')
+-- `_index`: the scope:unit:window combinations some budget uses (BudgetAdmin keeps it),
+-- so only those are looked up; without it, every combination.
+local combos = {}
 if index then
-  for combo in string.gmatch(index, '[^,]+') do used_combos[combo] = true end
+  for scope, u, w in string.gmatch(index, '([^,:]+):([^,:]+):([^,:]+)') do
+    local list = combos[scope] or {}
+    list[#list + 1] = {u, w}
+    combos[scope] = list
+  end
 end
-local units = {'tokens', 'micros'}
-local windows = {'minute', 'day', 'month'}
+local every = {}
+if not index then
+  local units = {'tokens', 'micros'}
+  local windows = {'minute', 'day', 'month'}
+  for _, u in ipairs(units) do
+    for _, w in ipairs(windows) do every[#every + 1] = {u, w} end
+  end
+end
 local fields, meta = {}, {}
 for i = 5, #ARGV, 2 do
   local scope, subject = ARGV[i], ARGV[i + 1]
-  for _, u in ipairs(units) do
-    for _, w in ipairs(windows) do
-      if not index or used_combos[scope .. ':' .. u .. ':' .. w] then
-        fields[#fields + 1] = scope .. ':' .. subject .. ':' .. u .. ':' .. w
-        fields[#fields + 1] = scope .. ':*:' .. u .. ':' .. w
-        meta[#meta + 1] = {scope, subject, u, w}
-      end
-    end
+  for _, c in ipairs(index and (combos[scope] or {}) or every) do
+    local u, w = c[1], c[2]
+    fields[#fields + 1] = scope .. ':' .. subject .. ':' .. u .. ':' .. w
+    fields[#fields + 1] = scope .. ':*:' .. u .. ':' .. w
+    meta[#meta + 1] = {scope, subject, u, w}
   end
 end
 if #fields == 0 then return {0} end
@@ -169,22 +180,28 @@ for j, m in ipairs(meta) do
     local base = 'kv:budget:{budget}:' .. m[1] .. ':' .. m[2] .. ':' .. m[3] .. ':'
       .. m[4] .. ':' .. idx
     -- Live holds: a sorted set scored by expiry, and their running sum (`:held:sum`),
-    -- so a check costs the same with one hold in flight or thousands. Lapsed holds
-    -- leave the sum here; settled ones in the settle script.
+    -- so a check costs the same with one hold in flight or thousands. Holds that
+    -- lapsed (never settled) still count in the sum until a check would refuse: then
+    -- they are dropped from both and the check is made again.
     local held_key = base .. ':held'
     local sum_key = held_key .. ':sum'
-    local lapsed = redis.call('ZRANGEBYSCORE', held_key, '-inf', now_ms)
-    if #lapsed > 0 then
-      local gone = 0
-      for _, member in ipairs(lapsed) do
-        gone = gone + tonumber(string.match(member, '|(%d+)$'))
-      end
-      redis.call('ZREMRANGEBYSCORE', held_key, '-inf', now_ms)
-      if redis.call('DECRBY', sum_key, gone) <= 0 then redis.call('DEL', sum_key) end
-    end
-    local held = math.max(tonumber(redis.call('GET', sum_key) or '0'), 0)
-    local used = tonumber(redis.call('GET', base) or '0')
+    local counts = redis.call('MGET', sum_key, base)
+    local held = math.max(tonumber(counts[1] or '0'), 0)
+    local used = tonumber(counts[2] or '0')
     local need = est[m[3]]
+    if used + held + need > limit then
+      local lapsed = redis.call('ZRANGEBYSCORE', held_key, '-inf', now_ms)
+      if #lapsed > 0 then
+        local gone = 0
+        for _, member in ipairs(lapsed) do
+          gone = gone + tonumber(string.match(member, '|(%d+)$'))
+        end
+        redis.call('ZREMRANGEBYSCORE', held_key, '-inf', now_ms)
+        held = redis.call('DECRBY', sum_key, gone)
+        if held <= 0 then redis.call('DEL', sum_key) end
+        held = math.max(held, 0)
+      end
+    end
     if used + held + need > limit then
       local name = m[1] .. '-' .. m[3] .. '-' .. m[4]
       return {1, name, limit, math.max(limit - used - held, 0), ends - sec}
@@ -287,19 +304,14 @@ class Estimate:
 
 
 @dataclass(frozen=True, slots=True)
-class _Counter:
-    base: str
-    unit: str
-    ends_s: int
-    amount: int
-
-
-@dataclass(frozen=True, slots=True)
 class Hold:
-    """A reservation to settle when the answer ends (or to let expire)."""
+    """A reservation to settle when the answer ends (or to let expire).
+
+    `counters`: what the reserve script answered, as it came (base key, unit, window
+    end, amount per counter held), sent back as is to settle: never decoded."""
 
     id: str
-    counters: tuple[_Counter, ...]
+    counters: tuple[bytes | str | int, ...]
     estimate: Estimate
 
 
@@ -374,6 +386,9 @@ class Budgets:
         self._ttl_ms = max(1, int(hold_ttl_s * 1000))
         self._mode = failure_mode
         self._deadline_s = deadline_s
+        # Hold ids: unique per process (a random prefix) and cheap (a counter).
+        self._id_prefix = secrets.token_hex(6)
+        self._ids = itertools.count()
         self._pending: list[list[Any]] = []  # the settle ARGV of each queued hold
         self._settling: asyncio.Task[None] | None = None
 
@@ -389,7 +404,7 @@ class Budgets:
 
     def claim(self, *, subjects: list[tuple[str, str]], estimate: Estimate) -> Claim:
         """What to give `Admission.check(rider=...)` to reserve `estimate` in its round trip."""
-        hold_id = secrets.token_hex(8)
+        hold_id = f"{self._id_prefix}{next(self._ids):x}"
         return Claim(
             hold_id, estimate, RiderCall(CONFIG_KEY, self._args(hold_id, subjects, estimate))
         )
@@ -400,7 +415,7 @@ class Budgets:
         admitted decision or one its rider refused."""
         if decision.rider is None:
             # Redis could not be asked (the admission's fallback let the call through).
-            DECISIONS.labels("unavailable").inc()
+            _UNAVAILABLE.inc()
             if self._mode == "open":
                 return None
             raise BudgetUnavailable()
@@ -412,7 +427,7 @@ class Budgets:
         """A hold on every budget that applies, in a round trip of its own (None: none
         applies, or Redis is away and the mode is open); raises BudgetExceeded or
         BudgetUnavailable."""
-        hold_id = secrets.token_hex(8)
+        hold_id = f"{self._id_prefix}{next(self._ids):x}"
         try:
             with redis_unavailable():
                 async with asyncio.timeout(self._deadline_s):
@@ -422,7 +437,7 @@ class Budgets:
         except RedisUnavailableError as exc:
             if exc.reply_code is None:
                 self._reset()
-            DECISIONS.labels("unavailable").inc()
+            _UNAVAILABLE.inc()
             if self._mode == "open":
                 return None
             raise BudgetUnavailable() from None
@@ -434,29 +449,17 @@ class Budgets:
     ) -> Hold | None:
         """The reserve script's answer after its status: a refusal, or the counters held."""
         if refused:
-            DECISIONS.labels("exceeded").inc()
+            _EXCEEDED.inc()
             raise BudgetExceeded(_text(items[0]), int(items[1]), int(items[2]), int(items[3]))
-        counters = tuple(
-            _Counter(
-                base=_text(items[i]),
-                unit=_text(items[i + 1]),
-                ends_s=int(items[i + 2]),
-                amount=int(items[i + 3]),
-            )
-            for i in range(0, len(items), 4)
-        )
-        if not counters:
-            DECISIONS.labels("none").inc()
+        if not items:
+            _NONE.inc()
             return None
-        DECISIONS.labels("reserved").inc()
-        return Hold(hold_id, counters, estimate)
+        _RESERVED.inc()
+        return Hold(hold_id, tuple(items), estimate)
 
     @staticmethod
     def _settle_args(hold: Hold, tokens: int, micros: int) -> list[Any]:
-        args: list[Any] = [hold.id, max(tokens, 0), max(micros, 0), len(hold.counters)]
-        for counter in hold.counters:
-            args += [counter.base, counter.unit, counter.ends_s, counter.amount]
-        return args
+        return [hold.id, max(tokens, 0), max(micros, 0), len(hold.counters) // 4, *hold.counters]
 
     async def settle(self, hold: Hold, *, tokens: int, micros: int) -> None:
         """Drop the reservation and count what was really used, now (retried once)."""
