@@ -11,18 +11,26 @@ Budgets live in Redis, in one hash (`kv:budget:cfg`, field
 that has no budget of its own), written by `keyveil budgets set|reset`, so every
 replica sees a change at once and the proxy needs no configuration for them.
 
-Admission (`_RESERVE_LUA`, one script, atomic): for every budget that applies, the
-window's committed usage plus the live reservations plus this request's estimate must
-fit the limit, else nothing is reserved and the call is refused (429
-`budget_exceeded`, naming the budget). Otherwise the estimate is held, in a sorted set
-per counter scored by its expiry: a proxy killed mid-stream leaves a reservation that
-stops counting when its TTL passes. At the end (`_SETTLE_LUA`) the reservation is
-dropped and the real usage is added to the counter. The estimate is an upper bound
-(input bytes for input tokens, the output cap for output tokens), so the committed
-spend never passes a limit by more than one reservation's error.
+Admission (`_RESERVE_LUA`, atomic): for every budget that applies, the window's
+committed usage plus the live reservations plus this request's estimate must fit the
+limit, else nothing is reserved and the call is refused (429 `budget_exceeded`, naming
+the budget). Otherwise the estimate is held, in a sorted set per counter scored by its
+expiry, with a running sum beside it: a proxy killed mid-stream leaves a reservation
+that stops counting when its TTL passes. The proxy runs this script as the rider of
+the admission script (`ADMISSION_RIDER`, `shared.ratelimit.admission_with`): block,
+revocation, nonce, rate limits and budgets in one round trip, all or nothing; a call
+refused by a budget consumes no rate limit and no nonce, one refused by a check holds
+nothing. `Budgets.reserve` runs it alone.
+
+At the end (`_SETTLE_LUA`) the reservation is dropped and the real usage is added to
+the counter; `settle_soon` queues settlements and sends those queued meanwhile in one
+call, off the request path. The estimate is an upper bound (input bytes for input
+tokens, the output cap for output tokens), so the committed spend never passes a limit
+by more than one reservation's error.
 
 Redis unreachable: `closed` (the default, 503 `budget_unavailable`) or `open`
-(KEYVEIL_BUDGET_FAILURE_MODE). Keys carry the `{budget}` hash tag: one Cluster slot.
+(KEYVEIL_BUDGET_FAILURE_MODE; the call goes through uncounted). In the combined script
+the admission's own failure mode decides first. Keys carry the `{budget}` hash tag.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Every replica asks Redis, in one round trip (one Lua script), whether a request may
 pass: refuse if the client IP is blocked, if the token id is revoked, if the nonce
 was seen before, else apply every rate-limit layer atomically. A refused layer
-consumes nothing, so N replicas enforce one limit, not N.
+consumes nothing, so N replicas enforce one limit, not N. A rider (`admission_with`:
+shared.budgets' reservation) can run in the same script, all or nothing with it.
 
 GCRA (generic cell rate algorithm) with `limit` per `period_s` and a burst of
 `limit`: emission interval T = period/limit, and the stored "theoretical arrival
