@@ -422,6 +422,8 @@ class Budgets:
         the mode is open); raises BudgetExceeded or BudgetUnavailable. Call it only for an
         admitted decision or one its rider refused."""
         if decision.rider is None:
+            if not decision.fallback:
+                raise ValueError("the admission refused before the budgets were asked")
             # Redis could not be asked (the admission's fallback let the call through).
             _UNAVAILABLE.inc()
             if self._mode == "open":
