@@ -200,9 +200,11 @@ async def test_the_reservation_rides_in_the_admission_round_trip(
         decision = await admission.check(
             limits=[layer], client_ip="192.0.2.7", nonce=_user(), nonce_ttl_s=5, rider=claim.rider
         )
-        assert decision.allowed and decision.remaining == 9
+        assert decision.allowed
+        assert decision.remaining == 9
         hold = budgets.held(claim, decision)
-        assert hold is not None and hold.id == claim.id
+        assert hold is not None
+        assert hold.id == claim.id
         [state] = await admin.show()
         assert state.held == 600
         # The budget refuses: no layer consumed, no nonce burnt, nothing held.
@@ -211,7 +213,8 @@ async def test_the_reservation_rides_in_the_admission_round_trip(
         refused = await admission.check(
             limits=[layer], client_ip="192.0.2.7", nonce=nonce, nonce_ttl_s=5, rider=claim.rider
         )
-        assert not refused.allowed and refused.rider_refused
+        assert not refused.allowed
+        assert refused.rider_refused
         with pytest.raises(BudgetExceeded, match="user-micros-day") as exceeded:
             budgets.held(claim, refused)
         assert exceeded.value.remaining == 400
@@ -223,7 +226,9 @@ async def test_the_reservation_rides_in_the_admission_round_trip(
         assert (await admission.check(limits=[full], client_ip="192.0.2.7")).allowed
         claim = budgets.claim(subjects=[("user", user)], estimate=Estimate(5, 100))
         limited = await admission.check(limits=[full], client_ip="192.0.2.7", rider=claim.rider)
-        assert not limited.allowed and not limited.rider_refused and limited.rider is None
+        assert not limited.allowed
+        assert not limited.rider_refused
+        assert limited.rider is None
         [state] = await admin.show()
         assert state.held == 600
         # Settled in a batch off the caller's path.
@@ -242,7 +247,8 @@ async def test_no_budget_configured_rides_along_for_nothing(redis_client: aiored
     claim = budgets.claim(subjects=[("user", _user())], estimate=Estimate(5, 5))
     layer = Limit("per-ip", _user(), 3, 60.0)
     decision = await admission.check(limits=[layer], client_ip="192.0.2.8", rider=claim.rider)
-    assert decision.allowed and decision.rider == ()
+    assert decision.allowed
+    assert decision.rider == ()
     assert budgets.held(claim, decision) is None
     assert await redis_client.exists(rate_key("per-ip", layer.subject))
 
@@ -281,7 +287,9 @@ async def test_the_rider_follows_the_budget_failure_mode_when_redis_is_away() ->
             decision = await admission.check(
                 limits=[layer], client_ip="192.0.2.9", rider=claim.rider
             )
-            assert decision.allowed and decision.fallback and decision.rider is None
+            assert decision.allowed
+            assert decision.fallback
+            assert decision.rider is None
             if mode == "closed":
                 with pytest.raises(BudgetUnavailable):
                     budgets.held(claim, decision)
@@ -291,6 +299,7 @@ async def test_the_rider_follows_the_budget_failure_mode_when_redis_is_away() ->
         closed = _admission(dead)
         claim = Budgets(dead).claim(subjects=[("user", "u")], estimate=Estimate(1, 1))
         decision = await closed.check(limits=[layer], client_ip="192.0.2.9", rider=claim.rider)
-        assert not decision.allowed and decision.fallback
+        assert not decision.allowed
+        assert decision.fallback
     finally:
         await dead.aclose()
