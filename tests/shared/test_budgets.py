@@ -303,3 +303,27 @@ async def test_the_rider_follows_the_budget_failure_mode_when_redis_is_away() ->
         assert decision.fallback
     finally:
         await dead.aclose()
+
+
+async def test_a_lapsed_hold_settled_late_is_not_subtracted_twice(
+    redis_client: aioredis.Redis, admin: BudgetAdmin
+) -> None:
+    user = _user()
+    await admin.set("user", user, "micros", "day", 100)
+    budgets = Budgets(redis_client, hold_ttl_s=0.3)
+    late = await budgets.reserve(subjects=[("user", user)], estimate=Estimate(0, 80))
+    assert late is not None
+    await asyncio.sleep(0.4)
+    # 80 lapsed + 60 would not fit: the lapsed hold is dropped, and 60 is held.
+    fresh = await budgets.reserve(subjects=[("user", user)], estimate=Estimate(0, 60))
+    assert fresh is not None
+    await budgets.settle(late, tokens=0, micros=30)  # the slow call ends after all
+    key = counter_key("user", user, "micros", "day", window_index("day", time.time()))
+    assert int(await redis_client.get(f"{key}:held:sum") or 0) == 60
+    [state] = await admin.show()
+    assert (state.used, state.held) == (30, 60)
+    with pytest.raises(BudgetExceeded) as refused:
+        await budgets.reserve(subjects=[("user", user)], estimate=Estimate(0, 11))
+    assert refused.value.remaining == 10
+    await budgets.settle(fresh, tokens=0, micros=0)
+    assert not await redis_client.exists(f"{key}:held:sum")
