@@ -218,7 +218,7 @@ class EventPublisher:
         self._sequence = 0
         self._waiting: dict[str, _Outgoing] = {}  # reply subject -> event awaiting its ack
         self._rejected: list[_Outgoing] = []
-        self._round_done = asyncio.Event()
+        self._round_done: asyncio.Future[None] | None = None
         self._in_flight = 0
         self._closing = False
 
@@ -329,7 +329,6 @@ class EventPublisher:
         if not self._nc.is_connected:
             # Not into the client's reconnect buffer: each retry would add a copy there.
             return batch, "not connected"
-        self._round_done.clear()
         waiting = self._waiting
         failed: list[_Outgoing] = []
         reason = "no ack in time"
@@ -347,8 +346,15 @@ class EventPublisher:
                 reason = type(exc).__name__
                 break
         if waiting:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._round_done.wait(), self._timeout)
+            # A future and a timer rather than wait_for: no task per round.
+            loop = asyncio.get_running_loop()
+            done = self._round_done = loop.create_future()
+            timer = loop.call_later(self._timeout, _resolve, done)
+            try:
+                await done
+            finally:
+                timer.cancel()
+                self._round_done = None
         if self._rejected:
             reason = "refused by JetStream"
         failed.extend(self._rejected)
@@ -368,8 +374,8 @@ class EventPublisher:
             _PUBLISHED_BY_PREFIX[item.prefix].inc()
             if item.segment is not None and self._outbox is not None:
                 self._outbox.settle(item.segment)
-        if not self._waiting:
-            self._round_done.set()
+        if not self._waiting and self._round_done is not None:
+            _resolve(self._round_done)
 
     async def publish_now(self, event: Event) -> None:
         """Publish one event and wait for JetStream's ack; raises on failure.
@@ -385,6 +391,11 @@ class EventPublisher:
             headers=headers,
         )
         _PUBLISHED_BY_PREFIX[event.subject_prefix].inc()
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def drift_reporter(publisher: EventPublisher, service: str) -> Callable[[list[Drift]], None]:
