@@ -6,7 +6,8 @@ inbox, acks collected off the path), with and without its local outbox file. Rea
 nats-server (JetStream, file storage). Two shapes:
 
 - burst: N events emitted at once, then published (the publisher's best case);
-- paced: events emitted at a steady rate in small groups, as a loaded proxy emits them.
+- paced: events emitted at a steady rate in small groups, as a loaded proxy emits them
+  ("harness only" is the pacing loop itself: subtract it from the others).
 
 `emit` is what the request path pays (serialization moved there with the outbox write);
 `total` adds the background publishing, both in CPU time of this process only.
@@ -34,6 +35,7 @@ from nats.js import JetStreamContext
 from benchmarks.common import add_json_option, write_json
 from keyveil.servers import start_nats
 from shared.events import Event, EventPublisher, UsageEvent
+from shared.outbox import Outbox
 from shared.telemetry import inject_context
 
 TEMPLATE = UsageEvent(
@@ -191,6 +193,28 @@ async def _paced(publisher: Publisher, events: list[Event], rate: float) -> dict
     }
 
 
+def _request_path_parts(workdir: Path, count: int) -> dict[str, float]:
+    """CPU of each step `emit` takes on the request path, in microseconds per event."""
+    events = _events(count)
+    c0 = time.process_time()
+    payloads = [e.__pydantic_serializer__.to_json(e) for e in events]
+    c1 = time.process_time()
+    outbox = Outbox(workdir / "parts")
+    for event, payload in zip(events, payloads, strict=True):
+        outbox.append(event.subject, event.event_id, payload)
+    c2 = time.process_time()
+    outbox.close()
+    parts = {
+        "serialize_us": round((c1 - c0) / count * 1e6, 2),
+        "outbox_append_us": round((c2 - c1) / count * 1e6, 2),
+    }
+    print(
+        f"request path: serialize {parts['serialize_us']:.1f} us/event, "
+        f"outbox write {parts['outbox_append_us']:.1f} us/event"
+    )
+    return parts
+
+
 async def main(count: int, rate: float) -> dict[str, Any]:
     logging.basicConfig(level=logging.ERROR)
     workdir = Path(tempfile.mkdtemp(prefix="events-bench-"))
@@ -200,12 +224,13 @@ async def main(count: int, rate: float) -> dict[str, Any]:
     makers: dict[str, Callable[[], Publisher]] = {
         "harness only (no publishing)": lambda: NoPublisher(js),
         "former (js.publish per event)": lambda: FormerPublisher(js),
+        "batched, no linger": lambda: EventPublisher(js, max_buffer=count, linger_s=0),
         "batched": lambda: EventPublisher(js, max_buffer=count),
         "batched + outbox": lambda: EventPublisher(
             js, max_buffer=count, outbox_dir=workdir / "outbox"
         ),
     }
-    results: dict[str, Any] = {}
+    results: dict[str, Any] = {"request_path": _request_path_parts(workdir, count)}
     try:
         for shape in ("burst", "paced"):
             n = count if shape == "burst" else max(1, min(count, int(rate * 5)))

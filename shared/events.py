@@ -200,6 +200,7 @@ class EventPublisher:
         max_buffer: int = 10_000,
         publish_timeout_s: float = 2.0,
         batch_size: int = 512,
+        linger_s: float = 0.005,
         outbox_dir: Path | None = None,
     ) -> None:
         self._js = js
@@ -209,6 +210,7 @@ class EventPublisher:
         self._max_buffer = max_buffer
         self._timeout = publish_timeout_s
         self._batch_size = batch_size
+        self._linger = linger_s
         self._outbox = Outbox(outbox_dir) if outbox_dir is not None else None
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
@@ -309,6 +311,10 @@ class EventPublisher:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            if self._linger and len(self._buffer) < self._batch_size:
+                # A moment for more events to join: one round (one socket write, one read of
+                # acks) costs about as much CPU for one event as for dozens.
+                await asyncio.sleep(self._linger)
             size = min(self._batch_size, len(self._buffer))
             batch = [self._buffer.popleft() for _ in range(size)]
             self._in_flight = len(batch)
