@@ -23,6 +23,7 @@ answer's last byte is sent, and forgotten when JetStream acknowledges it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -31,6 +32,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import orjson
 from prometheus_client import Counter
 
 from shared.errors import ConfigError
@@ -114,7 +116,8 @@ class Outbox:
             if segment is None or segment.size >= self._segment_bytes:
                 segment = self._rotate()
             line = b"%s %s %s\n" % (subject.encode(), msg_id.encode(), payload)
-            os.write(segment.fd, line)
+            if os.write(segment.fd, line) != len(line):  # the disk filled mid-line
+                raise OSError(errno.ENOSPC, "short write")
         except OSError as exc:
             OUTBOX_ERRORS.inc()
             if not self._failing:
@@ -171,6 +174,11 @@ class Outbox:
 
     def claim_orphans(self, limit: int) -> list[Replayed]:
         """The events of segments whose process died (at most `limit`, oldest first)."""
+        for leftover in self.directory.glob("*.new"):  # died between creating and naming it
+            segment = self._claim(leftover)
+            if segment is not None:
+                segment.sealed = True
+                self._forget_if_done(segment)
         replayed: list[Replayed] = []
         for path in sorted(self.directory.glob(f"*{_SUFFIX}"), key=_mtime):
             if len(replayed) >= limit:
@@ -214,6 +222,14 @@ def _mtime(path: Path) -> float:
         return 0.0
 
 
+def _is_event(msg_id: bytes, payload: bytes) -> bool:
+    try:
+        event = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(event, dict) and event.get("event_id") == msg_id.decode(errors="replace")
+
+
 def _read_lines(path: Path, segment: Segment, limit: int) -> Iterator[Replayed]:
     skipped = 0
     with path.open("rb") as lines:  # a second descriptor: the claimed one holds the lock
@@ -222,8 +238,9 @@ def _read_lines(path: Path, segment: Segment, limit: int) -> Iterator[Replayed]:
                 log.warning("outbox %s: more than %d events; the rest dropped", path.name, limit)
                 return
             parts = line.rstrip(b"\n").split(b" ", 2)
-            # A line cut short (the disk filled mid-write) has no trailing newline.
-            if len(parts) != 3 or not line.endswith(b"\n") or not parts[2].startswith(b"{"):
+            # A line cut short (the disk filled mid-write) has no newline, or runs into the
+            # next one: only a whole event whose id is the line's is replayed.
+            if len(parts) != 3 or not line.endswith(b"\n") or not _is_event(parts[1], parts[2]):
                 skipped += 1
                 continue
             yield Replayed(parts[0].decode(), parts[1].decode(), parts[2], segment)

@@ -61,8 +61,14 @@ def test_a_torn_or_foreign_line_is_skipped(tmp_path: Path) -> None:
     outbox.close()
     [segment] = tmp_path.glob("*.outbox")
     with segment.open("ab") as out:
-        out.write(b'garbage\nkeyveil.usage.proxy id-2 {"event_id":')  # no newline: cut short
-    assert [r.msg_id for r in Outbox(tmp_path).claim_orphans(100)] == ["id-1"]
+        out.write(b"garbage\n")
+        out.write(b'keyveil.usage.proxy id-9 {"event_id":"id-8"}\n')  # not its own id
+        # Cut short, then the next line appended to it: neither is a whole event.
+        out.write(b'keyveil.usage.proxy id-2 {"event_id":')
+        out.write(b'keyveil.usage.proxy id-3 {"event_id":"id-3"}\n')
+        out.write(b'keyveil.usage.proxy id-4 {"event_id":"id-4"}\n')
+        out.write(b'keyveil.usage.proxy id-5 {"event_id":"id-5"}')  # no newline: cut short
+    assert [r.msg_id for r in Outbox(tmp_path).claim_orphans(100)] == ["id-1", "id-4"]
 
 
 def test_a_directory_others_can_write_is_refused(tmp_path: Path) -> None:
