@@ -8,15 +8,18 @@ answer's last byte is sent, and forgotten when JetStream acknowledges it.
 - One `write()` per event, no fsync: a killed process keeps its page cache, so the line
   survives kill -9 and container restarts (a k8s emptyDir lives as long as the pod). A
   machine crash can lose the last seconds of lines: out of scope, as for any page cache.
-- Segments: a process appends to its current segment and starts a new one past
-  `segment_bytes`; a segment whose every event was settled (acknowledged, or dropped by
-  the publisher's bounded buffer) is deleted. Disk use is bounded by the events the
-  publisher still holds plus one segment.
+- Segments: a process appends to its live segment, emptied (truncated) whenever all its
+  events are settled (acknowledged, or dropped by the publisher's bounded buffer); while
+  acks do not come it grows, and past `segment_bytes` a new one is started. A sealed
+  segment whose every event was settled is deleted. Disk use is bounded by the events
+  the publisher still holds plus one segment.
 - Ownership: a process holds an exclusive `flock` on every segment it writes or replays.
   The kernel releases it when the process dies, so at start-up a segment whose lock can
   be taken belongs to a dead process: it is claimed and its events replayed with their
-  original Msg-Id (JetStream drops the copies it already stored within the stream's
-  duplicate window; the auditor skips ids it saw recently beyond it).
+  original Msg-Id. A replayed event JetStream already stored (acknowledged since the
+  last truncation) is dropped by the stream within its duplicate window (2 minutes);
+  replayed later, it is stored twice with one event id, and the auditor's consumer skips
+  the copy (it remembers the last AUDITOR_DEDUPE_WINDOW ids): readers count by event id.
 - The directory is private (0700, ours): lines in it are published as they are.
 """
 
@@ -148,7 +151,16 @@ class Outbox:
     def settle(self, segment: Segment) -> None:
         """One event of `segment` needs no replay any more (acknowledged or dropped)."""
         segment.unsettled -= 1
-        self._forget_if_done(segment)
+        if segment is self._current and segment.unsettled <= 0 and segment.size:
+            # Everything in the live segment is acknowledged: emptied (one syscall), so a
+            # successor replays almost nothing JetStream already has.
+            try:
+                os.ftruncate(segment.fd, 0)
+                segment.size = 0
+            except OSError:
+                OUTBOX_ERRORS.inc()
+        else:
+            self._forget_if_done(segment)
 
     def _forget_if_done(self, segment: Segment) -> None:
         if segment.sealed and segment.unsettled <= 0 and segment.fd >= 0:

@@ -44,15 +44,21 @@ def test_a_live_owners_segments_are_not_claimed_and_a_closed_ones_are(tmp_path: 
 
 def test_settled_segments_are_deleted_so_the_outbox_stays_bounded(tmp_path: Path) -> None:
     outbox = Outbox(tmp_path, segment_bytes=200)
-    payload = b'{"event_id":"' + b"x" * 60 + b'"}'
-    segments = [outbox.append("keyveil.usage.proxy", f"id-{i}", payload) for i in range(20)]
+
+    def payload(i: int) -> bytes:
+        return b'{"event_id":"id-%d","pad":"%s"}' % (i, b"x" * 60)
+
+    segments = [outbox.append("keyveil.usage.proxy", f"id-{i}", payload(i)) for i in range(20)]
     assert len(list(tmp_path.glob("*.outbox"))) > 3  # rotated
     for segment in segments:
         assert segment is not None
         outbox.settle(segment)
-    assert len(list(tmp_path.glob("*.outbox"))) == 1  # only the live segment is left
+    [live] = tmp_path.glob("*.outbox")  # only the live segment is left, emptied
+    assert live.stat().st_size == 0
+    outbox.append("keyveil.usage.proxy", "id-20", payload(20))
+    assert live.stat().st_size > 0  # appended after the truncation, from offset 0
     outbox.close()
-    assert list(tmp_path.glob("*.outbox")) == []
+    assert [r.msg_id for r in Outbox(tmp_path).claim_orphans(100)] == ["id-20"]
 
 
 def test_a_torn_or_foreign_line_is_skipped(tmp_path: Path) -> None:
@@ -97,7 +103,11 @@ _CHILD = textwrap.dedent(
         publisher.start()
         for i in range(5):
             publisher.emit(event(service, f"{service}-a{i}"))
-        assert await publisher.flush(10)  # published and acknowledged
+        assert await publisher.flush(10)  # published, acknowledged, the outbox emptied
+        for i in range(2):  # in the stream already, as if their acks died with the process
+            early = event(service, f"{service}-b{i}")
+            data, headers = early.model_dump_json().encode(), {"Nats-Msg-Id": early.event_id}
+            await nc.jetstream().publish(early.subject, data, headers=headers)
         for i in range(5):
             publisher.emit(event(service, f"{service}-b{i}"))
         os.kill(os.getpid(), signal.SIGKILL)  # before the publishing task ever sees these
@@ -124,7 +134,7 @@ async def test_events_of_a_killed_process_are_replayed_once(nc: NATS, tmp_path: 
 
     successor = EventPublisher(nc.jetstream(), outbox_dir=tmp_path)
     successor.start()
-    assert successor.pending == 10  # all ten replayed: five of them JetStream already has
+    assert successor.pending == 5  # the five unacknowledged, two of which JetStream has
     assert await successor.flush(10)
     await successor.close()
 
