@@ -25,6 +25,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
+from opentelemetry import trace
 from prometheus_client import Counter, Gauge
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -231,13 +232,14 @@ class EventPublisher:
         # Serialized here, once: the outbox line and the message are the same bytes.
         payload = event.__pydantic_serializer__.to_json(event)
         # The request's trace context, captured now: the publishing task runs outside it.
-        headers: dict[str, str] = dict(inject_context({}))
+        # Without a recording span there is none to carry (and the propagators cost µs).
+        traced = trace.get_current_span().get_span_context().is_valid
+        headers: dict[str, str] = dict(inject_context({})) if traced else {}
         headers["Nats-Msg-Id"] = event.event_id
         subject = event.subject
         segment = self._outbox.append(subject, event.event_id, payload) if self._outbox else None
         self._buffer.append(_Outgoing(event.subject_prefix, subject, payload, headers, segment))
-        EVENTS_BUFFERED.set(len(self._buffer))
-        self._wake.set()
+        self._wake.set()  # the gauge of buffered events is set by the publishing rounds
 
     def _drop(self, dropped: _Outgoing) -> None:
         EVENTS_DROPPED.labels(_STREAM_OF[dropped.prefix].name).inc()
@@ -316,6 +318,7 @@ class EventPublisher:
                 # acks) costs about as much CPU for one event as for dozens.
                 await asyncio.sleep(self._linger)
             size = min(self._batch_size, len(self._buffer))
+            EVENTS_BUFFERED.set(len(self._buffer))
             batch = [self._buffer.popleft() for _ in range(size)]
             self._in_flight = len(batch)
             failed, reason = await self._send(batch)
