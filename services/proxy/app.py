@@ -173,7 +173,8 @@ def create_app(settings: Settings, *, keys: KeySource | None = None) -> FastAPI:
             nc: NATS = await bus.connect(settings, name="proxy", on_state=on_state)
             stack.push_async_callback(nc.drain)
             js = nc.jetstream()
-            publisher = EventPublisher(js)
+            outbox = settings.outbox_dir / "proxy" if settings.outbox_dir else None
+            publisher = EventPublisher(js, outbox_dir=outbox)
             publisher.start()
             stack.push_async_callback(publisher.close)
             guard = StreamGuard(

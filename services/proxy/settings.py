@@ -140,6 +140,11 @@ class Settings(EdgeSettings):
         default=1.0, gt=0, le=300, validation_alias="PROXY_REFUSAL_EVENT_INTERVAL_S"
     )
     """Unauthenticated refusals: at most one usage event per reason and client per interval."""
+    outbox_dir: Path | None = Field(default=None, validation_alias="PROXY_OUTBOX_DIR")
+    """Local outbox for usage events not yet acknowledged by JetStream, replayed after a crash
+    (kill -9, OOM); files go in its `proxy` subdirectory (0700). Unset: memory only. Survives a
+    process or container restart, not a machine crash (no fsync); `keyveil up` uses its state
+    directory, the k8s manifests an emptyDir."""
 
     @field_validator("spool_dir")
     @classmethod
