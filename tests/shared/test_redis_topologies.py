@@ -558,3 +558,42 @@ async def test_a_rider_refusal_gives_back_every_slot(cluster: RedisClusterSet) -
     finally:
         await admit.aclose()
         await client.aclose()
+
+
+@pytest.mark.slow
+async def test_the_budget_rider_on_the_cluster(cluster: RedisClusterSet) -> None:
+    from shared.budgets import ADMISSION_RIDER, BudgetExceeded, Budgets, Estimate, budget_field
+
+    client = connect(RedisTopology(cluster.url, cluster=True))
+    admission = Admission(client, service="test", pipelined=True, rider=ADMISSION_RIDER)
+    budgets = Budgets(client)
+    jti, ip = "tok-budget-rider", "198.51.100.120"
+    limits = [Limit("per-token", jti, 2, DAY), Limit("per-ip", ip, 100, DAY)]
+    try:
+        await client.hset(CONFIG_KEY, budget_field("token", jti, "tokens", "day"), 100)
+
+        async def ask(n: int, *, rider: bool = True) -> tuple[Decision, object]:
+            claim = budgets.claim(subjects=[("token", jti)], estimate=Estimate(60, 0))
+            decision = await admission.check(
+                limits=limits,
+                client_ip=ip,
+                nonce=f"{jti}:{n}",
+                nonce_ttl_s=60,
+                rider=claim.rider if rider else None,
+            )
+            return decision, claim
+
+        first, claim = await ask(1)
+        assert first.allowed
+        assert budgets.held(claim, first) is not None
+        second, claim = await ask(2)
+        assert second.rider_refused
+        with pytest.raises(BudgetExceeded):
+            budgets.held(claim, second)
+        # the refused call consumed no per-token unit: one of the two is still there
+        assert (await ask(3, rider=False))[0].allowed
+        assert (await ask(4, rider=False))[0].refusal is Refusal.RATE_LIMITED
+    finally:
+        await admission.aclose()
+        await budgets.aclose()
+        await client.aclose()
