@@ -494,17 +494,12 @@ def _pack(*args: str | int | bytes) -> bytes:
 
 
 class _Pipe(asyncio.Protocol):
-    """One Redis connection; replies come back in order, so waiters are a FIFO.
-
-    Commands issued in one event-loop turn leave in one write (one syscall, not one
-    per caller): concurrent checks share the cost of sending.
-    """
+    """One Redis connection; replies come back in order, so waiters are a FIFO."""
 
     def __init__(self) -> None:
         self._buf = bytearray()
         self._waiters: deque[asyncio.Future[Any]] = deque()
         self._transport: asyncio.Transport | None = None
-        self._outgoing: list[bytes] = []
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -537,18 +532,10 @@ class _Pipe(asyncio.Protocol):
     def call(self, packed: bytes) -> asyncio.Future[Any]:
         if self.closed or self._transport is None:
             raise redis.exceptions.ConnectionError("redis connection closed")
-        loop = asyncio.get_running_loop()
-        waiter: asyncio.Future[Any] = loop.create_future()
+        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
-        if not self._outgoing:
-            loop.call_soon(self._flush)
-        self._outgoing.append(packed)
+        self._transport.write(packed)
         return waiter
-
-    def _flush(self) -> None:
-        outgoing, self._outgoing = self._outgoing, []
-        if self._transport is not None and not self.closed:
-            self._transport.write(b"".join(outgoing))
 
     def close(self) -> None:
         if self._transport is not None:
