@@ -372,20 +372,39 @@ async def test_sentinel_master_killed_under_traffic(tmp_path: Path) -> None:
 # --- three proxy processes on the cluster ----------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def sentinel_set(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelSet]:
+    servers = start_redis_sentinel(tmp_path_factory.mktemp("sentinel"))
+    yield servers
+    servers.stop()
+
+
 @pytest.mark.slow
 @pytest.mark.e2e
-async def test_three_proxy_replicas_share_one_limit_on_the_cluster(
-    cluster: RedisClusterSet, tmp_path: Path
+@pytest.mark.parametrize("kind", ["cluster", "sentinel"])
+async def test_three_proxy_replicas_share_one_limit(
+    kind: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
+    """The services themselves (token and three proxies, `keyveil up`) in the topology."""
     import httpx
 
     from tests.stack import issue_token, running_stack, signed_headers
 
     chat = "/api/voice-agent/proxy/v1/chat/completions"
     body = b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}'
+    if kind == "cluster":
+        servers: RedisClusterSet = request.getfixturevalue("cluster")
+        topology = {"REDIS_URL": servers.url, "REDIS_CLUSTER": "true"}
+    else:
+        watched: SentinelSet = request.getfixturevalue("sentinel_set")
+        topology = {
+            # nothing listens there: only Sentinel can name the master
+            "REDIS_URL": "redis://127.0.0.1:1/0",
+            "REDIS_SENTINELS": watched.sentinel_hosts,
+            "REDIS_SENTINEL_MASTER": watched.name,
+        }
     env = {
-        "REDIS_URL": cluster.url,
-        "REDIS_CLUSTER": "true",
+        **topology,
         "VOICE_AGENT_PROXY_RATE_LIMIT": "30",
         "VOICE_AGENT_PROXY_IP_RATE_LIMIT": "1000000",
         "VOICE_AGENT_RATE_LIMIT": "1000",
