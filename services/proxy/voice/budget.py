@@ -30,9 +30,10 @@ from shared.voicesessions import VoiceSession
 
 __all__ = ["VoiceBudget", "subjects_of", "whole_seconds"]
 
-# A hold outlives a dead replica's lease and the takeover (lease + scan + re-attach);
-# a live sideband refreshes it on every report.
-_HOLD_TTL_S = 60.0
+# A hold outlives a dead replica's lease and the takeover (lease + scan + re-attach)
+# and the gap between two usage reports; a live sideband refreshes it on every report,
+# an ended session drops it.
+_HOLD_TTL_S = 300.0
 
 
 def subjects_of(token_id: str, user: str | None, app: str | None) -> list[tuple[str, str]]:

@@ -28,7 +28,18 @@ from shared.voicesessions import VoiceRegistry, VoiceSession
 from tests.support import FakeUpstream, ServiceProcess
 
 from .conftest import Browser, Token, proxy_env
-from .voicekit import LIVE, Peer, fake_session, open_live, peer, until, usage_of, voice_fake
+from .voicekit import (
+    CALLS,
+    LIVE,
+    Peer,
+    call_form,
+    fake_session,
+    open_live,
+    peer,
+    until,
+    usage_of,
+    voice_fake,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -36,6 +47,7 @@ __all__ = ["peer", "voice_fake"]  # fixtures
 
 PRICES = load_prices(DEFAULT_PRICES_FILE)
 AHEAD_S = 3  # VOICE_BUDGET_AHEAD_S: what a live session holds beyond its usage
+AHEAD_TOKENS = 100  # VOICE_BUDGET_AHEAD_TOKENS: a Realtime call's (the fake bills 50 a tick)
 
 
 @pytest.fixture
@@ -53,6 +65,7 @@ def replicas(
         KEYVEIL_BUDGETS="true",
         VOICE_AGENT_USER_RATE_LIMIT="100000",
         VOICE_BUDGET_AHEAD_S=str(AHEAD_S),
+        VOICE_BUDGET_AHEAD_TOKENS=str(AHEAD_TOKENS),
         VOICE_SIDEBAND_LEASE_MS="3000",
     )
     services = [ServiceProcess("proxy", env, tmp_path / f"proxy-{i}.log") for i in range(3)]
@@ -335,3 +348,64 @@ async def test_a_taken_over_session_keeps_charging_the_same_budget_once(
 
 async def _counter_at_least(redis_client: aioredis.Redis, key: str, floor: int) -> bool:
     return int(await redis_client.get(key) or 0) >= floor
+
+
+async def test_concurrent_realtime_calls_on_3_replicas_hold_one_user_token_budget(
+    replicas: list[ServiceProcess],
+    upstream: FakeUpstream,
+    bus: NATS,
+    admin: BudgetAdmin,
+    redis_client: aioredis.Redis,
+) -> None:
+    upstream.behave(voice_tick_ms=250)  # one response.done of 50 tokens per 250 ms
+    user = uuid.uuid4().hex
+    calls = 4
+    limit = 1_000
+    await admin.set("user", user, "tokens", "day", limit)
+    browsers = [Browser(service.url) for service in replicas]
+    offers = [await _offer() for _ in range(calls)]
+    registry = VoiceRegistry(redis_client)
+
+    async def call(i: int) -> Any:
+        body, content_type = call_form(offers[i][1], {"type": "realtime"})
+        token = _voice_token(browsers[0], user)
+        return await browsers[i % 3].post(CALLS, body, token, content_type=content_type)
+
+    try:
+        answers = await asyncio.gather(*(call(i) for i in range(calls)))
+        assert [a.status_code for a in answers] == [201] * calls, [a.text for a in answers]
+        ids = [a.headers["x-keyveil-call-id"] for a in answers]
+
+        async def all_closed() -> list[VoiceSession]:
+            found = [await _closed(registry, sid) for sid in ids]
+            return [r for r in found if r is not None] if all(found) else []
+
+        records = await until(all_closed, "a call outlived the budget", timeout=40)
+    finally:
+        for browser in browsers:
+            await browser.close()
+        for pc, _ in offers:
+            await pc.close()
+    assert {r.closed_reason for r in records} == {"budget_exceeded"}
+
+    async def metered() -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for record in records:
+            mine = [e for e in await usage_of(bus, record.id) if e["type"] == "voice.usage"]
+            if sum(e["total_tokens"] for e in mine) < record.tokens:
+                return []
+            out += mine
+        return out
+
+    billed = await until(metered, "usage missing on JetStream", 20)
+    assert len({e["event_id"] for e in billed}) == len(billed)
+    spent = sum(e["total_tokens"] for e in billed)
+    assert spent == sum(r.tokens for r in records)
+    key = counter_key("user", user, "tokens", "day", window_index("day", time.time()))
+    counted = await _counted(redis_client, key, spent)
+    assert counted == spent
+    largest_hold = max(AHEAD_TOKENS, 2 * max(e["total_tokens"] for e in billed))
+    assert counted <= limit + largest_hold
+    [state] = await admin.show()
+    assert state.held == 0
+    print(f"token budget {limit}: {calls} Realtime calls on 3 replicas spent {counted}")
