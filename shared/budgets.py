@@ -22,6 +22,10 @@ dropped and the real usage is added to the counter. The estimate is an upper bou
 (input bytes for input tokens, the output cap for output tokens), so the committed
 spend never passes a limit by more than one reservation's error.
 
+Live voice sessions cannot be bounded before they start: each keeps a rolling hold
+ahead of its usage instead (`_VOICE_LUA`, used by services/proxy/voice/budget.py),
+charged every sideband report and topped up from the room left.
+
 Redis unreachable: `closed` (the default, 503 `budget_unavailable`) or `open`
 (KEYVEIL_BUDGET_FAILURE_MODE). Keys carry the `{budget}` hash tag: one Cluster slot.
 """
