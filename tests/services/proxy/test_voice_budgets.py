@@ -21,7 +21,10 @@ from aiortc import AudioStreamTrack, RTCConfiguration, RTCPeerConnection
 from nats.aio.client import Client as NATS
 
 from keyveil.servers import ServerProcess
-from shared.budgets import CONFIG_KEY, BudgetAdmin, counter_key, window_index
+from services.proxy.voice.budget import VoiceBudget, subjects_of
+from services.proxy.voice.sideband import _event_id
+from shared.budgets import CONFIG_KEY, BudgetAdmin, Budgets, Metered, counter_key, window_index
+from shared.events import UsageEvent
 from shared.pricing import DEFAULT_PRICES_FILE, Usage, load_prices
 from shared.tokens import ProxyClaims, Scope
 from shared.voicesessions import VoiceRegistry, VoiceSession
@@ -322,6 +325,9 @@ async def test_a_taken_over_session_keeps_charging_the_same_budget_once(
             lambda: _counter_at_least(redis_client, key, 4), "no seconds charged before the kill"
         )
         first.kill()  # SIGKILL: its lease lapses, another replica re-attaches
+        # As if it died inside its outbox: the next event published (acked) and charged,
+        # the watermark not yet moved. The new owner replays it under the same id.
+        await _die_inside_the_outbox(registry, bus, redis_client, session_id)
         await until(
             lambda: fake_session(upstream, session_id)["sideband_connects"] >= 2,
             "no replica re-attached the sideband",
@@ -336,14 +342,50 @@ async def test_a_taken_over_session_keeps_charging_the_same_budget_once(
         await pc.close()
     assert record.closed_reason == "budget_exceeded"
     assert record.attachments >= 2
+    assert record.pending_event is None
     billed = await until(lambda: _all_metered(bus, [record]), "usage missing on JetStream", 20)
     assert len({e["event_id"] for e in billed}) == len(billed)
     seconds = sum(e["seconds"] for e in billed)
     assert seconds == record.billed_s == fake_session(upstream, session_id)["seconds"]
-    # The new owner charged the same user budget, and nothing twice.
+    # The new owner charged the same user budget, and the replayed event only once.
     assert await _counted(redis_client, key, int(seconds)) == seconds
     [state] = await admin.show()
     assert state.held == 0
+
+
+async def _die_inside_the_outbox(
+    registry: VoiceRegistry, bus: NATS, redis_client: aioredis.Redis, session_id: str
+) -> None:
+    record = await registry.get(session_id)
+    assert record is not None
+    if record.pending_event is not None:
+        return  # it really died inside its outbox: the same case
+    total = record.billed_s + 1  # the fake has billed it by its next tick
+    event = UsageEvent(
+        event_id=_event_id(session_id, "seconds", total),
+        service="proxy",
+        type="voice.usage",
+        mode="voice",
+        token_id=record.token_id,
+        session_id=record.token_session,
+        voice_session_id=session_id,
+        path="/live/sessions",
+        model=record.model,
+        seconds=1.0,
+        seconds_total=total,
+    )
+    await bus.jetstream().publish(
+        event.subject, event.model_dump_json().encode(), headers={"Nats-Msg-Id": event.event_id}
+    )
+    await Budgets(redis_client).voice(
+        hold_id=VoiceBudget.hold_id(record),
+        subjects=subjects_of(record.token_id, record.user, record.app),
+        mode="tick",
+        used=Metered(micros=0, seconds=1),
+        ahead=Metered(micros=0, seconds=AHEAD_S),
+        event_id=event.event_id,
+    )
+    await registry.update(session_id, pending_event=event.model_dump_json())
 
 
 async def _counter_at_least(redis_client: aioredis.Redis, key: str, floor: int) -> bool:
