@@ -45,7 +45,7 @@ from ..upstream import KeySource
 from .budget import VoiceBudget, whole_seconds
 from .metrics import BILLABLE_SECONDS, POLICY_ACTIONS, RECONNECTS, TOKENS
 
-__all__ = ["Sideband", "SidebandContext", "sideband_url", "upstream_url"]
+__all__ = ["Sideband", "SidebandContext", "sideband_url", "upstream_url", "voice_event_id"]
 
 log = logging.getLogger(__name__)
 # websockets logs the handshake headers (the Authorization header with the provider key)
@@ -79,7 +79,8 @@ def sideband_url(base_url: str, api: VoiceApi, session_id: str) -> str:
     return urlunsplit((scheme, url.netloc, path, query, ""))
 
 
-def _event_id(*parts: object) -> str:
+def voice_event_id(*parts: object) -> str:
+    """The same on every replica: JetStream and the budgets count an event once by it."""
     return hashlib.sha256(":".join(str(p) for p in parts).encode()).hexdigest()[:32]
 
 
@@ -297,7 +298,7 @@ class Sideband:
         delta = round(total - self.record.billed_s, 3)
         priced = self._price(Usage(seconds=delta), already=Usage(seconds=self.record.billed_s))
         event = self._usage(
-            _event_id(self.session_id, "seconds", total),
+            voice_event_id(self.session_id, "seconds", total),
             seconds=delta,
             seconds_total=total,
             **priced,
@@ -314,7 +315,7 @@ class Sideband:
         total = usage.get("total_tokens")
         inputs = usage.get("input_tokens")
         outputs = usage.get("output_tokens")
-        ident = response.get("id") or _event_id(orjson.dumps(usage))
+        ident = response.get("id") or voice_event_id(orjson.dumps(usage))
         metered = read_usage(usage)
         fields: dict[str, Any] = {
             "prompt_tokens": inputs if isinstance(inputs, int) else None,
@@ -323,7 +324,7 @@ class Sideband:
         }
         if metered is not None:
             fields.update(self._price(metered))
-        event = self._usage(_event_id(self.session_id, "response", ident), **fields)
+        event = self._usage(voice_event_id(self.session_id, "response", ident), **fields)
         tokens = self.record.tokens + (total if isinstance(total, int) else 0)
         await self._commit(event, tokens=tokens)
         if isinstance(total, int):
@@ -356,7 +357,7 @@ class Sideband:
             self._budget_warned = True
             if self.ctx.publisher is not None:
                 warning = self._usage(
-                    _event_id(self.session_id, "budget-warning", found.name), reason=found.name
+                    voice_event_id(self.session_id, "budget-warning", found.name), reason=found.name
                 )
                 self.ctx.publisher.emit(warning.model_copy(update={"type": "voice.budget.warning"}))
         if found.short is not None and self._ending is None and not self.ended.is_set():

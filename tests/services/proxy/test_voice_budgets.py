@@ -22,7 +22,7 @@ from nats.aio.client import Client as NATS
 
 from keyveil.servers import ServerProcess
 from services.proxy.voice.budget import VoiceBudget, subjects_of
-from services.proxy.voice.sideband import _event_id
+from services.proxy.voice.sideband import voice_event_id
 from shared.budgets import CONFIG_KEY, BudgetAdmin, Budgets, Metered, counter_key, window_index
 from shared.events import UsageEvent
 from shared.pricing import DEFAULT_PRICES_FILE, Usage, load_prices
@@ -362,7 +362,7 @@ async def _die_inside_the_outbox(
         return  # it really died inside its outbox: the same case
     total = record.billed_s + 1  # the fake has billed it by its next tick
     event = UsageEvent(
-        event_id=_event_id(session_id, "seconds", total),
+        event_id=voice_event_id(session_id, "seconds", total),
         service="proxy",
         type="voice.usage",
         mode="voice",
