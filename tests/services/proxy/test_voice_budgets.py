@@ -255,21 +255,10 @@ async def test_concurrent_live_sessions_on_3_replicas_hold_one_user_seconds_budg
             return [r for r in found if r is not None] if all(found) else []
 
         records = await until(all_closed, "a session outlived the budget", timeout=40)
-        # Spent: a new session is refused before the provider is asked, naming the budget.
-        upstream_sessions = len(upstream_sessions_of(upstream))
-        refused = await _open(browsers[2], _voice_token(browsers[0], user), offers[-1][1])
     finally:
-        for browser in browsers:
-            await browser.close()
-        for pc, _ in offers:
+        for pc, _ in offers[:sessions]:
             await pc.close()
     assert {r.closed_reason for r in records} == {"budget_exceeded"}
-    assert refused.status_code == 429
-    assert refused.json()["error"]["code"] == "budget_exceeded"
-    assert refused.headers["ratelimit-policy"] == f'"budget-user-seconds-day";q={limit};w=86400'
-    assert refused.headers["ratelimit"].startswith('"budget-user-seconds-day";r=')
-    assert int(refused.headers["retry-after"]) >= 1
-    assert len(upstream_sessions_of(upstream)) == upstream_sessions
     # The ledger: every session's events add up to what the provider billed it, and all
     # of them to the user's counter, exactly.
     billed = await until(lambda: _all_metered(bus, records), "usage missing on JetStream", 20)
@@ -286,8 +275,27 @@ async def test_concurrent_live_sessions_on_3_replicas_hold_one_user_seconds_budg
     # two of a session's largest reports, at least AHEAD_S).
     largest_hold = max(AHEAD_S, 2 * max(e["seconds"] for e in billed))
     assert counted <= limit + largest_hold
+    assert counted >= limit - sessions * largest_hold  # and ended only once it was used
     [state] = await admin.show()
     assert state.held == 0  # every ended session gave its hold back
+    # Less left than one hold: a new session is refused before the provider is asked,
+    # and the answer names the budget.
+    left = 1
+    await admin.set("user", user, "seconds", "day", counted + left)
+    upstream_sessions = len(upstream_sessions_of(upstream))
+    try:
+        refused = await _open(browsers[2], _voice_token(browsers[0], user), offers[-1][1])
+    finally:
+        for browser in browsers:
+            await browser.close()
+        await offers[-1][0].close()
+    assert refused.status_code == 429
+    assert refused.json()["error"]["code"] == "budget_exceeded"
+    policy = f'"budget-user-seconds-day";q={counted + left};w=86400'
+    assert refused.headers["ratelimit-policy"] == policy
+    assert refused.headers["ratelimit"].startswith(f'"budget-user-seconds-day";r={left};t=')
+    assert int(refused.headers["retry-after"]) >= 1
+    assert len(upstream_sessions_of(upstream)) == upstream_sessions
     print(
         f"seconds budget {limit}: {sessions} sessions on 3 replicas spent {counted} s "
         f"(largest hold {largest_hold} s)"
