@@ -390,6 +390,10 @@ class Budgets:
         self._mode = failure_mode
         self._deadline_s = deadline_s
 
+    @property
+    def failure_mode(self) -> Literal["closed", "open"]:
+        return self._mode
+
     async def reserve(self, *, subjects: list[tuple[str, str]], estimate: Estimate) -> Hold | None:
         """A hold on every budget that applies (None: none applies, or Redis is away
         and the mode is open); raises BudgetExceeded or BudgetUnavailable."""

@@ -97,7 +97,7 @@ class VoiceBudget:
         self, *, api: VoiceApi, model: str, token_id: str, user: str | None, app: str | None
     ) -> str:
         """Hold `ahead` for a session about to be brokered: its hold id. Raises the
-        429 (budget spent) or 503 (Redis away; budgets fail closed for voice)."""
+        429 (budget spent) or 503 (Redis away and KEYVEIL_BUDGET_FAILURE_MODE closed)."""
         hold_id = f"voice-{secrets.token_hex(8)}"
         try:
             await self._budgets.voice(
@@ -113,6 +113,8 @@ class VoiceBudget:
                 f"the {exc.name} budget is spent", code="budget_exceeded", headers=exc.headers()
             ) from None
         except RedisUnavailableError:
+            if self._budgets.failure_mode == "open":
+                return hold_id  # uncounted until Redis is back (its ticks then charge)
             raise UnavailableError(
                 "budgets cannot be checked; try again",
                 code="budget_unavailable",
