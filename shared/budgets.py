@@ -475,6 +475,8 @@ class Budgets:
         if int(raw[0]) == 1:
             DECISIONS.labels("exceeded").inc()
             raise BudgetExceeded(_text(raw[1]), int(raw[2]), int(raw[3]), int(raw[4]))
+        if mode == "open":
+            DECISIONS.labels("reserved" if len(raw) >= 5 else "none").inc()
         if len(raw) < 5:
             return None
         return VoiceCharge(
