@@ -43,17 +43,23 @@ __all__ = [
 LIVE_SET: Final = "kv:voice:{voice}:live"
 _RECORD_TTL_S: Final = 7 * 86_400
 
+# One call for many leases (all in the {voice} slot: a Cluster refuses scripts in a
+# pipeline). KEYS: owner keys; ARGV: owner (, lease ms). Returns 1/0 per key.
 _RENEW_LUA: Final = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+local out = {}
+for i, key in ipairs(KEYS) do
+  out[i] = 0
+  if redis.call('GET', key) == ARGV[1] then out[i] = redis.call('PEXPIRE', key, ARGV[2]) end
 end
-return 0
+return out
 """
 _RELEASE_LUA: Final = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
+local out = {}
+for i, key in ipairs(KEYS) do
+  out[i] = 0
+  if redis.call('GET', key) == ARGV[1] then out[i] = redis.call('DEL', key) end
 end
-return 0
+return out
 """
 
 
@@ -161,10 +167,8 @@ class VoiceRegistry:
         """Extend the leases `owner` still holds; False where it lost one."""
         if not session_ids:
             return []
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for sid in session_ids:
-                await self._renew(keys=[owner_key(sid)], args=[owner, lease_ms], client=pipe)
-            results = await pipe.execute()
+        keys = [owner_key(sid) for sid in session_ids]
+        results = await self._renew(keys=keys, args=[owner, lease_ms])
         return [bool(r) for r in results]
 
     async def release(self, session_id: str, *, owner: str) -> None:
@@ -174,10 +178,7 @@ class VoiceRegistry:
         """Give up many leases in one round trip (a replica shutting down)."""
         if not session_ids:
             return
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for sid in session_ids:
-                await self._release(keys=[owner_key(sid)], args=[owner], client=pipe)
-            await pipe.execute()
+        await self._release(keys=[owner_key(sid) for sid in session_ids], args=[owner])
 
     async def close_requests(
         self, session_ids: list[str], token_ids: list[str]

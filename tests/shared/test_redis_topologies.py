@@ -616,3 +616,33 @@ async def test_the_budget_rider_on_the_cluster(cluster: RedisClusterSet) -> None
         await admission.aclose()
         await budgets.aclose()
         await client.aclose()
+
+
+@pytest.mark.slow
+async def test_the_voice_registry_on_the_cluster(cluster: RedisClusterSet) -> None:
+    from shared.voicesessions import VoiceRegistry, VoiceSession
+
+    client = connect(RedisTopology(cluster.url, cluster=True))
+    registry = VoiceRegistry(client)
+    session = VoiceSession(
+        id=f"sess_{uuid.uuid4().hex[:12]}",
+        api="live",
+        token_id="tok-voice",
+        token_session="sid",
+        model="gpt-live-1",
+        ends_at=time.time() + 60,
+    )
+    try:
+        await registry.create(session, owner="replica-a", lease_ms=5000)  # MULTI, one slot
+        assert await registry.get(session.id) == session
+        assert session.id in await registry.live_ids()
+        assert not await registry.claim(session.id, owner="replica-b", lease_ms=5000)
+        assert await registry.renew([session.id], owner="replica-a", lease_ms=5000) == [True]
+        await client.set(revoked_key("tok-voice"), "1", ex=60)  # another slot, same pipeline
+        assert await registry.close_requests([session.id], ["tok-voice"]) == ["token_revoked"]
+        await registry.release_all([session.id], owner="replica-a")
+        assert await registry.owner(session.id) is None
+        await registry.mark_closed(session.id, "operator")
+        assert session.id not in await registry.live_ids()
+    finally:
+        await client.aclose()
