@@ -10,7 +10,7 @@ from prometheus_client import REGISTRY
 from services.proxy.burn import BURN, BurnReporter
 from shared.budgets import CONFIG_KEY, BudgetAdmin, Budgets, Estimate
 from shared.ratelimit import redis_client as make_client
-from tests.support import free_port
+from keyveil.servers import free_port
 
 
 def _burn(scope: str, unit: str, window: str) -> float | None:
