@@ -233,6 +233,9 @@ class EdgeSettings(CommonSettings):
     """Ingress header with the client's ISO country code (e.g. X-Country set from
     CF-IPCountry), believed only from a TRUSTED_PROXIES peer; the proxy puts it on its usage
     events for the auditor's geography detectors."""
+    key_environment: str | None = Field(default=None, validation_alias="KEY_ENVIRONMENT")
+    """Environment whose provider key the token service and the proxy lease (default:
+    NODE_ENV)."""
     demo_mode: bool = Field(default=False, validation_alias="VOICE_AGENT_DEMO_MODE")
     """Canned answers, never an upstream call; refused in production."""
     openai_base_url: str = Field(
@@ -328,6 +331,11 @@ class EdgeSettings(CommonSettings):
             return []
         raw = self.proxy_signing_key_previous.get_secret_value()
         return [part.strip() for part in raw.split(",") if part.strip()]
+
+    @property
+    def lease_environment(self) -> str:
+        """KEY_ENVIRONMENT, or NODE_ENV when it is not set."""
+        return self.key_environment or self.node_env.value
 
     def keyring(self) -> TokenKeyring:
         """Signs with PROXY_SIGNING_KEY; still verifies tokens of the previous keys."""

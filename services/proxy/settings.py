@@ -68,8 +68,6 @@ class Settings(EdgeSettings):
         default=300, ge=1, le=1_000_000, validation_alias="VOICE_AGENT_USER_RATE_LIMIT"
     )
     """Proxy requests per user (hashed principal) per minute, across all their tokens."""
-    key_environment: str | None = Field(default=None, validation_alias="KEY_ENVIRONMENT")
-    """Environment whose provider key the proxy leases (default: NODE_ENV)."""
     prices_file: Path | None = Field(default=None, validation_alias="KEYVEIL_PRICES_FILE")
     """The price table (shared/pricing.py); default the shipped shared/prices.toml."""
     budgets: bool = Field(default=False, validation_alias="KEYVEIL_BUDGETS")
@@ -265,10 +263,6 @@ class Settings(EdgeSettings):
             max_sdp_bytes=self.voice_max_sdp_bytes,
             browser_events=self.voice_browser_events,
         )
-
-    @property
-    def lease_environment(self) -> str:
-        return self.key_environment or self.node_env.value
 
 
 def with_database(url: str, db: int) -> str:
