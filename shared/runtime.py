@@ -31,7 +31,7 @@ import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import redis.asyncio as aioredis
 from fastapi import FastAPI
@@ -48,7 +48,7 @@ from shared.settings import CommonSettings, EdgeSettings
 from shared.streams import EDGE_STREAMS, StreamGuard
 from shared.telemetry import redactor
 
-__all__ = ["Build", "ServiceRuntime"]
+__all__ = ["Build", "ServiceRuntime", "started"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,13 @@ Build = Callable[[], Awaitable[None]]
 StopCallback = Callable[[], object]
 """Called at stop; may return an awaitable, which is awaited."""
 T = TypeVar("T")
+
+
+class _Closable(Protocol):
+    def aclose(self) -> Awaitable[None]: ...
+
+
+C = TypeVar("C", bound=_Closable)
 
 
 class ServiceRuntime:
@@ -121,29 +128,33 @@ class ServiceRuntime:
 
     @property
     def nc(self) -> NATS:
-        return _opened(self._nc)
+        return started(self._nc)
 
     @property
     def js(self) -> JetStreamContext:
         """JetStream; its API calls wait NATS_REQUEST_TIMEOUT_S, like every NATS request."""
-        return _opened(self._js)
+        return started(self._js)
 
     @property
     def redis(self) -> aioredis.Redis:
-        return _opened(self._redis)
+        return started(self._redis)
 
     @property
     def leases(self) -> LeaseClient:
-        return _opened(self._leases)
+        return started(self._leases)
 
     @property
     def publisher(self) -> EventPublisher:
-        return _opened(self._publisher)
+        return started(self._publisher)
+
+    def closing(self, resource: C) -> C:
+        """`resource`, closed (`aclose`) at stop with the service's own resources."""
+        self.stack.push_async_callback(resource.aclose)
+        return resource
 
     def redis_client(self, url: str) -> aioredis.Redis:
         """A Redis client for `url`, closed at stop (the one place a service makes one)."""
-        client = redis_client(url, self._redis_timeout_s)
-        self.stack.push_async_callback(client.aclose)
+        client: aioredis.Redis = self.closing(redis_client(url, self._redis_timeout_s))
         return client
 
     def ready_when(self, name: str, check: ReadinessCheck) -> None:
@@ -293,9 +304,10 @@ class ServiceRuntime:
         return self.started and self._guard is not None and await self._guard.ready()
 
 
-def _opened(part: T | None) -> T:
+def started(part: T | None) -> T:
+    """`part` of a service, once its start has made it; RuntimeError before."""
     if part is None:
-        raise RuntimeError("the service runtime is not started")
+        raise RuntimeError("the service is not started")
     return part
 
 

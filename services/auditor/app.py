@@ -18,6 +18,7 @@ import time
 from dataclasses import replace
 
 from fastapi import FastAPI
+from nats.js.api import StreamConfig
 
 from services.auditor.alerts import AlertSink, WebhookSender
 from services.auditor.auditor import Auditor
@@ -27,13 +28,13 @@ from services.auditor.checkpoints import (
     ephemeral_verifier,
     record_ephemeral_key,
 )
-from services.auditor.consumers import DurableConsumer
+from services.auditor.consumers import DurableConsumer, E, Handler
 from services.auditor.detectors import Detectors, Finding
 from services.auditor.ledger import LEDGER_STREAM, BrokenLink, Ledger
 from services.auditor.ledgerkeys import LedgerSigner
 from services.auditor.settings import Settings
 from shared.events import AUDIT_STREAM, USAGE_STREAM, AuditEvent, EventPublisher, UsageEvent
-from shared.runtime import ServiceRuntime
+from shared.runtime import ServiceRuntime, started
 from shared.streams import AUDITOR_STREAMS
 
 __all__ = [
@@ -63,9 +64,7 @@ class AuditorRuntime:
 
     @property
     def auditor(self) -> Auditor:
-        if self._auditor is None:
-            raise RuntimeError("the auditor is not started")
-        return self._auditor
+        return started(self._auditor)
 
     @property
     def publisher(self) -> EventPublisher:
@@ -120,33 +119,30 @@ class AuditorRuntime:
                     on_problem=lambda problems: _alert_ledger(sink, problems),
                 )
         self._auditor = auditor = Auditor(Detectors(settings), sink, ledger)
-        common = {
-            "ack_wait_s": settings.ack_wait_s,
-            "max_deliver": settings.max_deliver,
-            "batch": settings.fetch_batch,
-            "seen_capacity": settings.dedupe_window,
-        }
-        usage: DurableConsumer[UsageEvent] = DurableConsumer(
-            js,
-            stream=replace(USAGE_STREAM, num_replicas=settings.jetstream_replicas),
-            durable=USAGE_DURABLE,
-            model=UsageEvent,
-            handler=auditor.on_usage,
-            **common,  # type: ignore[arg-type]
-        )
-        audit: DurableConsumer[AuditEvent] = DurableConsumer(
-            js,
-            stream=replace(AUDIT_STREAM, num_replicas=settings.jetstream_replicas),
-            durable=AUDIT_DURABLE,
-            model=AuditEvent,
-            handler=auditor.on_audit,
-            **common,  # type: ignore[arg-type]
-        )
-        self.consumers = [usage, audit]
+        self.consumers = [
+            self._consumer(USAGE_STREAM, USAGE_DURABLE, UsageEvent, auditor.on_usage),
+            self._consumer(AUDIT_STREAM, AUDIT_DURABLE, AuditEvent, auditor.on_audit),
+        ]
         for consumer in self.consumers:
             runtime.spawn(consumer.run(runtime.stopping), name=f"consume-{consumer.durable}")
         if checkpointer is not None:
             runtime.spawn(checkpointer.run(runtime.stopping), name="ledger-checkpoints")
+
+    def _consumer(
+        self, stream: StreamConfig, durable: str, model: type[E], handler: Handler[E]
+    ) -> DurableConsumer[E]:
+        settings = self.settings
+        return DurableConsumer(
+            self.runtime.js,
+            stream=replace(stream, num_replicas=settings.jetstream_replicas),
+            durable=durable,
+            model=model,
+            handler=handler,
+            ack_wait_s=settings.ack_wait_s,
+            max_deliver=settings.max_deliver,
+            batch=settings.fetch_batch,
+            seen_capacity=settings.dedupe_window,
+        )
 
 
 async def start_runtime(settings: Settings) -> AuditorRuntime:

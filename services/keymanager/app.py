@@ -25,7 +25,7 @@ from shared.crypto import KekRing
 from shared.events import EventPublisher
 from shared.keyadmin import ADMIN_PREFIX, OPERATOR_USER
 from shared.leases import KEYMANAGER_QUEUE, LEASE_SUBJECT, ROTATED_SUBJECT, RotatedNotice
-from shared.runtime import ServiceRuntime
+from shared.runtime import ServiceRuntime, started
 from shared.streams import EDGE_STREAMS
 from shared.telemetry import inject_context
 
@@ -51,9 +51,7 @@ class KeyManager:
 
     @property
     def keys(self) -> KeyService:
-        if self._keys is None:
-            raise RuntimeError("KeyManager.start() was not awaited")
-        return self._keys
+        return started(self._keys)
 
     @property
     def nc(self) -> NATS:

@@ -153,31 +153,32 @@ def create_app(settings: Settings, *, keys: KeySource | None = None) -> FastAPI:
     runtime = ServiceRuntime.for_edge(settings, service="proxy", leases=keys is None)
 
     async def build() -> None:
-        stack = runtime.stack
         key_source = keys if keys is not None else OpenedLeaseCache(runtime.leases)
         forwarder: Forwarder | None = None
         if not settings.demo_mode:
-            forwarder = Forwarder(
-                base_url=settings.openai_base_url,
-                keys=key_source,
-                connect_timeout_s=settings.upstream_connect_timeout_s,
-                read_timeout_s=settings.upstream_read_timeout_s,
-                max_connections=settings.upstream_max_connections,
+            forwarder = runtime.closing(
+                Forwarder(
+                    base_url=settings.openai_base_url,
+                    keys=key_source,
+                    connect_timeout_s=settings.upstream_connect_timeout_s,
+                    read_timeout_s=settings.upstream_read_timeout_s,
+                    max_connections=settings.upstream_max_connections,
+                )
             )
-            stack.push_async_callback(forwarder.aclose)
         budgets = None
         if settings.budgets:
-            budgets = Budgets(
-                runtime.redis,
-                hold_ttl_s=settings.budget_hold_ttl_s,
-                failure_mode=settings.budget_failure_mode,
-                pipelined=True,
+            budgets = runtime.closing(
+                Budgets(
+                    runtime.redis,
+                    hold_ttl_s=settings.budget_hold_ttl_s,
+                    failure_mode=settings.budget_failure_mode,
+                    pipelined=True,
+                )
             )
-            stack.push_async_callback(budgets.aclose)
         voice = None
         if not settings.demo_mode:
             voice = await open_voice(
-                stack,
+                runtime.stack,
                 settings=settings,
                 redis=runtime.redis,
                 keys=key_source,
@@ -187,15 +188,16 @@ def create_app(settings: Settings, *, keys: KeySource | None = None) -> FastAPI:
                 policy=policy.current.voice,
             )
         # One pipelined connection for the per-request admission script.
-        admission = Admission(
-            runtime.redis,
-            service="proxy",
-            pipelined=True,
-            block_after_strikes=settings.block_after_strikes,
-            strike_window_s=settings.strike_window_s,
-            block_for_s=settings.block_for_s,
+        admission = runtime.closing(
+            Admission(
+                runtime.redis,
+                service="proxy",
+                pipelined=True,
+                block_after_strikes=settings.block_after_strikes,
+                strike_window_s=settings.strike_window_s,
+                block_for_s=settings.block_for_s,
+            )
         )
-        stack.push_async_callback(admission.aclose)
         cache = None
         if settings.cache_max_entry_bytes:
             cache = ResponseCache(
@@ -217,7 +219,7 @@ def create_app(settings: Settings, *, keys: KeySource | None = None) -> FastAPI:
             budgets=budgets,
         )
         policy.start()
-        stack.push_async_callback(policy.stop)
+        runtime.stack.push_async_callback(policy.stop)
         if forwarder is not None:
             # Warm the lease cache so the first request does not pay for it.
             runtime.spawn(_warm(key_source), name="warm-lease", drain=False)

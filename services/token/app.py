@@ -294,8 +294,8 @@ def create_app(settings: Settings) -> FastAPI:
     runtime = ServiceRuntime.for_edge(settings, service="token")
 
     async def build() -> None:
-        runtime.stack.push_async_callback(authenticator.aclose)
-        http = await runtime.stack.enter_async_context(
+        runtime.closing(authenticator)
+        http = runtime.closing(
             httpx.AsyncClient(
                 timeout=httpx.Timeout(settings.upstream_timeout_s),
                 limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),

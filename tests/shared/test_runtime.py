@@ -7,7 +7,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import nats
 import pytest
@@ -25,6 +25,7 @@ from shared.leases import LEASE_SUBJECT, LeaseRequest
 from shared.runtime import ServiceRuntime
 from shared.settings import CommonSettings, EdgeSettings, load_settings
 from shared.streams import EDGE_STREAMS
+from tests.services.auditor.test_service import until
 from tests.support import TEST_PROXY_SIGNING_KEY
 
 
@@ -62,18 +63,6 @@ def _runtime(nats_url: str, redis_url: str) -> ServiceRuntime:
     )
 
 
-async def _until(condition: Callable[[], Any], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
-
-
 async def _clients_named(redis: aioredis.Redis, name: str) -> int:
     return sum(1 for client in await redis.client_list() if client.get("name") == name)
 
@@ -106,8 +95,8 @@ async def test_a_step_that_raises_leaves_no_connection_client_or_task_open(
         await runtime.start(build)
 
     assert opened["nc"].is_closed
-    await _until(_no_clients(redis_client, name))
-    await _until(lambda: not {t for t in asyncio.all_tasks() - before if not t.done()})
+    await until(_no_clients(redis_client, name))
+    await until(lambda: not {t for t in asyncio.all_tasks() - before if not t.done()})
     assert await _readiness(runtime) == {"nats": False, "redis": False, "streams": False}
     await runtime.stop()  # a failed start is already closed: stop is a no-op
 
@@ -166,6 +155,20 @@ async def test_stop_drains_in_the_documented_order(
 
 
 _EDGES: dict[str, type[EdgeSettings]] = {"token": TokenSettings, "proxy": ProxySettings}
+E = TypeVar("E", bound=EdgeSettings)
+
+
+def _staging_edge(model: type[E], nats_url: str, redis_url: str) -> E:
+    """An edge in development that leases staging's key, waiting 0.3 s for a lease."""
+    return load_settings(
+        model,
+        NATS_URL=nats_url,
+        REDIS_URL=redis_url,
+        PROXY_SIGNING_KEY=TEST_PROXY_SIGNING_KEY,
+        NODE_ENV="development",
+        KEY_ENVIRONMENT="staging",
+        NATS_REQUEST_TIMEOUT_S=0.3,
+    )
 
 
 @pytest.mark.parametrize("service", sorted(_EDGES))
@@ -176,15 +179,7 @@ async def test_edge_leases_follow_key_environment_and_the_request_timeout(
     silent_key_manager: list[LeaseRequest],
 ) -> None:
     """KEY_ENVIRONMENT reached only the proxy once; NATS_REQUEST_TIMEOUT_S the token only."""
-    settings = load_settings(
-        _EDGES[service],
-        NATS_URL=private_nats.url,
-        REDIS_URL=redis_url,
-        PROXY_SIGNING_KEY=TEST_PROXY_SIGNING_KEY,
-        NODE_ENV="development",
-        KEY_ENVIRONMENT="staging",
-        NATS_REQUEST_TIMEOUT_S=0.3,
-    )
+    settings = _staging_edge(_EDGES[service], private_nats.url, redis_url)
     runtime = ServiceRuntime.for_edge(settings, service=service)
 
     async def nothing() -> None:
@@ -208,16 +203,7 @@ async def test_the_proxy_app_leases_for_key_environment(
     silent_key_manager: list[LeaseRequest],
 ) -> None:
     """The wiring, not just the runtime: the started proxy warms its lease for staging."""
-    settings = load_settings(
-        ProxySettings,
-        NATS_URL=private_nats.url,
-        REDIS_URL=redis_url,
-        PROXY_SIGNING_KEY=TEST_PROXY_SIGNING_KEY,
-        NODE_ENV="development",
-        KEY_ENVIRONMENT="staging",
-        NATS_REQUEST_TIMEOUT_S=0.3,
-    )
-    app = proxy_app(settings)
+    app = proxy_app(_staging_edge(ProxySettings, private_nats.url, redis_url))
     async with app.router.lifespan_context(app):
-        await _until(lambda: silent_key_manager)
+        await until(lambda: silent_key_manager)
     assert [(r.requester, r.environment) for r in silent_key_manager] == [("proxy", "staging")]
