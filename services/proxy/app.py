@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 from fastapi import FastAPI
@@ -61,6 +62,18 @@ _NOT_READY = orjson.dumps(
 _INTERNAL = orjson.dumps({"error": {"code": "internal_error", "message": "internal error"}})
 
 
+def _cors_policy(settings: Settings) -> dict[str, Any]:
+    """One CORS policy for the proxy paths (answered by `_ProxyPaths`) and the rest."""
+    return {
+        "allow_origins": settings.allowed_origins,
+        "allow_methods": ["POST"],
+        "allow_headers": CORS_ALLOWED_HEADERS,
+        "expose_headers": CORS_EXPOSED_HEADERS,
+        "allow_credentials": False,
+        "max_age": 600,
+    }
+
+
 @dataclass
 class _Live:
     handler: ProxyHandler | None = None
@@ -82,15 +95,7 @@ class _ProxyPaths:
         self.live = live
         self._origins = frozenset(origin.encode() for origin in settings.allowed_origins)
         self._expose = ", ".join(CORS_EXPOSED_HEADERS).encode()
-        self._preflight = CORSMiddleware(
-            self._proxy,
-            allow_origins=settings.allowed_origins,
-            allow_methods=["POST"],
-            allow_headers=CORS_ALLOWED_HEADERS,
-            expose_headers=CORS_EXPOSED_HEADERS,
-            allow_credentials=False,
-            max_age=600,
-        )
+        self._preflight = CORSMiddleware(self._proxy, **_cors_policy(settings))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope["path"].startswith(PREFIX):
@@ -233,15 +238,7 @@ def create_app(settings: Settings, *, keys: KeySource | None = None) -> FastAPI:
 
     app = runtime.app("keyveil proxy", build)
     document_routes(app)  # the spec only: _ProxyPaths answers these paths first
-    app.add_middleware(
-        CORSMiddleware,
-        allow_origins=settings.allowed_origins,
-        allow_methods=["POST"],
-        allow_headers=CORS_ALLOWED_HEADERS,
-        expose_headers=CORS_EXPOSED_HEADERS,
-        allow_credentials=False,
-        max_age=600,
-    )
+    app.add_middleware(CORSMiddleware, **_cors_policy(settings))
     # Added last, so it runs first: proxy requests never enter the FastAPI stack.
     app.add_middleware(_ProxyPaths, live=live, settings=settings)
     return app
