@@ -23,7 +23,13 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from shared.errors import ApiError, ConfigError, PayloadTooLargeError, RequestTimeoutError
+from shared.errors import (
+    ApiError,
+    ConfigError,
+    PayloadTooLargeError,
+    RequestTimeoutError,
+    error_body,
+)
 from shared.httpprotocol import EdgeProtocol, JsonParseErrorProtocol, ProtocolLimits
 from shared.settings import CommonSettings, EdgeSettings, load_settings
 from shared.telemetry import configure_logging, configure_tracing
@@ -73,11 +79,7 @@ _STATUS_CODES = {
 def error_response(
     status: int, code: str, message: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"code": code, "message": message}},
-        status_code=status,
-        headers=headers,
-    )
+    return JSONResponse(error_body(code, message), status_code=status, headers=headers)
 
 
 def service_app(title: str, lifespan: Any) -> FastAPI:

@@ -25,8 +25,11 @@ import logging
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import orjson
 from prometheus_client import Counter
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from shared.errors import error_body
 
 __all__ = ["EDGE_REFUSALS", "EdgeProtocol", "JsonParseErrorProtocol", "ProtocolLimits"]
 
@@ -60,7 +63,7 @@ class _RefusedError(Exception):
 
 
 def _json_error(status: int, code: str, message: str) -> bytes:
-    body = f'{{"error":{{"code":"{code}","message":"{message}"}}}}'.encode()
+    body = orjson.dumps(error_body(code, message))
     return b"".join(
         [
             STATUS_LINE[status],
@@ -80,7 +83,7 @@ class JsonParseErrorProtocol(HttpToolsProtocol):
     never reaches the app; uvicorn answers it itself, by default in plain text.
     """
 
-    _BODY = b'{"error":{"code":"invalid_http","message":"the request is not valid HTTP"}}'
+    _BODY = orjson.dumps(error_body("invalid_http", "the request is not valid HTTP"))
 
     def send_400_response(self, msg: str) -> None:
         content = [STATUS_LINE[400]]

@@ -18,7 +18,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from shared.budgets import Budgets
-from shared.errors import ApiError
+from shared.errors import ApiError, error_body
 from shared.httpedge import parse_networks
 from shared.metering import SpendMeter
 from shared.policy import PolicyHolder
@@ -56,10 +56,8 @@ CORS_EXPOSED_HEADERS = [
     "Location",  # a brokered Realtime call's proxy URL
     "X-Keyveil-Call-Id",
 ]
-_NOT_READY = orjson.dumps(
-    {"error": {"code": "not_ready", "message": "the proxy is starting or stopping"}}
-)
-_INTERNAL = orjson.dumps({"error": {"code": "internal_error", "message": "internal error"}})
+_NOT_READY = orjson.dumps(error_body("not_ready", "the proxy is starting or stopping"))
+_INTERNAL = orjson.dumps(error_body("internal_error", "internal error"))
 
 
 def _cors_policy(settings: Settings) -> dict[str, Any]:
