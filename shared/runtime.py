@@ -31,6 +31,7 @@ import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import redis.asyncio as aioredis
@@ -78,6 +79,7 @@ class ServiceRuntime:
         redis_url: str | None = None,
         redis_timeout_s: float = 0.5,
         lease_environment: str | None = None,
+        outbox_dir: Path | None = None,
         max_in_flight: int = 256,
         drain_timeout_s: float = 10.0,
     ) -> None:
@@ -87,6 +89,7 @@ class ServiceRuntime:
         self._redis_url = redis_url
         self._redis_timeout_s = redis_timeout_s
         self._lease_environment = lease_environment
+        self._outbox_dir = outbox_dir
         self._drain_timeout_s = drain_timeout_s
         self._slots = asyncio.Semaphore(max_in_flight)
         self.stack = AsyncExitStack()
@@ -111,7 +114,12 @@ class ServiceRuntime:
 
     @classmethod
     def for_edge(
-        cls, settings: EdgeSettings, *, service: str, leases: bool = True
+        cls,
+        settings: EdgeSettings,
+        *,
+        service: str,
+        leases: bool = True,
+        outbox_dir: Path | None = None,
     ) -> ServiceRuntime:
         """An HTTP edge's runtime: Redis at REDIS_URL, the edge streams, key leases for
         KEY_ENVIRONMENT (default NODE_ENV) unless `leases` is False."""
@@ -122,6 +130,7 @@ class ServiceRuntime:
             redis_url=settings.redis_url,
             redis_timeout_s=settings.redis_timeout_s,
             lease_environment=settings.lease_environment if leases else None,
+            outbox_dir=outbox_dir,
         )
 
     # -- what a service builds on ------------------------------------------------------
@@ -257,7 +266,7 @@ class ServiceRuntime:
             )
             await self._leases.start()
             self.stack.push_async_callback(self._leases.stop)
-        self._publisher = EventPublisher(self._js)
+        self._publisher = EventPublisher(self._js, outbox_dir=self._outbox_dir)
         self._publisher.start()
         self.stack.push_async_callback(self._publisher.close)
         self._guard = StreamGuard(

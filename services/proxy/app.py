@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from shared.budgets import Budgets
+from shared.budgets import ADMISSION_RIDER, Budgets
 from shared.errors import ApiError, error_body
 from shared.httpedge import parse_networks
 from shared.metering import SpendMeter
@@ -29,7 +29,7 @@ from shared.runtime import ServiceRuntime
 from .access import TokenCache
 from .apidocs import document_routes
 from .cache import ResponseCache
-from .handler import ProxyHandler
+from .handler import RATE_LAYERS, ProxyHandler
 from .policy import RequestPolicy
 from .routes import PREFIX
 from .settings import Settings
@@ -153,7 +153,12 @@ def create_app(settings: Settings, *, keys: KeySource | None = None) -> FastAPI:
     policy = PolicyHolder(settings.policy_file, service="proxy")  # ConfigError: refuse to start
     prices = load_prices(settings.prices_file or DEFAULT_PRICES_FILE)  # likewise
     live = _Live()
-    runtime = ServiceRuntime.for_edge(settings, service="proxy", leases=keys is None)
+    runtime = ServiceRuntime.for_edge(
+        settings,
+        service="proxy",
+        leases=keys is None,
+        outbox_dir=settings.outbox_dir / "proxy" if settings.outbox_dir else None,
+    )
 
     async def build() -> None:
         key_source = keys if keys is not None else OpenedLeaseCache(runtime.leases)
@@ -192,11 +197,14 @@ def create_app(settings: Settings, *, keys: KeySource | None = None) -> FastAPI:
                 policy=policy.current.voice,
             )
         # One pipelined connection for the per-request admission script.
+        # With budgets, a second script carries the reservation (one round trip).
         admission = runtime.closing(
             Admission(
                 runtime.redis,
                 service="proxy",
                 pipelined=True,
+                rider=ADMISSION_RIDER if budgets is not None else None,
+                failure_modes=dict.fromkeys(RATE_LAYERS, settings.rate_limit_failure_mode),
                 block_after_strikes=settings.block_after_strikes,
                 strike_window_s=settings.strike_window_s,
                 block_for_s=settings.block_for_s,
