@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from shared.budgets import ADMISSION_RIDER, Budgets
+from shared.budgets import ADMISSION_RIDER, BudgetAdmin, Budgets
 from shared.errors import ApiError, error_body
 from shared.httpedge import parse_networks
 from shared.metering import SpendMeter
@@ -28,6 +28,7 @@ from shared.runtime import ServiceRuntime
 
 from .access import TokenCache
 from .apidocs import document_routes
+from .burn import BurnReporter
 from .cache import ResponseCache
 from .handler import RATE_LAYERS, ProxyHandler
 from .policy import RequestPolicy
@@ -184,6 +185,11 @@ def create_app(settings: Settings, *, keys: KeySource | None = None) -> FastAPI:
                     pipelined=True,
                 )
             )
+            if settings.budget_burn_interval_s:
+                burn = BurnReporter(
+                    BudgetAdmin(runtime.redis), interval_s=settings.budget_burn_interval_s
+                )
+                runtime.spawn(burn.run(), name="budget-burn", drain=False)
         voice = None
         if not settings.demo_mode:
             voice = await open_voice(

@@ -63,6 +63,11 @@ class Settings(EdgeSettings):
     """While Redis is unreachable, budgeted calls are refused (closed, 503 budget_unavailable)
     or let through uncounted (open); only reached when PROXY_RATE_LIMIT_FAILURE_MODE is not
     closed (else the admission refuses first)."""
+    budget_burn_interval_s: float = Field(
+        default=30.0, ge=0, le=3600, validation_alias="BUDGET_BURN_INTERVAL_S"
+    )
+    """Seconds between readings of the budget burn gauge (keyveil_budget_burn_ratio; one
+    read of every configured budget per replica); 0 turns it off."""
 
     max_json_body_bytes: int = Field(
         default=4 * MIB, ge=1024, le=64 * MIB, validation_alias="PROXY_MAX_JSON_BYTES"
