@@ -22,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.config import STARTUP_FAILURE
 
 from shared.errors import ApiError, ConfigError, PayloadTooLargeError, RequestTimeoutError
 from shared.httpprotocol import EdgeProtocol, JsonParseErrorProtocol, ProtocolLimits
@@ -47,6 +48,7 @@ __all__ = [
     "service_app",
     "settings_or_exit",
     "signed_scheme",
+    "uvicorn_config",
 ]
 
 log = logging.getLogger(__name__)
@@ -291,9 +293,9 @@ def protocol_limits(settings: CommonSettings) -> ProtocolLimits:
     )
 
 
-def run_service(app: FastAPI, settings: CommonSettings) -> None:
-    """Serve `app` until SIGTERM/SIGINT; uvicorn then runs the lifespan shutdown (drain)."""
-    uvicorn.run(
+def uvicorn_config(app: Any, settings: CommonSettings) -> uvicorn.Config:
+    """How every edge runs under uvicorn: the bounded protocol, no access log, uvloop."""
+    return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
@@ -305,3 +307,11 @@ def run_service(app: FastAPI, settings: CommonSettings) -> None:
         loop="uvloop",
         http=EdgeProtocol.bounded(protocol_limits(settings)),
     )
+
+
+def run_service(app: FastAPI, settings: CommonSettings) -> None:
+    """Serve `app` until SIGTERM/SIGINT; uvicorn then runs the lifespan shutdown (drain)."""
+    server = uvicorn.Server(uvicorn_config(app, settings))
+    server.run()
+    if not server.started:
+        sys.exit(STARTUP_FAILURE)

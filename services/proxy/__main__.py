@@ -4,11 +4,18 @@ from __future__ import annotations
 
 from services.proxy.app import create_app
 from services.proxy.settings import Settings
-from shared.httpedge import serve_main
+from shared.serving import serve_edge
 
 
 def main() -> None:
-    serve_main("proxy", Settings, create_app)
+    serve_edge(
+        "proxy",
+        Settings,
+        create_app,
+        module="services.proxy",
+        server=lambda settings: settings.http_server,
+        workers=lambda settings: settings.workers,
+    )
 
 
 if __name__ == "__main__":
