@@ -309,6 +309,7 @@ class Bench:
         self.proxy_port = proxy_port
         self.up_port = up_port
         self.pids = pids
+        self.proxied = 0  # every request sent through the proxy, warm-ups included
         self.direct = _request(
             "/v1/chat/completions",
             {"Authorization": f"Bearer {PROVIDER_KEY}", "Content-Type": "application/json"},
@@ -329,6 +330,7 @@ class Bench:
         signer = Signer(self.proxy_port, clients)
         per = max(1, total // clients)
         work = [signer.batch(i, per) for i in range(clients)]  # signed before the clock starts
+        self.proxied += per * clients
         if before is not None:
             before()
         return await run(self.proxy_port, work, self.pids)
@@ -410,6 +412,7 @@ async def measure_peer(bench: Bench, port: int, n: int, levels: dict[str, Any]) 
         print(
             f"{clients:>7} | {peer['p50_ms']:11.2f} {peer['p99_ms']:5.2f} | {a['p50']:9.2f}"
             f" {a['p99']:5.2f} | {peer['rate_per_s']:13.0f} | {row['ratio']:.1f}x"
+            f" | LiteLLM CPU {row['peer_cpu']['litellm_us']:.0f} us/req"
         )
 
 
@@ -435,6 +438,61 @@ async def profile(bench: Bench, n: int, out: Path) -> dict[str, float]:
     )
     print("\n".join(lines))
     return shares
+
+
+async def per_request_costs(redis_url: str, nats_url: str, requests: int) -> dict[str, Any]:
+    """Redis commands and JetStream messages/bytes per proxied request, as measured.
+
+    Read from the servers after the run: Redis INFO commandstats (the EVALSHA calls and
+    the commands the admission script ran inside them) and the usage stream's state.
+    """
+    import nats
+    import redis.asyncio as aioredis
+
+    from shared.streams import EDGE_STREAMS
+
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        stats = await client.info("commandstats")
+    finally:
+        await client.aclose()
+    calls = {
+        name.removeprefix("cmdstat_"): int(value["calls"])
+        for name, value in stats.items()
+        if isinstance(value, dict) and name.startswith("cmdstat_")
+    }
+    scripts = sum(calls.get(name, 0) for name in ("evalsha", "eval", "fcall"))
+    ignored = {"info", "ping", "hello", "client", "select", "auth", "script", "command"}
+    inner = {k: v for k, v in calls.items() if k not in ignored | {"evalsha", "eval"}}
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        streams = {}
+        for name in EDGE_STREAMS:
+            info = await js.stream_info(name)
+            streams[name] = (info.state.messages, info.state.bytes)
+    finally:
+        await nc.close()
+    usage_msgs, usage_bytes = streams["KEYVEIL_USAGE"]
+    costs = {
+        "proxied_requests": requests,
+        "redis_round_trips": round(scripts / requests, 3),
+        "redis_script_commands": round(sum(inner.values()) / requests, 3),
+        "redis_script_commands_by_name": {
+            k: round(v / requests, 3) for k, v in sorted(inner.items(), key=lambda kv: -kv[1])
+        },
+        "jetstream_messages": round(sum(m for m, _ in streams.values()) / requests, 3),
+        "jetstream_bytes": round(sum(b for _, b in streams.values()) / requests, 1),
+        "usage_event_bytes": round(usage_bytes / max(1, usage_msgs), 1),
+    }
+    print(
+        f"per proxied request ({requests} measured): {costs['redis_round_trips']} Redis round "
+        f"trips running {costs['redis_script_commands']} commands "
+        f"({costs['redis_script_commands_by_name']}); {costs['jetstream_messages']} JetStream "
+        f"messages, {costs['jetstream_bytes']} stored bytes "
+        f"(usage event {costs['usage_event_bytes']} B)"
+    )
+    return costs
 
 
 # (description, measured value from the results, bound, "le" or "ge")
@@ -661,6 +719,9 @@ async def main() -> None:
             "requests_per_phase": args.requests,
             "levels": await measure(bench, args.requests),
         }
+        results["per_request"] = await per_request_costs(
+            redis_server.url, nats_server.url, bench.proxied
+        )
         if args.peers:
             peer_port = free_port()
             litellm = start_litellm(state, up_port, peer_port)
