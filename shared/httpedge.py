@@ -24,9 +24,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, gen
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.config import STARTUP_FAILURE
 
-from shared.errors import ApiError, ConfigError, PayloadTooLargeError, RequestTimeoutError
+from shared.errors import ApiError, PayloadTooLargeError, RequestTimeoutError
 from shared.httpprotocol import EdgeProtocol, JsonParseErrorProtocol, ProtocolLimits
-from shared.settings import CommonSettings, EdgeSettings, load_settings
+from shared.settings import CommonSettings, EdgeSettings, settings_or_exit
 from shared.telemetry import configure_logging, configure_tracing
 
 __all__ = [
@@ -260,15 +260,6 @@ async def read_body_capped(request: Request, limit: int, timeout_s: float = 10.0
             "the request body did not arrive in time", headers={"Connection": "close"}
         ) from None
     return b"".join(chunks)
-
-
-def settings_or_exit(model: type[S], **overrides: Any) -> S:
-    """Build settings or exit with status 2 and a message naming each bad variable."""
-    try:
-        return load_settings(model, **overrides)
-    except ConfigError as exc:
-        print(f"keyveil: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 def serve_main(service: str, model: type[S], create_app: Callable[[S], FastAPI]) -> None:

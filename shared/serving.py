@@ -33,12 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from shared.httpedge import (
-    record_build_info,
-    settings_or_exit,
-    uvicorn_config,
-)
-from shared.settings import EdgeSettings
+from shared.settings import EdgeSettings, settings_or_exit
 from shared.telemetry import configure_logging, configure_tracing
 
 __all__ = ["WORKER_ENV", "HttpServer", "serve_edge", "supervise"]
@@ -65,13 +60,18 @@ def serve_edge(
     """A service's whole `main()`: settings (or exit 2), then serve or supervise.
 
     `module` is what `python -m` runs for each worker; `server` and `workers` read
-    the service's own settings fields (KEYVEIL_HTTP_SERVER, KEYVEIL_WORKERS).
+    the service's own settings fields (KEYVEIL_HTTP_SERVER, KEYVEIL_WORKERS). Nothing
+    that defines a metric may be imported before the choice (so `create_app` imports
+    the app lazily): in multiprocess mode prometheus_client opens its files at import,
+    and the supervisor must not have any.
     """
     settings = settings_or_exit(model)
     count = workers(settings)
     if count > 1 and WORKER_ENV not in os.environ:
         configure_logging(service, level=settings.log_level, fmt=settings.log_format)
         sys.exit(supervise(module, count))
+    from shared.httpedge import record_build_info
+
     record_build_info(service)
     configure_logging(service, level=settings.log_level, fmt=settings.log_format)
     configure_tracing(service)
@@ -87,6 +87,8 @@ def run_uvicorn(app: Any, settings: EdgeSettings, *, reuse_port: bool) -> None:
     """uvicorn with the bounded protocol; on a SO_REUSEPORT socket of its own when asked."""
     import uvicorn
     from uvicorn.config import STARTUP_FAILURE
+
+    from shared.httpedge import uvicorn_config
 
     server = uvicorn.Server(uvicorn_config(app, settings))
     sockets = [_reuse_port_socket(settings.host, settings.port)] if reuse_port else None

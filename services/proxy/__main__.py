@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
-from services.proxy.app import create_app
+from typing import Any
+
 from services.proxy.settings import Settings
 from shared.serving import serve_edge
+
+
+def _create_app(settings: Settings) -> Any:
+    # Imported here, not above: a KEYVEIL_WORKERS supervisor must not define metrics.
+    from services.proxy.app import create_app
+
+    return create_app(settings)
 
 
 def main() -> None:
     serve_edge(
         "proxy",
         Settings,
-        create_app,
+        _create_app,
         module="services.proxy",
         server=lambda settings: settings.http_server,
         workers=lambda settings: settings.workers,
