@@ -429,6 +429,9 @@ async def profile(bench: Bench, n: int, out: Path) -> dict[str, float]:
 
         await bench.proxy_phase(16, 3 * n, before=spy)
         spies[-1].wait(30)
+    if not collapsed.exists():  # py-spy could not attach (permissions, container)
+        print("profile: py-spy wrote nothing (needs ptrace rights on the proxy)")
+        return {}
     lines, shares = summarise_profile(collapsed)
     (out / "proxy_profile.md").write_text(
         "# Where one proxy worker's time goes (py-spy, 16 clients, every check on)\n\n"
