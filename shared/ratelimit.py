@@ -440,10 +440,12 @@ class _Pipe(asyncio.Protocol):
         self._buf = bytearray()
         self._waiters: deque[asyncio.Future[Any]] = deque()
         self._transport: asyncio.Transport | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
+        self._loop = asyncio.get_running_loop()  # once, not per call (it asks getpid())
 
     def data_received(self, data: bytes) -> None:
         self._buf += data
@@ -470,9 +472,9 @@ class _Pipe(asyncio.Protocol):
                 waiter.set_exception(redis.exceptions.ConnectionError("redis connection lost"))
 
     def call(self, packed: bytes) -> asyncio.Future[Any]:
-        if self.closed or self._transport is None:
+        if self.closed or self._transport is None or self._loop is None:
             raise redis.exceptions.ConnectionError("redis connection closed")
-        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[Any] = self._loop.create_future()
         self._waiters.append(waiter)
         self._transport.write(packed)
         return waiter
