@@ -46,7 +46,6 @@ sys.path.insert(0, str(REPO))
 
 from keyveil.servers import (  # noqa: E402
     ServerProcess,
-    bootstrap_nats,
     free_port,
     start_nats,
     start_redis,
@@ -650,8 +649,7 @@ async def main() -> None:
     if args.peers and not PEERS_PYTHON.exists():
         raise SystemExit("--peers needs LiteLLM in .venv-peers: run `make bench-peers`")
     state = Path(tempfile.mkdtemp(prefix="keyveil-bench-"))
-    nats_server = start_nats(state)
-    bootstrap_nats(nats_server.url)  # the event streams, as `keyveil bootstrap` makes them
+    nats_server = start_nats(state, streams=True)  # as `keyveil bootstrap` makes them
     redis_server = start_redis(state)
     up_port = free_port()
     fake = ServerProcess(
