@@ -68,6 +68,9 @@ def serve_edge(
     settings = settings_or_exit(model)
     count = workers(settings)
     if count > 1 and WORKER_ENV not in os.environ:
+        if settings.port == 0:  # each worker would pick a port of its own
+            print("keyveil: KEYVEIL_WORKERS > 1 needs a fixed KEYVEIL_PORT", file=sys.stderr)
+            raise SystemExit(2)
         configure_logging(service, level=settings.log_level, fmt=settings.log_format)
         sys.exit(supervise(module, count))
     from shared.httpedge import record_build_info
