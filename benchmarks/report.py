@@ -192,6 +192,17 @@ def proxy_section(results: dict[str, Any]) -> list[str]:
     if cpu:
         used = ", ".join(f"{k[:-3]} {v:.0f}" for k, v in cpu.items() if k.endswith("_us"))
         lines += ["", f"CPU per proxied request at 16 clients (us, every process): {used}."]
+    costs = proxy.get("per_request")
+    if costs:
+        lines += [
+            "",
+            f"Per proxied request, read from the servers after the run "
+            f"({costs['proxied_requests']:,} requests): {costs['redis_round_trips']} Redis "
+            f"round trips running {costs['redis_script_commands']} commands, "
+            f"{costs['jetstream_messages']} JetStream messages, "
+            f"{costs['jetstream_bytes']:.0f} stored bytes (the inputs of "
+            "[capacity.md](../capacity.md)).",
+        ]
     variants = [(n, results[n]) for n in sorted(results) if n.startswith("proxy-")]
     if variants:
         lines += [
@@ -199,8 +210,8 @@ def proxy_section(results: dict[str, Any]) -> list[str]:
             "Variants (separate runs of the same benchmark):",
             "",
             "| run | added p50 / p99 ms at 1 client | req/s at 16 | req/s at 64 | "
-            "CPU us/req at 16 |",
-            "|---|---|---|---|---|",
+            "CPU us/req at 16 | load (1 min) at its end |",
+            "|---|---|---|---|---|---|",
         ]
         for _, run in [("proxy", proxy), *variants]:
             one, sixteen = run["levels"]["1"], run["levels"]["16"]
@@ -208,7 +219,8 @@ def proxy_section(results: dict[str, Any]) -> list[str]:
                 f"| {_variant(run)} | {one['added']['p50']:.2f} / "
                 f"{one['added']['p99']:.2f} | {sixteen['proxy']['rate_per_s']:,.0f} | "
                 f"{run['levels']['64']['proxy']['rate_per_s']:,.0f} | "
-                f"{sixteen['cpu']['proxy_us']:.0f} |"
+                f"{sixteen['cpu']['proxy_us']:.0f} | "
+                f"{run.get('machine', {}).get('load_avg_1m', 0):.1f} |"
             )
     lines += ["", "Targets (main run; one run on this machine, so indicative):", ""]
     for target in proxy["targets"]:
@@ -230,10 +242,16 @@ def markdown(results: dict[str, Any], host: dict[str, str], images: list[str]) -
         "",
         f"Written by `make bench` ({host['date']}) on {host['cpu']}, {host['cores']} cores, "
         f"Python {host['python']}, {host['system']} (load average before the run: "
-        f"{host['load_before']}). Every number comes from this one run against the",
+        f"{host['load_before']}). Every number comes from a run against the",
         "OpenAI-compatible fake upstream on the same machine; rerun `make bench` to reproduce.",
         "",
     ]
+    if host.get("partial"):
+        lines += [
+            f"This was a partial run (`--only {host['partial']}`); the other sections are "
+            "kept from the previous run.",
+            "",
+        ]
     lines += proxy_section(results)
     if "token" in results:
         t = results["token"]
@@ -315,11 +333,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--only", nargs="*", help="run only these (proxy token lease ...)")
     parser.add_argument("--peers", action="store_true", help="LiteLLM in the proxy run too")
+    parser.add_argument(
+        "--render", action="store_true", help="only rewrite README.md from results.json"
+    )
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
-    host = machine()
-    results = run_all(set(args.only) if args.only else None, peers=args.peers)
     previous = OUT / "results.json"
+    if args.render:
+        stored = json.loads(previous.read_text())
+        host = stored.pop("machine")
+        (OUT / "README.md").write_text(markdown(stored, host, plots(stored)))
+        print(f"wrote {OUT / 'README.md'}")
+        return
+    host = machine()
+    if args.only:
+        host["partial"] = " ".join(args.only)
+    results = run_all(set(args.only) if args.only else None, peers=args.peers)
     if args.only and previous.exists():
         # A partial run keeps the other sections of the last full one.
         kept = json.loads(previous.read_text())
