@@ -28,6 +28,8 @@ from typing import Any, ClassVar
 from prometheus_client import Counter
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from shared.coalesce import CoalescedWrites
+
 __all__ = ["EDGE_REFUSALS", "EdgeProtocol", "JsonParseErrorProtocol", "ProtocolLimits"]
 
 log = logging.getLogger(__name__)
@@ -99,58 +101,6 @@ class JsonParseErrorProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-class _CoalescedWrites:
-    """The transport, with the writes made in one loop iteration sent as one.
-
-    uvloop sends every `write()` at once, and uvicorn writes an answer's head and its
-    body separately: two syscalls and two segments per answer, each of which the client
-    wakes up for. Small writes wait here until the end of the current iteration (a
-    `call_soon`), by which time the body usually follows its head; a large write, a
-    close or an EOF sends what waits first, so order and timing are kept.
-    """
-
-    __slots__ = ("_loop", "_pending", "_transport")
-    _DIRECT = 64 * 1024  # larger writes go straight out (no copy into a joined buffer)
-
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
-        self._transport = transport
-        self._loop = loop
-        self._pending: list[bytes] = []
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        if len(data) >= self._DIRECT:
-            self.flush()
-            self._transport.write(data)
-            return
-        if not self._pending:
-            self._loop.call_soon(self.flush)
-        self._pending.append(bytes(data))
-
-    def flush(self) -> None:
-        pending = self._pending
-        if not pending:
-            return
-        self._pending = []
-        if self._transport.is_closing():
-            return
-        self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
-
-    def close(self) -> None:
-        self.flush()
-        self._transport.close()
-
-    def write_eof(self) -> None:
-        self.flush()
-        self._transport.write_eof()
-
-    def abort(self) -> None:
-        self._pending = []
-        self._transport.abort()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
-
-
 class EdgeProtocol(JsonParseErrorProtocol):
     """`JsonParseErrorProtocol` with the bounds of `limits`; see `bounded`."""
 
@@ -172,7 +122,7 @@ class EdgeProtocol(JsonParseErrorProtocol):
         super().connection_made(transport)  # type: ignore[arg-type]
         # Every write of this connection (answers, refusals) goes through one buffer;
         # uvicorn's flow control keeps the real transport for pause/resume reading.
-        self.transport = _CoalescedWrites(self.transport, self.loop)  # type: ignore[assignment]
+        self.transport = CoalescedWrites(self.transport, self.loop)  # type: ignore[assignment]
 
     def _reset_head(self) -> None:
         self._in_head = True

@@ -146,13 +146,13 @@ async def _pair() -> tuple[Any, Any]:
     """(our transport's wrapper, the peer socket) over a real socket pair."""
     import socket
 
-    from shared.httpprotocol import _CoalescedWrites
+    from shared.coalesce import CoalescedWrites
 
     ours, peer = socket.socketpair()
     peer.setblocking(False)
     loop = asyncio.get_running_loop()
     transport, _ = await loop.create_connection(asyncio.Protocol, sock=ours)
-    return _CoalescedWrites(transport, loop), peer
+    return CoalescedWrites(transport, loop), peer
 
 
 def _received(peer: Any) -> bytes:
