@@ -29,6 +29,7 @@ import orjson
 from prometheus_client import Counter
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from shared.coalesce import CoalescedWrites
 from shared.errors import error_body
 
 __all__ = ["EDGE_REFUSALS", "EdgeProtocol", "JsonParseErrorProtocol", "ProtocolLimits"]
@@ -118,6 +119,12 @@ class EdgeProtocol(JsonParseErrorProtocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._write_timer: asyncio.TimerHandle | None = None
         self._reset_head()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[arg-type]
+        # Every write of this connection (answers, refusals) goes through one buffer;
+        # uvicorn's flow control keeps the real transport for pause/resume reading.
+        self.transport = CoalescedWrites(self.transport, self.loop)  # type: ignore[assignment]
 
     def _reset_head(self) -> None:
         self._in_head = True

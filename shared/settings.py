@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import math
+import sys
 from collections import Counter
 from enum import StrEnum
 from pathlib import Path
@@ -361,6 +362,15 @@ def env_name(model: type[BaseSettings], field: str) -> str:
         first = alias.choices[0]
         return first if isinstance(first, str) else field.upper()
     return field.upper()
+
+
+def settings_or_exit(model: type[S], **overrides: Any) -> S:
+    """Build settings or exit with status 2 and a message naming each bad variable."""
+    try:
+        return load_settings(model, **overrides)
+    except ConfigError as exc:
+        print(f"keyveil: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def load_settings(model: type[S], **overrides: Any) -> S:

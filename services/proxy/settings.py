@@ -32,6 +32,14 @@ class Settings(EdgeSettings):
 
     port: int = Field(default=8081, ge=0, le=65535, validation_alias="KEYVEIL_PORT")
     """TCP port the service listens on (HTTP: API, /healthz, /readyz, /metrics)."""
+    http_server: Literal["uvicorn", "granian"] = Field(
+        default="uvicorn", validation_alias="KEYVEIL_HTTP_SERVER"
+    )
+    """ASGI server: uvicorn (bounded httptools protocol) or granian (Rust HTTP/1.1; enforces
+    the head timeout and a buffer cap, not the header-count bounds). See shared/serving.py."""
+    workers: int = Field(default=1, ge=1, le=64, validation_alias="KEYVEIL_WORKERS")
+    """Worker processes on the one port (SO_REUSEPORT); above 1, /metrics answers for all
+    of them through PROMETHEUS_MULTIPROC_DIR (a temporary directory when unset)."""
     rate_limit_per_min: int = Field(
         default=120, ge=1, le=1_000_000, validation_alias="VOICE_AGENT_PROXY_RATE_LIMIT"
     )
