@@ -164,7 +164,7 @@ async def proxy_run(
             proxies[name] = (port, proxy.pid)
         for _ in range(2):
             for name, (port, pid) in proxies.items():
-                phase = await Bench(port, up_port, {"proxy": pid}).proxy_phase(16, requests)
+                phase = await Bench(port, up_port, {"proxy": [pid]}).proxy_phase(16, requests)
                 result = {
                     "rate_per_s": round(phase.rps, 1),
                     "proxy_cpu_us": round(1e6 * phase.cpu_s["proxy"] / phase.requests, 1),
