@@ -6,13 +6,16 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nats
 import nats.errors
 from nats.aio.client import Client as NATS
 
 from shared.bus import server_urls
+
+if TYPE_CHECKING:
+    from shared.eventschema import AuditDetail
 
 __all__ = ["CommandError", "load_stack", "operator_nats", "print_table", "redis_url"]
 
@@ -80,7 +83,7 @@ def print_table(header: Sequence[str], rows: Iterable[Sequence[str]], *, empty: 
         print("  ".join(cells).rstrip())
 
 
-async def publish_operator_audit(state_dir: Path, event_type: str, detail: dict[str, Any]) -> bool:
+async def publish_operator_audit(state_dir: Path, event_type: str, detail: AuditDetail) -> bool:
     """Record an operator action on `keyveil.audit.operator`; False when it could not be."""
     from shared.events import AUDIT_STREAM, AuditEvent
 

@@ -42,6 +42,7 @@ from shared.errors import (
     UpstreamTimeoutError,
 )
 from shared.events import EventPublisher, UsageEvent
+from shared.eventschema import CLIENT_GONE, SERVED_BY_DEMO, SERVED_FROM_CACHE, Reason, Refused
 from shared.guard import SignedRequest, SignedRequestGuard
 from shared.httpedge import (
     IpNetwork,
@@ -272,7 +273,7 @@ class ProxyHandler:
         except ApiError as exc:
             return self._refused(exchange, exc, before_upstream=True)
         except ClientGoneError:
-            self._finish(exchange, _CLIENT_GONE, upstream_s=0.0, reason="client_gone")
+            self._finish(exchange, _CLIENT_GONE, upstream_s=0.0, reason=CLIENT_GONE)
             return _Reply(_CLIENT_GONE, [])
 
     async def _admitted(
@@ -363,7 +364,7 @@ class ProxyHandler:
             hit = await self._cache.get(cache_key)
             if hit is not None:
                 content_type, cached = hit
-                self._finish(exchange, 200, upstream_s=0.0, reason="cache_hit")
+                self._finish(exchange, 200, upstream_s=0.0, reason=SERVED_FROM_CACHE)
                 out = {**exchange.rate_headers, "content-type": content_type}
                 out["x-keyveil-cache"] = "hit"
                 return _Reply(200, _encode(out), cached)
@@ -414,7 +415,7 @@ class ProxyHandler:
     def _demo(self, exchange: _Exchange, *, stream: bool) -> _Reply:
         answer: DemoAnswer = demo_response(exchange.route, model=exchange.model, stream=stream)
         headers = _encode({**exchange.rate_headers, "content-type": answer.content_type})
-        self._finish(exchange, 200, upstream_s=0.0, reason="demo")
+        self._finish(exchange, 200, upstream_s=0.0, reason=SERVED_BY_DEMO)
         return _Reply(200, headers, answer.body, events=answer.events)
 
     async def _forward(
@@ -572,7 +573,7 @@ class ProxyHandler:
             exchange,
             exc.status,
             upstream_s=0.0,
-            reason=exc.code,
+            reason=Refused.of(exc),
             refused=before_upstream,
             sampled=sampled,
         )
@@ -594,7 +595,7 @@ class ProxyHandler:
         status: int,
         upstream_s: float,
         *,
-        reason: str | None = None,
+        reason: Reason | None = None,
         refused: bool = False,
         sampled: bool = False,
         usage: Usage | None = None,

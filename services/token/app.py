@@ -37,6 +37,7 @@ from shared import bus
 from shared.contract import Category, Refusal, counts_as_strike, refusal_category
 from shared.errors import ApiError
 from shared.events import AuditEvent, EventPublisher, UsageEvent, drift_reporter
+from shared.eventschema import Fallback, Refused, TokenRevoked
 from shared.guard import SignedRequest
 from shared.httpedge import (
     IpNetwork,
@@ -173,7 +174,7 @@ class TokenService:
                     service="token",
                     type="token.revoke_denied",
                     outcome="denied" if exc.status < 500 else "error",
-                    reason=exc.code,
+                    reason=Refused.of(exc),
                     status=exc.status,
                     client_ip=ip,
                     token_id=token_id if exc.code == Refusal.REPLAY_DETECTED else None,
@@ -188,7 +189,7 @@ class TokenService:
                 service="token",
                 type="token.revoked",
                 actor="token-holder",
-                detail={"token_id": token_id, "session_id": claims.sid, "via": "signed_delete"},
+                detail=TokenRevoked(via="signed_delete", token_id=token_id, session_id=claims.sid),
             )
         )
         self.events.emit(
@@ -230,7 +231,7 @@ class TokenService:
                 service="token",
                 type="ip.blocked",
                 outcome="denied",
-                reason=Refusal.IP_BLOCKED,
+                reason=Refused.of(Refusal.IP_BLOCKED),
                 client_ip=ip,
             )
         )
@@ -245,7 +246,7 @@ class TokenService:
                 service="token",
                 type="token.issued",
                 outcome="ok",
-                reason=issued.fallback_reason,
+                reason=Fallback.of(issued.fallback_reason) if issued.fallback_reason else None,
                 status=200,
                 client_ip=ip,
                 token_id=issued.token_id,
@@ -276,8 +277,7 @@ class TokenService:
                 service="token",
                 type="token.denied" if result == "denied" else "token.error",
                 outcome=result,
-                # Starts with invalid_, so the auditor's auth-failure detector counts it.
-                reason=f"invalid_login_{exc.why}" if isinstance(exc, LoginError) else exc.code,
+                reason=Refused.of(exc, why=exc.why if isinstance(exc, LoginError) else None),
                 status=exc.status,
                 client_ip=ip,
                 mode=mode,
