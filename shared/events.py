@@ -64,9 +64,9 @@ def _new_id() -> str:
 
 
 def _before_v2(data: dict[str, Any]) -> bool:
-    """Published by a v1 producer (every v1 event carries its `schema_version`)."""
-    version = data.get("schema_version")
-    return isinstance(version, int) and version < SCHEMA_VERSION
+    """Published by a v1 producer (or by one that did not say: read as v1, never refused)."""
+    version = data.get("schema_version", 1)
+    return not isinstance(version, int) or version < SCHEMA_VERSION
 
 
 class Event(BaseModel):

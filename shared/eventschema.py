@@ -230,7 +230,7 @@ def reason_from_v1(
         why = code.removeprefix("invalid_login_")
         return Refused(code=Refusal.LOGIN_INVALID, category=Category.auth, why=why)
     category = category_of(code) or category_of_status(status or 0)
-    if outcome == "ok":  # an issuance that fell back: the reason is the failure's code
+    if outcome == "ok" and event_type == "token.issued":  # fell back: the failure's code
         return Fallback(code=code, category=category)
     return Refused(code=code, category=category)
 

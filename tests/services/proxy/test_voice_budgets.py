@@ -93,7 +93,7 @@ async def test_a_live_session_is_warned_at_90_percent_and_ended_at_100(
     # Ended at the first tick that reached the limit: never a whole tick beyond it.
     assert 3_300 <= spent < 3_300 + 2 * per_second
     assert len(warnings) == 1
-    assert warnings[0]["reason"] == "token-micros-day"
+    assert warnings[0]["reason"] == {"kind": "budget_warning", "budget": "token-micros-day"}
     assert warnings[0]["token_id"] == token.claims.jti
     # Counted against this token's own counter under the default ('*') budget.
     key = counter_key("token", token.claims.jti, "micros", "day", window_index("day", time.time()))
