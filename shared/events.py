@@ -22,7 +22,14 @@ from typing import Any, Literal
 
 from nats.js import JetStreamContext
 from prometheus_client import Counter, Gauge
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_serializer,
+    model_validator,
+)
 
 from shared.eventschema import (
     SCHEMA_VERSION,
@@ -163,15 +170,23 @@ class AuditEvent(Event):
     @model_validator(mode="before")
     @classmethod
     def _read_v1(cls, data: Any) -> Any:
-        """A v1 event's free-form detail, as the model its type has."""
-        if isinstance(data, dict) and _before_v2(data):
+        """A v1 event's free-form detail, as the model its type has; `{}` is no detail."""
+        if isinstance(data, dict):
             detail = data.get("detail")
-            if isinstance(detail, dict) and "kind" not in detail:
+            if detail == {}:
+                return {**data, "detail": None}
+            if isinstance(detail, dict) and "kind" not in detail and _before_v2(data):
                 upgraded = detail_from_v1(
                     str(data.get("type", "")), str(data.get("outcome", "success")), detail
                 )
                 return {**data, "detail": upgraded}
         return data
+
+    @field_serializer("detail", mode="wrap")
+    def _no_detail(self, value: Any, handler: SerializerFunctionWrapHandler) -> Any:
+        # `{}`, not null: an auditor still on v1 (detail: dict) reads the event, so no
+        # audit event misses the ledger while the services are upgraded one by one.
+        return {} if value is None else handler(value)
 
 
 class AlertEvent(Event):

@@ -553,7 +553,7 @@ def json_schema() -> dict[str, Any]:
     from shared.events import AuditEvent, UsageEvent
 
     _, schema = models_json_schema(
-        [(UsageEvent, "serialization"), (AuditEvent, "serialization")],
+        [(UsageEvent, "validation"), (AuditEvent, "validation")],
         title=f"keyveil events, schema version {SCHEMA_VERSION}",
     )
     return schema
