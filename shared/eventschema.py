@@ -6,7 +6,7 @@ the auditor counts categories, and an older reader still counts a code it does n
 know yet. A `kind` a reader does not know (a newer producer) is kept as `OtherReason`
 / `OtherDetail` rather than refusing the event, as unknown fields are ignored.
 
-    UsageEvent.reason                       AuditEvent.detail (None: nothing to add)
+    UsageEvent.reason                       AuditEvent.detail (None, sent as {}: nothing)
     ├── Refused      kind "refused"         ├── StreamDrift, TokenRevoked, RefusedDetail,
     ├── Served       kind "served"          │   Dropped, Rejected, Kek, KekMove, RewrapFailed,
     ├── Fallback     kind "fallback"        │   CustodyCreated, RotationDue, KeyRotated, Lease,
@@ -17,10 +17,10 @@ know yet. A `kind` a reader does not know (a newer producer) is kept as `OtherRe
 
 Version 1 events (a free-string `reason`, a free-form `detail`) stay in the streams for
 their retention period; `reason_from_v1` and `detail_from_v1` read them into these
-types (`UsageEvent`/`AuditEvent` call them for `schema_version` 1). The v1 synonyms
+types (`UsageEvent`/`AuditEvent` call them for `schema_version` 1, or none). The v1 synonyms
 ("signature", "invalid_login_expired", ...) are matched there and nowhere else.
 
-`python -m shared.eventschema` prints the JSON Schema of both events
+`make event-schema` (`python -m shared.eventschema`) writes the JSON Schema of both events
 (docs/events.schema.json, checked for staleness by tests/shared/test_event_schema.py).
 """
 
@@ -207,7 +207,7 @@ CLIENT_GONE: Final = ClientGone()
 SERVED_FROM_CACHE: Final = Served(via="cache")
 SERVED_BY_DEMO: Final = Served(via="demo")
 
-_V1_SERVED: Final[dict[str, _Part]] = {
+_V1_SERVED: Final[dict[str, Served | ClientGone]] = {
     "cache_hit": SERVED_FROM_CACHE,
     "demo": SERVED_BY_DEMO,
     "client_gone": CLIENT_GONE,
@@ -222,7 +222,7 @@ def reason_from_v1(
         return BudgetWarning(budget=reason[:64])
     served = _V1_SERVED.get(reason)
     if served is not None:
-        return served  # type: ignore[return-value]  # the table holds only these
+        return served
     code = reason.lower()[:64]
     if not _CODE.match(code):
         code = "v1_unknown"
