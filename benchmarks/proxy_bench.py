@@ -430,7 +430,7 @@ async def main() -> None:
     parser.add_argument("--profile", action="store_true", help="py-spy the proxy at 64 clients")
     args = parser.parse_args()
     state = Path(tempfile.mkdtemp(prefix="keyveil-bench-"))
-    nats_server = start_nats(state)
+    nats_server = start_nats(state, streams=True)
     redis_server = start_redis(state)
     up_port = free_port()
     fake = ServerProcess(

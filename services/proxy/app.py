@@ -201,6 +201,7 @@ def create_app(settings: Settings, *, keys: KeySource | None = None) -> FastAPI:
                 forwarder = Forwarder(
                     base_url=settings.openai_base_url,
                     keys=key_source,
+                    transport=settings.upstream_transport,
                     connect_timeout_s=settings.upstream_connect_timeout_s,
                     read_timeout_s=settings.upstream_read_timeout_s,
                     max_connections=settings.upstream_max_connections,

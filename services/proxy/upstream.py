@@ -5,32 +5,36 @@ client's URL is used. Only an allowlist of request headers goes up (never the
 client's Authorization), and the provider key goes only into the upstream
 Authorization header.
 
-The client is `http1.Http1Pool` (one bounded keep-alive pool per process): under
-load httpx/httpcore spent most of the proxy's CPU on connection-pool bookkeeping,
-and aiohttp still ~360 us per call where this costs ~80 us.
+The client is a `transport.UpstreamTransport` (one bounded keep-alive pool per
+process), chosen by UPSTREAM_TRANSPORT: `http1.Http1Pool` for direct egress (under load
+httpx/httpcore spent most of the proxy's CPU on connection-pool bookkeeping, and aiohttp
+still ~360 us per call where this costs ~80 us), `httpx_transport.HttpxTransport` when an
+egress proxy applies to the upstream host.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import ssl
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Protocol
 from urllib.parse import urlsplit
+from urllib.request import getproxies_environment
 
-from shared.errors import ApiError, UpstreamError, UpstreamTimeoutError
+from shared.errors import ApiError
 from shared.leases import LeaseClient, LeaseReply
 
-from .http1 import (
-    Http1Connection,
-    Http1Pool,
-    UpstreamConnectError,
-    UpstreamReadError,
-    send_body,
-)
+from .http1 import Http1Pool
+from .httpx_transport import HttpxTransport
 from .metrics import count_upstream_status
 from .routes import Route
+from .transport import (
+    TransportKind,
+    UpstreamExchange,
+    UpstreamStreamError,
+    UpstreamTransport,
+    choose_transport,
+)
 
 __all__ = [
     "FORWARDED_REQUEST_HEADERS",
@@ -127,26 +131,18 @@ class OpenedLeaseCache:
         self._opened.clear()
 
 
-class UpstreamStreamError(Exception):
-    """The provider's body broke off (connection lost, read timeout) mid-stream."""
-
-
 class UpstreamResponse:
     """An open provider response: status and headers read, the body still streaming."""
 
-    __slots__ = ("_conn", "_done", "_pool", "_read_timeout_s", "headers", "lease", "status")
+    __slots__ = ("_done", "_exchange", "headers", "lease", "status")
 
-    def __init__(
-        self, conn: Http1Connection, pool: Http1Pool, lease: LeaseReply, read_timeout_s: float
-    ) -> None:
-        self._conn = conn
-        self._pool = pool
-        self._read_timeout_s = read_timeout_s
+    def __init__(self, exchange: UpstreamExchange, lease: LeaseReply) -> None:
+        self._exchange = exchange
         self._done = False
-        self.status = conn.status
+        self.status = exchange.status
         self.lease = lease
         # Lower-cased names; only what a browser may see is ever relayed.
-        self.headers = combine_headers(conn.headers)
+        self.headers = combine_headers(exchange.headers)
 
     @property
     def content_length(self) -> int | None:
@@ -158,18 +154,15 @@ class UpstreamResponse:
         return {k: v for k, v in self.headers.items() if k in _RESPONSE_HEADERS}
 
     async def readany(self) -> bytes:
-        """The next piece of the body as it arrives (b"" at the end)."""
-        try:
-            return await self._conn.readany(self._read_timeout_s)
-        except (TimeoutError, UpstreamReadError) as exc:
-            raise UpstreamStreamError(type(exc).__name__) from None
+        """The next piece of the body as it arrives (b"" at the end); UpstreamStreamError."""
+        return await self._exchange.readany()
 
     async def read_exactly(self, size: int) -> bytes:
         """Exactly `size` bytes of the body (its declared Content-Length)."""
         parts: list[bytes] = []
         got = 0
         while got < size:
-            chunk = await self.readany()
+            chunk = await self._exchange.readany()
             if not chunk:
                 raise UpstreamStreamError("the body ended early")
             parts.append(chunk)
@@ -182,7 +175,7 @@ class UpstreamResponse:
         """The body up to `limit` bytes; the rest is left unread."""
         parts: list[bytes] = []
         size = 0
-        while size < limit and (chunk := await self.readany()):
+        while size < limit and (chunk := await self._exchange.readany()):
             parts.append(chunk)
             size += len(chunk)
         return b"".join(parts)[:limit]
@@ -191,12 +184,13 @@ class UpstreamResponse:
         """Done with the body: a cleanly finished connection goes back to the pool."""
         if not self._done:
             self._done = True
-            self._pool.release(self._conn)
+            self._exchange.release()
 
     def abort(self) -> None:
         """Stop now: close the connection, which cancels the call at the provider."""
-        self._conn.close()
-        self.release()
+        if not self._done:
+            self._done = True
+            self._exchange.abort()
 
 
 class Forwarder:
@@ -207,40 +201,57 @@ class Forwarder:
         *,
         base_url: str,
         keys: KeySource,
+        transport: TransportKind = "auto",
+        proxies: Mapping[str, str] | None = None,
         connect_timeout_s: float = 5.0,
         read_timeout_s: float = 120.0,
         max_connections: int = 200,
         keepalive_s: float = 30.0,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        """`proxies` as `urllib.request.getproxies_environment()` reads them (the default);
+        ValueError when UPSTREAM_TRANSPORT cannot work with them (Settings checks first)."""
         url = urlsplit(base_url.rstrip("/"))
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ValueError("the upstream base URL must be an absolute http(s) URL")
         tls = url.scheme == "https"
         port = url.port or (443 if tls else 80)
         self._keys = keys
-        self._read_timeout_s = read_timeout_s
         self._path_prefix = url.path
-        default_port = port == (443 if tls else 80)
-        host = url.hostname if ":" not in url.hostname else f"[{url.hostname}]"
-        self._fixed_head = (
-            f"host: {host if default_port else f'{host}:{port}'}\r\n"
-            "user-agent: keyveil-proxy\r\n"
-            # Relay bytes as the provider sent them; no transparent decompression.
-            "accept-encoding: identity\r\n"
+        choice = choose_transport(
+            transport, base_url, getproxies_environment() if proxies is None else proxies
         )
-        self._pool = Http1Pool(
-            host=url.hostname,
-            port=port,
-            tls=tls,
-            max_connections=max_connections,
-            connect_timeout_s=connect_timeout_s,
-            keepalive_s=keepalive_s,
-            ssl_context=ssl_context,
-        )
+        self.transport_kind = choice.kind
+        log.info("upstream transport: %s (%s)", choice.kind, choice.reason)
+        # Relay bytes as the provider sent them; no transparent decompression.
+        defaults = (("user-agent", "keyveil-proxy"), ("accept-encoding", "identity"))
+        self.transport: UpstreamTransport
+        if choice.kind == "http1":
+            self.transport = Http1Pool(
+                host=url.hostname,
+                port=port,
+                tls=tls,
+                default_headers=defaults,
+                max_connections=max_connections,
+                connect_timeout_s=connect_timeout_s,
+                read_timeout_s=read_timeout_s,
+                keepalive_s=keepalive_s,
+                ssl_context=ssl_context,
+            )
+        else:
+            self.transport = HttpxTransport(
+                origin=f"{url.scheme}://{url.netloc.rpartition('@')[2]}",
+                proxy=choice.proxy,
+                default_headers=defaults,
+                max_connections=max_connections,
+                connect_timeout_s=connect_timeout_s,
+                read_timeout_s=read_timeout_s,
+                keepalive_s=keepalive_s,
+                ssl_context=ssl_context,
+            )
 
     async def aclose(self) -> None:
-        self._pool.close()
+        await self.transport.aclose()
 
     async def send(
         self,
@@ -250,57 +261,21 @@ class Forwarder:
         content: bytes | AsyncIterator[bytes],
         content_length: int | None = None,
     ) -> UpstreamResponse:
-        """Open the upstream response (headers read, body still streaming)."""
+        """Open the upstream response (headers read, body still streaming).
+
+        Raises UpstreamError (unreachable) or UpstreamTimeoutError (no answer in time)."""
         authorization, lease = await self._keys.authorization()
         length = len(content) if isinstance(content, bytes) else content_length
         if length is None:
             raise ValueError("a streamed upstream body needs its length")
-        lines = [f"POST {self._path_prefix}{route.upstream_suffix} HTTP/1.1\r\n", self._fixed_head]
+        headers: list[tuple[str, str]] = []
         for name in FORWARDED_REQUEST_HEADERS:
             value = client_headers.get(name)
             if value is not None and "\r" not in value and "\n" not in value:
-                lines.append(f"{name}: {value}\r\n")
-        lines.append(f"authorization: {authorization}\r\ncontent-length: {length}\r\n\r\n")
-        head = "".join(lines).encode("latin-1")
-        for attempt in (1, 2):
-            conn, reused = await self._acquire()
-            try:
-                conn.begin()
-                if isinstance(content, bytes):
-                    conn.write(head + content)
-                else:
-                    conn.write(head)
-                    async with asyncio.timeout(self._read_timeout_s):
-                        await send_body(conn, content)
-                await conn.head(self._read_timeout_s)
-            except TimeoutError:
-                conn.close()
-                self._pool.release(conn)
-                raise UpstreamTimeoutError(
-                    "the provider did not answer in time", code="upstream_timeout"
-                ) from None
-            except UpstreamReadError as exc:
-                conn.close()
-                self._pool.release(conn)
-                # A kept-alive connection the provider had just closed: nothing of the
-                # request was answered, so a bytes body is sent once more on a new one.
-                if attempt == 1 and reused and conn.status == 0 and isinstance(content, bytes):
-                    continue
-                raise UpstreamError(
-                    f"the provider is unreachable ({exc})", code="upstream_unreachable"
-                ) from None
-            except BaseException:
-                conn.close()
-                self._pool.release(conn)
-                raise
-            count_upstream_status(conn.status)
-            return UpstreamResponse(conn, self._pool, lease, self._read_timeout_s)
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    async def _acquire(self) -> tuple[Http1Connection, bool]:
-        try:
-            return await self._pool.acquire()
-        except UpstreamConnectError as exc:
-            raise UpstreamError(
-                f"the provider is unreachable ({exc})", code="upstream_unreachable"
-            ) from None
+                headers.append((name, value))
+        headers.append(("authorization", authorization))
+        exchange = await self.transport.open(
+            "POST", f"{self._path_prefix}{route.upstream_suffix}", headers, content, length
+        )
+        count_upstream_status(exchange.status)
+        return UpstreamResponse(exchange, lease)
