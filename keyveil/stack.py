@@ -451,10 +451,16 @@ class Stack:
                 logs,
             )
         )
+        # Unacknowledged usage events survive a killed proxy: its successor replays them.
+        outbox = {
+            "PROXY_OUTBOX_DIR": os.environ.get("PROXY_OUTBOX_DIR") or str(opts.state_dir / "outbox")
+        }
         for i, port in enumerate(proxy_ports):
             name = "proxy" if i == 0 else f"proxy-{i + 1}"
             self.children.append(
-                self._service(name, "services.proxy", port, {**nats_env("proxy"), **edge}, logs)
+                self._service(
+                    name, "services.proxy", port, {**nats_env("proxy"), **edge, **outbox}, logs
+                )
             )
         auditor_env = {
             **nats_env("auditor"),

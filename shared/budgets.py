@@ -11,34 +11,52 @@ Budgets live in Redis, in one hash (`kv:budget:cfg`, field
 that has no budget of its own), written by `keyveil budgets set|reset`, so every
 replica sees a change at once and the proxy needs no configuration for them.
 
-Admission (`_RESERVE_LUA`, one script, atomic): for every budget that applies, the
-window's committed usage plus the live reservations plus this request's estimate must
-fit the limit, else nothing is reserved and the call is refused (429
-`budget_exceeded`, naming the budget). Otherwise the estimate is held, in a sorted set
-per counter scored by its expiry: a proxy killed mid-stream leaves a reservation that
-stops counting when its TTL passes. At the end (`_SETTLE_LUA`) the reservation is
-dropped and the real usage is added to the counter. The estimate is an upper bound
-(input bytes for input tokens, the output cap for output tokens), so the committed
-spend never passes a limit by more than one reservation's error.
+Admission (`_RESERVE_LUA`, atomic): for every budget that applies, the window's
+committed usage plus the live reservations plus this request's estimate must fit the
+limit, else nothing is reserved and the call is refused (429 `budget_exceeded`, naming
+the budget). Otherwise the estimate is held, in a sorted set per counter scored by its
+expiry, with a running sum beside it: a proxy killed mid-stream leaves a reservation
+that stops counting when its TTL passes. The proxy runs this script as the rider of
+the admission script (`ADMISSION_RIDER`, `shared.ratelimit.admission_with`): block,
+revocation, nonce, rate limits and budgets in one round trip, all or nothing; a call
+refused by a budget consumes no rate limit and no nonce, one refused by a check holds
+nothing. `Budgets.reserve` runs it alone.
+
+At the end (`_SETTLE_LUA`) the reservation is dropped and the real usage is added to
+the counter; `settle_soon` queues settlements and sends those queued meanwhile in one
+call, off the request path. The estimate is an upper bound (input bytes for input
+tokens, the output cap for output tokens), so the committed spend never passes a limit
+by more than one reservation's error.
 
 Redis unreachable: `closed` (the default, 503 `budget_unavailable`) or `open`
-(KEYVEIL_BUDGET_FAILURE_MODE). Keys carry the `{budget}` hash tag: one Cluster slot.
+(KEYVEIL_BUDGET_FAILURE_MODE; the call goes through uncounted). In the combined script
+the admission's own failure mode decides first. Keys carry the `{budget}` hash tag.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import logging
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
 import redis.asyncio as aioredis
 from prometheus_client import Counter
 
-from shared.ratelimit import PipelinedScript, RedisUnavailableError, redis_unavailable
+from shared.ratelimit import (
+    Decision,
+    PipelinedScript,
+    RedisUnavailableError,
+    RiderCall,
+    redis_unavailable,
+)
 
 __all__ = [
+    "ADMISSION_RIDER",
     "CONFIG_KEY",
     "SCOPES",
     "UNITS",
@@ -48,6 +66,7 @@ __all__ = [
     "BudgetState",
     "BudgetUnavailable",
     "Budgets",
+    "Claim",
     "Estimate",
     "Hold",
     "budget_field",
@@ -64,10 +83,15 @@ WINDOWS: Final[tuple[Window, ...]] = ("minute", "day", "month")
 CONFIG_KEY: Final = "kv:budget:{budget}:cfg"
 INDEX_FIELD: Final = "_index"
 
+log = logging.getLogger(__name__)
+
 DECISIONS = Counter(
     "keyveil_budget_decisions_total",
     "Budget reservations (result: reserved|exceeded|unavailable|none)",
     ["result"],
+)
+_RESERVED, _EXCEEDED, _UNAVAILABLE, _NONE = (
+    DECISIONS.labels(result) for result in ("reserved", "exceeded", "unavailable", "none")
 )
 
 
@@ -80,7 +104,8 @@ def budget_field(scope: str, subject: str, unit: str, window: str) -> str:
 # pairs. ARGV[3], ARGV[4]: tokens and micros; then the pairs from ARGV[5].
 _LOOKUP_LUA: Final = r"""
 local cfg = KEYS[1]
-if redis.call('EXISTS', cfg) == 0 then return {0} end
+local index = redis.call('HGET', cfg, '_index')
+if not index and redis.call('EXISTS', cfg) == 0 then return {0} end
 local t = redis.call('TIME')
 local sec = tonumber(t[1])
 local now_ms = sec * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -115,26 +140,32 @@ local function window(w)
   if nm == 13 then ny, nm = y + 1, 1 end
   return y * 12 + m - 1, days_from_civil(ny, nm, 1) * 86400
 end
--- `_index`: the scope:unit:window combinations some budget uses (BudgetAdmin keeps it);
--- without it every combination is looked up.
-local used_combos = {}
-local index = redis.call('HGET', cfg, '_index')
+-- `_index`: the scope:unit:window combinations some budget uses (BudgetAdmin keeps it),
+-- so only those are looked up; without it, every combination.
+local combos = {}
 if index then
-  for combo in string.gmatch(index, '[^,]+') do used_combos[combo] = true end
+  for scope, u, w in string.gmatch(index, '([^,:]+):([^,:]+):([^,:]+)') do
+    local list = combos[scope] or {}
+    list[#list + 1] = {u, w}
+    combos[scope] = list
+  end
 end
-local units = {'tokens', 'micros'}
-local windows = {'minute', 'day', 'month'}
+local every = {}
+if not index then
+  local units = {'tokens', 'micros'}
+  local windows = {'minute', 'day', 'month'}
+  for _, u in ipairs(units) do
+    for _, w in ipairs(windows) do every[#every + 1] = {u, w} end
+  end
+end
 local fields, meta = {}, {}
 for i = 5, #ARGV, 2 do
   local scope, subject = ARGV[i], ARGV[i + 1]
-  for _, u in ipairs(units) do
-    for _, w in ipairs(windows) do
-      if not index or used_combos[scope .. ':' .. u .. ':' .. w] then
-        fields[#fields + 1] = scope .. ':' .. subject .. ':' .. u .. ':' .. w
-        fields[#fields + 1] = scope .. ':*:' .. u .. ':' .. w
-        meta[#meta + 1] = {scope, subject, u, w}
-      end
-    end
+  for _, c in ipairs(index and (combos[scope] or {}) or every) do
+    local u, w = c[1], c[2]
+    fields[#fields + 1] = scope .. ':' .. subject .. ':' .. u .. ':' .. w
+    fields[#fields + 1] = scope .. ':*:' .. u .. ':' .. w
+    meta[#meta + 1] = {scope, subject, u, w}
   end
 end
 if #fields == 0 then return {0} end
@@ -156,14 +187,29 @@ for j, m in ipairs(meta) do
     local idx, ends = window(m[4])
     local base = 'kv:budget:{budget}:' .. m[1] .. ':' .. m[2] .. ':' .. m[3] .. ':'
       .. m[4] .. ':' .. idx
+    -- Live holds: a sorted set scored by expiry, and their running sum (`:held:sum`),
+    -- so a check costs the same with one hold in flight or thousands. Holds that
+    -- lapsed (never settled) still count in the sum until a check would refuse: then
+    -- they are dropped from both and the check is made again.
     local held_key = base .. ':held'
-    redis.call('ZREMRANGEBYSCORE', held_key, '-inf', now_ms)
-    local held = 0
-    for _, member in ipairs(redis.call('ZRANGE', held_key, 0, -1)) do
-      held = held + tonumber(string.match(member, '|(%d+)$'))
-    end
-    local used = tonumber(redis.call('GET', base) or '0')
+    local sum_key = held_key .. ':sum'
+    local counts = redis.call('MGET', sum_key, base)
+    local held = math.max(tonumber(counts[1] or '0'), 0)
+    local used = tonumber(counts[2] or '0')
     local need = est[m[3]]
+    if used + held + need > limit then
+      local lapsed = redis.call('ZRANGEBYSCORE', held_key, '-inf', now_ms)
+      if #lapsed > 0 then
+        local gone = 0
+        for _, member in ipairs(lapsed) do
+          gone = gone + tonumber(string.match(member, '|(%d+)$'))
+        end
+        redis.call('ZREMRANGEBYSCORE', held_key, '-inf', now_ms)
+        held = redis.call('DECRBY', sum_key, gone)
+        if held <= 0 then redis.call('DEL', sum_key) end
+        held = math.max(held, 0)
+      end
+    end
     if used + held + need > limit then
       local name = m[1] .. '-' .. m[3] .. '-' .. m[4]
       return {1, name, limit, math.max(limit - used - held, 0), ends - sec}
@@ -176,7 +222,12 @@ for _, a in ipairs(applied) do
   if a[4] > 0 then
     local held_key = a[1] .. ':held'
     redis.call('ZADD', held_key, now_ms + ttl, id .. '|' .. a[4])
-    redis.call('PEXPIRE', held_key, ttl + 1000)
+    if redis.call('INCRBY', held_key .. ':sum', a[4]) == a[4] then
+      -- Created now: the window's holds all lapse by its end plus a hold's TTL.
+      local gone_at = a[3] + math.ceil(ttl / 1000) + 1
+      redis.call('EXPIREAT', held_key, gone_at)
+      redis.call('EXPIREAT', held_key .. ':sum', gone_at)
+    end
   end
   out[#out + 1] = a[1]
   out[#out + 1] = a[2]
@@ -187,17 +238,36 @@ return out
 """
 )
 
-# ARGV: reservation id, actual tokens, actual micros, then (base, unit, window end s,
-# reserved amount) per counter. Drops the reservations, adds the real usage.
+# The reservation as the admission script's rider (shared.ratelimit.admission_with): one
+# script, one round trip, all-or-nothing with the block, revocation, nonce and rate-limit
+# checks. The combined script's KEYS: block, revoked token ("" unused), nonce ("" unused),
+# revoked user ("" unused), one per rate-limit layer, then CONFIG_KEY (last); its ARGV:
+# nonce ttl ms, token iat, (period us, limit) per layer, then this script's ARGV. The
+# counter and hold keys are built in the script from the configuration (all `{budget}`).
+ADMISSION_RIDER: Final = _RESERVE_LUA
+
+# ARGV, per hold: reservation id, actual tokens, actual micros, the number of counters,
+# then (base, unit, window end s, reserved amount) per counter. Drops the reservations,
+# adds the real usage (a counter's expiry is set when this creates it). Many holds per
+# call: settlements are batched (`Budgets.settle_soon`).
 _SETTLE_LUA: Final = r"""
-local id = ARGV[1]
-local actual = {tokens = tonumber(ARGV[2]), micros = tonumber(ARGV[3])}
-for i = 4, #ARGV, 4 do
-  local base, unit, ends, amount = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3]
-  redis.call('ZREM', base .. ':held', id .. '|' .. amount)
-  local add = actual[unit]
-  if add > 0 then redis.call('INCRBY', base, add) end
-  redis.call('EXPIREAT', base, ends + 3600)
+local i = 1
+while i <= #ARGV do
+  local id = ARGV[i]
+  local actual = {tokens = tonumber(ARGV[i + 1]), micros = tonumber(ARGV[i + 2])}
+  local last = i + 3 + 4 * tonumber(ARGV[i + 3])
+  for c = i + 4, last, 4 do
+    local base, unit, ends, amount = ARGV[c], ARGV[c + 1], ARGV[c + 2], ARGV[c + 3]
+    if redis.call('ZREM', base .. ':held', id .. '|' .. amount) == 1 then
+      local sum_key = base .. ':held:sum'
+      if redis.call('DECRBY', sum_key, amount) <= 0 then redis.call('DEL', sum_key) end
+    end
+    local add = actual[unit]
+    if add > 0 and redis.call('INCRBY', base, add) == add then
+      redis.call('EXPIREAT', base, tonumber(ends) + 3600)
+    end
+  end
+  i = last + 1
 end
 return 1
 """
@@ -242,20 +312,24 @@ class Estimate:
 
 
 @dataclass(frozen=True, slots=True)
-class _Counter:
-    base: str
-    unit: str
-    ends_s: int
-    amount: int
+class Hold:
+    """A reservation to settle when the answer ends (or to let expire).
+
+    `counters`: what the reserve script answered, as it came (base key, unit, window
+    end, amount per counter held), sent back as is to settle: never decoded."""
+
+    id: str
+    counters: tuple[bytes | str | int, ...]
+    estimate: Estimate
 
 
 @dataclass(frozen=True, slots=True)
-class Hold:
-    """A reservation to settle when the answer ends (or to let expire)."""
+class Claim:
+    """A reservation to make inside the admission round trip (`Budgets.claim`)."""
 
     id: str
-    counters: tuple[_Counter, ...]
     estimate: Estimate
+    rider: RiderCall
 
 
 class BudgetExceeded(Exception):
@@ -279,8 +353,21 @@ class BudgetUnavailable(Exception):
     """Redis could not be asked, and the failure mode is closed."""
 
 
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+# The most holds settled in one script call.
+_SETTLE_BATCH = 128
+_SETTLE_RETRY_S = 0.2
+
+
 class Budgets:
-    """Reserve and settle against the budgets in Redis (see the module docstring)."""
+    """Reserve and settle against the budgets in Redis (see the module docstring).
+
+    Two ways to reserve: `reserve`, a round trip of its own, or `claim` + `held`, inside
+    the admission script (`ADMISSION_RIDER`, given to `shared.ratelimit.Admission`).
+    """
 
     def __init__(
         self,
@@ -307,52 +394,109 @@ class Budgets:
         self._ttl_ms = max(1, int(hold_ttl_s * 1000))
         self._mode = failure_mode
         self._deadline_s = deadline_s
+        # Hold ids: unique per process (a random prefix) and cheap (a counter).
+        self._id_prefix = secrets.token_hex(6)
+        self._ids = itertools.count()
+        self._pending: list[list[Any]] = []  # the settle ARGV of each queued hold
+        self._settling: asyncio.Task[None] | None = None
 
-    async def reserve(self, *, subjects: list[tuple[str, str]], estimate: Estimate) -> Hold | None:
-        """A hold on every budget that applies (None: none applies, or Redis is away
-        and the mode is open); raises BudgetExceeded or BudgetUnavailable."""
-        hold_id = secrets.token_hex(8)
+    @property
+    def failure_mode(self) -> Literal["closed", "open"]:
+        return self._mode
+
+    def _args(self, hold_id: str, subjects: list[tuple[str, str]], estimate: Estimate) -> list[Any]:
         args: list[Any] = [hold_id, self._ttl_ms, estimate.tokens, estimate.micros]
         for scope, subject in subjects:
             args += [scope, subject]
+        return args
+
+    def claim(self, *, subjects: list[tuple[str, str]], estimate: Estimate) -> Claim:
+        """What to give `Admission.check(rider=...)` to reserve `estimate` in its round trip."""
+        hold_id = f"{self._id_prefix}{next(self._ids):x}"
+        return Claim(
+            hold_id, estimate, RiderCall(CONFIG_KEY, self._args(hold_id, subjects, estimate))
+        )
+
+    def held(self, claim: Claim, decision: Decision) -> Hold | None:
+        """The outcome of a claim: its Hold (None: no budget applies, or Redis was away and
+        the mode is open); raises BudgetExceeded or BudgetUnavailable. Call it only for an
+        admitted decision or one its rider refused."""
+        if decision.rider is None:
+            if not decision.fallback:
+                raise ValueError("the admission refused before the budgets were asked")
+            # Redis could not be asked (the admission's fallback let the call through).
+            _UNAVAILABLE.inc()
+            if self._mode == "open":
+                return None
+            raise BudgetUnavailable()
+        return self._outcome(
+            claim.id, claim.estimate, decision.rider, refused=decision.rider_refused
+        )
+
+    async def reserve(self, *, subjects: list[tuple[str, str]], estimate: Estimate) -> Hold | None:
+        """A hold on every budget that applies, in a round trip of its own (None: none
+        applies, or Redis is away and the mode is open); raises BudgetExceeded or
+        BudgetUnavailable."""
+        hold_id = f"{self._id_prefix}{next(self._ids):x}"
         try:
             with redis_unavailable():
                 async with asyncio.timeout(self._deadline_s):
-                    raw = await self._reserve(keys=[CONFIG_KEY], args=args)
+                    raw = await self._reserve(
+                        keys=[CONFIG_KEY], args=self._args(hold_id, subjects, estimate)
+                    )
         except RedisUnavailableError as exc:
             if exc.reply_code is None:
                 self._reset()
-            DECISIONS.labels("unavailable").inc()
+            _UNAVAILABLE.inc()
             if self._mode == "open":
                 return None
             raise BudgetUnavailable() from None
-        if int(raw[0]) == 1:
-            DECISIONS.labels("exceeded").inc()
-            name = raw[1].decode() if isinstance(raw[1], bytes) else str(raw[1])
-            raise BudgetExceeded(name, int(raw[2]), int(raw[3]), int(raw[4]))
-        items = raw[1:]
-        counters = tuple(
-            _Counter(
-                base=items[i].decode() if isinstance(items[i], bytes) else str(items[i]),
-                unit=items[i + 1].decode()
-                if isinstance(items[i + 1], bytes)
-                else str(items[i + 1]),
-                ends_s=int(items[i + 2]),
-                amount=int(items[i + 3]),
-            )
-            for i in range(0, len(items), 4)
-        )
-        if not counters:
-            DECISIONS.labels("none").inc()
+        return self._outcome(hold_id, estimate, raw[1:], refused=int(raw[0]) == 1)
+
+    @staticmethod
+    def _outcome(
+        hold_id: str, estimate: Estimate, items: Sequence[Any], *, refused: bool
+    ) -> Hold | None:
+        """The reserve script's answer after its status: a refusal, or the counters held."""
+        if refused:
+            _EXCEEDED.inc()
+            raise BudgetExceeded(_text(items[0]), int(items[1]), int(items[2]), int(items[3]))
+        if not items:
+            _NONE.inc()
             return None
-        DECISIONS.labels("reserved").inc()
-        return Hold(hold_id, counters, estimate)
+        _RESERVED.inc()
+        return Hold(hold_id, tuple(items), estimate)
+
+    @staticmethod
+    def _settle_args(hold: Hold, tokens: int, micros: int) -> list[Any]:
+        return [hold.id, max(tokens, 0), max(micros, 0), len(hold.counters) // 4, *hold.counters]
 
     async def settle(self, hold: Hold, *, tokens: int, micros: int) -> None:
-        """Drop the reservation and count what was really used (retried once)."""
-        args: list[Any] = [hold.id, max(tokens, 0), max(micros, 0)]
-        for counter in hold.counters:
-            args += [counter.base, counter.unit, counter.ends_s, counter.amount]
+        """Drop the reservation and count what was really used, now (retried once)."""
+        await self._send_settlements(self._settle_args(hold, tokens, micros))
+
+    def settle_soon(self, hold: Hold, *, tokens: int, micros: int) -> None:
+        """`settle`, off the caller's path: queued, and sent with the others queued
+        meanwhile in one script call (one in flight at a time). `flush` waits for them."""
+        self._pending.append(self._settle_args(hold, tokens, micros))
+        if self._settling is None:
+            self._settling = asyncio.get_running_loop().create_task(self._settle_pending())
+
+    async def _settle_pending(self) -> None:
+        try:
+            while self._pending:
+                await asyncio.sleep(0)  # the settlements of this loop turn join in
+                batch = self._pending[:_SETTLE_BATCH]
+                del self._pending[:_SETTLE_BATCH]
+                try:
+                    await self._send_settlements([arg for args in batch for arg in args])
+                except RedisUnavailableError as exc:
+                    # The reservations lapse by their TTL; the real usage is not counted.
+                    log.error("%d budget settlements lost, redis unavailable (%s)", len(batch), exc)
+        finally:
+            self._settling = None
+
+    async def _send_settlements(self, args: list[Any]) -> None:
         for attempt in (1, 2):
             try:
                 with redis_unavailable():
@@ -364,7 +508,12 @@ class Budgets:
                     self._reset()
                 if attempt == 2:
                     raise
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(_SETTLE_RETRY_S)
+
+    async def flush(self) -> None:
+        """Wait until every queued settlement was sent (or given up)."""
+        while self._settling is not None:
+            await asyncio.shield(self._settling)
 
     async def charge(
         self, *, subjects: list[tuple[str, str]], tokens: int, micros: int
@@ -387,6 +536,8 @@ class Budgets:
             pipe.reset()  # a stuck or broken connection is not reused
 
     async def aclose(self) -> None:
+        """Send what is queued, then close the pipelined connections."""
+        await self.flush()
         for pipe in self._pipes:
             await pipe.aclose()
 

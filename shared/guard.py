@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from shared.contract import Refusal
-from shared.ratelimit import Admission, Decision, Limit
+from shared.ratelimit import Admission, Decision, Limit, RiderCall
 from shared.signing import VerifiedSignature, verify_request
 from shared.tokens import ProxyClaims, TokenKeyring
 
@@ -156,8 +156,12 @@ class SignedRequestGuard:
         client_ip: str,
         limits: Sequence[Limit] = (),
         refuse_revoked: bool = True,
+        rider: RiderCall | None = None,
     ) -> Decision:
-        """Nonce, limits, revocation and IP block in one round trip; raises the refusal."""
+        """Nonce, limits, revocation and IP block in one round trip; raises the refusal.
+
+        A refusal by the `rider` (a budget, in the same round trip) is returned, not
+        raised: the rider's owner names it (services.proxy.spend)."""
         claims = holder.claims
         decision = await self._admission.check(
             limits=limits,
@@ -166,8 +170,9 @@ class SignedRequestGuard:
             nonce_ttl_s=self.nonce_ttl_s,
             revoked_token_id=claims.jti if refuse_revoked else None,
             revoked_user=(claims.sub, claims.iat) if refuse_revoked and claims.sub else None,
+            rider=rider,
         )
-        if not decision.allowed:
+        if not decision.allowed and not decision.rider_refused:
             refusal = decision.refusal or Refusal.SECURITY_UNAVAILABLE
             raise refusal.error(headers=decision.headers())
         return decision

@@ -3,7 +3,8 @@
 Every replica asks Redis, in one round trip (one Lua script), whether a request may
 pass: refuse if the client IP is blocked, if the token id is revoked, if the nonce
 was seen before, else apply every rate-limit layer atomically. A refused layer
-consumes nothing, so N replicas enforce one limit, not N.
+consumes nothing, so N replicas enforce one limit, not N. A rider (`admission_with`:
+shared.budgets' reservation) can run in the same script, all or nothing with it.
 
 GCRA (generic cell rate algorithm) with `limit` per `period_s` and a burst of
 `limit`: emission interval T = period/limit, and the stored "theoretical arrival
@@ -37,7 +38,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any, Final
 
@@ -61,6 +62,8 @@ __all__ = [
     "LocalGcra",
     "PipelinedScript",
     "RedisUnavailableError",
+    "RiderCall",
+    "admission_with",
     "as_unavailable",
     "block_key",
     "nonce_key",
@@ -85,9 +88,10 @@ BACKEND_ERRORS = Counter(
 
 _US: Final = 1_000_000
 # Refusal codes returned by the Lua script, in the order the checks run.
-_OK, _LIMITED, _REPLAY, _REVOKED, _BLOCKED = 0, 1, 2, 3, 4
+_OK, _LIMITED, _REPLAY, _REVOKED, _BLOCKED, _RIDER_REFUSED = 0, 1, 2, 3, 4, 5
 _REFUSALS: Final[dict[int, Refusal | None]] = {
     _OK: None,
+    _RIDER_REFUSED: None,  # the rider's owner names its refusal
     _LIMITED: Refusal.RATE_LIMITED,
     _REPLAY: Refusal.REPLAY_DETECTED,
     _REVOKED: Refusal.TOKEN_REVOKED,
@@ -167,7 +171,8 @@ def redis_unavailable() -> Iterator[None]:
 # ARGV: nonce_ttl_ms, token iat (s; a user's tokens issued at or before the stored time
 # are revoked), then (period_us, limit) per layer.
 # Returns {code, layer_index (1-based, 0 = none), remaining, reset_after_us, retry_after_us}.
-_ADMIT_LUA: Final = """
+# The checks come first and write nothing; `n` (the number of layers) is set before them.
+_ADMIT_CHECKS_LUA: Final = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 if redis.call('EXISTS', KEYS[1]) == 1 then
@@ -187,7 +192,6 @@ end
 if KEYS[3] ~= '' and redis.call('EXISTS', KEYS[3]) == 1 then
   return {2, 0, 0, 0, 0}
 end
-local n = #KEYS - 4
 local new_tats = {}
 local best, best_remaining, best_reset = 0, -1, 0
 for i = 1, n do
@@ -208,6 +212,9 @@ for i = 1, n do
     best, best_remaining, best_reset = i, remaining, math.ceil(new_tat - now)
   end
 end
+"""
+# Every check passed: consume the layers and the nonce.
+_ADMIT_WRITES_LUA: Final = """
 for i = 1, n do
   local ttl_ms = math.ceil((new_tats[i] - now) / 1000)
   redis.call('SET', KEYS[4 + i], string.format('%.17g', new_tats[i]), 'PX', ttl_ms)
@@ -216,8 +223,37 @@ if KEYS[3] ~= '' then
   redis.call('SET', KEYS[3], '1', 'PX', tonumber(ARGV[1]))
 end
 if best_remaining < 0 then best_remaining = 0 end
-return {0, best, best_remaining, best_reset, 0}
 """
+_ADMIT_LUA: Final = (
+    "local n = #KEYS - 4\n"
+    + _ADMIT_CHECKS_LUA
+    + _ADMIT_WRITES_LUA
+    + "return {0, best, best_remaining, best_reset, 0}\n"
+)
+
+
+def admission_with(rider: str) -> str:
+    """The admission script with `rider` inside it, all-or-nothing (see `Admission`).
+
+    KEYS: the admission's (block, revoked, nonce, revoked user, one per layer), then the
+    rider's one key, last. ARGV: the admission's (nonce ttl, iat, two per layer), then
+    the rider's. The rider is Lua run as a function of its own KEYS (that one key) and
+    ARGV, once every admission check passed and before the admission writes anything;
+    it returns {0, data...} to go on or {1, data...} to refuse. Returns the admission's
+    five items, then the rider's data; code 5 when the rider refused (nothing written
+    by the admission: no layer or nonce consumed).
+    """
+    return (
+        "local function rider(KEYS, ARGV)\n"
+        + rider
+        + "\nend\nlocal n = #KEYS - 5\n"
+        + _ADMIT_CHECKS_LUA
+        + "local ridden = rider({KEYS[#KEYS]}, {unpack(ARGV, 3 + 2 * n)})\n"
+        + "if ridden[1] ~= 0 then return {5, 0, 0, 0, 0, unpack(ridden, 2)} end\n"
+        + _ADMIT_WRITES_LUA
+        + "return {0, best, best_remaining, best_reset, 0, unpack(ridden, 2)}\n"
+    )
+
 
 # KEYS: strikes, block. ARGV: threshold, window_ms, block_ms. Returns 1 when this strike blocked.
 _STRIKE_LUA: Final = """
@@ -292,6 +328,13 @@ class Decision:
     reset_after_s: float = 0.0
     retry_after_s: float = 0.0
     window_s: float | None = None
+    # What the admission's rider answered (`Admission(rider=...)`): its data after its
+    # status, None when it did not run (no rider, an admission check refused first, or
+    # Redis could not be asked).
+    rider: tuple[Any, ...] | None = None
+    rider_refused: bool = False
+    # Redis could not be asked: this is the failure mode's decision.
+    fallback: bool = False
 
     def headers(self) -> dict[str, str]:
         """IETF httpapi RateLimit-Policy / RateLimit, and Retry-After when refused."""
@@ -610,8 +653,21 @@ class PipelinedScript:
         self.reset()
 
 
+@dataclass(frozen=True, slots=True)
+class RiderCall:
+    """One request's part of the rider: its key and its ARGV (see `admission_with`)."""
+
+    key: str
+    args: Sequence[int | str]
+
+
 class Admission:
-    """One admission check per request, shared by every replica through Redis."""
+    """One admission check per request, shared by every replica through Redis.
+
+    `rider`: Lua that rides in the same script and round trip (shared.budgets'
+    reservation, see `admission_with`), for the checks given a `RiderCall`; without
+    one, a check runs the plain script, as cheap as without a rider.
+    """
 
     def __init__(
         self,
@@ -624,9 +680,11 @@ class Admission:
         block_for_s: float = 300,
         deadline_s: float | None = None,
         pipelined: bool = False,
+        rider: str | None = None,
     ) -> None:
         """`pipelined=True` sends `check` over one pipelined connection of its own
-        (`PipelinedScript`, much cheaper per call); call `aclose()` when done."""
+        (`PipelinedScript`, much cheaper per call; a second one for the rider's
+        script); call `aclose()` when done."""
         self._redis = redis
         self._service = service
         self._modes = dict(failure_modes or {})
@@ -635,6 +693,13 @@ class Admission:
         self._block_ms = max(1, int(block_for_s * 1000))
         self._admit = redis.register_script(_ADMIT_LUA)
         self._pipelined = PipelinedScript.for_client(redis, _ADMIT_LUA) if pipelined else None
+        self._ridden: Any = None
+        self._ridden_pipelined: PipelinedScript | None = None
+        if rider is not None:
+            combined = admission_with(rider)
+            self._ridden = redis.register_script(combined)
+            if pipelined:
+                self._ridden_pipelined = PipelinedScript.for_client(redis, combined)
         if pipelined and self._pipelined is None:
             log.warning(
                 "pipelined admission not in use for this Redis connection (%s); "
@@ -670,8 +735,12 @@ class Admission:
         nonce_ttl_s: int = 0,
         revoked_token_id: str | None = None,
         revoked_user: tuple[str, int] | None = None,
+        rider: RiderCall | None = None,
     ) -> Decision:
-        """`revoked_user` is (user hash, token iat): refused when revoked at or after iat."""
+        """`revoked_user` is (user hash, token iat): refused when revoked at or after iat.
+
+        With `rider` (the Admission was built with one) its Lua runs in the same script,
+        and the decision carries its answer (`Decision.rider`, `rider_refused`)."""
         keys = [
             block_key(client_ip),
             revoked_key(revoked_token_id) if revoked_token_id else "",
@@ -679,25 +748,33 @@ class Admission:
             revoked_user_key(revoked_user[0]) if revoked_user else "",
             *(rate_key(item.layer, item.subject) for item in limits),
         ]
-        args: list[int] = [max(1, nonce_ttl_s) * 1000, revoked_user[1] if revoked_user else 0]
+        args: list[int | str] = [max(1, nonce_ttl_s) * 1000, revoked_user[1] if revoked_user else 0]
         for item in limits:
             args += [max(1, round(item.period_s * _US)), item.limit]
-        script = self._pipelined or self._admit
+        if rider is not None:
+            if self._ridden is None:
+                raise ValueError("this Admission was built without a rider")
+            keys.append(rider.key)
+            args += rider.args
+            pipe, script = self._ridden_pipelined, self._ridden_pipelined or self._ridden
+        else:
+            pipe, script = self._pipelined, self._pipelined or self._admit
         try:
             with redis_unavailable():
                 async with asyncio.timeout(self._deadline_s):
                     raw: Any = await script(keys=keys, args=args)
         except RedisUnavailableError as exc:
-            if self._pipelined is not None and exc.reply_code is None:
-                self._pipelined.reset()  # a stuck or broken connection is not reused
-            return self._fallback(limits, nonce, nonce_ttl_s, exc)
+            if pipe is not None and exc.reply_code is None:
+                pipe.reset()  # a stuck or broken connection is not reused
+            return replace(self._fallback(limits, nonce, nonce_ttl_s, exc), fallback=True)
         self._recovered()
-        return self._decision(raw, limits)
+        return self._decision(raw, limits, ridden=rider is not None)
 
     async def aclose(self) -> None:
-        """Close the pipelined connection, if any (the redis client is the caller's)."""
-        if self._pipelined is not None:
-            await self._pipelined.aclose()
+        """Close the pipelined connections, if any (the redis client is the caller's)."""
+        for pipe in (self._pipelined, self._ridden_pipelined):
+            if pipe is not None:
+                await pipe.aclose()
 
     async def strike(self, client_ip: str, reason: Category) -> bool:
         """Count an auth failure or limit hit; True when this strike blocked `client_ip`."""
@@ -720,8 +797,11 @@ class Admission:
             return True
         return False
 
-    def _decision(self, raw: Any, limits: Sequence[Limit]) -> Decision:
-        code, index, remaining, reset_us, retry_us = (int(v) for v in raw)
+    def _decision(self, raw: Any, limits: Sequence[Limit], *, ridden: bool = False) -> Decision:
+        code, index, remaining, reset_us, retry_us = (int(v) for v in raw[:5])
+        if code == _RIDER_REFUSED:
+            # Refused by the rider: no layer was consumed (its owner counts the refusal).
+            return Decision(allowed=False, rider=tuple(raw[5:]), rider_refused=True)
         if code in _CHECK_LAYERS:
             DECISIONS.labels(self._service, _CHECK_LAYERS[code], "blocked").inc()
             return Decision(
@@ -746,6 +826,7 @@ class Admission:
             reset_after_s=reset_us / _US,
             retry_after_s=retry_us / _US,
             window_s=item.period_s if item else None,
+            rider=tuple(raw[5:]) if ridden and code == _OK else None,
         )
 
     def _fallback(

@@ -22,7 +22,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from shared import bus
-from shared.budgets import Budgets
+from shared.budgets import ADMISSION_RIDER, Budgets
 from shared.errors import ApiError
 from shared.events import EventPublisher, drift_reporter
 from shared.httpedge import add_edge_routes, parse_networks, service_app
@@ -37,7 +37,7 @@ from shared.telemetry import redactor
 from .access import TokenCache
 from .apidocs import document_routes
 from .cache import ResponseCache
-from .handler import ProxyHandler
+from .handler import RATE_LAYERS, ProxyHandler
 from .policy import RequestPolicy
 from .routes import PREFIX
 from .settings import Settings
@@ -173,7 +173,8 @@ def create_app(settings: Settings, *, keys: KeySource | None = None) -> FastAPI:
             nc: NATS = await bus.connect(settings, name="proxy", on_state=on_state)
             stack.push_async_callback(nc.drain)
             js = nc.jetstream()
-            publisher = EventPublisher(js)
+            outbox = settings.outbox_dir / "proxy" if settings.outbox_dir else None
+            publisher = EventPublisher(js, outbox_dir=outbox)
             publisher.start()
             stack.push_async_callback(publisher.close)
             guard = StreamGuard(
@@ -230,10 +231,13 @@ def create_app(settings: Settings, *, keys: KeySource | None = None) -> FastAPI:
                     policy=policy.current.voice,
                 )
             # One pipelined connection for the per-request admission script.
+            # With budgets, a second script carries the reservation (one round trip).
             admission = Admission(
                 redis,
                 service="proxy",
                 pipelined=True,
+                rider=ADMISSION_RIDER if budgets is not None else None,
+                failure_modes=dict.fromkeys(RATE_LAYERS, settings.rate_limit_failure_mode),
                 block_after_strikes=settings.block_after_strikes,
                 strike_window_s=settings.strike_window_s,
                 block_for_s=settings.block_for_s,

@@ -6,6 +6,15 @@ then one Redis round trip for IP block + revocation + nonce + rate limits, then 
 body (size cap, digest, shape), then the provider. Any refusal is a JSON error with
 a stable code, and nothing reaches the provider.
 
+With budgets on (KEYVEIL_BUDGETS), a budgeted call (chat, Responses, speech,
+transcription) reads its body first, then makes that same round trip with the budget
+reservation inside it (`shared.budgets.ADMISSION_RIDER`): the estimate needs the body.
+Reading before the Redis checks is acceptable because the read is bounded (size cap,
+idle and total deadlines, the spool budget for uploads) and digest-checked against the
+signature; what it costs is that a blocked, revoked or rate-limited caller can still
+make the proxy read one bounded body, and that a bad body is refused before a revoked
+token is. Other calls (voice sessions) keep the order above.
+
 Answers are sent with raw ASGI messages: no Starlette Response objects, no task group
 per response. A small fixed-length provider answer (the usual JSON completion) is read
 whole (at most `_INLINE_MAX` bytes) and sent with a Content-Length; everything else
@@ -34,7 +43,7 @@ import orjson
 from prometheus_client import Counter, Histogram
 from starlette.types import Message, Receive, Scope, Send
 
-from shared.budgets import Budgets, Hold
+from shared.budgets import Budgets, Estimate, Hold
 from shared.contract import Refusal, counts_as_strike, refusal_category
 from shared.errors import (
     ApiError,
@@ -72,7 +81,7 @@ from .metrics import (
     UPSTREAM_LATENCY,
     status_class,
 )
-from .policy import RequestPolicy
+from .policy import USER_LAYER, RequestPolicy
 from .routes import ROUTES, BodyKind, Route
 from .settings import Settings
 from .spend import SpendGuard
@@ -80,12 +89,14 @@ from .upstream import Forwarder, UpstreamResponse, UpstreamStreamError, combine_
 from .usage import UsageTap, ask_for_usage
 from .voice.broker import VoiceBroker
 
-__all__ = ["ProxyHandler"]
+__all__ = ["RATE_LAYERS", "ProxyHandler"]
 
 log = logging.getLogger(__name__)
 
 Headers = list[tuple[bytes, bytes]]
 
+# The rate-limit layers of a proxy call (PROXY_RATE_LIMIT_FAILURE_MODE applies to each).
+RATE_LAYERS = ("per-token", "per-ip", USER_LAYER)
 _MAX_ERROR_BODY = 64 * 1024
 # Provider answers up to this size, with a Content-Length, are read whole and sent in
 # one piece; anything larger or open-ended streams through.
@@ -301,16 +312,17 @@ class ProxyHandler:
         )
         exchange.caller = caller
         jti = caller.claims.jti
-        decision = await self._guard.admit(
-            caller,
-            client_ip=exchange.ip,
-            limits=[
-                Limit("per-token", jti, self._settings.rate_limit_per_min, 60.0),
-                Limit("per-ip", exchange.ip, self._settings.ip_rate_limit_per_min, 60.0),
-                *self._policy.user_limits(caller.claims, self._settings.user_rate_limit_per_min),
-            ],
-        )
-        exchange.rate_headers = decision.headers()
+        limits = [
+            Limit("per-token", jti, self._settings.rate_limit_per_min, 60.0),
+            Limit("per-ip", exchange.ip, self._settings.ip_rate_limit_per_min, 60.0),
+            *self._policy.user_limits(caller.claims, self._settings.user_rate_limit_per_min),
+        ]
+        spend = self._spend_guard
+        if spend is not None and not spend.covers(route):
+            spend = None
+        if spend is None:
+            decision = await self._guard.admit(caller, client_ip=exchange.ip, limits=limits)
+            exchange.rate_headers = decision.headers()
         digest = caller.signature.digest
         assert digest is not None  # verify_request(require_digest=True) guarantees it
         if route.body is BodyKind.voice:
@@ -329,12 +341,15 @@ class ProxyHandler:
                     limit=self._settings.max_upload_bytes,
                     spool_dir=self._settings.spool_dir,
                 )
-                exchange.model = upload.model
-                self._policy.check_upload(route, caller.claims, upload)
-                if self._settings.demo_mode:
-                    upload.close()
-                    return self._demo(exchange, stream=False)
                 try:
+                    exchange.model = upload.model
+                    self._policy.check_upload(route, caller.claims, upload)
+                    if spend is not None:
+                        await self._admit_budgeted(
+                            exchange, caller, limits, spend, spend.upload_estimate(upload)
+                        )
+                    if self._settings.demo_mode:
+                        return self._demo(exchange, stream=False)
                     return await self._forward(
                         exchange, headers, upload.stream(), content_length=upload.size
                     )
@@ -353,9 +368,10 @@ class ProxyHandler:
         body = ask_for_usage(route, self._policy.apply(route, caller.claims, body))
         if route.endpoint == "audio_speech" and isinstance(text := body.payload.get("input"), str):
             exchange.characters = len(text)
-        if self._spend_guard is not None:
+        if spend is not None:
             cap = self._policy.output_cap(route, caller.claims)
-            exchange.hold = await self._spend_guard.reserve(route, caller.claims, body, cap)
+            estimate = spend.estimate(route, body, cap)
+            await self._admit_budgeted(exchange, caller, limits, spend, estimate)
         if self._settings.demo_mode:
             return self._demo(exchange, stream=bool(body.payload.get("stream")))
         cache_key: str | None = None
@@ -369,6 +385,24 @@ class ProxyHandler:
                 out["x-keyveil-cache"] = "hit"
                 return _Reply(200, _encode(out), cached)
         return await self._forward(exchange, headers, body.raw, cache_key=cache_key)
+
+    async def _admit_budgeted(
+        self,
+        exchange: _Exchange,
+        caller: Caller,
+        limits: list[Limit],
+        spend: SpendGuard,
+        estimate: Estimate,
+    ) -> None:
+        """The admission and the budget reservation in one Redis round trip (one script):
+        a call refused by a budget consumes no rate limit and no nonce (a later retry of
+        the same signed request may pass once), one refused by a check holds nothing."""
+        claim = spend.claim(caller.claims, estimate)
+        decision = await self._guard.admit(
+            caller, client_ip=exchange.ip, limits=limits, rider=claim.rider
+        )
+        exchange.rate_headers = decision.headers()
+        exchange.hold = spend.held(claim, decision)
 
     def _body(self, receive: Receive) -> AsyncIterator[bytes]:
         return read_chunks(
@@ -618,7 +652,7 @@ class ProxyHandler:
         )
         if exchange.hold is not None and self._spend_guard is not None:
             relayed = reason is None and not refused
-            self._spawn(self._spend_guard.settle(exchange.hold, status, priced, relayed=relayed))
+            self._spend_guard.settle(exchange.hold, status, priced, relayed=relayed)
             exchange.hold = None
         if self._publisher is None:
             return

@@ -18,7 +18,9 @@ from shared.tokens import ProxyClaims
 from .bodies import JsonBody, Upload
 from .routes import Route
 
-__all__ = ["RequestPolicy"]
+__all__ = ["USER_LAYER", "RequestPolicy"]
+
+USER_LAYER = "per-user"
 
 # Body fields a `max_tokens` cap applies to (chat completions has had both names; the
 # Responses API calls it max_output_tokens).
@@ -64,7 +66,7 @@ class RequestPolicy:
     @staticmethod
     def user_limits(claims: ProxyClaims, per_minute: int) -> list[Limit]:
         """The per-user layer, next to per-token and per-IP (tokens with a principal)."""
-        return [Limit("per-user", claims.sub, per_minute, 60.0)] if claims.sub else []
+        return [Limit(USER_LAYER, claims.sub, per_minute, 60.0)] if claims.sub else []
 
     def check_upload(self, route: Route, claims: ProxyClaims, upload: Upload) -> None:
         """A multipart upload (transcription): its model and size (the audio length

@@ -10,6 +10,7 @@ from urllib.request import getproxies_environment
 from pydantic import Field, field_validator, model_validator
 
 from shared.errors import ConfigError
+from shared.ratelimit import FailureMode
 from shared.settings import CommaList, EdgeSettings, split_commas
 from shared.voicepolicy import (
     DEFAULT_LIVE_MODELS,
@@ -43,6 +44,11 @@ class Settings(EdgeSettings):
         default=300, ge=1, le=1_000_000, validation_alias="VOICE_AGENT_USER_RATE_LIMIT"
     )
     """Proxy requests per user (hashed principal) per minute, across all their tokens."""
+    rate_limit_failure_mode: FailureMode = Field(
+        default=FailureMode.closed, validation_alias="PROXY_RATE_LIMIT_FAILURE_MODE"
+    )
+    """What the per-token, per-IP and per-user limits do when Redis is unreachable: closed
+    (503 security_unavailable), open (allow) or local (a per-process limit)."""
     key_environment: str | None = Field(default=None, validation_alias="KEY_ENVIRONMENT")
     """Environment whose provider key the proxy leases (default: NODE_ENV)."""
     prices_file: Path | None = Field(default=None, validation_alias="KEYVEIL_PRICES_FILE")
@@ -56,7 +62,9 @@ class Settings(EdgeSettings):
     budget_failure_mode: Literal["closed", "open"] = Field(
         default="closed", validation_alias="KEYVEIL_BUDGET_FAILURE_MODE"
     )
-    """While Redis is unreachable, budgeted calls are refused (closed, 503) or let through."""
+    """While Redis is unreachable, budgeted calls are refused (closed, 503 budget_unavailable)
+    or let through uncounted (open); only reached when PROXY_RATE_LIMIT_FAILURE_MODE is not
+    closed (else the admission refuses first)."""
 
     max_json_body_bytes: int = Field(
         default=4 * MIB, ge=1024, le=64 * MIB, validation_alias="PROXY_MAX_JSON_BYTES"
@@ -132,6 +140,11 @@ class Settings(EdgeSettings):
         default=1.0, gt=0, le=300, validation_alias="PROXY_REFUSAL_EVENT_INTERVAL_S"
     )
     """Unauthenticated refusals: at most one usage event per reason and client per interval."""
+    outbox_dir: Path | None = Field(default=None, validation_alias="PROXY_OUTBOX_DIR")
+    """Local outbox for usage events not yet acknowledged by JetStream, replayed after a crash
+    (kill -9, OOM); files go in its `proxy` subdirectory (0700). Unset: memory only. Survives a
+    process or container restart, not a machine crash (no fsync); `keyveil up` uses its state
+    directory, the k8s manifests an emptyDir."""
 
     @field_validator("spool_dir")
     @classmethod

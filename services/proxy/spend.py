@@ -1,35 +1,51 @@
 """Budgets at the proxy: an estimate reserved before forwarding, settled when it ends.
 
-Only the text endpoints (chat completions, Responses) are budgeted: their cost is
-bounded before the call by the body's size (input tokens are at most its bytes) and the
-output cap (the request's max tokens, else the policy's, else `_DEFAULT_OUTPUT_CAP`).
-A call that ends without reported usage is settled with nothing when the provider
-never answered (refused, errored, a 4xx), and with its whole estimate when the answer
-was cut (client gone, stream broken) or came without a usage report: the provider bills
-what it generated.
+Budgeted: chat completions, Responses, speech and transcription. The estimate is what
+the call can cost at most, known before it goes upstream:
+
+    chat, Responses   input tokens <= the body's bytes; output <= the request's max
+                      tokens, else the policy's cap, else `_DEFAULT_OUTPUT_CAP`
+    speech            input tokens <= the body's bytes, characters = the input's; audio
+                      output <= the policy's max_tokens, else `_DEFAULT_OUTPUT_CAP`
+                      (OpenAI reads at most 4096 characters: ~5 minutes of audio)
+    transcription     seconds <= the upload's bytes at `_MIN_AUDIO_BYTES_PER_S`; audio
+                      tokens `_AUDIO_TOKENS_PER_S` per second, a prompt of at most
+                      `_PROMPT_TOKENS`, output <= `_DEFAULT_OUTPUT_CAP`
+
+priced at the uncached (and, where it is dearer, audio) rates. The reservation is made
+in the admission's Redis round trip (`claim` for `Admission.check(rider=...)`, then
+`held`). A call that ends without reported usage is settled with nothing when the
+provider never answered (refused, errored, a 4xx), and with its whole estimate when
+the answer was cut (client gone, stream broken) or came without a usage report: the
+provider bills what it generated. Settlements are batched off the request path.
 """
 
 from __future__ import annotations
 
-import logging
+import math
 
-from shared.budgets import BudgetExceeded, Budgets, BudgetUnavailable, Estimate, Hold
-from shared.errors import BudgetExceededError, UnavailableError
+from shared.budgets import BudgetExceeded, Budgets, BudgetUnavailable, Claim, Estimate, Hold
+from shared.contract import Refusal
+from shared.errors import BudgetExceededError
 from shared.metering import Priced
 from shared.pricing import PriceTable, Usage
-from shared.ratelimit import RedisUnavailableError
+from shared.ratelimit import Decision
 from shared.tokens import ProxyClaims
 
-from .bodies import JsonBody
+from .bodies import JsonBody, Upload
 from .routes import Route
 
 __all__ = ["SpendGuard"]
 
-log = logging.getLogger(__name__)
-
-_BUDGETED = frozenset({"chat_completions", "responses"})
+_BUDGETED = frozenset({"chat_completions", "responses", "audio_speech", "audio_transcriptions"})
 _OUTPUT_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 _DEFAULT_OUTPUT_CAP = 16_384
+# Transcription: 1 kB/s is 8 kbit/s, below the usual speech codecs' lowest bitrates (a
+# file of near-silence in FLAC can be longer: a known gap). Audio input tokens: 10 per
+# second in OpenAI's models today, 20 here. Prompt: whisper reads at most 224 tokens.
+_MIN_AUDIO_BYTES_PER_S = 1000
+_AUDIO_TOKENS_PER_S = 20
+_PROMPT_TOKENS = 1024
 _CUT = frozenset({499, 502})
 
 
@@ -47,37 +63,63 @@ class SpendGuard:
         self._budgets = budgets
         self._prices = prices
 
-    def estimate(self, body: JsonBody, policy_cap: int | None) -> Estimate:
+    @staticmethod
+    def covers(route: Route) -> bool:
+        return route.endpoint in _BUDGETED
+
+    def _estimate(self, model: str | None, worst: Usage) -> Estimate:
+        return Estimate(worst.total_tokens, self._prices.cost(model, worst) or 0)
+
+    def estimate(self, route: Route, body: JsonBody, policy_cap: int | None) -> Estimate:
+        """The most a JSON call (chat, Responses, speech) can use."""
+        payload = body.payload
+        if route.endpoint == "audio_speech":
+            text = payload.get("input")
+            cap = policy_cap or _DEFAULT_OUTPUT_CAP
+            worst = Usage(
+                input_tokens=len(body.raw),
+                output_tokens=cap,
+                audio_output_tokens=cap,
+                characters=len(text) if isinstance(text, str) else 0,
+            )
+            return self._estimate(body.model, worst)
         cap = next(
             (
                 v
                 for f in _OUTPUT_FIELDS
-                if isinstance(v := body.payload.get(f), int) and not isinstance(v, bool)
+                if isinstance(v := payload.get(f), int) and not isinstance(v, bool)
             ),
             policy_cap or _DEFAULT_OUTPUT_CAP,
         )
         worst = Usage(input_tokens=len(body.raw), output_tokens=max(cap, 0))
-        return Estimate(worst.total_tokens, self._prices.cost(body.model, worst) or 0)
+        return self._estimate(body.model, worst)
 
-    async def reserve(
-        self, route: Route, claims: ProxyClaims, body: JsonBody, policy_cap: int | None
-    ) -> Hold | None:
-        if route.endpoint not in _BUDGETED:
-            return None
+    def upload_estimate(self, upload: Upload) -> Estimate:
+        """The most a transcription of this upload can use (from its size)."""
+        seconds = math.ceil(upload.size / _MIN_AUDIO_BYTES_PER_S)
+        audio = seconds * _AUDIO_TOKENS_PER_S
+        worst = Usage(
+            input_tokens=audio + _PROMPT_TOKENS,
+            audio_input_tokens=audio,
+            output_tokens=_DEFAULT_OUTPUT_CAP,
+            seconds=float(seconds),
+        )
+        return self._estimate(upload.model, worst)
+
+    def claim(self, claims: ProxyClaims, estimate: Estimate) -> Claim:
+        """The reservation to make in the admission round trip."""
+        return self._budgets.claim(subjects=_subjects(claims), estimate=estimate)
+
+    def held(self, claim: Claim, decision: Decision) -> Hold | None:
+        """The claim's hold; raises 429 `budget_exceeded` or 503 `budget_unavailable`."""
         try:
-            return await self._budgets.reserve(
-                subjects=_subjects(claims), estimate=self.estimate(body, policy_cap)
-            )
+            return self._budgets.held(claim, decision)
         except BudgetExceeded as exc:
             raise BudgetExceededError(
                 f"the {exc.name} budget is spent", code="budget_exceeded", headers=exc.headers()
             ) from None
         except BudgetUnavailable:
-            raise UnavailableError(
-                "budgets cannot be checked; try again",
-                code="budget_unavailable",
-                headers={"Retry-After": "1"},
-            ) from None
+            raise Refusal.BUDGET_UNAVAILABLE.error(headers={"Retry-After": "1"}) from None
 
     @staticmethod
     def charge(hold: Hold, status: int, priced: Priced | None, *, relayed: bool) -> tuple[int, int]:
@@ -90,12 +132,7 @@ class SpendGuard:
             return hold.estimate.tokens, hold.estimate.micros
         return 0, 0
 
-    async def settle(
-        self, hold: Hold, status: int, priced: Priced | None, *, relayed: bool
-    ) -> None:
+    def settle(self, hold: Hold, status: int, priced: Priced | None, *, relayed: bool) -> None:
+        """Queue the settlement (sent in a batch; a lost one lapses by its TTL)."""
         tokens, micros = self.charge(hold, status, priced, relayed=relayed)
-        try:
-            await self._budgets.settle(hold, tokens=tokens, micros=micros)
-        except RedisUnavailableError as exc:
-            # The reservation lapses by its TTL; the real usage is not counted.
-            log.error("budget not settled, redis unavailable (%s): %d micros", exc, micros)
+        self._budgets.settle_soon(hold, tokens=tokens, micros=micros)

@@ -41,7 +41,7 @@ SHARED = frozenset(
 # Codes an edge can produce that no test drives yet: each one is a known gap, kept
 # here so it cannot grow silently.
 KNOWN_GAPS: dict[str, frozenset[str]] = {
-    "proxy": frozenset({"upstream_malformed", "voice_unavailable", "budget_unavailable"}),
+    "proxy": frozenset({"upstream_malformed", "voice_unavailable"}),
     "token": frozenset(
         {
             "revocation_unavailable",

@@ -11,6 +11,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from shared.budgets import (
+    ADMISSION_RIDER,
     CONFIG_KEY,
     INDEX_FIELD,
     BudgetAdmin,
@@ -22,6 +23,7 @@ from shared.budgets import (
     counter_key,
     window_index,
 )
+from shared.ratelimit import Admission, FailureMode, Limit, nonce_key, rate_key
 from shared.ratelimit import redis_client as make_client
 from tests.support import free_port
 
@@ -178,3 +180,150 @@ def test_what_a_call_without_reported_usage_is_settled_with() -> None:
     assert SpendGuard.charge(hold, 400, None, relayed=True) == (0, 0)  # the provider refused
     assert SpendGuard.charge(hold, 502, None, relayed=False) == (0, 0)  # never answered
     assert SpendGuard.charge(hold, 200, None, relayed=False) == (0, 0)  # cache hit, demo
+
+
+def _admission(client: aioredis.Redis, **kwargs: object) -> Admission:
+    return Admission(client, service="test", rider=ADMISSION_RIDER, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+async def test_the_reservation_rides_in_the_admission_round_trip(
+    redis_client: aioredis.Redis, admin: BudgetAdmin, pipelined: bool
+) -> None:
+    user = _user()
+    await admin.set("user", user, "micros", "day", 1000)
+    admission = _admission(redis_client, pipelined=pipelined)
+    budgets = Budgets(redis_client)
+    layer = Limit("per-token", _user(), 10, 60.0)
+    try:
+        claim = budgets.claim(subjects=[("user", user)], estimate=Estimate(5, 600))
+        decision = await admission.check(
+            limits=[layer], client_ip="192.0.2.7", nonce=_user(), nonce_ttl_s=5, rider=claim.rider
+        )
+        assert decision.allowed
+        assert decision.remaining == 9
+        hold = budgets.held(claim, decision)
+        assert hold is not None
+        assert hold.id == claim.id
+        [state] = await admin.show()
+        assert state.held == 600
+        # The budget refuses: no layer consumed, no nonce burnt, nothing held.
+        nonce = _user()
+        claim = budgets.claim(subjects=[("user", user)], estimate=Estimate(5, 600))
+        refused = await admission.check(
+            limits=[layer], client_ip="192.0.2.7", nonce=nonce, nonce_ttl_s=5, rider=claim.rider
+        )
+        assert not refused.allowed
+        assert refused.rider_refused
+        with pytest.raises(BudgetExceeded, match="user-micros-day") as exceeded:
+            budgets.held(claim, refused)
+        assert exceeded.value.remaining == 400
+        assert not await redis_client.exists(nonce_key(nonce))
+        again = await admission.check(limits=[layer], client_ip="192.0.2.7")
+        assert again.remaining == 8  # the refused call took no cell
+        # A rate layer refuses: the budget is not touched.
+        full = Limit("per-token", _user(), 1, 60.0)
+        assert (await admission.check(limits=[full], client_ip="192.0.2.7")).allowed
+        claim = budgets.claim(subjects=[("user", user)], estimate=Estimate(5, 100))
+        limited = await admission.check(limits=[full], client_ip="192.0.2.7", rider=claim.rider)
+        assert not limited.allowed
+        assert not limited.rider_refused
+        assert limited.rider is None
+        [state] = await admin.show()
+        assert state.held == 600
+        # Settled in a batch off the caller's path.
+        budgets.settle_soon(hold, tokens=5, micros=250)
+        await budgets.flush()
+        [state] = await admin.show()
+        assert (state.used, state.held) == (250, 0)
+    finally:
+        await admission.aclose()
+
+
+async def test_no_budget_configured_rides_along_for_nothing(redis_client: aioredis.Redis) -> None:
+    await redis_client.delete(CONFIG_KEY)
+    admission = _admission(redis_client)
+    budgets = Budgets(redis_client)
+    claim = budgets.claim(subjects=[("user", _user())], estimate=Estimate(5, 5))
+    layer = Limit("per-ip", _user(), 3, 60.0)
+    decision = await admission.check(limits=[layer], client_ip="192.0.2.8", rider=claim.rider)
+    assert decision.allowed
+    assert decision.rider == ()
+    assert budgets.held(claim, decision) is None
+    assert await redis_client.exists(rate_key("per-ip", layer.subject))
+
+
+async def test_many_holds_settle_in_one_batch(
+    redis_client: aioredis.Redis, admin: BudgetAdmin
+) -> None:
+    user = _user()
+    await admin.set("user", user, "tokens", "minute", 10_000)
+    await admin.set("global", "all", "micros", "day", 10**12)
+    budgets = Budgets(redis_client, pipelined=True)
+    subjects = [("user", user), ("global", "all")]
+    try:
+        holds = [
+            await budgets.reserve(subjects=subjects, estimate=Estimate(100, 10)) for _ in range(40)
+        ]
+        for i, hold in enumerate(holds):
+            assert hold is not None
+            budgets.settle_soon(hold, tokens=i, micros=1)
+        await budgets.flush()
+    finally:
+        await budgets.aclose()
+    states = {s.scope: s for s in await admin.show() if s.subject in (user, "all")}
+    assert (states["user"].used, states["user"].held) == (sum(range(40)), 0)
+    assert states["global"].held == 0
+
+
+async def test_the_rider_follows_the_budget_failure_mode_when_redis_is_away() -> None:
+    dead = make_client(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.2)
+    layer = Limit("per-token", "t", 10, 60.0)
+    try:
+        admission = _admission(dead, failure_modes={"per-token": FailureMode.local})
+        for mode in ("closed", "open"):
+            budgets = Budgets(dead, failure_mode=mode)  # type: ignore[arg-type]
+            claim = budgets.claim(subjects=[("user", "u")], estimate=Estimate(1, 1))
+            decision = await admission.check(
+                limits=[layer], client_ip="192.0.2.9", rider=claim.rider
+            )
+            assert decision.allowed
+            assert decision.fallback
+            assert decision.rider is None
+            if mode == "closed":
+                with pytest.raises(BudgetUnavailable):
+                    budgets.held(claim, decision)
+            else:
+                assert budgets.held(claim, decision) is None
+        # Layers closed (the default): the admission refuses first, the budget is not asked.
+        closed = _admission(dead)
+        claim = Budgets(dead).claim(subjects=[("user", "u")], estimate=Estimate(1, 1))
+        decision = await closed.check(limits=[layer], client_ip="192.0.2.9", rider=claim.rider)
+        assert not decision.allowed
+        assert decision.fallback
+    finally:
+        await dead.aclose()
+
+
+async def test_a_lapsed_hold_settled_late_is_not_subtracted_twice(
+    redis_client: aioredis.Redis, admin: BudgetAdmin
+) -> None:
+    user = _user()
+    await admin.set("user", user, "micros", "day", 100)
+    budgets = Budgets(redis_client, hold_ttl_s=0.3)
+    late = await budgets.reserve(subjects=[("user", user)], estimate=Estimate(0, 80))
+    assert late is not None
+    await asyncio.sleep(0.4)
+    # 80 lapsed + 60 would not fit: the lapsed hold is dropped, and 60 is held.
+    fresh = await budgets.reserve(subjects=[("user", user)], estimate=Estimate(0, 60))
+    assert fresh is not None
+    await budgets.settle(late, tokens=0, micros=30)  # the slow call ends after all
+    key = counter_key("user", user, "micros", "day", window_index("day", time.time()))
+    assert int(await redis_client.get(f"{key}:held:sum") or 0) == 60
+    [state] = await admin.show()
+    assert (state.used, state.held) == (30, 60)
+    with pytest.raises(BudgetExceeded) as refused:
+        await budgets.reserve(subjects=[("user", user)], estimate=Estimate(0, 11))
+    assert refused.value.remaining == 10
+    await budgets.settle(fresh, tokens=0, micros=0)
+    assert not await redis_client.exists(f"{key}:held:sum")

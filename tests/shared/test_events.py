@@ -1,4 +1,5 @@
-"""Events reach JetStream once, survive a NATS outage, and overflow is counted."""
+"""Events reach JetStream once, survive a NATS outage and a missing stream, and overflow is
+counted."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 import nats
 from nats.aio.client import Client as NATS
 
-from keyveil.servers import start_nats
+from keyveil.servers import bootstrap_nats, start_nats
 from shared.events import EVENTS_DROPPED, AuditEvent, EventPublisher, UsageEvent
 
 
@@ -73,6 +74,28 @@ async def test_events_wait_out_a_nats_outage(tmp_path: Path) -> None:
         assert await publisher.flush(15)
         ids = {e.event_id for e in during} | {first.event_id}
         assert await _count_events(nc, "keyveil.usage.outage", ids) == 21
+    finally:
+        await publisher.close(1)
+        await nc.close()
+        server.stop()
+
+
+async def test_events_wait_for_a_missing_stream(tmp_path: Path) -> None:
+    """JetStream refuses (no stream yet: services never create one): kept, then published."""
+    server = start_nats(tmp_path)  # JetStream on, no keyveil streams
+    nc = await nats.connect(server.url)
+    publisher = EventPublisher(nc.jetstream(), publish_timeout_s=0.5)
+    publisher.start()
+    try:
+        events = [UsageEvent(service="nostream", type="proxy.request") for _ in range(3)]
+        for event in events:
+            publisher.emit(event)
+        await asyncio.sleep(0.5)
+        assert publisher.pending == 3
+        bootstrap_nats(server.url)
+        assert await publisher.flush(10)
+        ids = {e.event_id for e in events}
+        assert await _count_events(nc, "keyveil.usage.nostream", ids) == 3
     finally:
         await publisher.close(1)
         await nc.close()

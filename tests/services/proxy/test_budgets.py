@@ -1,5 +1,6 @@
-"""Budgets across three real proxy replicas: one user's money budget under 300
-concurrent chat calls with random real usage from the fake provider."""
+"""Budgets through real proxies: one user's money budget and TPM under 300 concurrent
+chat calls on three replicas, with random real usage from the fake provider; speech and
+transcription reserved and settled; Redis away, failing closed or open."""
 
 from __future__ import annotations
 
@@ -16,13 +17,13 @@ import pytest
 import redis.asyncio as aioredis
 from nats.aio.client import Client as NATS
 
-from keyveil.servers import ServerProcess
+from keyveil.servers import ServerProcess, start_redis
 from shared.budgets import CONFIG_KEY, BudgetAdmin, counter_key, window_index
 from shared.pricing import DEFAULT_PRICES_FILE, Usage, load_prices
 from shared.tokens import ProxyClaims, Scope
 from tests.support import FakeUpstream, ServiceProcess
 
-from .conftest import CHAT, Browser, Token, chat_body, proxy_env
+from .conftest import CHAT, SPEECH, STT, Browser, Token, chat_body, multipart, proxy_env
 
 pytestmark = pytest.mark.slow
 
@@ -66,7 +67,7 @@ def _user_token(browser: Browser, user: str) -> Token:
     claims = ProxyClaims(
         jti=uuid.uuid4().hex,
         sid=f"sess-{uuid.uuid4().hex[:8]}",
-        scopes=[Scope.chat],
+        scopes=[Scope.chat, Scope.speech, Scope.transcriptions],
         iat=now,
         exp=now + 300,
         origin="https://app.example.com",
@@ -302,3 +303,144 @@ async def test_a_proxy_killed_mid_stream_leaves_its_reservation_to_lapse(
     await asyncio.sleep(2.5)
     [state] = await admin.show()
     assert (state.held, state.used) == (0, 0)
+
+
+@pytest.fixture
+def budget_proxy(
+    proxy_nats: ServerProcess,
+    redis_url: str,
+    fake_upstream: FakeUpstream,
+    key_manager: ServiceProcess,
+    tmp_path: Path,
+) -> Iterator[ServiceProcess]:
+    env = proxy_env(proxy_nats.url, redis_url, fake_upstream, KEYVEIL_BUDGETS="true")
+    service = ServiceProcess("proxy", env, tmp_path / "proxy.log").start()
+    yield service
+    service.stop()
+
+
+async def _settled(redis_client: aioredis.Redis, key: str, admin: BudgetAdmin) -> int:
+    """The counter once nothing is held any more (settlements follow the answers)."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if all(state.held == 0 for state in await admin.show()):
+            break
+        await asyncio.sleep(0.05)
+    assert all(state.held == 0 for state in await admin.show())
+    return int(await redis_client.get(key) or 0)
+
+
+async def test_speech_is_reserved_and_settled_from_its_reported_usage(
+    budget_proxy: ServiceProcess,
+    upstream: FakeUpstream,
+    admin: BudgetAdmin,
+    redis_client: aioredis.Redis,
+    bus: NATS,
+) -> None:
+    upstream.behave(random_usage=True)
+    user = uuid.uuid4().hex
+    await admin.set("user", user, "micros", "day", 1_000_000)
+    browser = Browser(budget_proxy.url)
+    text = "Hello there, how are you today?"
+    key = counter_key("user", user, "micros", "day", window_index("day", time.time()))
+    try:
+        plain = _user_token(browser, user)
+        body = orjson.dumps({"model": "tts-1", "voice": "alloy", "input": text})
+        assert (await browser.post(SPEECH, body, plain)).status_code == 200
+        sse = _user_token(browser, user)
+        body = orjson.dumps(
+            {"model": "gpt-4o-mini-tts", "voice": "alloy", "input": text, "stream_format": "sse"}
+        )
+        assert (await browser.post(SPEECH, body, sse)).status_code == 200
+        events = await _events(bus, {plain.claims.jti, sse.claims.jti})
+        assert len(events) == 2
+        assert all(e["cost_micros"] > 0 for e in events)
+        assert await _settled(redis_client, key, admin) == sum(e["cost_micros"] for e in events)
+        # The estimate (16384 audio tokens at $12 per 1M: ~$0.2) does not fit what is left.
+        await admin.set("user", user, "micros", "day", int(await redis_client.get(key) or 0) + 1000)
+        calls = len(upstream.calls())
+        refused = await browser.post(SPEECH, body, _user_token(browser, user))
+        assert refused.status_code == 429
+        assert refused.json()["error"]["code"] == "budget_exceeded"
+        assert refused.headers["ratelimit-policy"].startswith('"budget-user-micros-day"')
+        assert len(upstream.calls()) == calls
+    finally:
+        await browser.close()
+
+
+async def test_transcription_is_reserved_from_the_upload_and_settled_from_its_usage(
+    budget_proxy: ServiceProcess,
+    upstream: FakeUpstream,
+    admin: BudgetAdmin,
+    redis_client: aioredis.Redis,
+    bus: NATS,
+) -> None:
+    user = uuid.uuid4().hex
+    await admin.set("user", user, "micros", "day", 1_000_000)
+    await admin.set("user", user, "tokens", "minute", 1_000_000)
+    browser = Browser(budget_proxy.url)
+    audio = b"RIFF" + b"\x00" * 64_000
+    day = counter_key("user", user, "micros", "day", window_index("day", time.time()))
+    try:
+        tokens = []
+        for model, extra in (("whisper-1", {}), ("gpt-4o-transcribe", {"stream": "true"})):
+            token = _user_token(browser, user)
+            body, content_type = multipart(audio, model=model, **extra)
+            response = await browser.post(STT, body, token, content_type=content_type)
+            assert response.status_code == 200
+            tokens.append(token.claims.jti)
+        events = await _events(bus, set(tokens))
+        assert len(events) == 2
+        assert await _settled(redis_client, day, admin) == sum(e["cost_micros"] for e in events)
+        reported = [c["usage"] for c in upstream.calls()]
+        assert reported[0]["seconds"] == len(audio) // 16_000  # whisper-1: billed by duration
+        # Reserved from the size (65 s at 1 kB/s, at $0.006 a minute: 6500 micro-dollars),
+        # so a budget with less left refuses before the upload goes anywhere.
+        await admin.set("user", user, "micros", "day", int(await redis_client.get(day) or 0) + 6000)
+        body, content_type = multipart(audio, model="whisper-1")
+        refused = await browser.post(
+            STT, body, _user_token(browser, user), content_type=content_type
+        )
+        assert refused.status_code == 429
+        assert refused.json()["error"]["code"] == "budget_exceeded"
+        assert len(upstream.calls()) == 2
+    finally:
+        await browser.close()
+
+
+@pytest.mark.parametrize("mode", ["closed", "open"])
+async def test_redis_away_refuses_budgeted_calls_or_lets_them_through(
+    proxy_nats: ServerProcess,
+    fake_upstream: FakeUpstream,
+    key_manager: ServiceProcess,
+    upstream: FakeUpstream,
+    tmp_path: Path,
+    mode: str,
+) -> None:
+    own = start_redis(tmp_path, name="budget-redis")
+    env = proxy_env(
+        proxy_nats.url,
+        own.url,
+        fake_upstream,
+        KEYVEIL_BUDGETS="true",
+        KEYVEIL_BUDGET_FAILURE_MODE=mode,
+        PROXY_RATE_LIMIT_FAILURE_MODE="local",  # else the admission itself refuses first
+    )
+    service = ServiceProcess("proxy", env, tmp_path / "proxy.log").start()
+    browser = Browser(service.url)
+    try:
+        assert (await browser.post(CHAT, chat_body())).status_code == 200
+        own.stop()  # Valkey goes away under the running proxy
+        response = await browser.post(CHAT, chat_body())
+        if mode == "closed":
+            assert response.status_code == 503
+            assert response.json()["error"]["code"] == "budget_unavailable"
+            assert response.headers["retry-after"] == "1"
+            assert len(upstream.calls()) == 1
+        else:
+            assert response.status_code == 200
+            assert len(upstream.calls()) == 2
+    finally:
+        await browser.close()
+        service.stop()
+        own.stop()
