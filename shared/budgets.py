@@ -3,7 +3,8 @@
 A budget is a limit on one subject's usage in one window:
 
     scope    token | user | app | global      (subject: token id, user hash, app, "all")
-    unit     tokens | micros                  (provider-reported tokens, or micro-dollars)
+    unit     tokens | micros | seconds        (provider-reported tokens, micro-dollars, or
+                                              billable voice seconds: GPT-Live bills time)
     window   minute | day | month             (fixed UTC windows; month = calendar month)
 
 Budgets live in Redis, in one hash (`kv:budget:cfg`, field
@@ -27,6 +28,10 @@ the counter; `settle_soon` queues settlements and sends those queued meanwhile i
 call, off the request path. The estimate is an upper bound (input bytes for input
 tokens, the output cap for output tokens), so the committed spend never passes a limit
 by more than one reservation's error.
+
+Live voice sessions cannot be bounded before they start: each keeps a rolling hold
+ahead of its usage instead (`_VOICE_LUA`, used by services/proxy/voice/budget.py),
+charged every sideband report and topped up from the room left.
 
 Redis unreachable: `closed` (the default, 503 `budget_unavailable`) or `open`
 (KEYVEIL_BUDGET_FAILURE_MODE; the call goes through uncounted). In the combined script
@@ -69,16 +74,18 @@ __all__ = [
     "Claim",
     "Estimate",
     "Hold",
+    "Metered",
+    "VoiceCharge",
     "budget_field",
     "counter_key",
     "window_index",
 ]
 
 Scope = Literal["token", "user", "app", "global"]
-Unit = Literal["tokens", "micros"]
+Unit = Literal["tokens", "micros", "seconds"]
 Window = Literal["minute", "day", "month"]
 SCOPES: Final[tuple[Scope, ...]] = ("token", "user", "app", "global")
-UNITS: Final[tuple[Unit, ...]] = ("tokens", "micros")
+UNITS: Final[tuple[Unit, ...]] = ("tokens", "micros", "seconds")
 WINDOWS: Final[tuple[Window, ...]] = ("minute", "day", "month")
 CONFIG_KEY: Final = "kv:budget:{budget}:cfg"
 INDEX_FIELD: Final = "_index"
@@ -99,9 +106,10 @@ def budget_field(scope: str, subject: str, unit: str, window: str) -> str:
     return f"{scope}:{subject}:{unit}:{window}"
 
 
-# The start both scripts share: Redis time, the calendar windows (minute, day, UTC month)
+# The start every script shares: Redis time, the calendar windows (minute, day, UTC month)
 # and the lookup of every configured budget that applies to the given (scope, subject)
-# pairs. ARGV[3], ARGV[4]: tokens and micros; then the pairs from ARGV[5].
+# pairs. The script puts before it `est` (amount per unit; a unit without one, nil, is
+# not looked up: HTTP calls bill no seconds) and `first_pair` (where the pairs start).
 _LOOKUP_LUA: Final = r"""
 local cfg = KEYS[1]
 local index = redis.call('HGET', cfg, '_index')
@@ -109,7 +117,6 @@ if not index and redis.call('EXISTS', cfg) == 0 then return {0} end
 local t = redis.call('TIME')
 local sec = tonumber(t[1])
 local now_ms = sec * 1000 + math.floor(tonumber(t[2]) / 1000)
-local est = {tokens = tonumber(ARGV[3]), micros = tonumber(ARGV[4])}
 local function days_from_civil(y, m, d)
   if m <= 2 then y = y - 1 end
   local era = math.floor(y / 400)
@@ -140,6 +147,37 @@ local function window(w)
   if nm == 13 then ny, nm = y + 1, 1 end
   return y * 12 + m - 1, days_from_civil(ny, nm, 1) * 86400
 end
+-- Live holds of a counter: a sorted set (`base:held`, member `id|amount`, scored by
+-- expiry) and their running sum (`base:held:sum`), changed together only here, so a
+-- check reads one number however many holds are in flight.
+local function drop_lapsed(held_key)
+  local lapsed = redis.call('ZRANGEBYSCORE', held_key, '-inf', now_ms)
+  if #lapsed == 0 then return end
+  local gone = 0
+  for _, member in ipairs(lapsed) do
+    gone = gone + tonumber(string.match(member, '|(%d+)$'))
+  end
+  redis.call('ZREMRANGEBYSCORE', held_key, '-inf', now_ms)
+  if redis.call('DECRBY', held_key .. ':sum', gone) <= 0 then
+    redis.call('DEL', held_key .. ':sum')
+  end
+end
+local function unhold(held_key, member, amount)
+  if redis.call('ZREM', held_key, member) == 1 then
+    if redis.call('DECRBY', held_key .. ':sum', amount) <= 0 then
+      redis.call('DEL', held_key .. ':sum')
+    end
+  end
+end
+local function hold(held_key, member, amount, ends, ttl)
+  redis.call('ZADD', held_key, now_ms + ttl, member)
+  if redis.call('INCRBY', held_key .. ':sum', amount) == amount then
+    -- Created now: the window's holds all lapse by its end plus a hold's TTL.
+    local gone_at = ends + math.ceil(ttl / 1000) + 1
+    redis.call('EXPIREAT', held_key, gone_at)
+    redis.call('EXPIREAT', held_key .. ':sum', gone_at)
+  end
+end
 -- `_index`: the scope:unit:window combinations some budget uses (BudgetAdmin keeps it),
 -- so only those are looked up; without it, every combination.
 local combos = {}
@@ -152,20 +190,22 @@ if index then
 end
 local every = {}
 if not index then
-  local units = {'tokens', 'micros'}
+  local units = {'tokens', 'micros', 'seconds'}
   local windows = {'minute', 'day', 'month'}
   for _, u in ipairs(units) do
     for _, w in ipairs(windows) do every[#every + 1] = {u, w} end
   end
 end
 local fields, meta = {}, {}
-for i = 5, #ARGV, 2 do
+for i = first_pair, #ARGV, 2 do
   local scope, subject = ARGV[i], ARGV[i + 1]
   for _, c in ipairs(index and (combos[scope] or {}) or every) do
     local u, w = c[1], c[2]
-    fields[#fields + 1] = scope .. ':' .. subject .. ':' .. u .. ':' .. w
-    fields[#fields + 1] = scope .. ':*:' .. u .. ':' .. w
-    meta[#meta + 1] = {scope, subject, u, w}
+    if est[u] ~= nil then
+      fields[#fields + 1] = scope .. ':' .. subject .. ':' .. u .. ':' .. w
+      fields[#fields + 1] = scope .. ':*:' .. u .. ':' .. w
+      meta[#meta + 1] = {scope, subject, u, w}
+    end
   end
 end
 if #fields == 0 then return {0} end
@@ -177,7 +217,9 @@ local values = redis.call('HMGET', cfg, unpack(fields))
 # pairs. Returns {0, counters...} (base key, unit, window end s, amount per counter) or
 # {1, name, limit, remaining, reset_s} when a budget would be exceeded.
 _RESERVE_LUA: Final = (
-    _LOOKUP_LUA
+    "local est = {tokens = tonumber(ARGV[3]), micros = tonumber(ARGV[4])}\n"
+    "local first_pair = 5\n"
+    + _LOOKUP_LUA
     + r"""
 local id, ttl = ARGV[1], tonumber(ARGV[2])
 local applied = {}
@@ -187,10 +229,8 @@ for j, m in ipairs(meta) do
     local idx, ends = window(m[4])
     local base = 'kv:budget:{budget}:' .. m[1] .. ':' .. m[2] .. ':' .. m[3] .. ':'
       .. m[4] .. ':' .. idx
-    -- Live holds: a sorted set scored by expiry, and their running sum (`:held:sum`),
-    -- so a check costs the same with one hold in flight or thousands. Holds that
-    -- lapsed (never settled) still count in the sum until a check would refuse: then
-    -- they are dropped from both and the check is made again.
+    -- Holds that lapsed (never settled) still count in the sum until a check would
+    -- refuse: then they are dropped and the check is made again.
     local held_key = base .. ':held'
     local sum_key = held_key .. ':sum'
     local counts = redis.call('MGET', sum_key, base)
@@ -198,17 +238,8 @@ for j, m in ipairs(meta) do
     local used = tonumber(counts[2] or '0')
     local need = est[m[3]]
     if used + held + need > limit then
-      local lapsed = redis.call('ZRANGEBYSCORE', held_key, '-inf', now_ms)
-      if #lapsed > 0 then
-        local gone = 0
-        for _, member in ipairs(lapsed) do
-          gone = gone + tonumber(string.match(member, '|(%d+)$'))
-        end
-        redis.call('ZREMRANGEBYSCORE', held_key, '-inf', now_ms)
-        held = redis.call('DECRBY', sum_key, gone)
-        if held <= 0 then redis.call('DEL', sum_key) end
-        held = math.max(held, 0)
-      end
+      drop_lapsed(held_key)
+      held = math.max(tonumber(redis.call('GET', sum_key) or '0'), 0)
     end
     if used + held + need > limit then
       local name = m[1] .. '-' .. m[3] .. '-' .. m[4]
@@ -219,16 +250,7 @@ for j, m in ipairs(meta) do
 end
 local out = {0}
 for _, a in ipairs(applied) do
-  if a[4] > 0 then
-    local held_key = a[1] .. ':held'
-    redis.call('ZADD', held_key, now_ms + ttl, id .. '|' .. a[4])
-    if redis.call('INCRBY', held_key .. ':sum', a[4]) == a[4] then
-      -- Created now: the window's holds all lapse by its end plus a hold's TTL.
-      local gone_at = a[3] + math.ceil(ttl / 1000) + 1
-      redis.call('EXPIREAT', held_key, gone_at)
-      redis.call('EXPIREAT', held_key .. ':sum', gone_at)
-    end
-  end
+  if a[4] > 0 then hold(a[1] .. ':held', id .. '|' .. a[4], a[4], a[3], ttl) end
   out[#out + 1] = a[1]
   out[#out + 1] = a[2]
   out[#out + 1] = a[3]
@@ -273,34 +295,104 @@ return 1
 """
 
 
-# Usage already spent (a voice tick), added to every budget that applies. ARGV: tokens,
-# micros, then (scope, subject) pairs (the first four ARGV of the lookup are unused).
-# Returns {permille of the fullest budget (committed + held) / limit, its name}.
-_CHARGE_LUA: Final = (
-    _LOOKUP_LUA
+# A live voice session's rolling hold. A session holds `ahead` (per unit) beyond what it
+# has used, under a hold id of its own, so concurrent sessions share the room left:
+#   open     the whole `ahead` must fit every budget, else nothing is held ({1, ...}
+#            as the reserve script answers);
+#   tick     `used` is added to the counters (once per event id: a replica that takes
+#            the session over replays its outbox under the same id), the hold shrinks by
+#            it and is topped up to `ahead` from the room left; `short` when it could
+#            not be: the session must end, and what it still holds covers its close;
+#   release  the session ended: its hold is dropped.
+# ARGV: hold id, ttl_ms, used tokens|micros|seconds, ahead tokens|micros|seconds (a unit
+# this session does not bill is '' and its budgets are not looked up), mode, event id
+# ('' for none), then (scope, subject) pairs. Returns {0} (no budget applies), the
+# refusal, or {0, permille of the fullest budget (committed + held) / limit, its name,
+# 1 when short, the budget it ran short on}.
+_VOICE_LUA: Final = (
+    "local est = {tokens = tonumber(ARGV[3]), micros = tonumber(ARGV[4]),"
+    " seconds = tonumber(ARGV[5])}\n"
+    "local first_pair = 11\n"
+    + _LOOKUP_LUA
     + r"""
-local worst, worst_name = 0, ''
+local id, ttl, mode, event = ARGV[1], tonumber(ARGV[2]), ARGV[9], ARGV[10]
+local ahead = {tokens = tonumber(ARGV[6]) or 0, micros = tonumber(ARGV[7]) or 0,
+  seconds = tonumber(ARGV[8]) or 0}
+local fresh = true
+if mode == 'tick' and event ~= '' then
+  fresh = redis.call('SET', 'kv:budget:{budget}:seen:' .. event, '1', 'NX', 'EX', 172800)
+    ~= false
+end
+local found = {}
 for j, m in ipairs(meta) do
   local limit = tonumber(values[2 * j - 1] or '') or tonumber(values[2 * j] or '')
   if limit then
     local idx, ends = window(m[4])
     local base = 'kv:budget:{budget}:' .. m[1] .. ':' .. m[2] .. ':' .. m[3] .. ':'
       .. m[4] .. ':' .. idx
-    local add = est[m[3]]
-    local used = tonumber(redis.call('GET', base) or '0')
-    if add > 0 then used = redis.call('INCRBY', base, add) end
-    redis.call('EXPIREAT', base, ends + 3600)
-    local held = 0
-    for _, member in ipairs(redis.call('ZRANGEBYSCORE', base .. ':held', now_ms, '+inf')) do
-      held = held + tonumber(string.match(member, '|(%d+)$'))
+    local held_key = base .. ':held'
+    drop_lapsed(held_key)
+    local others, own, own_member = 0, 0, ''
+    for _, member in ipairs(redis.call('ZRANGE', held_key, 0, -1)) do
+      local who, amount = string.match(member, '^(.*)|(%d+)$')
+      if who == id then own, own_member = tonumber(amount), member
+      else others = others + tonumber(amount) end
     end
-    local permille = limit > 0 and math.floor(1000 * (used + held) / limit) or 1000
-    if permille >= worst then worst, worst_name = permille, m[1] .. '-' .. m[3] .. '-' .. m[4] end
+    local used = tonumber(redis.call('GET', base) or '0')
+    local name = m[1] .. '-' .. m[3] .. '-' .. m[4]
+    if mode == 'open' and used + others + ahead[m[3]] > limit then
+      return {1, name, limit, math.max(limit - used - others, 0), ends - sec}
+    end
+    found[#found + 1] = {base, held_key, m[3], ends, limit, used, others, own, own_member, name}
   end
 end
-return {worst, worst_name}
+if #found == 0 then return {0} end
+local worst, worst_name, short, short_name = 0, '', 0, ''
+for _, f in ipairs(found) do
+  local base, held_key, unit, ends, limit, used, others, own, own_member, name = unpack(f)
+  local want = ahead[unit]
+  local keep = 0
+  if mode == 'open' then
+    keep = want
+  elseif mode == 'tick' then
+    local add = fresh and est[unit] or 0
+    if add > 0 then used = redis.call('INCRBY', base, add) end
+    redis.call('EXPIREAT', base, ends + 3600)
+    local left = math.max(own - add, 0)
+    keep = math.max(left, math.min(want, limit - used - others))
+    if keep < want then short, short_name = 1, name end
+  end
+  if own_member ~= '' then unhold(held_key, own_member, own) end
+  if keep > 0 then hold(held_key, id .. '|' .. keep, keep, ends, ttl) end
+  local permille = limit > 0 and math.floor(1000 * (used + others + keep) / limit) or 1000
+  if permille >= worst then worst, worst_name = permille, name end
+end
+return {0, worst, worst_name, short, short_name}
 """
 )
+
+
+@dataclass(frozen=True, slots=True)
+class Metered:
+    """Voice amounts per unit; None: the session does not bill that unit (Realtime bills
+    no seconds, GPT-Live no tokens), so its budgets do not apply."""
+
+    tokens: int | None = None
+    micros: int | None = None
+    seconds: int | None = None
+
+    def args(self) -> list[Any]:
+        return ["" if v is None else max(v, 0) for v in (self.tokens, self.micros, self.seconds)]
+
+
+@dataclass(frozen=True, slots=True)
+class VoiceCharge:
+    """The fullest budget after a voice tick: its share (committed + held) / limit, its
+    name, and the budget the session ran short on (None: its hold is whole)."""
+
+    share: float
+    name: str
+    short: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -383,7 +475,7 @@ class Budgets:
         self._redis = redis
         self._reserve: Any = redis.register_script(_RESERVE_LUA)
         self._settle: Any = redis.register_script(_SETTLE_LUA)
-        self._charge: Any = redis.register_script(_CHARGE_LUA)
+        self._voice: Any = redis.register_script(_VOICE_LUA)
         self._pipes: list[PipelinedScript] = []
         if pipelined:
             reserve = PipelinedScript.for_client(redis, _RESERVE_LUA)
@@ -515,21 +607,36 @@ class Budgets:
         while self._settling is not None:
             await asyncio.shield(self._settling)
 
-    async def charge(
-        self, *, subjects: list[tuple[str, str]], tokens: int, micros: int
-    ) -> tuple[float, str] | None:
-        """Count usage already spent (voice); (the fullest budget's share used, its name),
-        or None when no budget applies. Raises RedisUnavailableError."""
-        args: list[Any] = ["charge", 0, max(tokens, 0), max(micros, 0)]
+    async def voice(
+        self,
+        *,
+        hold_id: str,
+        subjects: list[tuple[str, str]],
+        mode: Literal["open", "tick", "release"],
+        used: Metered = Metered(),
+        ahead: Metered = Metered(),
+        event_id: str = "",
+        ttl_s: float = 60.0,
+    ) -> VoiceCharge | None:
+        """A live voice session's rolling hold (see `_VOICE_LUA`); None when no budget
+        applies. `open` raises BudgetExceeded; every mode raises RedisUnavailableError."""
+        args: list[Any] = [hold_id, max(1, int(ttl_s * 1000)), *used.args(), *ahead.args()]
+        args += [mode, event_id]
         for scope, subject in subjects:
             args += [scope, subject]
         with redis_unavailable():
             async with asyncio.timeout(self._deadline_s):
-                raw = await self._charge(keys=[CONFIG_KEY], args=args)
-        if len(raw) < 2 or not raw[1]:
+                raw = await self._voice(keys=[CONFIG_KEY], args=args)
+        if int(raw[0]) == 1:
+            DECISIONS.labels("exceeded").inc()
+            raise BudgetExceeded(_text(raw[1]), int(raw[2]), int(raw[3]), int(raw[4]))
+        if mode == "open":
+            DECISIONS.labels("reserved" if len(raw) >= 5 else "none").inc()
+        if len(raw) < 5:
             return None
-        name = raw[1].decode() if isinstance(raw[1], bytes) else str(raw[1])
-        return int(raw[0]) / 1000, name
+        return VoiceCharge(
+            int(raw[1]) / 1000, _text(raw[2]), _text(raw[4]) if int(raw[3]) else None
+        )
 
     def _reset(self) -> None:
         for pipe in self._pipes:

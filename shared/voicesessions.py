@@ -92,6 +92,7 @@ class VoiceSession(BaseModel):
     pending_event: str | None = None  # outbox: a usage event JSON awaiting its ack
     pending_billed_s: float | None = None
     attachments: int = 0  # how many times a sideband attached (1 + re-attaches)
+    budget_hold: str | None = None  # the session's budget hold id (services.proxy.voice.budget)
 
     def to_redis(self) -> dict[Any, Any]:
         return _encode(self.model_dump())

@@ -6,6 +6,7 @@ Budgets live in Redis (REDIS_URL, else the local stack's `redis_url`; see
     keyveil budgets set user <user-hash> micros day 5000000   # $5 a day for one user
     keyveil budgets set user '*' tokens minute 40000          # a TPM for every user
     keyveil budgets set global all micros month 2000000000    # $2,000 a month in all
+    keyveil budgets set user '*' seconds day 3600             # an hour of live voice a day
     keyveil budgets show [--json]
     keyveil budgets remove user '*' tokens minute
     keyveil budgets reset user <user-hash>                    # forget counted usage
@@ -34,7 +35,9 @@ _REDIS_TROUBLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutErro
 
 
 def register(subparsers: Any) -> None:
-    parser = subparsers.add_parser("budgets", help="spend budgets (tokens, micro-dollars)")
+    parser = subparsers.add_parser(
+        "budgets", help="spend budgets (tokens, micro-dollars, voice seconds)"
+    )
     sub = parser.add_subparsers(dest="budgets_command", required=True, metavar="ACTION")
     for name, text in (("set", "set a budget's limit"), ("remove", "remove a budget")):
         action = sub.add_parser(name, help=text)

@@ -230,6 +230,16 @@ class Settings(EdgeSettings):
     )
     """How long a replica's claim on a sideband lasts without renewal; another replica
     re-attaches an orphaned session after it lapses."""
+    voice_budget_ahead_s: int = Field(
+        default=5, ge=1, le=3600, validation_alias="VOICE_BUDGET_AHEAD_S"
+    )
+    """Billable seconds a GPT-Live session holds in its budgets beyond what it used (at
+    least two of its usage reports; also what a new session must find left, else 429)."""
+    voice_budget_ahead_tokens: int = Field(
+        default=4000, ge=1, le=1_000_000, validation_alias="VOICE_BUDGET_AHEAD_TOKENS"
+    )
+    """Tokens a Realtime call holds in its budgets beyond what it used (at least two of
+    its largest responses; also what a new call must find left, else 429)."""
 
     _split_voice = field_validator(
         "voice_live_models",

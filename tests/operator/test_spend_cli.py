@@ -101,6 +101,15 @@ def test_budgets_set_show_remove_reset(tmp_path: Path, redis_url: str) -> None:
             "scope": "user", "subject": user, "unit": "micros", "window": "day",
             "limit": 5_000_000, "used": 0, "held": 0,
         }  # fmt: skip
+        seconds = keyveil("budgets", "set", "user", user, "seconds", "month", "36000",
+                          state_dir=tmp_path, REDIS_URL=redis_url)  # fmt: skip
+        assert seconds.returncode == 0, seconds.stderr
+        assert seconds.stdout.strip() == f"user:{user} seconds/month = 36000"
+        table = keyveil("budgets", "show", state_dir=tmp_path, REDIS_URL=redis_url)
+        assert f"user:{user[:24]} seconds/month" in table.stdout
+        dropped = keyveil("budgets", "remove", "user", user, "seconds", "month",
+                          state_dir=tmp_path, REDIS_URL=redis_url)  # fmt: skip
+        assert dropped.returncode == 0
         bad = keyveil("budgets", "set", "user", user, "dollars", "day", "5",
                       state_dir=tmp_path, REDIS_URL=redis_url)  # fmt: skip
         assert bad.returncode == 2

@@ -20,6 +20,8 @@ from shared.budgets import (
     BudgetUnavailable,
     Estimate,
     Hold,
+    Metered,
+    VoiceCharge,
     counter_key,
     window_index,
 )
@@ -132,27 +134,90 @@ def test_windows_are_numbered_like_the_script() -> None:
     assert window_index("month", moment) == 2025 * 12 + 11
 
 
-async def test_spent_usage_is_charged_and_reports_the_fullest_budget(
+async def test_a_voice_hold_is_topped_up_per_tick_and_runs_short_at_the_limit(
     redis_client: aioredis.Redis, admin: BudgetAdmin
 ) -> None:
     user = _user()
-    await admin.set("user", user, "micros", "day", 10_000)
-    await admin.set("global", "all", "micros", "month", 10**12)
+    await admin.set("user", user, "seconds", "day", 10)
     budgets = Budgets(redis_client)
-    subjects = [("user", user), ("global", "all")]
-    assert await budgets.charge(subjects=subjects, tokens=0, micros=4_000) == (
-        0.4,
-        "user-micros-day",
+    subjects = [("user", user)]
+    live = Metered(micros=0, seconds=0)
+    ahead = Metered(micros=0, seconds=4)
+
+    async def tick(hold: str, seconds: int, event: str) -> VoiceCharge | None:
+        return await budgets.voice(
+            hold_id=hold,
+            subjects=subjects,
+            mode="tick",
+            used=Metered(micros=0, seconds=seconds),
+            ahead=ahead,
+            event_id=event,
+        )
+
+    await budgets.voice(hold_id="a", subjects=subjects, mode="open", used=live, ahead=ahead)
+    await budgets.voice(hold_id="b", subjects=subjects, mode="open", used=live, ahead=ahead)
+    # 8 of 10 held: a third session does not find its 4 seconds, nothing is held for it.
+    with pytest.raises(BudgetExceeded) as refused:
+        await budgets.voice(hold_id="c", subjects=subjects, mode="open", used=live, ahead=ahead)
+    assert refused.value.name == "user-seconds-day"
+    assert refused.value.remaining == 2
+    assert refused.value.headers()["RateLimit-Policy"] == '"budget-user-seconds-day";q=10;w=86400'
+    # a used 1: holds 4 again (1 + 4 + 4 of 10). b used 2: only 3 left for its hold: short.
+    assert await tick("a", 1, "e1") == VoiceCharge(0.9, "user-seconds-day", None)
+    assert await tick("b", 2, "e2") == VoiceCharge(1.0, "user-seconds-day", "user-seconds-day")
+    # The same event again (a replica replaying its outbox) is not counted twice.
+    await tick("b", 2, "e2")
+    [state] = await admin.show()
+    assert (state.used, state.held) == (3, 7)
+    await budgets.voice(hold_id="b", subjects=subjects, mode="release", used=live)
+    [state] = await admin.show()
+    assert (state.used, state.held) == (3, 4)
+    # HTTP calls bill no seconds: a seconds budget never refuses them.
+    held = await budgets.reserve(subjects=subjects, estimate=Estimate(10**6, 10**6))
+    assert held is None
+    # A Realtime call bills no seconds either: it holds nothing in a seconds budget.
+    realtime = Metered(tokens=0, micros=0)
+    opened = await budgets.voice(
+        hold_id="r", subjects=subjects, mode="open", used=realtime, ahead=Metered(100, 100)
     )
-    held = await budgets.reserve(subjects=subjects, estimate=Estimate(0, 5_000))
-    assert held is not None  # a reservation counts toward how full the budget is
-    assert await budgets.charge(subjects=subjects, tokens=0, micros=500) == (
-        0.95,
-        "user-micros-day",
+    assert opened is None
+
+
+async def test_voice_and_http_holds_on_one_budget_share_its_running_sum(
+    redis_client: aioredis.Redis, admin: BudgetAdmin
+) -> None:
+    """Both kinds of hold keep `:held:sum` with the sorted set, so each sees the other's."""
+    user = _user()
+    await admin.set("user", user, "micros", "day", 1000)
+    budgets = Budgets(redis_client)
+    subjects = [("user", user)]
+    base = counter_key("user", user, "micros", "day", window_index("day", time.time()))
+    ahead = Metered(micros=600, seconds=0)
+    await budgets.voice(
+        hold_id="v", subjects=subjects, mode="open", used=Metered(0, 0), ahead=ahead
     )
-    assert await budgets.charge(subjects=[("user", _user())], tokens=5, micros=5) is None
-    [state] = [s for s in await admin.show() if s.subject == user]
-    assert state.used == 4_500
+    assert int(await redis_client.get(f"{base}:held:sum")) == 600
+    # The voice hold counts for HTTP: 600 + 500 would pass 1000.
+    with pytest.raises(BudgetExceeded):
+        await budgets.reserve(subjects=subjects, estimate=Estimate(tokens=1, micros=500))
+    http = await budgets.reserve(subjects=subjects, estimate=Estimate(tokens=1, micros=300))
+    assert http is not None
+    assert int(await redis_client.get(f"{base}:held:sum")) == 900
+    # The HTTP hold counts for voice: the tick can top up only to what is left.
+    charge = await budgets.voice(
+        hold_id="v",
+        subjects=subjects,
+        mode="tick",
+        used=Metered(micros=200),
+        ahead=ahead,
+        event_id=uuid.uuid4().hex,
+    )
+    assert charge is not None and charge.short == "user-micros-day"
+    await budgets.voice(hold_id="v", subjects=subjects, mode="release", used=Metered(0, 0))
+    await budgets.settle(http, tokens=1, micros=100)
+    assert await redis_client.get(f"{base}:held:sum") is None
+    assert await redis_client.zcard(f"{base}:held") == 0
+    assert int(await redis_client.get(base)) == 300
 
 
 async def test_budgets_written_without_the_index_are_still_enforced(

@@ -20,6 +20,7 @@ from shared.voicesessions import VoiceRegistry
 from ..settings import Settings
 from ..upstream import KeySource
 from .broker import VoiceBroker
+from .budget import VoiceBudget
 from .sessions import VoiceSessions, replica_id
 from .sideband import SidebandContext
 
@@ -50,6 +51,15 @@ async def open_voice(
     )
     stack.push_async_callback(http.aclose)
     policy = policy or settings.voice_policy()
+    budget = None
+    if budgets is not None:
+        budget = VoiceBudget(
+            budgets,
+            spend.prices if spend is not None else None,
+            ahead_s=settings.voice_budget_ahead_s,
+            ahead_tokens=settings.voice_budget_ahead_tokens,
+            max_session_s=policy.max_session_s,
+        )
     ctx = SidebandContext(
         base_url=settings.openai_base_url,
         keys=keys,
@@ -59,11 +69,16 @@ async def open_voice(
         policy=policy,
         replica=replica_id(),
         spend=spend,
-        budgets=budgets,
+        budget=budget,
     )
     sessions = VoiceSessions(ctx, lease_ms=settings.voice_lease_ms)
     sessions.start()
     stack.push_async_callback(sessions.aclose)
     return VoiceBroker(
-        base_url=settings.openai_base_url, policy=policy, keys=keys, http=http, sessions=sessions
+        base_url=settings.openai_base_url,
+        policy=policy,
+        keys=keys,
+        http=http,
+        sessions=sessions,
+        budget=budget,
     )

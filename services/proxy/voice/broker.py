@@ -44,6 +44,7 @@ from shared.voicesessions import VoiceSession
 from ..bodies import PartReader, UnsupportedMediaTypeError, read_json
 from ..routes import PREFIX, Route
 from ..upstream import KeySource
+from .budget import VoiceBudget
 from .metrics import SETUP_LATENCY
 from .sdp import check_answer, check_offer
 from .sessions import VoiceSessions
@@ -148,8 +149,10 @@ class VoiceBroker:
         keys: KeySource,
         http: httpx.AsyncClient,
         sessions: VoiceSessions,
+        budget: VoiceBudget | None = None,
     ) -> None:
         self._base_url = base_url
+        self._budget = budget
         self._policy = policy
         self._keys = keys
         self._http = http
@@ -185,11 +188,24 @@ class VoiceBroker:
                 body, content_length=headers.get("content-length"), digest=digest, limit=limit
             )
             session, offer = self._call_request(raw, headers.get("content-type") or "")
+        hold: str | None = None
+        if self._budget is not None:  # refused here, before the provider, when spent
+            hold = await self._budget.open(
+                api=api,
+                model=session["model"],
+                token_id=claims.jti,
+                user=claims.sub,
+                app=claims.app,
+            )
         upstream_started = perf_counter()
-        if api is VoiceApi.live:
-            session_id, answer = await self._create_live(session, offer)
-        else:
-            session_id, answer = await self._create_call(session, offer)
+        try:
+            if api is VoiceApi.live:
+                session_id, answer = await self._create_live(session, offer)
+            else:
+                session_id, answer = await self._create_call(session, offer)
+        except BaseException:
+            await self._drop_hold(hold, api, claims)
+            raise
         upstream_s = perf_counter() - upstream_started
         now = time.time()
         record = VoiceSession(
@@ -204,12 +220,14 @@ class VoiceBroker:
             started_at=now,
             ends_at=now + self._policy.max_session_s,
             pinned=session,
+            budget_hold=hold,
         )
         try:
             await self._sessions.register(record)
         except Exception as exc:  # no registry: the session must not run unwatched
             log.error("voice registry unavailable (%s); ending the session", type(exc).__name__)
             await self._abandon(api, session_id)
+            await self._drop_hold(hold, api, claims)
             raise UnavailableError(
                 "voice sessions are unavailable; try again", code="voice_unavailable"
             ) from None
@@ -351,6 +369,17 @@ class VoiceBroker:
         if not _SESSION_ID.fullmatch(call_id):
             raise self._malformed()
         return call_id, self._clean(answer.text, key)
+
+    async def _drop_hold(self, hold: str | None, api: VoiceApi, claims: ProxyClaims) -> None:
+        """A session that was not brokered gives its budget hold back (best effort)."""
+        if hold is None or self._budget is None:
+            return
+        try:
+            await self._budget.abandon(
+                hold, api=api, token_id=claims.jti, user=claims.sub, app=claims.app
+            )
+        except Exception as exc:  # it lapses by its TTL
+            log.warning("voice budget hold not released (%s)", type(exc).__name__)
 
     async def _abandon(self, api: VoiceApi, session_id: str) -> None:
         """End a session upstream that keyveil could not register (best effort)."""

@@ -34,7 +34,6 @@ import websockets
 import websockets.exceptions
 from websockets.asyncio.client import ClientConnection, connect
 
-from shared.budgets import Budgets
 from shared.events import AuditEvent, EventPublisher, UsageEvent
 from shared.eventschema import BudgetWarning, VoiceClosed, VoicePolicyAction
 from shared.metering import SpendMeter, event_fields, read_usage
@@ -44,9 +43,10 @@ from shared.voicepolicy import VoiceApi, VoicePolicy, revert_event, violations
 from shared.voicesessions import VoiceRegistry, VoiceSession
 
 from ..upstream import KeySource
+from .budget import VoiceBudget, whole_seconds
 from .metrics import BILLABLE_SECONDS, POLICY_ACTIONS, RECONNECTS, TOKENS
 
-__all__ = ["Sideband", "SidebandContext", "sideband_url", "upstream_url"]
+__all__ = ["Sideband", "SidebandContext", "sideband_url", "upstream_url", "voice_event_id"]
 
 log = logging.getLogger(__name__)
 # websockets logs the handshake headers (the Authorization header with the provider key)
@@ -80,7 +80,8 @@ def sideband_url(base_url: str, api: VoiceApi, session_id: str) -> str:
     return urlunsplit((scheme, url.netloc, path, query, ""))
 
 
-def _event_id(*parts: object) -> str:
+def voice_event_id(*parts: object) -> str:
+    """The same on every replica: JetStream and the budgets count an event once by it."""
     return hashlib.sha256(":".join(str(p) for p in parts).encode()).hexdigest()[:32]
 
 
@@ -97,7 +98,7 @@ class SidebandContext:
     replica: str
     open_timeout_s: float = 5.0
     spend: SpendMeter | None = None  # prices voice usage (shared.pricing)
-    budgets: Budgets | None = None  # charged every tick: a warning at 90 %, the end at 100 %
+    budget: VoiceBudget | None = None  # charged every tick: a warning at 90 %, the end at 100 %
 
 
 class Sideband:
@@ -129,6 +130,8 @@ class Sideband:
     async def let_go(self) -> None:
         """Stop holding the sideband without ending the session (lease lost, shutdown)."""
         self._let_go = True
+        if self.ctx.budget is not None:
+            self.ctx.budget.forget(self.record)
         await self._stop_task()
 
     async def end(self, reason: str) -> None:
@@ -298,14 +301,13 @@ class Sideband:
         delta = round(total - self.record.billed_s, 3)
         priced = self._price(Usage(seconds=delta), already=Usage(seconds=self.record.billed_s))
         event = self._usage(
-            _event_id(self.session_id, "seconds", total),
+            voice_event_id(self.session_id, "seconds", total),
             seconds=delta,
             seconds_total=total,
             **priced,
         )
         await self._commit(event, billed_s=total)
         BILLABLE_SECONDS.labels(self.api.value).inc(delta)
-        await self._charge_budgets(0, event.cost_micros or 0)
 
     async def _bill_tokens(self, response: Any) -> None:
         if not isinstance(response, dict):
@@ -316,7 +318,7 @@ class Sideband:
         total = usage.get("total_tokens")
         inputs = usage.get("input_tokens")
         outputs = usage.get("output_tokens")
-        ident = response.get("id") or _event_id(orjson.dumps(usage))
+        ident = response.get("id") or voice_event_id(orjson.dumps(usage))
         metered = read_usage(usage)
         fields: dict[str, Any] = {
             "prompt_tokens": inputs if isinstance(inputs, int) else None,
@@ -325,43 +327,47 @@ class Sideband:
         }
         if metered is not None:
             fields.update(self._price(metered))
-        event = self._usage(_event_id(self.session_id, "response", ident), **fields)
+        event = self._usage(voice_event_id(self.session_id, "response", ident), **fields)
         tokens = self.record.tokens + (total if isinstance(total, int) else 0)
         await self._commit(event, tokens=tokens)
         if isinstance(total, int):
             TOKENS.labels(self.api.value).inc(total)
-        await self._charge_budgets(event.total_tokens or 0, event.cost_micros or 0)
 
-    async def _charge_budgets(self, tokens: int, micros: int) -> None:
-        """Count this tick against the budgets; warn at 90 %, end the session at 100 %."""
-        budgets = self.ctx.budgets
-        if budgets is None or (not tokens and not micros) or self._ending is not None:
+    async def _charge_budgets(self, event: UsageEvent) -> None:
+        """Count an acked usage event against the budgets (once per event id, so a
+        replayed outbox adds nothing); warn at 90 %, end the session when its hold
+        cannot be topped up (100 %). Runs before the watermark moves."""
+        budget = self.ctx.budget
+        if budget is None:
             return
-        subjects = [("token", self.record.token_id), ("global", "all")]
-        if self.record.user:
-            subjects.append(("user", self.record.user))
-        if self.record.app:
-            subjects.append(("app", self.record.app))
+        seconds = 0
+        if event.seconds_total is not None:
+            seconds = whole_seconds(self.record.billed_s, event.seconds_total)
         try:
-            found = await budgets.charge(subjects=subjects, tokens=tokens, micros=micros)
+            found = await budget.charge(
+                self.record,
+                event_id=event.event_id,
+                seconds=seconds,
+                tokens=event.total_tokens or 0,
+                micros=event.cost_micros or 0,
+            )
         except RedisUnavailableError as exc:
             log.warning("voice usage not charged to budgets, redis unavailable (%s)", exc)
             return
         if found is None:
             return
-        share, name = found
-        if share >= 1.0:
-            log.warning("voice session over budget %s; ending it", name)
-            # Not awaited here: this runs in the reader, which must go on to read session.closed.
-            self._closer = asyncio.get_running_loop().create_task(self.end("budget_exceeded"))
-        elif share >= _BUDGET_WARNING and not self._budget_warned:
+        if found.share >= _BUDGET_WARNING and not self._budget_warned:
             self._budget_warned = True
             if self.ctx.publisher is not None:
                 warning = self._usage(
-                    _event_id(self.session_id, "budget-warning", name),
-                    reason=BudgetWarning(budget=name[:64]),
+                    voice_event_id(self.session_id, "budget-warning", found.name),
+                    reason=BudgetWarning(budget=found.name[:64]),
                 )
                 self.ctx.publisher.emit(warning.model_copy(update={"type": "voice.budget.warning"}))
+        if found.short is not None and self._ending is None and not self.ended.is_set():
+            log.warning("voice session over budget %s; ending it", found.short)
+            # Not awaited here: this runs in the reader, which must go on to read session.closed.
+            self._closer = asyncio.get_running_loop().create_task(self.end("budget_exceeded"))
 
     def _price(self, usage: Usage, *, already: Usage | None = None) -> dict[str, Any]:
         """The event's metered fields, with the cost by the price table (shared.pricing)."""
@@ -389,10 +395,12 @@ class Sideband:
         )
 
     async def _commit(self, event: UsageEvent, **watermark: Any) -> None:
-        """Outbox: record the event, publish it with an ack, then move the watermark."""
+        """Outbox: record the event, publish it with an ack, charge the budgets, then
+        move the watermark (a replica taking over redoes the last two, same ids)."""
         payload = event.model_dump_json()
         await self.ctx.registry.update(self.session_id, pending_event=payload)
         await self._publish_acked(event)
+        await self._charge_budgets(event)
         for name, value in watermark.items():
             setattr(self.record, name, value)
         await self.ctx.registry.update(self.session_id, pending_event=None, **watermark)
@@ -404,6 +412,7 @@ class Sideband:
             return
         event = UsageEvent.model_validate_json(pending)
         await self._publish_acked(event)
+        await self._charge_budgets(event)
         update: dict[str, Any] = {"pending_event": None}
         if event.seconds_total is not None and event.seconds_total > self.record.billed_s:
             update["billed_s"] = self.record.billed_s = event.seconds_total
@@ -437,6 +446,9 @@ class Sideband:
         with contextlib.suppress(Exception):
             await self.ctx.registry.mark_closed(self.session_id, reason)
             await self.ctx.registry.release(self.session_id, owner=self.ctx.replica)
+        if self.ctx.budget is not None:
+            with contextlib.suppress(Exception):  # it lapses by its TTL otherwise
+                await self.ctx.budget.release(self.record)
         self._audit(
             "voice.session.closed",
             outcome="success",
