@@ -9,7 +9,7 @@ BENCHING := $(VENV)/.bench-stamp
 PYTEST_ARGS ?=
 ARGS ?=
 
-.PHONY: install up test lint check bench clean browser config-docs event-schema
+.PHONY: install up test lint check bench bench-peers clean browser config-docs event-schema
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -59,5 +59,18 @@ event-schema: $(RUNTIME)
 bench: $(TESTING) $(BENCHING)
 	$(BIN)/python -m benchmarks.report
 
+# LiteLLM's proxy in a venv of its own (never part of `make test`), then the proxy
+# benchmark with the same load through keyveil and LiteLLM in one run: the ratio.
+PEERS := .venv-peers
+LITELLM := litellm[proxy]==1.106.12
+$(PEERS)/.stamp: Makefile
+	$(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install --quiet --upgrade pip
+	$(PEERS)/bin/python -m pip install --quiet '$(LITELLM)'
+	touch $@
+
+bench-peers: $(TESTING) $(BENCHING) $(PEERS)/.stamp
+	$(BIN)/python -m benchmarks.report --only proxy --peers
+
 clean:
-	rm -rf $(VENV) .keyveil .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(PEERS) .keyveil .pytest_cache .mypy_cache .ruff_cache

@@ -53,7 +53,7 @@ async def _leases(url: str, total: int, concurrency: int) -> LatencySummary:
 
 async def bench(total: int, concurrency: int, rounds: int) -> dict[str, LatencySummary]:
     state = Path(tempfile.mkdtemp(prefix="kek-bench-"))
-    server = start_nats(state)
+    server = start_nats(state, streams=True)  # as `keyveil bootstrap` makes them
     bao = start_openbao(state)
     results: dict[str, LatencySummary] = {}
     backends = {"local": KekBackend("local"), "vault-transit": KekBackend("vault-transit", bao=bao)}

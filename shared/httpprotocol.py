@@ -25,8 +25,12 @@ import logging
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import orjson
 from prometheus_client import Counter
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+
+from shared.coalesce import CoalescedWrites
+from shared.errors import error_body
 
 __all__ = ["EDGE_REFUSALS", "EdgeProtocol", "JsonParseErrorProtocol", "ProtocolLimits"]
 
@@ -60,7 +64,7 @@ class _RefusedError(Exception):
 
 
 def _json_error(status: int, code: str, message: str) -> bytes:
-    body = f'{{"error":{{"code":"{code}","message":"{message}"}}}}'.encode()
+    body = orjson.dumps(error_body(code, message))
     return b"".join(
         [
             STATUS_LINE[status],
@@ -80,7 +84,7 @@ class JsonParseErrorProtocol(HttpToolsProtocol):
     never reaches the app; uvicorn answers it itself, by default in plain text.
     """
 
-    _BODY = b'{"error":{"code":"invalid_http","message":"the request is not valid HTTP"}}'
+    _BODY = orjson.dumps(error_body("invalid_http", "the request is not valid HTTP"))
 
     def send_400_response(self, msg: str) -> None:
         content = [STATUS_LINE[400]]
@@ -115,6 +119,12 @@ class EdgeProtocol(JsonParseErrorProtocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._write_timer: asyncio.TimerHandle | None = None
         self._reset_head()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[arg-type]
+        # Every write of this connection (answers, refusals) goes through one buffer;
+        # uvicorn's flow control keeps the real transport for pause/resume reading.
+        self.transport = CoalescedWrites(self.transport, self.loop)  # type: ignore[assignment]
 
     def _reset_head(self) -> None:
         self._in_head = True

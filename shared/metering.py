@@ -112,11 +112,26 @@ class Priced:
     price_version: str
 
 
+_CHILD_CACHE = 4096
+
+
 class SpendMeter:
     """Prices usage with the one formula and counts it in Prometheus."""
 
     def __init__(self, prices: PriceTable) -> None:
         self.prices = prices
+        # Label children bound once (labels() takes a lock and builds a key every call);
+        # the label values are bounded already, the cap only guards the cache itself.
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (metric._name, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = metric.labels(*labels)
+            if len(self._children) < _CHILD_CACHE:
+                self._children[key] = child
+        return child
 
     def record(
         self, *, model: str | None, app: str | None, usage: Usage, already: Usage | None = None
@@ -138,13 +153,13 @@ class SpendMeter:
             ("audio_output", usage.audio_output_tokens),
         ):
             if count > 0:
-                TOKENS.labels(*where, kind).inc(count)
+                self._child(TOKENS, *where, kind).inc(count)
         if usage.seconds > 0:
-            SECONDS.labels(*where).inc(usage.seconds)
+            self._child(SECONDS, *where).inc(usage.seconds)
         if usage.characters > 0:
-            CHARACTERS.labels(*where).inc(usage.characters)
+            self._child(CHARACTERS, *where).inc(usage.characters)
         if cost:
-            COST.labels(*where).inc(cost)
+            self._child(COST, *where).inc(cost)
         return Priced(usage, cost, self.prices.version)
 
 

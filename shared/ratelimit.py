@@ -50,6 +50,7 @@ from redis.asyncio.connection import SSLConnection as _SslConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from shared.coalesce import CoalescedWrites
 from shared.contract import Category, Refusal
 from shared.principals import revoked_user_key
 from shared.tokens import revoked_key
@@ -482,11 +483,14 @@ class _Pipe(asyncio.Protocol):
     def __init__(self) -> None:
         self._buf = bytearray()
         self._waiters: deque[asyncio.Future[Any]] = deque()
-        self._transport: asyncio.Transport | None = None
+        self._transport: CoalescedWrites | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport  # type: ignore[assignment]
+        self._loop = asyncio.get_running_loop()  # once, not per call (it asks getpid())
+        # The scripts of every request admitted in one loop iteration leave in one write.
+        self._transport = CoalescedWrites(transport, self._loop)  # type: ignore[arg-type]
 
     def data_received(self, data: bytes) -> None:
         self._buf += data
@@ -513,9 +517,9 @@ class _Pipe(asyncio.Protocol):
                 waiter.set_exception(redis.exceptions.ConnectionError("redis connection lost"))
 
     def call(self, packed: bytes) -> asyncio.Future[Any]:
-        if self.closed or self._transport is None:
+        if self.closed or self._transport is None or self._loop is None:
             raise redis.exceptions.ConnectionError("redis connection closed")
-        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[Any] = self._loop.create_future()
         self._waiters.append(waiter)
         self._transport.write(packed)
         return waiter

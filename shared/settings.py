@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import math
+import sys
 from collections import Counter
 from enum import StrEnum
 from pathlib import Path
@@ -233,6 +234,9 @@ class EdgeSettings(CommonSettings):
     """Ingress header with the client's ISO country code (e.g. X-Country set from
     CF-IPCountry), believed only from a TRUSTED_PROXIES peer; the proxy puts it on its usage
     events for the auditor's geography detectors."""
+    key_environment: str | None = Field(default=None, validation_alias="KEY_ENVIRONMENT")
+    """Environment whose provider key the token service and the proxy lease (default:
+    NODE_ENV)."""
     demo_mode: bool = Field(default=False, validation_alias="VOICE_AGENT_DEMO_MODE")
     """Canned answers, never an upstream call; refused in production."""
     openai_base_url: str = Field(
@@ -329,6 +333,11 @@ class EdgeSettings(CommonSettings):
         raw = self.proxy_signing_key_previous.get_secret_value()
         return [part.strip() for part in raw.split(",") if part.strip()]
 
+    @property
+    def lease_environment(self) -> str:
+        """KEY_ENVIRONMENT, or NODE_ENV when it is not set."""
+        return self.key_environment or self.node_env.value
+
     def keyring(self) -> TokenKeyring:
         """Signs with PROXY_SIGNING_KEY; still verifies tokens of the previous keys."""
         return TokenKeyring(self.proxy_signing_key.get_secret_value(), self.previous_signing_keys)
@@ -353,6 +362,15 @@ def env_name(model: type[BaseSettings], field: str) -> str:
         first = alias.choices[0]
         return first if isinstance(first, str) else field.upper()
     return field.upper()
+
+
+def settings_or_exit(model: type[S], **overrides: Any) -> S:
+    """Build settings or exit with status 2 and a message naming each bad variable."""
+    try:
+        return load_settings(model, **overrides)
+    except ConfigError as exc:
+        print(f"keyveil: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def load_settings(model: type[S], **overrides: Any) -> S:

@@ -1,7 +1,7 @@
 """The key-manager process: NATS handlers for leases and admin, and a metrics-only HTTP edge.
 
-`KeyManager` owns the running parts (connection, store, handlers, policy loop) so tests
-can run one in-process; `create_app` wraps it in a FastAPI lifespan for `__main__`.
+`KeyManager` builds its parts (store, handlers, policy loops) on a `ServiceRuntime`, so
+tests can run one in-process; `create_app` serves the same runtime for `__main__`.
 """
 
 from __future__ import annotations
@@ -9,14 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from types import TracebackType
 
 from fastapi import FastAPI
 from nats.aio.client import Client as NATS
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 
 from services.keymanager.custody import Custody
 from services.keymanager.keys import SERVICE, KeyPolicy, KeyService
@@ -25,20 +20,19 @@ from services.keymanager.providers import build_custody
 from services.keymanager.recovery import CustodyDesk
 from services.keymanager.settings import Settings
 from services.keymanager.store import KeyStore
-from shared.bus import Responder, connect, traced_handler
+from shared.bus import Responder, traced_handler
 from shared.crypto import KekRing
-from shared.events import EventPublisher, drift_reporter
-from shared.httpedge import add_edge_routes, service_app
+from shared.events import EventPublisher
 from shared.keyadmin import ADMIN_PREFIX, OPERATOR_USER
 from shared.leases import KEYMANAGER_QUEUE, LEASE_SUBJECT, ROTATED_SUBJECT, RotatedNotice
-from shared.streams import EDGE_STREAMS, StreamGuard
-from shared.telemetry import inject_context, redactor
+from shared.runtime import ServiceRuntime, started
+from shared.streams import EDGE_STREAMS
+from shared.telemetry import inject_context
 
 __all__ = ["KeyManager", "create_app"]
 
 log = logging.getLogger(__name__)
 
-_MAX_IN_FLIGHT = 256
 _CUSTODY_RETRY_S = 5.0
 
 
@@ -47,50 +41,39 @@ class KeyManager:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        redactor.register(*settings.secret_values())
+        self.runtime = ServiceRuntime(settings, service=SERVICE, streams=EDGE_STREAMS)
+        self.runtime.ready_when("kek", self.kek_ready)
         self.custody: Custody = build_custody(settings)
         # Fingerprints, derived ids and the intake key; filled when the custody record opens.
         self.keyring: KekRing = self.custody.ring
-        self._nc: NATS | None = None
-        self._connected = False
-        self._events: EventPublisher | None = None
         self._keys: KeyService | None = None
-        self._subscriptions: list[Subscription] = []
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._slots = asyncio.Semaphore(_MAX_IN_FLIGHT)
-        self._policy_task: asyncio.Task[None] | None = None
-        self._rewrap_task: asyncio.Task[None] | None = None
         self._bootstrap_pending = False
-        self._streams: StreamGuard | None = None
-        self._stopping = asyncio.Event()
 
     @property
     def keys(self) -> KeyService:
-        if self._keys is None:
-            raise RuntimeError("KeyManager.start() was not awaited")
-        return self._keys
+        return started(self._keys)
 
     @property
     def nc(self) -> NATS:
-        if self._nc is None:
-            raise RuntimeError("KeyManager.start() was not awaited")
-        return self._nc
+        return self.runtime.nc
+
+    @property
+    def events(self) -> EventPublisher:
+        return self.runtime.publisher
 
     async def start(self) -> None:
+        await self.runtime.start(self.build)
+
+    async def stop(self) -> None:
+        await self.runtime.stop()
+
+    async def build(self) -> None:
+        """The key-manager's part of the start, once the runtime's bus and publisher are up."""
         settings = self.settings
-        self._nc = await connect(settings, name=SERVICE, on_state=self._on_state)
-        js = self._nc.jetstream(timeout=settings.nats_request_timeout_s)
-        self._events = EventPublisher(js)
-        self._events.start()
-        self._streams = StreamGuard(
-            js,
-            EDGE_STREAMS,
-            replicas=settings.jetstream_replicas,
-            on_drift=drift_reporter(self._events, SERVICE),
-        )
-        self._streams.start()
+        runtime = self.runtime
+        runtime.stack.callback(self.custody.close)
         store = KeyStore(
-            js,
+            runtime.js,
             bucket=settings.kv_bucket,
             replicas=settings.kv_replicas,
             history=settings.kv_history,
@@ -99,7 +82,7 @@ class KeyManager:
         self._keys = KeyService(
             store=store,
             custody=self.custody,
-            events=self._events,
+            events=runtime.publisher,
             policy=KeyPolicy(
                 rotation_grace_s=settings.rotation_grace_s,
                 max_key_age_s=settings.max_key_age_s,
@@ -117,30 +100,28 @@ class KeyManager:
         leases = LeaseDesk(
             keys=self._keys,
             settings=settings,
-            responder=Responder(self._nc, settings.allowed_requesters),
+            responder=Responder(runtime.nc, settings.allowed_requesters),
         )
         admin = CustodyDesk(
             keys=self._keys,
             keyring=self.keyring,
             settings=settings,
-            responder=Responder(self._nc, {OPERATOR_USER}),
+            responder=Responder(runtime.nc, {OPERATOR_USER}),
         )
-        self._subscriptions = [
-            await self._nc.subscribe(
-                LEASE_SUBJECT,
-                queue=KEYMANAGER_QUEUE,
-                cb=self._concurrent(traced_handler(__name__, "km.lease", leases.handle)),
-            ),
-            await self._nc.subscribe(
-                f"{ADMIN_PREFIX}.*",
-                queue=KEYMANAGER_QUEUE,
-                cb=self._concurrent(traced_handler(__name__, "km.admin", admin.handle)),
-            ),
-        ]
-        await self._nc.flush()
-        self._policy_task = asyncio.create_task(self._policy_loop(), name="key-policy")
+        await runtime.serve(
+            LEASE_SUBJECT,
+            traced_handler(__name__, "km.lease", leases.handle),
+            queue=KEYMANAGER_QUEUE,
+        )
+        await runtime.serve(
+            f"{ADMIN_PREFIX}.*",
+            traced_handler(__name__, "km.admin", admin.handle),
+            queue=KEYMANAGER_QUEUE,
+        )
+        await runtime.nc.flush()
+        runtime.spawn(self._policy_loop(), name="key-policy")
         if settings.kek_rewrap_interval_s is not None:
-            self._rewrap_task = asyncio.create_task(self._rewrap_loop(), name="kek-rewrap")
+            runtime.spawn(self._rewrap_loop(), name="kek-rewrap")
         log.info(
             "key manager serving %s (KEK provider %s, custody %s)",
             settings.node_env.value,
@@ -148,71 +129,9 @@ class KeyManager:
             "verified" if verified else "NOT verified: " + self.custody.status.reason,
         )
 
-    async def stop(self) -> None:
-        self._stopping.set()
-        for task in (self._policy_task, self._rewrap_task):
-            if task is not None:
-                await task
-        for subscription in self._subscriptions:
-            with contextlib.suppress(Exception):
-                await subscription.unsubscribe()
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=10)
-        if self._streams is not None:
-            await self._streams.stop()
-        if self._events is not None:
-            await self._events.close()
-        if self._nc is not None and not self._nc.is_closed:
-            with contextlib.suppress(Exception):
-                await self._nc.drain()
-        self.custody.close()
-
-    async def __aenter__(self) -> KeyManager:
-        await self.start()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.stop()
-
-    async def ready(self) -> bool:
-        return self._connected and self._keys is not None
-
     async def kek_ready(self) -> bool:
         """The custody record opened under the configured KEK (reason: `keyveil keys doctor`)."""
         return self._keys is not None and self.custody.status.ok
-
-    async def streams_ready(self) -> bool:
-        return self._streams is not None and await self._streams.ready()
-
-    @property
-    def events(self) -> EventPublisher:
-        if self._events is None:
-            raise RuntimeError("KeyManager.start() was not awaited")
-        return self._events
-
-    def _on_state(self, connected: bool) -> None:
-        self._connected = connected
-
-    def _concurrent(
-        self, handler: Callable[[Msg], Awaitable[None]]
-    ) -> Callable[[Msg], Awaitable[None]]:
-        """Answer requests concurrently (bounded), not one at a time per subscription."""
-
-        async def run(msg: Msg) -> None:
-            async with self._slots:
-                await handler(msg)
-
-        async def spawn(msg: Msg) -> None:
-            task = asyncio.create_task(run(msg))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
-
-        return spawn
 
     async def _publish_notice(self, notice: RotatedNotice) -> None:
         try:
@@ -235,7 +154,7 @@ class KeyManager:
         self._bootstrap_pending = False
 
     async def _policy_loop(self) -> None:
-        while not self._stopping.is_set():
+        while not self.runtime.stopping.is_set():
             try:
                 await self.keys.enforce_policy()
                 if await self.keys.verify_custody():
@@ -247,15 +166,15 @@ class KeyManager:
             if not self.custody.status.ok:
                 interval = min(interval, _CUSTODY_RETRY_S)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), interval)
+                await asyncio.wait_for(self.runtime.stopping.wait(), interval)
 
     async def _rewrap_loop(self) -> None:
         """KEK_REWRAP_INTERVAL_S: move records to the current KEK version on a schedule."""
         interval = self.settings.kek_rewrap_interval_s or 86_400.0
-        while not self._stopping.is_set():
+        while not self.runtime.stopping.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), interval)
-            if self._stopping.is_set():
+                await asyncio.wait_for(self.runtime.stopping.wait(), interval)
+            if self.runtime.stopping.is_set():
                 return
             try:
                 result = await self.keys.rewrap(actor=SERVICE)
@@ -271,18 +190,6 @@ class KeyManager:
 
 def create_app(settings: Settings) -> FastAPI:
     manager = KeyManager(settings)
-
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        await manager.start()
-        try:
-            yield
-        finally:
-            await manager.stop()
-
-    app = service_app("keyveil key-manager", lifespan)
+    app = manager.runtime.app("keyveil key-manager", manager.build)
     app.state.manager = manager
-    add_edge_routes(
-        app, {"nats": manager.ready, "streams": manager.streams_ready, "kek": manager.kek_ready}
-    )
     return app

@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
-from services.proxy.app import create_app
+from typing import Any
+
 from services.proxy.settings import Settings
-from shared.httpedge import serve_main
+from shared.serving import serve_edge
+
+
+def _create_app(settings: Settings) -> Any:
+    # Imported here, not above: a KEYVEIL_WORKERS supervisor must not define metrics.
+    from services.proxy.app import create_app
+
+    return create_app(settings)
 
 
 def main() -> None:
-    serve_main("proxy", Settings, create_app)
+    serve_edge(
+        "proxy",
+        Settings,
+        _create_app,
+        module="services.proxy",
+        server=lambda settings: settings.http_server,
+        workers=lambda settings: settings.workers,
+    )
 
 
 if __name__ == "__main__":

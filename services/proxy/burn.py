@@ -11,7 +11,6 @@ keyspace, and scanning that on a timer would cost more than the check it reports
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from prometheus_client import Gauge
@@ -49,7 +48,6 @@ class BurnReporter:
         self._admin = admin
         self._interval_s = interval_s
         self._shown: set[tuple[str, str, str]] = set()
-        self._task: asyncio.Task[None] | None = None
 
     async def report(self) -> None:
         """One reading; Redis away leaves the last figures (and is logged once a pass)."""
@@ -65,17 +63,8 @@ class BurnReporter:
             BURN.labels(*kind).set(ratio)
         self._shown = set(burns)
 
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="budget-burn")
-
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _run(self) -> None:
+    async def run(self) -> None:
+        """Report until cancelled (the service runtime cancels it at stop)."""
         while True:
             try:
                 await self.report()

@@ -49,6 +49,7 @@ from shared.errors import (
     ApiError,
     UpstreamError,
     UpstreamTimeoutError,
+    error_body,
 )
 from shared.events import EventPublisher, UsageEvent
 from shared.eventschema import CLIENT_GONE, SERVED_BY_DEMO, SERVED_FROM_CACHE, Reason, Refused
@@ -613,7 +614,7 @@ class ProxyHandler:
         )
         headers = _encode({**exchange.rate_headers, **exc.headers})
         headers.append(_JSON)
-        body = orjson.dumps({"error": {"code": exc.code, "message": exc.message}})
+        body = orjson.dumps(error_body(exc.code, exc.message))
         return _Reply(exc.status, headers, body)
 
     # -- bookkeeping ---------------------------------------------------------------------

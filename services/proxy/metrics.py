@@ -90,7 +90,15 @@ _KNOWN_STATUSES = frozenset({200, 400, 401, 403, 404, 408, 409, 413, 415, 422, 4
 _KNOWN_STATUSES |= frozenset({500, 502, 503, 504})
 
 
+_UPSTREAM_CHILDREN: dict[int, Any] = {}  # status -> bound child (statuses are few)
+
+
 def count_upstream_status(status: int) -> None:
     """One provider answer, by class and (bounded) status code."""
-    shown = str(status) if status in _KNOWN_STATUSES else "other"
-    UPSTREAM_RESPONSES.labels(status_class(status), shown).inc()
+    child = _UPSTREAM_CHILDREN.get(status)
+    if child is None:
+        shown = str(status) if status in _KNOWN_STATUSES else "other"
+        child = UPSTREAM_RESPONSES.labels(status_class(status), shown)
+        if 100 <= status <= 599:  # what a provider can send; bounded either way
+            _UPSTREAM_CHILDREN[status] = child
+    child.inc()

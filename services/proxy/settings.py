@@ -32,6 +32,14 @@ class Settings(EdgeSettings):
 
     port: int = Field(default=8081, ge=0, le=65535, validation_alias="KEYVEIL_PORT")
     """TCP port the service listens on (HTTP: API, /healthz, /readyz, /metrics)."""
+    http_server: Literal["uvicorn", "granian"] = Field(
+        default="uvicorn", validation_alias="KEYVEIL_HTTP_SERVER"
+    )
+    """ASGI server: uvicorn (bounded httptools protocol) or granian (Rust HTTP/1.1; enforces
+    the head timeout and a buffer cap, not the header-count bounds). See shared/serving.py."""
+    workers: int = Field(default=1, ge=1, le=64, validation_alias="KEYVEIL_WORKERS")
+    """Worker processes on the one port (SO_REUSEPORT); above 1, /metrics answers for all
+    of them through PROMETHEUS_MULTIPROC_DIR (a temporary directory when unset)."""
     rate_limit_per_min: int = Field(
         default=120, ge=1, le=1_000_000, validation_alias="VOICE_AGENT_PROXY_RATE_LIMIT"
     )
@@ -49,8 +57,6 @@ class Settings(EdgeSettings):
     )
     """What the per-token, per-IP and per-user limits do when Redis is unreachable: closed
     (503 security_unavailable), open (allow) or local (a per-process limit)."""
-    key_environment: str | None = Field(default=None, validation_alias="KEY_ENVIRONMENT")
-    """Environment whose provider key the proxy leases (default: NODE_ENV)."""
     prices_file: Path | None = Field(default=None, validation_alias="KEYVEIL_PRICES_FILE")
     """The price table (shared/pricing.py); default the shipped shared/prices.toml."""
     budgets: bool = Field(default=False, validation_alias="KEYVEIL_BUDGETS")
@@ -65,6 +71,11 @@ class Settings(EdgeSettings):
     """While Redis is unreachable, budgeted calls are refused (closed, 503 budget_unavailable)
     or let through uncounted (open); only reached when PROXY_RATE_LIMIT_FAILURE_MODE is not
     closed (else the admission refuses first)."""
+    budget_burn_interval_s: float = Field(
+        default=30.0, ge=0, le=3600, validation_alias="BUDGET_BURN_INTERVAL_S"
+    )
+    """Seconds between readings of the budget burn gauge (keyveil_budget_burn_ratio; one
+    read of every configured budget per replica); 0 turns it off."""
 
     max_json_body_bytes: int = Field(
         default=4 * MIB, ge=1024, le=64 * MIB, validation_alias="PROXY_MAX_JSON_BYTES"
@@ -270,10 +281,6 @@ class Settings(EdgeSettings):
             max_sdp_bytes=self.voice_max_sdp_bytes,
             browser_events=self.voice_browser_events,
         )
-
-    @property
-    def lease_environment(self) -> str:
-        return self.key_environment or self.node_env.value
 
 
 def with_database(url: str, db: int) -> str:

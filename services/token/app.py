@@ -5,16 +5,12 @@ from __future__ import annotations
 import email.utils
 import logging
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import httpx
-import redis.asyncio as aioredis
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from nats.aio.client import Client as NATS
 
 from services.token.apidocs import ISSUE_DOCS, LEGACY_DOCS, REVOKE_DOCS
 from services.token.demo import demo_router
@@ -33,26 +29,15 @@ from services.token.origins import OriginPolicy
 from services.token.realtime import RealtimeMinter, SessionPolicy
 from services.token.revocation import Revoker
 from services.token.settings import Settings
-from shared import bus
 from shared.contract import Category, Refusal, counts_as_strike, refusal_category
 from shared.errors import ApiError
-from shared.events import AuditEvent, EventPublisher, UsageEvent, drift_reporter
+from shared.events import AuditEvent, EventPublisher, UsageEvent
 from shared.eventschema import Fallback, Refused, TokenRevoked
 from shared.guard import SignedRequest
-from shared.httpedge import (
-    IpNetwork,
-    add_edge_routes,
-    client_ip,
-    parse_networks,
-    read_body_capped,
-    service_app,
-    signed_scheme,
-)
-from shared.leases import LeaseClient
+from shared.httpedge import IpNetwork, client_ip, parse_networks, read_body_capped, signed_scheme
 from shared.policy import PolicyHolder, default_policy
-from shared.ratelimit import Admission, Decision, Limit, redis_client
-from shared.streams import EDGE_STREAMS, StreamGuard
-from shared.telemetry import redactor
+from shared.ratelimit import Admission, Decision, Limit
+from shared.runtime import ServiceRuntime
 
 __all__ = ["SECURE_TOKEN_PATH", "TokenService", "create_app"]
 
@@ -75,8 +60,6 @@ class TokenService:
     """Everything a request needs, built once in the lifespan."""
 
     settings: Settings
-    nc: NATS
-    redis: aioredis.Redis
     events: EventPublisher
     admission: Admission
     issuer: TokenIssuer
@@ -298,7 +281,6 @@ Service = Annotated[TokenService, Depends(_service)]
 
 
 def create_app(settings: Settings) -> FastAPI:
-    state: dict[str, Any] = {"nats_connected": False}
     # The usage policy (ConfigError here refuses the start); REALTIME_MODELS and
     # REALTIME_VOICES are the realtime defaults when the file does not say.
     policy = PolicyHolder(
@@ -309,42 +291,20 @@ def create_app(settings: Settings) -> FastAPI:
         ),
     )
     authenticator = authenticator_for(settings, known_tiers=lambda: policy.current.tier_names)
+    runtime = ServiceRuntime.for_edge(settings, service="token")
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        redactor.register(*settings.secret_values())
-
-        def on_state(connected: bool) -> None:
-            state["nats_connected"] = connected
-
-        store = redis_client(settings.redis_url, settings.redis_timeout_s)
-        nc = await bus.connect(settings, name="token", on_state=on_state)
-        js = nc.jetstream()
-        events = EventPublisher(js)
-        events.start()
-        streams = StreamGuard(
-            js,
-            EDGE_STREAMS,
-            replicas=settings.jetstream_replicas,
-            on_drift=drift_reporter(events, "token"),
-        )
-        streams.start()
-        state["streams"] = streams
-        leases = LeaseClient(
-            nc,
-            requester="token",
-            environment=settings.node_env.value,
-            timeout_s=settings.nats_request_timeout_s,
-        )
-        await leases.start()
-        http = httpx.AsyncClient(
-            timeout=httpx.Timeout(settings.upstream_timeout_s),
-            limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
-            follow_redirects=False,
+    async def build() -> None:
+        runtime.closing(authenticator)
+        http = runtime.closing(
+            httpx.AsyncClient(
+                timeout=httpx.Timeout(settings.upstream_timeout_s),
+                limits=httpx.Limits(max_connections=100, max_keepalive_connections=20),
+                follow_redirects=False,
+            )
         )
         keyring = settings.keyring()
         admission = Admission(
-            store,
+            runtime.redis,
             service="token",
             failure_modes={ISSUE_LAYER: settings.rate_limit_failure_mode},
             block_after_strikes=settings.block_after_strikes,
@@ -353,15 +313,13 @@ def create_app(settings: Settings) -> FastAPI:
         )
         app.state.service = TokenService(
             settings=settings,
-            nc=nc,
-            redis=store,
-            events=events,
+            events=runtime.publisher,
             admission=admission,
             issuer=TokenIssuer(
                 keyring=keyring,
                 minter=RealtimeMinter(
                     http=http,
-                    leases=leases,
+                    leases=runtime.leases,
                     base_url=settings.openai_base_url,
                     duration_s=settings.token_duration_s,
                 ),
@@ -372,7 +330,7 @@ def create_app(settings: Settings) -> FastAPI:
                 demo_mode=settings.demo_mode,
             ),
             revoker=Revoker(
-                redis_client=store,
+                redis_client=runtime.redis,
                 keyring=keyring,
                 admission=admission,
                 window_s=settings.signature_window_s,
@@ -382,6 +340,7 @@ def create_app(settings: Settings) -> FastAPI:
             authenticator=authenticator,
         )
         policy.start()
+        runtime.stack.push_async_callback(policy.stop)
         log.info(
             "token service ready",
             extra={
@@ -392,32 +351,8 @@ def create_app(settings: Settings) -> FastAPI:
                 }
             },
         )
-        try:
-            yield
-        finally:
-            await streams.stop()
-            await policy.stop()
-            await authenticator.aclose()
-            await events.close()
-            await leases.stop()
-            await http.aclose()
-            await nc.drain()
-            await store.aclose()
 
-    app = service_app("keyveil token service", lifespan)
-
-    async def nats_ready() -> bool:
-        return bool(state["nats_connected"])
-
-    async def redis_ready() -> bool:
-        service: TokenService = app.state.service
-        return bool(await service.redis.ping())
-
-    async def streams_ready() -> bool:
-        guard: StreamGuard | None = state.get("streams")
-        return guard is not None and await guard.ready()
-
-    add_edge_routes(app, {"nats": nats_ready, "redis": redis_ready, "streams": streams_ready})
+    app = runtime.app("keyveil token service", build)
     demo = demo_router(settings)  # the browser demo page: development or demo mode only
     if demo is not None:
         app.include_router(demo)

@@ -212,7 +212,8 @@ async def test_voice_and_http_holds_on_one_budget_share_its_running_sum(
         ahead=ahead,
         event_id=uuid.uuid4().hex,
     )
-    assert charge is not None and charge.short == "user-micros-day"
+    assert charge is not None
+    assert charge.short == "user-micros-day"
     await budgets.voice(hold_id="v", subjects=subjects, mode="release", used=Metered(0, 0))
     await budgets.settle(http, tokens=1, micros=100)
     assert await redis_client.get(f"{base}:held:sum") is None

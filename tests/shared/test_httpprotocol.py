@@ -140,3 +140,63 @@ async def test_an_idle_connection_between_requests_is_not_refused(
         assert (await read_response(reader)).status == 200
     finally:
         await close_raw(writer)
+
+
+async def _pair() -> tuple[Any, Any]:
+    """(our transport's wrapper, the peer socket) over a real socket pair."""
+    import socket
+
+    from shared.coalesce import CoalescedWrites
+
+    ours, peer = socket.socketpair()
+    peer.setblocking(False)
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.create_connection(asyncio.Protocol, sock=ours)
+    return CoalescedWrites(transport, loop), peer
+
+
+def _received(peer: Any) -> bytes:
+    try:
+        return bytes(peer.recv(1 << 20))
+    except BlockingIOError:
+        return b""
+
+
+async def test_a_head_and_its_body_leave_in_one_write() -> None:
+    writes, peer = await _pair()
+    try:
+        writes.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
+        writes.write(b"ok")
+        assert _received(peer) == b""  # held, not sent write by write
+        await asyncio.sleep(0.05)  # the flush runs at the end of the iteration
+        got = _received(peer)
+        assert got == b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+        # A large write sends what waits first: order is kept, nothing is held back.
+        writes.write(b"head")
+        writes.write(b"x" * (64 * 1024))
+        await asyncio.sleep(0.05)
+        big = b""
+        for _ in range(50):
+            big += _received(peer)
+            if len(big) >= 4 + 64 * 1024:
+                break
+            await asyncio.sleep(0.01)
+        assert big == b"head" + b"x" * (64 * 1024)
+        # Close sends what waits before closing; abort drops it.
+        writes.write(b"last")
+        writes.close()
+        await asyncio.sleep(0.05)
+        assert _received(peer) == b"last"
+    finally:
+        peer.close()
+
+
+async def test_an_abort_drops_what_waits() -> None:
+    writes, peer = await _pair()
+    try:
+        writes.write(b"never")
+        writes.abort()
+        await asyncio.sleep(0.05)
+        assert _received(peer) == b""
+    finally:
+        peer.close()

@@ -7,10 +7,10 @@ import uuid
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
+from keyveil.servers import free_port
 from services.proxy.burn import BURN, BurnReporter
 from shared.budgets import CONFIG_KEY, BudgetAdmin, Budgets, Estimate
 from shared.ratelimit import redis_client as make_client
-from keyveil.servers import free_port
 
 
 def _burn(scope: str, unit: str, window: str) -> float | None:
