@@ -9,7 +9,7 @@ BENCHING := $(VENV)/.bench-stamp
 PYTEST_ARGS ?=
 ARGS ?=
 
-.PHONY: install up test lint check bench bench-peers clean browser config-docs
+.PHONY: install up test lint check bench bench-peers clean browser config-docs event-schema
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,10 @@ check: lint test
 # Regenerate docs/configuration.md from the settings models (a test fails when stale).
 config-docs: $(RUNTIME)
 	$(BIN)/keyveil env reference --output docs/configuration.md
+
+# Regenerate docs/events.schema.json from the event models (a test fails when stale).
+event-schema: $(RUNTIME)
+	$(BIN)/python -m shared.eventschema > docs/events.schema.json
 
 # Every benchmark in one run; writes docs/benchmarks/README.md and its PNG plots.
 bench: $(TESTING) $(BENCHING)

@@ -21,7 +21,9 @@ from benchmarks.common import add_json_option, write_json
 from keyveil.servers import start_nats
 from services.auditor.app import start_runtime, stop_runtime
 from services.auditor.settings import Settings
+from shared.contract import Refusal
 from shared.events import UsageEvent
+from shared.eventschema import Refused
 from shared.settings import load_settings
 
 
@@ -86,7 +88,7 @@ async def main(count: int, bursts: int) -> dict[str, float]:
             ip = f"203.0.113.{n + 1}"
             burst = [
                 UsageEvent(service="proxy", type="proxy.rejected", outcome="denied",
-                           reason="invalid_token", client_ip=ip)
+                           reason=Refused.of(Refusal.TOKEN_INVALID), client_ip=ip)
                 for _ in range(settings.auth_failure_threshold)
             ]  # fmt: skip
             first = time.perf_counter()

@@ -6,7 +6,7 @@ import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nats
 import nats.errors
@@ -15,6 +15,9 @@ from nats.aio.client import Client as NATS
 
 from shared.bus import server_urls
 from shared.redistopology import RedisTopology, connect
+
+if TYPE_CHECKING:
+    from shared.eventschema import AuditDetail
 
 __all__ = [
     "CommandError",
@@ -98,7 +101,7 @@ def print_table(header: Sequence[str], rows: Iterable[Sequence[str]], *, empty: 
         print("  ".join(cells).rstrip())
 
 
-async def publish_operator_audit(state_dir: Path, event_type: str, detail: dict[str, Any]) -> bool:
+async def publish_operator_audit(state_dir: Path, event_type: str, detail: AuditDetail) -> bool:
     """Record an operator action on `keyveil.audit.operator`; False when it could not be."""
     from shared.events import AUDIT_STREAM, AuditEvent
 

@@ -39,6 +39,7 @@ __all__ = [
     "Category",
     "Refusal",
     "category_of",
+    "category_of_status",
     "counts_as_strike",
     "markdown_table",
     "refusal_category",
@@ -306,9 +307,14 @@ def refusal_category(error: ApiError) -> Category:
     refusal = Refusal.parse(error.code)
     if refusal is not None:
         return refusal.category
-    if error.status < 500:
-        return _BY_STATUS_CATEGORY.get(error.status, Category.bad_request)
-    return _BY_STATUS_CATEGORY.get(error.status, Category.internal)
+    return category_of_status(error.status)
+
+
+def category_of_status(status: int) -> Category:
+    """The category an answer's status stands for, when its code says nothing."""
+    if status < 500:
+        return _BY_STATUS_CATEGORY.get(status, Category.bad_request)
+    return _BY_STATUS_CATEGORY.get(status, Category.internal)
 
 
 # Reasons written by v1 producers (before the contract), still in the streams for the

@@ -1,6 +1,7 @@
 """Usage, audit and alert events: typed models, their subjects and streams, and a publisher.
 
-Schema is versioned (`schema_version`); consumers ignore fields they do not know.
+Schema is versioned (`schema_version`, 2: a typed `reason` and `detail`, shared.eventschema);
+consumers ignore fields they do not know and still read version 1 events.
 The publisher never blocks a request: events go into a bounded buffer and a background
 task publishes them to JetStream in batches, acks collected off the request path, with
 `Nats-Msg-Id` = event id, so a retry after a lost ack is deduplicated by the stream. While
@@ -27,8 +28,23 @@ from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from opentelemetry import trace
 from prometheus_client import Counter, Gauge
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_serializer,
+    model_validator,
+)
 
+from shared.eventschema import (
+    SCHEMA_VERSION,
+    AuditDetail,
+    Reason,
+    StreamDrift,
+    detail_from_v1,
+    reason_from_v1,
+)
 from shared.outbox import Outbox, Segment
 from shared.streams import ALERTS_STREAM, AUDIT_STREAM, USAGE_STREAM, Drift
 from shared.telemetry import inject_context
@@ -36,6 +52,7 @@ from shared.telemetry import inject_context
 __all__ = [
     "ALERTS_STREAM",
     "AUDIT_STREAM",
+    "SCHEMA_VERSION",
     "USAGE_STREAM",
     "AlertEvent",
     "AuditEvent",
@@ -46,8 +63,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-SCHEMA_VERSION = 1
 
 EVENTS_PUBLISHED = Counter(
     "keyveil_events_published_total", "Events acknowledged by JetStream", ["stream"]
@@ -60,6 +75,12 @@ EVENTS_BUFFERED = Gauge("keyveil_events_buffered", "Events waiting to be publish
 
 def _new_id() -> str:
     return uuid.uuid4().hex
+
+
+def _before_v2(data: dict[str, Any]) -> bool:
+    """Published by a v1 producer (or by one that did not say: read as v1, never refused)."""
+    version = data.get("schema_version", 1)
+    return not isinstance(version, int) or version < SCHEMA_VERSION
 
 
 class Event(BaseModel):
@@ -86,7 +107,8 @@ class UsageEvent(Event):
     subject_prefix: str = Field(default="keyveil.usage", exclude=True)
 
     outcome: Literal["ok", "denied", "error"] = "ok"
-    reason: str | None = None
+    reason: Reason | None = None
+    """Why the outcome: a refusal (code and category), how it was served, ... (v2)."""
     status: int | None = None
     client_ip: str | None = None
     country: str | None = None
@@ -122,6 +144,21 @@ class UsageEvent(Event):
     seconds_total: float | None = None
     voice_session_id: str | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _read_v1(cls, data: Any) -> Any:
+        """A v1 event's free-string reason, as the typed reason it meant."""
+        if isinstance(data, dict) and isinstance(data.get("reason"), str) and _before_v2(data):
+            status = data.get("status")
+            reason = reason_from_v1(
+                data["reason"],
+                outcome=str(data.get("outcome", "ok")),
+                event_type=str(data.get("type", "")),
+                status=status if isinstance(status, int) else None,
+            )
+            return {**data, "reason": reason}
+        return data
+
 
 class AuditEvent(Event):
     """A security-relevant action: who (service identity) did what to which key, and the outcome."""
@@ -134,7 +171,29 @@ class AuditEvent(Event):
     key_version: int | None = None
     provider: str | None = None
     environment: str | None = None
-    detail: dict[str, Any] = Field(default_factory=dict)
+    detail: AuditDetail | None = None
+    """What this type of action adds, typed by its `kind` (v2); None when nothing."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_v1(cls, data: Any) -> Any:
+        """A v1 event's free-form detail, as the model its type has; `{}` is no detail."""
+        if isinstance(data, dict):
+            detail = data.get("detail")
+            if detail == {}:
+                return {**data, "detail": None}
+            if isinstance(detail, dict) and "kind" not in detail and _before_v2(data):
+                upgraded = detail_from_v1(
+                    str(data.get("type", "")), str(data.get("outcome", "success")), detail
+                )
+                return {**data, "detail": upgraded}
+        return data
+
+    @field_serializer("detail", mode="wrap")
+    def _no_detail(self, value: Any, handler: SerializerFunctionWrapHandler) -> Any:
+        # `{}`, not null: an auditor still on v1 (detail: dict) reads the event, so no
+        # audit event misses the ledger while the services are upgraded one by one.
+        return {} if value is None else handler(value)
 
 
 class AlertEvent(Event):
@@ -417,7 +476,7 @@ def drift_reporter(publisher: EventPublisher, service: str) -> Callable[[list[Dr
                 type="stream.drift",
                 actor=service,
                 outcome="failure",
-                detail={"streams": {d.stream: list(d.fields) for d in drifts}},
+                detail=StreamDrift(streams={d.stream: list(d.fields) for d in drifts}),
             )
         )
 

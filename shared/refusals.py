@@ -16,10 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from shared.events import UsageEvent
+from shared.eventschema import Reason
 
 __all__ = ["RefusalSampler"]
 
-_Key = tuple[str | None, str | None]
+_Key = tuple[Reason | None, str | None]
 
 
 @dataclass

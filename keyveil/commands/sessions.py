@@ -21,6 +21,7 @@ from typing import Any
 import redis.exceptions
 
 from keyveil.operator import load_stack, operator_redis, publish_operator_audit
+from shared.eventschema import VoiceCloseRequested
 from shared.voicesessions import VoiceRegistry, VoiceSession
 
 __all__ = ["register"]
@@ -150,5 +151,7 @@ async def _close(registry: VoiceRegistry, args: argparse.Namespace, state_dir: P
 
 
 async def _audit(state_dir: Path, args: argparse.Namespace) -> bool:
-    detail = {"voice_session_id": args.session_id, "via": "cli", "reason": args.reason}
+    detail = VoiceCloseRequested(
+        voice_session_id=args.session_id, reason=args.reason[:512] if args.reason else None
+    )
     return await publish_operator_audit(state_dir, "voice.session.close_requested", detail)

@@ -26,6 +26,7 @@ import redis.exceptions
 from keyveil.operator import load_stack, operator_redis, publish_operator_audit
 from services.token.revocation import revoke_token
 from shared.errors import UnavailableError
+from shared.eventschema import TokenRevoked
 from shared.principals import PrincipalHasher, revoked_user_key
 
 __all__ = ["register"]
@@ -134,7 +135,7 @@ async def _revoke_user(args: argparse.Namespace) -> int:
     finally:
         await store.aclose()
     print(f"revoked every token of user {sub_hash} issued until now")
-    if not await _audit(state_dir, args, detail={"user": sub_hash}):
+    if not await _audit(state_dir, args, user=sub_hash):
         print(
             "keyveil tokens: warning: the revocation stands, but its audit event was not "
             "published (NATS unreachable or publishing not permitted)",
@@ -143,15 +144,16 @@ async def _revoke_user(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _audit(
-    state_dir: Path, args: argparse.Namespace, detail: dict[str, Any] | None = None
-) -> bool:
-    return await publish_operator_audit(state_dir, "token.revoked", detail_for(args, detail))
+async def _audit(state_dir: Path, args: argparse.Namespace, user: str | None = None) -> bool:
+    return await publish_operator_audit(state_dir, "token.revoked", detail_for(args, user))
 
 
-def detail_for(args: argparse.Namespace, extra: dict[str, Any] | None) -> dict[str, Any]:
+def detail_for(args: argparse.Namespace, user: str | None) -> TokenRevoked:
     """The audit detail: the token id or the user hash (never the raw user id)."""
-    base: dict[str, Any] = {"ttl_s": args.ttl, "via": "cli", "reason": args.reason}
-    if extra:
-        return {**extra, **base}
-    return {"token_id": args.token_id, **base}
+    return TokenRevoked(
+        via="cli",
+        token_id=None if user else args.token_id,
+        user=user,
+        ttl_s=args.ttl,
+        reason=args.reason[:512] if args.reason else None,
+    )

@@ -3,8 +3,11 @@
 Detectors are pure (no I/O, event time only) so they can be unit-tested and replayed.
 Which events count as what:
 
-- auth failure: a `UsageEvent` with outcome "denied" whose reason's category is auth,
-  tamper or replay (`AUTH_CATEGORIES`); limit, block and policy refusals are not;
+- auth failure: a `UsageEvent` with outcome "denied" whose reason is a refusal of
+  category auth, tamper or replay (`AUTH_CATEGORIES`); limit, block and policy
+  refusals are not. The category is read from the event (`Refused.category`), never
+  derived from a spelling: v1 reasons were mapped when the event was read
+  (`shared.eventschema.reason_from_v1`);
 - token issuance: a "token.issued" event (or any successful token-service event with
   a mode); with a principal (`user`, a keyed hash) it also counts per user and per
   user's client IPs;
@@ -15,8 +18,9 @@ Which events count as what:
   session, and its "voice.budget.warning") is not a request: the session's set-up was
   one already;
 - replay: a refusal of category replay; tampering: category tamper (a signature or
-  digest that does not match); v1 reasons ("replay", "signature", ...) map onto them;
-- rotation overdue: an `AuditEvent` of type "rotation_due" from the key-manager.
+  digest that does not match);
+- rotation overdue: an `AuditEvent` of type "rotation_due" from the key-manager (its
+  `RotationDue` detail gives the age).
 """
 
 from __future__ import annotations
@@ -33,8 +37,9 @@ from services.auditor.baselines import (
     WindowCounter,
 )
 from services.auditor.settings import Settings
-from shared.contract import Category, Refusal, category_of
+from shared.contract import Category, Refusal
 from shared.events import AuditEvent, UsageEvent
+from shared.eventschema import OtherReason, Refused, RotationDue, StreamDrift
 
 # Usage events that meter a running session rather than record a request.
 METERING_TYPES = frozenset({"voice.usage", "voice.budget.warning"})
@@ -43,8 +48,7 @@ __all__ = ["ALERT_TYPES", "AUTH_CATEGORIES", "Detectors", "Finding"]
 
 Severity = Literal["info", "warning", "critical"]
 
-# Categories (`shared.contract.Category`) of the refusals each detector counts. A
-# reason is a refusal code, a category, or a v1 reason (`shared.contract.category_of`).
+# Categories (`shared.contract.Category`) of the refusals each detector counts.
 AUTH_CATEGORIES = frozenset({Category.auth, Category.tamper, Category.replay})
 REPLAY_CATEGORIES = frozenset({Category.replay})
 TAMPER_CATEGORIES = frozenset({Category.tamper})
@@ -94,13 +98,15 @@ def _country(value: str | None) -> str | None:
     return code
 
 
-def _age_days(detail: dict[str, object]) -> float | None:
-    # The key-manager writes `age_s`; `age_days` is what older events carried.
-    seconds = detail.get("age_s")
-    if isinstance(seconds, int | float):
-        return seconds / 86_400
-    days = detail.get("age_days")
-    return float(days) if isinstance(days, int | float) else None
+def _refusal(event: UsageEvent) -> tuple[Category | None, str]:
+    """The refusal's category and code (a label); a reason of an unknown kind keeps its
+    category, so a newer producer's refusals still count."""
+    reason = event.reason
+    if isinstance(reason, Refused):
+        return reason.category, str(reason.code)
+    if isinstance(reason, OtherReason):
+        return reason.category, reason.kind
+    return None, ""
 
 
 class Detectors:
@@ -148,7 +154,11 @@ class Detectors:
             findings.extend(self._token_issued(event))
         elif event.service == "proxy" and event.type not in METERING_TYPES:
             findings.extend(self._proxy_request(event))
-        elif event.service == "token" and event.reason == Refusal.IDENTITY_UNAVAILABLE:
+        elif (
+            event.service == "token"
+            and isinstance(event.reason, Refused)
+            and event.reason.code is Refusal.IDENTITY_UNAVAILABLE
+        ):
             findings.append(
                 Finding(
                     "identity_unavailable",
@@ -172,9 +182,8 @@ class Detectors:
             key = event.key_id or "unknown"
             env = event.environment or "unknown"
             summary = f"key {key} ({event.provider or 'provider'}, {env}) is overdue for rotation"
-            days = _age_days(event.detail)
-            if days is not None:
-                summary += f": {round(days, 1):g} days old"
+            if isinstance(event.detail, RotationDue):
+                summary += f": {round(event.detail.age_s / 86_400, 1):g} days old"
             findings.append(
                 Finding(
                     "rotation_overdue",
@@ -187,8 +196,10 @@ class Detectors:
                 )
             )
         if event.type == "stream.drift":
-            streams = event.detail.get("streams")
-            names = ", ".join(sorted(streams)) if isinstance(streams, dict) else "unknown"
+            drift = event.detail
+            names = "unknown"
+            if isinstance(drift, StreamDrift):
+                names = ", ".join(sorted(drift.streams))
             findings.append(
                 Finding(
                     "stream_config_drift",
@@ -217,8 +228,7 @@ class Detectors:
     # -- detectors -----------------------------------------------------------------------
 
     def _denied(self, event: UsageEvent) -> Iterable[Finding]:
-        reason = (event.reason or "").lower()
-        category = category_of(reason)
+        category, reason = _refusal(event)
         ip = event.client_ip or "unknown"
         s = self.settings
         weight = event.count or 1  # a sampled refusal event stands for `count` refusals

@@ -23,6 +23,7 @@ from shared.crypto import (
     open_sealed,
 )
 from shared.errors import ApiError, BadRequestError
+from shared.eventschema import Dropped, Listed, RefusedDetail, Shown
 from shared.keyadmin import (
     OPERATOR_USER,
     AddKeyRequest,
@@ -67,9 +68,7 @@ class AdminDesk:
                 "admin_dropped",
                 actor="unknown",
                 outcome="denied",
-                reason="reply_not_allowed",
-                operation=name,
-                reply=(msg.reply or "")[:80],
+                detail=Dropped(reply=(msg.reply or "")[:80], operation=name),
             )
             return
         try:
@@ -83,7 +82,12 @@ class AdminDesk:
             reply = await self._dispatch(op, msg)
         except ApiError as exc:
             metrics.ADMIN_OPERATIONS.labels(op.value, "denied").inc()
-            self._keys.audit(f"admin_{op.value}", actor=OPERATOR, outcome="denied", reason=exc.code)
+            self._keys.audit(
+                f"admin_{op.value}",
+                actor=OPERATOR,
+                outcome="denied",
+                detail=RefusedDetail.of(exc),
+            )
             await self._responder.error(msg, exc.code, exc.message)
             return
         except Exception as exc:  # an admin mistake must never take the service down
@@ -134,11 +138,11 @@ class AdminDesk:
                 environment=listing.environment,
                 include_retired=listing.include_retired,
             )
-            keys.audit("admin_list", actor=listing.actor, count=len(infos))
+            keys.audit("admin_list", actor=listing.actor, detail=Listed(count=len(infos)))
             return KeyListReply(keys=infos)
         show = _parse(msg, ShowKeyRequest)
         infos = await keys.show(show.key_id)
-        keys.audit("admin_show", actor=show.actor, shown_key_id=show.key_id)
+        keys.audit("admin_show", actor=show.actor, detail=Shown(shown_key_id=show.key_id))
         return KeyListReply(keys=infos)
 
     def _unseal(self, secret: SealedSecret, op: AdminOp, target: str) -> bytes:

@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from services.keymanager import metrics
 from services.keymanager.custody import Custody, explain
@@ -23,6 +23,17 @@ from services.keymanager.store import KeyStore, StoredRecord
 from shared.crypto import Envelope, EnvelopeError, UnknownKekError
 from shared.errors import BadRequestError, NotFoundError, UnavailableError
 from shared.events import AuditEvent, EventPublisher
+from shared.eventschema import (
+    AuditDetail,
+    CustodyCreated,
+    Kek,
+    KekMove,
+    KeyRejection,
+    KeyRotated,
+    Rejected,
+    RewrapFailed,
+    RotationDue,
+)
 from shared.keyadmin import KeyInfo, KeyStatus, RewrapReply
 from shared.leases import RotatedNotice
 
@@ -99,7 +110,7 @@ class KeyService:
         record: KeyRecord | None = None,
         provider: str | None = None,
         environment: str | None = None,
-        **detail: Any,
+        detail: AuditDetail | None = None,
     ) -> None:
         self._events.emit(
             AuditEvent(
@@ -153,8 +164,7 @@ class KeyService:
             actor=actor,
             outcome="failure",
             record=record,
-            kek_provider=exc.provider,
-            reason=exc.reason,
+            detail=Kek(kek_provider=exc.provider, reason=exc.reason[:512]),
         )
         return UnavailableError(
             f"key {record.key_id} v{record.version}: KEK provider {exc.provider} "
@@ -166,17 +176,25 @@ class KeyService:
         self, record: KeyRecord, exc: Exception, *, actor: str
     ) -> KeyIntegrityError:
         if isinstance(exc, UnknownKekError):
-            reason, label = f"wrapped under unknown KEK version {exc.kek_id}", "unknown_kek"
+            reason = f"wrapped under unknown KEK version {exc.kek_id}"
+            label = KeyRejection.unknown_kek
         elif isinstance(exc, KekUnwrapError):
-            reason, label = f"the KEK provider refused to unwrap: {exc.reason}", "kek_refused"
+            reason = f"the KEK provider refused to unwrap: {exc.reason}"
+            label = KeyRejection.kek_refused
         elif isinstance(exc, EnvelopeError):
             reason = "authentication failed (tampered ciphertext or wrong associated data)"
-            label = "integrity"
+            label = KeyRejection.integrity
         else:
-            reason, label = "malformed envelope", "malformed"
+            reason, label = "malformed envelope", KeyRejection.malformed
         metrics.INTEGRITY_FAILURES.labels(label).inc()
         log.error("key %s v%d did not decrypt: %s", record.key_id, record.version, label)
-        self.audit("decrypt_failed", actor=actor, outcome="failure", record=record, reason=label)
+        self.audit(
+            "decrypt_failed",
+            actor=actor,
+            outcome="failure",
+            record=record,
+            detail=Rejected(reason=label),
+        )
         return KeyIntegrityError(record.key_id, record.version, reason)
 
     # --- store and rotate ---------------------------------------------------------------
@@ -246,13 +264,21 @@ class KeyService:
         existing = self.find_by_fingerprint(secret)
         if existing is not None:
             self.audit(
-                "key_store", actor=actor, outcome="denied", record=existing, reason="duplicate"
+                "key_store",
+                actor=actor,
+                outcome="denied",
+                record=existing,
+                detail=Rejected(reason=KeyRejection.duplicate),
             )
             raise ConflictError(f"this key is already stored as {existing.key_id}")
         current = self.active_for(provider, environment)
         if current is not None:
             self.audit(
-                "key_store", actor=actor, outcome="denied", record=current, reason="active_exists"
+                "key_store",
+                actor=actor,
+                outcome="denied",
+                record=current,
+                detail=Rejected(reason=KeyRejection.active_exists),
             )
             raise ConflictError(
                 f"{provider}/{environment} already has active key {current.key_id}; "
@@ -329,8 +355,7 @@ class KeyService:
             "key_rotate",
             actor=actor,
             record=record,
-            grace_s=grace,
-            previous_versions=[r.version for r in retiring],
+            detail=KeyRotated(grace_s=grace, previous_versions=[r.version for r in retiring]),
         )
         await self._announce(record)
         return record, retiring
@@ -426,11 +451,12 @@ class KeyService:
                     "key_rewrap",
                     actor=actor,
                     record=changed.record,
-                    from_kek=record.kek_id,
-                    to_kek=envelope.kek_id,
+                    detail=KekMove(from_kek=record.kek_id, to_kek=envelope.kek_id),
                 )
         if failed:
-            self.audit("key_rewrap", actor=actor, outcome="failure", failed=failed)
+            self.audit(
+                "key_rewrap", actor=actor, outcome="failure", detail=RewrapFailed(failed=failed)
+            )
         return RewrapReply(
             kek_id=current_kek, rewrapped=rewrapped, already_current=already, failed=failed
         )
@@ -448,7 +474,11 @@ class KeyService:
                 await self._store.put_custody(moved, last=revision)
             except ConflictError:
                 continue
-            self.audit("custody_rewrap", actor=actor, from_kek=record.kek_id, to_kek=moved.kek_id)
+            self.audit(
+                "custody_rewrap",
+                actor=actor,
+                detail=KekMove(from_kek=record.kek_id, to_kek=moved.kek_id),
+            )
             return
 
     # --- custody verification -----------------------------------------------------------
@@ -478,8 +508,7 @@ class KeyService:
                     "kek_verify",
                     actor=actor,
                     outcome="failure",
-                    kek_provider=custody.provider.name,
-                    reason=reason,
+                    detail=Kek(kek_provider=custody.provider.name, reason=reason[:512]),
                 )
             return False
         custody.adopt(seed)
@@ -487,7 +516,11 @@ class KeyService:
         reason = f"custody record opens under {custody_kek}"
         if custody.mark(True, reason, custody_kek):
             log.info("key custody verified: %s", reason)
-            self.audit("kek_verify", actor=actor, kek_provider=custody.provider.name, reason=reason)
+            self.audit(
+                "kek_verify",
+                actor=actor,
+                detail=Kek(kek_provider=custody.provider.name, reason=reason[:512]),
+            )
         return True
 
     async def _first_custody(self, *, actor: str) -> tuple[bytes, str]:
@@ -505,7 +538,7 @@ class KeyService:
             if found is None:
                 raise
             return await self._custody.open_custody(found[0]), found[0].kek_id
-        self.audit("custody_created", actor=actor, kek_id=record.kek_id)
+        self.audit("custody_created", actor=actor, detail=CustodyCreated(kek_id=record.kek_id))
         return seed, record.kek_id
 
     async def bootstrap(self, secret: bytes, *, provider: str, environment: str) -> KeyRecord:
@@ -604,8 +637,9 @@ class KeyService:
                         actor=SERVICE,
                         outcome="failure",
                         record=record,
-                        age_s=round(age),
-                        max_age_s=round(self._policy.max_key_age_s),
+                        detail=RotationDue(
+                            age_s=round(age), max_age_s=round(self._policy.max_key_age_s)
+                        ),
                     )
         for (environment, provider), record in newest.items():
             metrics.KEY_AGE_SECONDS.labels(environment, provider).set(now - record.created_at)

@@ -22,8 +22,10 @@ from services.keymanager import metrics
 from services.keymanager.keys import KeyService
 from services.keymanager.settings import Settings
 from shared.bus import Responder, parse_request
+from shared.contract import Refusal
 from shared.crypto import SealError, b64url_decode, b64url_encode, seal_for_requester
 from shared.errors import ApiError, BadRequestError, ForbiddenError
+from shared.eventschema import Dropped, Lease, RefusedDetail
 from shared.keyadmin import PROVIDER_PATTERN, KeyStatus
 from shared.leases import LeaseReply, LeaseRequest
 
@@ -51,8 +53,7 @@ class LeaseDesk:
                 "lease_dropped",
                 actor="unknown",
                 outcome="denied",
-                reason="reply_not_allowed",
-                reply=(msg.reply or "")[:80],
+                detail=Dropped(reply=(msg.reply or "")[:80]),
             )
             return
         actor = user
@@ -68,15 +69,19 @@ class LeaseDesk:
                 "lease_denied" if refused else "lease_failed",
                 actor=actor,
                 outcome="denied" if refused else "failure",
-                key_id=getattr(exc, "key_id", None),
-                reason=exc.code,
+                detail=RefusedDetail.of(exc, key_id=getattr(exc, "key_id", None)),
             )
             await self._responder.error(msg, exc.code, exc.message)
             return
         except Exception as exc:  # a lease request must never take the service down
             log.error("lease request failed: %s", type(exc).__name__, exc_info=exc)
             self._count(actor, "error")
-            self._keys.audit("lease_failed", actor=actor, outcome="failure", reason="internal")
+            self._keys.audit(
+                "lease_failed",
+                actor=actor,
+                outcome="failure",
+                detail=RefusedDetail.of(Refusal.INTERNAL_ERROR),
+            )
             await self._responder.error(msg, "internal_error", "the key manager could not answer")
             return
         finally:
@@ -148,10 +153,12 @@ class LeaseDesk:
             "lease_granted",
             actor=request.requester,
             record=record,
-            lease_id=shell.lease_id,
-            expires_at=shell.expires_at,
-            kem=request.kem.value,
-            instance_id=request.instance_id[:64],
+            detail=Lease(
+                lease_id=shell.lease_id,
+                expires_at=shell.expires_at,
+                kem=request.kem.value,
+                instance_id=request.instance_id[:64],
+            ),
         )
         return shell.model_copy(update={"sealed": b64url_encode(sealed)})
 

@@ -24,6 +24,7 @@ from services.keymanager.keys import KeyService
 from services.keymanager.records import KeyRecord
 from shared.crypto import EnvelopeError, Kek
 from shared.errors import ApiError, BadRequestError, UnavailableError
+from shared.eventschema import Backup, Doctor, KeyRejection, Rejected, Restore
 from shared.keyadmin import (
     BACKUP_FORMAT,
     AdminOp,
@@ -90,7 +91,7 @@ async def doctor(keys: KeyService, *, actor: str) -> DoctorReply:
                 )
     if stale:
         details["advice"] = "run `keyveil keys rewrap` to move stale records to the current KEK"
-    keys.audit("admin_doctor", actor=actor, ok=status.ok, unreadable=len(unreadable))
+    keys.audit("admin_doctor", actor=actor, detail=Doctor(ok=status.ok, unreadable=len(unreadable)))
     return DoctorReply(
         ok=status.ok and not unreadable,
         reason=status.reason,
@@ -120,7 +121,9 @@ async def backup(keys: KeyService, *, actor: str) -> BackupDocument:
     signer = keys.custody.ring.current
     unsigned = BackupDocument(**body, signed_by=signer.kek_id, signature="")
     signature = signer.signature(_SIGNATURE_LABEL, _canonical(_body(unsigned)))
-    keys.audit("keys_backup", actor=actor, records=len(stored), signed_by=signer.kek_id)
+    keys.audit(
+        "keys_backup", actor=actor, detail=Backup(records=len(stored), signed_by=signer.kek_id)
+    )
     return unsigned.model_copy(update={"signature": signature})
 
 
@@ -139,14 +142,24 @@ async def restore(keys: KeyService, document: BackupDocument, *, actor: str) -> 
     except KekUnavailableError as exc:
         raise UnavailableError(explain(exc, what="the backup"), code="kek_unavailable") from None
     except EnvelopeError as exc:
-        keys.audit("keys_restore", actor=actor, outcome="denied", reason="custody")
+        keys.audit(
+            "keys_restore",
+            actor=actor,
+            outcome="denied",
+            detail=Rejected(reason=KeyRejection.custody),
+        )
         raise BadRequestError(
             explain(exc, what="the backup's custody record"), code="bad_backup"
         ) from None
     signer = Kek(seed.hex())
     expected = signer.signature(_SIGNATURE_LABEL, _canonical(_body(document)))
     if signer.kek_id != document.signed_by or not hmac.compare_digest(expected, document.signature):
-        keys.audit("keys_restore", actor=actor, outcome="denied", reason="bad_signature")
+        keys.audit(
+            "keys_restore",
+            actor=actor,
+            outcome="denied",
+            detail=Rejected(reason=KeyRejection.bad_signature),
+        )
         raise BadRequestError(
             "the backup signature does not verify: it was changed, or not made under this "
             "key custody",
@@ -179,9 +192,7 @@ async def restore(keys: KeyService, document: BackupDocument, *, actor: str) -> 
     keys.audit(
         "keys_restore",
         actor=actor,
-        restored=restored,
-        already_present=already,
-        conflicts=len(conflicts),
+        detail=Restore(restored=restored, already_present=already, conflicts=len(conflicts)),
     )
     return RestoreReply(
         restored=restored, already_present=already, conflicts=conflicts, unreadable=unreadable

@@ -52,6 +52,7 @@ from shared.errors import (
     error_body,
 )
 from shared.events import EventPublisher, UsageEvent
+from shared.eventschema import CLIENT_GONE, SERVED_BY_DEMO, SERVED_FROM_CACHE, Reason, Refused
 from shared.guard import SignedRequest, SignedRequestGuard
 from shared.httpedge import (
     IpNetwork,
@@ -284,7 +285,7 @@ class ProxyHandler:
         except ApiError as exc:
             return self._refused(exchange, exc, before_upstream=True)
         except ClientGoneError:
-            self._finish(exchange, _CLIENT_GONE, upstream_s=0.0, reason="client_gone")
+            self._finish(exchange, _CLIENT_GONE, upstream_s=0.0, reason=CLIENT_GONE)
             return _Reply(_CLIENT_GONE, [])
 
     async def _admitted(
@@ -380,7 +381,7 @@ class ProxyHandler:
             hit = await self._cache.get(cache_key)
             if hit is not None:
                 content_type, cached = hit
-                self._finish(exchange, 200, upstream_s=0.0, reason="cache_hit")
+                self._finish(exchange, 200, upstream_s=0.0, reason=SERVED_FROM_CACHE)
                 out = {**exchange.rate_headers, "content-type": content_type}
                 out["x-keyveil-cache"] = "hit"
                 return _Reply(200, _encode(out), cached)
@@ -449,7 +450,7 @@ class ProxyHandler:
     def _demo(self, exchange: _Exchange, *, stream: bool) -> _Reply:
         answer: DemoAnswer = demo_response(exchange.route, model=exchange.model, stream=stream)
         headers = _encode({**exchange.rate_headers, "content-type": answer.content_type})
-        self._finish(exchange, 200, upstream_s=0.0, reason="demo")
+        self._finish(exchange, 200, upstream_s=0.0, reason=SERVED_BY_DEMO)
         return _Reply(200, headers, answer.body, events=answer.events)
 
     async def _forward(
@@ -607,7 +608,7 @@ class ProxyHandler:
             exchange,
             exc.status,
             upstream_s=0.0,
-            reason=exc.code,
+            reason=Refused.of(exc),
             refused=before_upstream,
             sampled=sampled,
         )
@@ -629,7 +630,7 @@ class ProxyHandler:
         status: int,
         upstream_s: float,
         *,
-        reason: str | None = None,
+        reason: Reason | None = None,
         refused: bool = False,
         sampled: bool = False,
         usage: Usage | None = None,

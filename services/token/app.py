@@ -32,6 +32,7 @@ from services.token.settings import Settings
 from shared.contract import Category, Refusal, counts_as_strike, refusal_category
 from shared.errors import ApiError
 from shared.events import AuditEvent, EventPublisher, UsageEvent
+from shared.eventschema import Fallback, Refused, TokenRevoked
 from shared.guard import SignedRequest
 from shared.httpedge import IpNetwork, client_ip, parse_networks, read_body_capped, signed_scheme
 from shared.policy import PolicyHolder, default_policy
@@ -156,7 +157,7 @@ class TokenService:
                     service="token",
                     type="token.revoke_denied",
                     outcome="denied" if exc.status < 500 else "error",
-                    reason=exc.code,
+                    reason=Refused.of(exc),
                     status=exc.status,
                     client_ip=ip,
                     token_id=token_id if exc.code == Refusal.REPLAY_DETECTED else None,
@@ -171,7 +172,7 @@ class TokenService:
                 service="token",
                 type="token.revoked",
                 actor="token-holder",
-                detail={"token_id": token_id, "session_id": claims.sid, "via": "signed_delete"},
+                detail=TokenRevoked(via="signed_delete", token_id=token_id, session_id=claims.sid),
             )
         )
         self.events.emit(
@@ -213,7 +214,7 @@ class TokenService:
                 service="token",
                 type="ip.blocked",
                 outcome="denied",
-                reason=Refusal.IP_BLOCKED,
+                reason=Refused.of(Refusal.IP_BLOCKED),
                 client_ip=ip,
             )
         )
@@ -228,7 +229,7 @@ class TokenService:
                 service="token",
                 type="token.issued",
                 outcome="ok",
-                reason=issued.fallback_reason,
+                reason=Fallback.of(issued.fallback_reason) if issued.fallback_reason else None,
                 status=200,
                 client_ip=ip,
                 token_id=issued.token_id,
@@ -259,8 +260,7 @@ class TokenService:
                 service="token",
                 type="token.denied" if result == "denied" else "token.error",
                 outcome=result,
-                # Starts with invalid_, so the auditor's auth-failure detector counts it.
-                reason=f"invalid_login_{exc.why}" if isinstance(exc, LoginError) else exc.code,
+                reason=Refused.of(exc, why=exc.why if isinstance(exc, LoginError) else None),
                 status=exc.status,
                 client_ip=ip,
                 mode=mode,

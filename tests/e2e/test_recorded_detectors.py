@@ -20,6 +20,7 @@ import pytest
 
 from services.auditor.detectors import Detectors
 from shared.events import AuditEvent, UsageEvent
+from shared.eventschema import RotationDue
 from tests.services.auditor.helpers import settings
 from tests.stack import (
     CHAT_BODY,
@@ -142,7 +143,8 @@ def test_rotation_due_summary_has_the_key_age(recorded: Path) -> None:
     lines = (recorded / "audit.jsonl").read_text().splitlines()
     assert lines, "the key-manager reported no overdue key"
     event = AuditEvent.model_validate_json(lines[0])
-    assert "age_s" in event.detail
+    assert isinstance(event.detail, RotationDue)
+    assert event.detail.age_s >= 1
     [finding] = Detectors(settings()).observe_audit(event)
     assert finding.type == "rotation_overdue"
     assert "days old" in finding.summary

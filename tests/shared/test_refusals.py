@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import asyncio
 
+from shared.contract import Refusal
 from shared.events import UsageEvent
+from shared.eventschema import Refused
 from shared.refusals import RefusalSampler
 
 
-def _refusal(reason: str = "invalid_token", ip: str | None = "203.0.113.7") -> UsageEvent:
+def _refusal(reason: str = "token_invalid", ip: str | None = "203.0.113.7") -> UsageEvent:
     return UsageEvent(
-        service="proxy", type="proxy.request", outcome="denied", reason=reason, client_ip=ip
+        service="proxy",
+        type="proxy.request",
+        outcome="denied",
+        reason=Refused.of(Refusal[reason.upper()]),
+        client_ip=ip,
     )
 
 
@@ -33,19 +39,19 @@ async def test_reasons_and_clients_are_kept_apart() -> None:
     sent: list[UsageEvent] = []
     sampler = RefusalSampler(sent.append, interval_s=0.1)
     for ip in ("198.51.100.1", "198.51.100.2"):
-        for reason in ("invalid_token", "bad_request"):
+        for reason in ("token_invalid", "bad_request"):
             for _ in range(3):
                 sampler.refused(_refusal(reason, ip))
     await asyncio.sleep(0.15)
     sampler.close()
     totals: dict[tuple[str | None, str | None], int] = {}
     for event in sent:
-        key = (event.reason, event.client_ip)
+        key = (getattr(event.reason, "code", None), event.client_ip)
         totals[key] = totals.get(key, 0) + (event.count or 0)
     assert totals == {
         (reason, ip): 3
         for ip in ("198.51.100.1", "198.51.100.2")
-        for reason in ("invalid_token", "bad_request")
+        for reason in ("token_invalid", "bad_request")
     }
     assert len(sent) == 8
 

@@ -25,7 +25,7 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import httpx
@@ -35,6 +35,7 @@ import websockets.exceptions
 from websockets.asyncio.client import ClientConnection, connect
 
 from shared.events import AuditEvent, EventPublisher, UsageEvent
+from shared.eventschema import BudgetWarning, VoiceClosed, VoicePolicyAction
 from shared.metering import SpendMeter, event_fields, read_usage
 from shared.pricing import Usage
 from shared.ratelimit import RedisUnavailableError
@@ -270,12 +271,14 @@ class Sideband:
         self._reverts += 1
         if self._reverts > _MAX_REVERTS:
             revert = None  # it keeps coming back: the provider or the browser insists
-        action = "reverted" if revert is not None else "closed"
+        action: Literal["reverted", "closed"] = "reverted" if revert is not None else "closed"
         POLICY_ACTIONS.labels(self.api.value, action).inc()
         self._audit(
             f"voice.policy.{action}",
             outcome="denied",
-            detail={"fields": found, "action": action, "cause": "session.updated"},
+            detail=VoicePolicyAction(
+                **self._about(), fields=found, action=action, cause="session.updated"
+            ),
         )
         if revert is not None:
             try:
@@ -357,7 +360,8 @@ class Sideband:
             self._budget_warned = True
             if self.ctx.publisher is not None:
                 warning = self._usage(
-                    voice_event_id(self.session_id, "budget-warning", found.name), reason=found.name
+                    voice_event_id(self.session_id, "budget-warning", found.name),
+                    reason=BudgetWarning(budget=found.name[:64]),
                 )
                 self.ctx.publisher.emit(warning.model_copy(update={"type": "voice.budget.warning"}))
         if found.short is not None and self._ending is None and not self.ended.is_set():
@@ -448,14 +452,23 @@ class Sideband:
         self._audit(
             "voice.session.closed",
             outcome="success",
-            detail={
-                "reason": reason,
-                "billed_s": self.record.billed_s,
-                "duration_s": round(time.time() - self.record.started_at, 3),
-            },
+            detail=VoiceClosed(
+                **self._about(),
+                reason=reason[:64],
+                billed_s=self.record.billed_s,
+                duration_s=round(time.time() - self.record.started_at, 3),
+            ),
         )
 
-    def _audit(self, kind: str, *, outcome: Any, detail: dict[str, Any]) -> None:
+    def _about(self) -> dict[str, Any]:
+        """The fields every voice audit detail carries: which session, on which API."""
+        return {
+            "voice_session_id": self.session_id,
+            "api": self.api.value,
+            "token_id": self.record.token_id,
+        }
+
+    def _audit(self, kind: str, *, outcome: Any, detail: VoicePolicyAction | VoiceClosed) -> None:
         if self.ctx.publisher is None:
             return
         self.ctx.publisher.emit(
@@ -465,11 +478,6 @@ class Sideband:
                 actor="proxy",
                 outcome=outcome,
                 provider="openai",
-                detail={
-                    "voice_session_id": self.session_id,
-                    "api": self.api.value,
-                    "token_id": self.record.token_id,
-                    **detail,
-                },
+                detail=detail,
             )
         )

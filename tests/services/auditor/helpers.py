@@ -10,7 +10,9 @@ from nats.js.api import StreamConfig
 from services.auditor.ledger import LEDGER_STREAM, Ledger
 from services.auditor.ledgerkeys import LedgerSigner
 from services.auditor.settings import Settings
+from shared.contract import Refusal
 from shared.events import AuditEvent, UsageEvent
+from shared.eventschema import Refused, RotationDue
 from shared.settings import load_settings
 
 T0 = 1_700_000_000.0
@@ -50,15 +52,14 @@ def settings(**overrides: Any) -> Settings:
 
 
 def denied(reason: str, *, ts: float, ip: str = "203.0.113.7", **fields: Any) -> UsageEvent:
-    return UsageEvent(
-        service="proxy",
-        type="proxy.rejected",
-        outcome="denied",
-        reason=reason,
-        client_ip=ip,
-        ts=ts,
-        **fields,
-    )
+    """A refusal: typed (v2) for a contract code, else a v1 event with that v1 reason
+    ("signature", "expired", ...), read as the auditor reads the streams' older events."""
+    base = {"service": "proxy", "type": "proxy.rejected", "outcome": "denied"}
+    refusal = Refusal.parse(reason)
+    if refusal is not None:
+        return UsageEvent(**base, reason=Refused.of(refusal), client_ip=ip, ts=ts, **fields)
+    v1 = {**base, "schema_version": 1, "reason": reason, "client_ip": ip, "ts": ts, **fields}
+    return UsageEvent.model_validate(v1)
 
 
 def issued(*, ts: float, ip: str = "198.51.100.1", **fields: Any) -> UsageEvent:
@@ -81,7 +82,7 @@ def rotation_due(*, ts: float, key_id: str = "key-openai-1") -> AuditEvent:
         key_id=key_id,
         provider="openai",
         environment="production",
-        detail={"age_days": 95},
+        detail=RotationDue(age_s=95 * 86_400),
         ts=ts,
     )
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from services.auditor.detectors import Detectors, Finding
+from shared.contract import Refusal
 from shared.events import UsageEvent
+from shared.eventschema import Refused
 from tests.services.auditor.helpers import (
     T0,
     denied,
@@ -212,7 +214,7 @@ def test_an_identity_outage_alerts_once_per_cooldown() -> None:
             service="token",
             type="token.error",
             outcome="error",
-            reason="identity_unavailable",
+            reason=Refused.of(Refusal.IDENTITY_UNAVAILABLE),
             status=503,
             ts=now + i,
         )

@@ -9,6 +9,7 @@ from nats.aio.client import Client as NATS
 
 from services.auditor.detectors import Detectors
 from shared.events import AuditEvent, EventPublisher, drift_reporter
+from shared.eventschema import StreamDrift
 from shared.streams import EDGE_STREAMS, USAGE_STREAM, StreamGuard, check_streams
 from tests.services.auditor.helpers import settings
 
@@ -33,7 +34,7 @@ async def test_drift_makes_the_guard_not_ready_and_the_auditor_alert(pnc: NATS) 
     await sub.unsubscribe()
 
     assert recorded.type == "stream.drift"
-    assert recorded.detail["streams"] == {"KEYVEIL_USAGE": ["max_msgs"]}
+    assert recorded.detail == StreamDrift(streams={"KEYVEIL_USAGE": ["max_msgs"]})
     (finding,) = Detectors(settings()).observe_audit(recorded)
     assert finding.type == "stream_config_drift"
     assert finding.severity == "critical"

@@ -341,11 +341,13 @@ async def test_unauthenticated_refusals_are_counted_but_sampled(
         assert (await client.post(CHAT, chat_body(), speech_only)).status_code == 403
     await asyncio.sleep(1.5)  # the sampler's interval ends and the sum goes out
     events = await _usage_events(bus, since)
-    invalid = [e for e in events if e["reason"] == "token_invalid"]
+    codes = [(e["reason"] or {}).get("code") for e in events]
+    invalid = [e for e, code in zip(events, codes, strict=True) if code == "token_invalid"]
     assert 1 <= len(invalid) <= 3
     assert sum(e["count"] for e in invalid) == 15
     assert all(e["client_ip"] == "127.0.0.1" for e in invalid)
-    scope = [e for e in events if e["reason"] == "scope_denied"]
+    assert all(e["reason"]["category"] == "auth" for e in invalid)
+    scope = [e for e, code in zip(events, codes, strict=True) if code == "scope_denied"]
     assert len(scope) == 3
     assert all(e["count"] is None for e in scope)
     metrics = (await _get(bounded_proxy, "/metrics")).decode()

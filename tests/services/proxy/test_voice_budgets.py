@@ -179,7 +179,7 @@ async def test_a_live_session_is_warned_at_90_percent_and_ended_at_100_of_money(
     # before the room left was less than one hold.
     assert limit - 2 * AHEAD_S * per_second <= spent <= limit
     assert len(warnings) == 1
-    assert warnings[0]["reason"] == "token-micros-day"
+    assert warnings[0]["reason"] == {"kind": "budget_warning", "budget": "token-micros-day"}
     assert warnings[0]["token_id"] == token.claims.jti
     # Counted against this token's own counter under the default ('*') budget.
     key = counter_key("token", token.claims.jti, "micros", "day", window_index("day", time.time()))
@@ -217,7 +217,9 @@ async def test_a_seconds_budget_warns_at_90_percent_on_the_bus_and_ends_the_sess
     assert seconds == record.billed_s == fake_session(voice_fake, session_id)["seconds"]
     assert seconds <= limit
     warnings = [e for e in await usage_of(bus, session_id) if e["type"] == "voice.budget.warning"]
-    assert [w["reason"] for w in warnings] == ["user-seconds-day"]
+    assert [w["reason"] for w in warnings] == [
+        {"kind": "budget_warning", "budget": "user-seconds-day"}
+    ]
     assert warnings[0]["token_id"] == token.claims.jti
     key = counter_key("user", user, "seconds", "day", window_index("day", time.time()))
     assert await _counted(redis_client, key, int(seconds)) == seconds

@@ -308,7 +308,7 @@ async def test_a_dropped_sideband_is_reattached_and_nothing_is_counted_twice(
         events = await usage_of(bus, session_id)
         return events if events and max(e["seconds_total"] for e in events) >= final else []
 
-    events = await until(all_billed, "the final usage never reached JetStream")
+    events = await until(all_billed, "the final usage never reached JetStream", timeout=15.0)
     assert sum(e["seconds"] for e in events) == pytest.approx(final)
     record = await VoiceRegistry(redis_client).get(session_id)
     assert record is not None

@@ -144,7 +144,7 @@ async def usage_of(bus: NATS, session_id: str) -> list[dict[str, Any]]:
 
 async def audits_of(bus: NATS, session_id: str) -> list[dict[str, Any]]:
     events = await stream_events(bus, AUDIT_STREAM.name, "keyveil.audit.proxy")
-    return [e for e in events if e.get("detail", {}).get("voice_session_id") == session_id]
+    return [e for e in events if (e.get("detail") or {}).get("voice_session_id") == session_id]
 
 
 async def open_live(browser: Browser, peer: Peer, session: Any = None) -> tuple[str, Any]:

@@ -139,7 +139,7 @@ async def test_auto_falls_back_to_proxy_when_the_upstream_fails(
     assert realtime.json()["error"]["code"] == "upstream_error"
     _no_secret(realtime.text)
     event = await events.wait_for(type="token.issued", token_id=auto.json()["token_id"])
-    assert event["reason"] == "upstream_error"
+    assert event["reason"] == {"kind": "fallback", "code": "upstream_error", "category": "upstream"}
 
 
 async def test_auto_falls_back_when_the_upstream_is_too_slow(
@@ -266,7 +266,11 @@ async def test_origin_rules(token_app: AppFactory, events: EventLog) -> None:
     assert lookalike.status_code == 403
     assert "access-control-allow-origin" not in foreign.headers
     event = await events.wait_for(type="token.denied", client_ip=ip)
-    assert (event["reason"], event["status"]) == ("origin_forbidden", 403)
+    assert (event["reason"]["code"], event["reason"]["category"], event["status"]) == (
+        "origin_forbidden",
+        "auth",
+        403,
+    )
 
 
 async def test_preflight_lists_only_what_is_needed(token_app: AppFactory) -> None:
@@ -321,7 +325,11 @@ async def test_issuance_is_limited_per_client_ip(token_app: AppFactory, events: 
     assert refused.headers["access-control-allow-origin"] == ORIGIN
     assert neighbour.status_code == 200
     event = await events.wait_for(type="token.denied", client_ip=ip)
-    assert (event["reason"], event["status"]) == ("rate_limited", 429)
+    assert (event["reason"]["code"], event["reason"]["category"], event["status"]) == (
+        "rate_limited",
+        "limit",
+        429,
+    )
 
 
 async def test_spoofed_forwarded_for_from_an_untrusted_peer_changes_nothing(

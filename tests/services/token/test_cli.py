@@ -54,7 +54,16 @@ async def test_revoke_writes_redis_and_an_audit_event(
     stored = await js.get_last_msg(AUDIT_STREAM.name or "", "keyveil.audit.operator")
     event = json.loads(stored.data or b"{}")
     assert (event["type"], event["actor"]) == ("token.revoked", "operator")
-    assert event["detail"] == {"token_id": token_id, "ttl_s": 90, "via": "cli", "reason": "leaked"}
+    assert event["schema_version"] == 2
+    assert event["detail"] == {
+        "kind": "token_revoked",
+        "via": "cli",
+        "token_id": token_id,
+        "session_id": None,
+        "user": None,
+        "ttl_s": 90,
+        "reason": "leaked",
+    }
 
 
 async def test_revoke_reads_the_stack_and_refuses_bad_input(

@@ -191,7 +191,12 @@ async def test_every_bad_login_is_a_401_with_a_stable_code_counted_and_seen(
             after = _metric("keyveil_token_login_failures_total", auth_mode="oidc", reason=why)
             assert after == before + 1, name
             event = await events.wait_for(type="token.denied", client_ip=ip)
-            assert event["reason"] == f"invalid_login_{why}", name
+            assert event["reason"] == {
+                "kind": "refused",
+                "code": code,
+                "category": "auth",
+                "why": why,
+            }, name
             assert event["status"] == 401
     assert fake_upstream.calls() == []  # no realtime mint for anyone refused
 
@@ -255,7 +260,15 @@ async def test_no_cached_keys_and_no_idp_is_a_503_never_an_anonymous_token(
         again = await _issue(client, idp.login())  # inside the refresh interval: no wait
         assert again.status_code == 503
         assert _metric("keyveil_token_issued_total", mode="auto", result="error") == before + 2
-        await events.wait_for(type="token.error", reason="identity_unavailable")
+        await events.wait_for(
+            type="token.error",
+            reason={
+                "kind": "refused",
+                "code": "identity_unavailable",
+                "category": "unavailable",
+                "why": None,
+            },
+        )
         idp.unreachable = False
         await asyncio.sleep(0.55)
         assert (await _issue(client, idp.login())).status_code == 200
