@@ -5,12 +5,15 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import orjson
 import pytest
 
 from keyveil.servers import ServerProcess, start_redis
+from shared.tokens import Scope
+from tests.sdp_samples import OFFER
 from tests.support import FakeUpstream, ServiceProcess
 
-from .conftest import CHAT, Browser, chat_body, proxy_env
+from .conftest import CHAT, PREFIX, Browser, chat_body, proxy_env
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +75,15 @@ async def test_redis_down_fails_closed(
         await browser.close()
         service.stop()
         redis.stop()
+
+
+async def test_demo_mode_has_no_voice_sessions(
+    demo_browser: Browser, upstream: FakeUpstream
+) -> None:
+    """Demo mode holds no provider key, so a voice session is refused, not faked."""
+    body = orjson.dumps({"transport": {"type": "webrtc", "sdp": OFFER}})
+    token = demo_browser.token(scopes=(Scope.voice,))
+    refused = await demo_browser.post(f"{PREFIX}/live/sessions", body, token)
+    assert refused.status_code == 503, refused.text
+    assert refused.json()["error"]["code"] == "voice_unavailable"
+    assert upstream.calls() == []

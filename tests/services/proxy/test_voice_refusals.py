@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -11,12 +12,13 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
+from keyveil.servers import ServerProcess
 from shared.ratelimit import strikes_key
 from shared.tokens import Scope
 from tests.sdp_samples import ANSWER, OFFER, offer
-from tests.support import FakeUpstream
+from tests.support import FakeUpstream, ServiceProcess
 
-from .conftest import PREFIX, Browser, Token
+from .conftest import PREFIX, Browser, Token, proxy_env
 
 LIVE = f"{PREFIX}/live/sessions"
 CALLS = f"{PREFIX}/realtime/calls"
@@ -187,3 +189,50 @@ async def test_policy_refusals_are_not_counted_as_auth_failures(
     await asyncio.sleep(0.3)
     assert await strikes() == 1
     await redis_client.delete(strikes_key("127.0.0.1"))
+
+
+async def test_a_provider_answer_in_the_wrong_shape_is_502_upstream_malformed(
+    proxy_nats: ServerProcess,
+    redis_url: str,
+    key_manager: ServiceProcess,
+    fake_upstream: FakeUpstream,
+    tmp_path: Path,
+) -> None:
+    """A provider that answers 201 without a session id or an answer SDP: nothing of it
+    reaches the browser, which gets a stable code."""
+    seen: list[bytes] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":", 1)[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        await reader.readexactly(length)
+        seen.append(head.split(b" ", 2)[1])
+        body = b'{"session": {"object": "live.session"}}'
+        writer.write(
+            b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+        )
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    env = proxy_env(
+        proxy_nats.url, redis_url, fake_upstream, OPENAI_BASE_URL=f"http://127.0.0.1:{port}/v1"
+    )
+    service = ServiceProcess("proxy", env, tmp_path / "proxy.log").start()
+    browser = Browser(service.url)
+    try:
+        refused = await post_live(browser, live_body())
+    finally:
+        await browser.close()
+        service.stop()
+        server.close()
+    assert refused.status_code == 502, refused.text
+    assert refused.json()["error"]["code"] == "upstream_malformed"
+    assert "live.session" not in refused.text
+    assert seen == [b"/v1/live/sessions"]

@@ -112,16 +112,36 @@ def fake_session(fake: FakeUpstream, session_id: str) -> dict[str, Any]:
     return dict(response.json())
 
 
+@dataclass
+class _Cursor:
+    """What has been read of one stream's subject so far, and where to go on from."""
+
+    next_seq: int = 1
+    events: list[dict[str, Any]] = field(default_factory=list)
+
+
+# Per (server, stream, subject): the proxy tests share one NATS whose usage stream holds
+# every event of the package by the time the voice tests poll it; re-reading it all on
+# every poll took seconds and ran past their deadlines.
+_CURSORS: dict[tuple[str, str, str], _Cursor] = {}
+
+
 async def stream_events(bus: NATS, stream: str, subject: str) -> list[dict[str, Any]]:
-    """The events in `stream` on `subject` up to now, read with an ephemeral consumer."""
+    """The events in `stream` on `subject` up to now (read on from the last call)."""
     js = bus.jetstream()
     last = (await js.stream_info(stream)).state.last_seq
+    cursor = _CURSORS.setdefault((str(bus.connected_url), stream, subject), _Cursor())
+    if last < cursor.next_seq:
+        return list(cursor.events)
     sub = await js.pull_subscribe(
         subject,
         stream=stream,
-        config=ConsumerConfig(deliver_policy=DeliverPolicy.ALL, inactive_threshold=30),
+        config=ConsumerConfig(
+            deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=cursor.next_seq,
+            inactive_threshold=30,
+        ),
     )
-    out: list[dict[str, Any]] = []
     try:
         done = False
         while not done:
@@ -130,11 +150,12 @@ async def stream_events(bus: NATS, stream: str, subject: str) -> list[dict[str, 
             except TimeoutError:
                 break
             for msg in batch:
-                out.append(json.loads(msg.data))
+                cursor.events.append(json.loads(msg.data))
+                cursor.next_seq = msg.metadata.sequence.stream + 1
                 done = done or msg.metadata.sequence.stream >= last
     finally:
         await sub.unsubscribe()
-    return out
+    return list(cursor.events)
 
 
 async def usage_of(bus: NATS, session_id: str) -> list[dict[str, Any]]:

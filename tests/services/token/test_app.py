@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import time
 from collections.abc import AsyncIterator
@@ -12,6 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 from prometheus_client import REGISTRY
 
+from keyveil.servers import free_port
 from shared.crypto import b64url_decode
 from shared.signing import sign_request
 from shared.tokens import ProxyClaims, Scope, TokenKeyring, revoked_key
@@ -495,3 +497,52 @@ async def test_readiness_and_metrics(token_app: AppFactory) -> None:
     }
     assert "keyveil_token_issued_total" in metrics.text
     assert "keyveil_ratelimit_decisions_total" in metrics.text
+
+
+# --- the provider and Redis away ---------------------------------------------------------
+
+
+async def test_realtime_names_a_provider_that_is_unreachable_or_answers_nonsense(
+    token_app: AppFactory,
+) -> None:
+    """Both are 502 with their own code; auto mode falls back to a proxy token for both."""
+
+    async def nonsense(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            int(line.split(b":", 1)[1])
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        await reader.readexactly(length)
+        body = b'{"expires_at": 1}'  # no `value`: no secret to hand out
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(nonsense, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    answers: dict[str, tuple[httpx.Response, httpx.Response]] = {}
+    try:
+        for name, url in (
+            ("malformed", f"http://127.0.0.1:{port}/v1"),
+            ("unreachable", f"http://127.0.0.1:{free_port()}/v1"),
+        ):
+            async with token_app(OPENAI_BASE_URL=url) as client:
+                realtime = await client.post(SECURE, json={"mode": "realtime"}, headers=browser())
+                auto = await client.post(SECURE, json={}, headers=browser())
+            answers[name] = (realtime, auto)
+    finally:
+        server.close()
+    for name, code in (
+        ("malformed", "upstream_malformed"),
+        ("unreachable", "upstream_unreachable"),
+    ):
+        realtime, auto = answers[name]
+        assert realtime.status_code == 502, realtime.text
+        assert realtime.json()["error"]["code"] == code
+        _no_secret(realtime.text)
+        assert (auto.json()["mode"], auto.json()["fallback_reason"]) == ("proxy", code)
