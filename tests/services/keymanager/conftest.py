@@ -18,7 +18,7 @@ import pytest
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from keyveil.servers import ServerProcess
+from keyveil.servers import ServerProcess, bootstrap_nats, start_nats
 from services.keymanager.app import KeyManager
 from services.keymanager.settings import Settings
 from shared.settings import load_settings
@@ -74,7 +74,19 @@ class Sniffer:
         return found
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
+def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A NATS of the key-manager tests' own. Their admin and lease calls go to a queue
+    group; on the suite's shared server an intake call sometimes got no answer in 10 s,
+    only ever in the full suite (never with this package alone). A server of their own
+    keeps every other package's clients out of that queue group."""
+    server = start_nats(tmp_path_factory.mktemp("keymanager-nats"))
+    bootstrap_nats(server.url)
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture(scope="package")
 async def sniffer(nats_url: str) -> AsyncIterator[Sniffer]:
     sniffer = Sniffer()
     client = await nats.connect(nats_url, name="sniffer")
