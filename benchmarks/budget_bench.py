@@ -32,6 +32,7 @@ from benchmarks.proxy_bench import (
     SIGNING_KEY,
     Bench,
     _pid,
+    family,
     start_service,
     wait_ready,
 )
@@ -109,9 +110,9 @@ async def main() -> None:
         for _ in range(args.rounds):
             for mode in ("off", "on"):
                 pids = {
-                    "proxy": proxies[mode].pid,
-                    "upstream": _pid(fake),
-                    "redis": _pid(redis_server),
+                    "proxy": family(proxies[mode].pid),
+                    "upstream": [_pid(fake)],
+                    "redis": [_pid(redis_server)],
                 }
                 bench = Bench(ports[mode], up_port, pids)
                 phase = await bench.proxy_phase(CLIENTS, args.requests, lambda: _reset_stats(store))
