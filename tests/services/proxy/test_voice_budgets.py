@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from aiortc import AudioStreamTrack, RTCConfiguration, RTCPeerConnection
 from nats.aio.client import Client as NATS
 
-from keyveil.servers import ServerProcess
+from keyveil.servers import ServerProcess, start_redis
 from services.proxy.voice.budget import VoiceBudget, subjects_of
 from services.proxy.voice.sideband import voice_event_id
 from shared.budgets import CONFIG_KEY, BudgetAdmin, Budgets, Metered, counter_key, window_index
@@ -51,6 +51,17 @@ __all__ = ["peer", "voice_fake"]  # fixtures
 PRICES = load_prices(DEFAULT_PRICES_FILE)
 AHEAD_S = 3  # VOICE_BUDGET_AHEAD_S: what a live session holds beyond its usage
 AHEAD_TOKENS = 100  # VOICE_BUDGET_AHEAD_TOKENS: a Realtime call's (the fake bills 50 a tick)
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Valkey of this module's own. In the shared one, the voice sessions that other
+    modules' killed replicas left live are orphans every new replica tries to take over;
+    with them, the takeover test's session sometimes never reached its budget's end
+    within 40 s, only ever in the full suite."""
+    server = start_redis(tmp_path_factory.mktemp("voice-budgets-redis"))
+    yield server.url
+    server.stop()
 
 
 @pytest.fixture
