@@ -20,7 +20,6 @@ import asyncio
 import json
 import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -36,7 +35,7 @@ from benchmarks.proxy_bench import (
     start_service,
     wait_ready,
 )
-from keyveil.servers import ServerProcess, free_port, start_nats, start_redis
+from keyveil.servers import free_port, start_fake_upstream, start_nats, start_redis
 from shared.budgets import CONFIG_KEY, INDEX_FIELD, budget_field
 
 CLIENTS = 16
@@ -62,15 +61,8 @@ async def main() -> None:
     state = Path(tempfile.mkdtemp(prefix="keyveil-budget-bench-"))
     nats_server = start_nats(state, streams=True)
     redis_server = start_redis(state)
-    up_port = free_port()
-    fake = ServerProcess(
-        "fake-upstream",
-        f"http://127.0.0.1:{up_port}",
-        up_port,
-        [sys.executable, "-m", "shared.testing.fake_upstream", "--port", str(up_port)],
-        state / "fake.log",
-    )
-    fake.start()
+    fake = start_fake_upstream(state)
+    up_port = fake.port
     store = sync_redis.Redis.from_url(redis_server.url)
     store.hset(CONFIG_KEY, budget_field("global", "all", "micros", "day"), 10**15)
     store.hset(CONFIG_KEY, budget_field("token", "*", "tokens", "minute"), 10**12)

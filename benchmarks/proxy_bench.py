@@ -47,6 +47,7 @@ sys.path.insert(0, str(REPO))
 from keyveil.servers import (  # noqa: E402
     ServerProcess,
     free_port,
+    start_fake_upstream,
     start_nats,
     start_redis,
     wait_for_port,
@@ -651,15 +652,8 @@ async def main() -> None:
     state = Path(tempfile.mkdtemp(prefix="keyveil-bench-"))
     nats_server = start_nats(state, streams=True)  # as `keyveil bootstrap` makes them
     redis_server = start_redis(state)
-    up_port = free_port()
-    fake = ServerProcess(
-        "fake-upstream",
-        f"http://127.0.0.1:{up_port}",
-        up_port,
-        [sys.executable, "-m", "shared.testing.fake_upstream", "--port", str(up_port)],
-        state / "fake.log",
-    )
-    fake.start()
+    fake = start_fake_upstream(state)
+    up_port = fake.port
     processes: list[subprocess.Popen[Any]] = []
     try:
         redis_url = redis_server.url

@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -124,18 +123,11 @@ async def proxy_run(
         start_service,
         wait_ready,
     )
-    from keyveil.servers import ServerProcess, free_port, start_nats
+    from keyveil.servers import free_port, start_fake_upstream, start_nats
 
     nats_server = start_nats(state, name="bench-nats", streams=True)
-    up_port = free_port()
-    fake = ServerProcess(
-        "fake-upstream",
-        f"http://127.0.0.1:{up_port}",
-        up_port,
-        [sys.executable, "-m", "shared.testing.fake_upstream", "--port", str(up_port)],
-        state / "fake.log",
-    )
-    fake.start()
+    fake = start_fake_upstream(state)
+    up_port = fake.port
     processes: list[subprocess.Popen[bytes]] = []
     out: dict[str, Any] = {}
     try:

@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.common import percentile, write_json  # noqa: E402
 from benchmarks.proxy_bench import start_service, wait_ready  # noqa: E402
-from keyveil.servers import ServerProcess, free_port, start_nats, start_redis  # noqa: E402
+from keyveil.servers import free_port, start_fake_upstream, start_nats, start_redis  # noqa: E402
 from shared.signing import sign_request  # noqa: E402
 from shared.tokens import ProxyClaims, Scope, TokenKeyring  # noqa: E402
 from tests.support import (  # noqa: E402
@@ -223,15 +223,8 @@ async def main() -> None:
     state = Path(tempfile.mkdtemp(prefix="keyveil-voice-bench-"))
     nats_server = start_nats(state, streams=True)  # as `keyveil bootstrap` makes them
     redis_server = start_redis(state)
-    up_port = free_port()
-    fake = ServerProcess(
-        "fake-upstream",
-        f"http://127.0.0.1:{up_port}",
-        up_port,
-        [sys.executable, "-m", "shared.testing.fake_upstream", "--port", str(up_port)],
-        state / "fake.log",
-    )
-    fake.start()
+    fake = start_fake_upstream(state)
+    up_port = fake.port
     processes = []
     try:
         km_port, proxy_port = free_port(), free_port()

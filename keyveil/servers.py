@@ -247,6 +247,22 @@ def start_nats_cluster(state_dir: Path, *, nodes: int = 3) -> list[ServerProcess
     return servers
 
 
+def start_fake_upstream(
+    state_dir: Path, *, port: int | None = None, name: str = "fake-upstream"
+) -> ServerProcess:
+    """The OpenAI-compatible fake (`shared.testing.fake_upstream`) on loopback."""
+    port = port or free_port()
+    server = ServerProcess(
+        name=name,
+        url=f"http://127.0.0.1:{port}",
+        port=port,
+        argv=[sys.executable, "-m", "shared.testing.fake_upstream", "--port", str(port)],
+        log_path=state_dir / f"{name}.log",
+    )
+    server.start()
+    return server
+
+
 def start_redis(
     state_dir: Path,
     *,

@@ -134,12 +134,6 @@ class RateLimitedError(ApiError):
     default_code = "rate_limited"
 
 
-class BudgetExceededError(RateLimitedError):
-    """A spend budget (shared.budgets) would be passed; the headers name it."""
-
-    default_code = "budget_exceeded"
-
-
 class UpstreamError(ApiError):
     status = 502
     default_code = "upstream_error"

@@ -12,6 +12,7 @@ from typing import Any
 
 import httpx
 
+from keyveil import servers
 from keyveil.servers import ServerProcess, free_port, start_nats
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,16 +48,7 @@ class FakeUpstream:
 
 
 def start_fake_upstream(state_dir: Path) -> FakeUpstream:
-    port = free_port()
-    server = ServerProcess(
-        name="fake-upstream",
-        url=f"http://127.0.0.1:{port}",
-        port=port,
-        argv=[sys.executable, "-m", "shared.testing.fake_upstream", "--port", str(port)],
-        log_path=state_dir / "fake-upstream.log",
-    )
-    server.start()
-    return FakeUpstream(server)
+    return FakeUpstream(servers.start_fake_upstream(state_dir))
 
 
 @dataclass

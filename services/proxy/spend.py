@@ -26,7 +26,7 @@ import math
 
 from shared.budgets import BudgetExceeded, Budgets, BudgetUnavailable, Claim, Estimate, Hold
 from shared.contract import Refusal
-from shared.errors import BudgetExceededError
+from shared.errors import ApiError
 from shared.metering import Priced
 from shared.pricing import PriceTable, Usage
 from shared.ratelimit import Decision
@@ -35,7 +35,7 @@ from shared.tokens import ProxyClaims
 from .bodies import JsonBody, Upload
 from .routes import Route
 
-__all__ = ["SpendGuard"]
+__all__ = ["SpendGuard", "budget_spent", "budgets_unavailable"]
 
 _BUDGETED = frozenset({"chat_completions", "responses", "audio_speech", "audio_transcriptions"})
 _OUTPUT_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
@@ -56,6 +56,16 @@ def _subjects(claims: ProxyClaims) -> list[tuple[str, str]]:
     if claims.app:
         out.append(("app", claims.app))
     return out
+
+
+def budget_spent(exc: BudgetExceeded) -> ApiError:
+    """429 `budget_exceeded`, naming the budget in its RateLimit headers (HTTP and voice)."""
+    return Refusal.BUDGET_EXCEEDED.error(f"the {exc.name} budget is spent", headers=exc.headers())
+
+
+def budgets_unavailable() -> ApiError:
+    """503 `budget_unavailable`: Redis away and the budget failure mode closed."""
+    return Refusal.BUDGET_UNAVAILABLE.error(headers={"Retry-After": "1"})
 
 
 class SpendGuard:
@@ -115,11 +125,9 @@ class SpendGuard:
         try:
             return self._budgets.held(claim, decision)
         except BudgetExceeded as exc:
-            raise BudgetExceededError(
-                f"the {exc.name} budget is spent", code="budget_exceeded", headers=exc.headers()
-            ) from None
+            raise budget_spent(exc) from None
         except BudgetUnavailable:
-            raise Refusal.BUDGET_UNAVAILABLE.error(headers={"Retry-After": "1"}) from None
+            raise budgets_unavailable() from None
 
     @staticmethod
     def charge(hold: Hold, status: int, priced: Priced | None, *, relayed: bool) -> tuple[int, int]:

@@ -22,11 +22,12 @@ import secrets
 from dataclasses import dataclass
 
 from shared.budgets import BudgetExceeded, Budgets, Metered, VoiceCharge
-from shared.errors import BudgetExceededError, UnavailableError
 from shared.pricing import PriceTable, Usage
 from shared.ratelimit import RedisUnavailableError
 from shared.voicepolicy import VoiceApi
 from shared.voicesessions import VoiceSession
+
+from ..spend import budget_spent, budgets_unavailable
 
 __all__ = ["VoiceBudget", "subjects_of", "whole_seconds"]
 
@@ -109,17 +110,11 @@ class VoiceBudget:
                 ttl_s=_HOLD_TTL_S,
             )
         except BudgetExceeded as exc:
-            raise BudgetExceededError(
-                f"the {exc.name} budget is spent", code="budget_exceeded", headers=exc.headers()
-            ) from None
+            raise budget_spent(exc) from None
         except RedisUnavailableError:
             if self._budgets.failure_mode == "open":
                 return hold_id  # uncounted until Redis is back (its ticks then charge)
-            raise UnavailableError(
-                "budgets cannot be checked; try again",
-                code="budget_unavailable",
-                headers={"Retry-After": "1"},
-            ) from None
+            raise budgets_unavailable() from None
         return hold_id
 
     @staticmethod

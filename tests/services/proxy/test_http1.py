@@ -5,42 +5,18 @@ answer, connection counts. What every transport does is in test_transport.py."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
 from services.proxy.http1 import Http1Pool
 from services.proxy.routes import ROUTES
 from services.proxy.upstream import Forwarder
-from shared.leases import LeaseReply
 
 from .conftest import CHAT
+from .rawhttp import OK, Handler, StaticKeys, read_request
 
-Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-_OK = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
-
-
-class _Keys:
-    async def authorization(self, provider: str = "openai") -> tuple[str, LeaseReply]:
-        lease = LeaseReply(
-            lease_id="l",
-            key_id="k",
-            version=1,
-            provider=provider,
-            environment="test",
-            expires_at=0.0,
-            sealed="",
-        )
-        return "Bearer sk-test-http1", lease
-
-
-async def _read_request(reader: asyncio.StreamReader) -> bytes:
-    head = await reader.readuntil(b"\r\n\r\n")
-    length = 0
-    for line in head.split(b"\r\n"):
-        if line.lower().startswith(b"content-length:"):
-            length = int(line.split(b":")[1])
-    return head + await reader.readexactly(length)
+_KEYS = StaticKeys("Bearer sk-test-http1")
 
 
 async def _serve(handler: Handler) -> tuple[asyncio.Server, str]:
@@ -61,7 +37,11 @@ async def forwarder_for() -> AsyncIterator[Callable[[str], Forwarder]]:
 
     def make(base_url: str) -> Forwarder:
         forwarder = Forwarder(
-            base_url=base_url, keys=_Keys(), transport="http1", proxies={}, read_timeout_s=2.0
+            base_url=base_url,
+            keys=_KEYS,
+            transport="http1",
+            proxies={},
+            read_timeout_s=2.0,
         )
         made.append(forwarder)
         return forwarder
@@ -96,8 +76,8 @@ async def test_a_connection_closed_by_the_server_is_replaced_once(
     async def answer_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         # Answers the first request, then drops the connection when the next arrives,
         # as a server does with an idle keep-alive connection it has just timed out.
-        seen.append(await _read_request(reader))
-        writer.write(_OK)
+        seen.append(await read_request(reader))
+        writer.write(OK)
         await writer.drain()
         await reader.read(1)
         writer.close()
@@ -123,10 +103,10 @@ async def test_an_unasked_second_answer_is_never_served(
         first = True
         while True:
             try:
-                await _read_request(reader)
+                await read_request(reader)
             except asyncio.IncompleteReadError:
                 return
-            writer.write(_OK + injected if first else _OK)
+            writer.write(OK + injected if first else OK)
             first = False
             await writer.drain()
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
-import ipaddress
 import socket
 import ssl
 import time
@@ -21,47 +19,21 @@ from pathlib import Path
 
 import orjson
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from services.proxy.routes import ROUTES
 from services.proxy.transport import EgressProxyError
 from services.proxy.upstream import Forwarder, UpstreamResponse, UpstreamStreamError
 from shared.errors import UpstreamError, UpstreamTimeoutError
-from shared.leases import LeaseReply
+from shared.testing.tlsrelay import certificates
 from tests.support import FakeUpstream
 
 from .conftest import CHAT, STT, multipart
 from .egress import EgressProxy
+from .rawhttp import OK, Handler, StaticKeys, read_request
 
-Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 KINDS = ("http1", "httpx")
-_OK = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}"
 
-
-class _Keys:
-    async def authorization(self, provider: str = "openai") -> tuple[str, LeaseReply]:
-        lease = LeaseReply(
-            lease_id="l",
-            key_id="k",
-            version=1,
-            provider=provider,
-            environment="test",
-            expires_at=0.0,
-            sealed="",
-        )
-        return "Bearer sk-test-transport", lease
-
-
-async def _read_request(reader: asyncio.StreamReader) -> bytes:
-    head = await reader.readuntil(b"\r\n\r\n")
-    length = 0
-    for line in head.split(b"\r\n"):
-        if line.lower().startswith(b"content-length:"):
-            length = int(line.split(b":")[1])
-    return head + await reader.readexactly(length)
+_KEYS = StaticKeys("Bearer sk-test-transport")
 
 
 @dataclass
@@ -104,7 +76,7 @@ def _answering(answer: bytes, seen: list[bytes] | None = None) -> Handler:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
             try:
-                request = await _read_request(reader)
+                request = await read_request(reader)
             except asyncio.IncompleteReadError:
                 return
             if seen is not None:
@@ -124,70 +96,7 @@ class _Pki:
 
 
 def _pki(tmp_path: Path) -> _Pki:
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "keyveil test CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    leaf = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
-        )
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    ca_path, cert_path, key_path = tmp_path / "ca.pem", tmp_path / "cert.pem", tmp_path / "key.pem"
-    ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    cert_path.write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
+    ca_path, cert_path, key_path = certificates(tmp_path)
     server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server.load_cert_chain(cert_path, key_path)
     return _Pki(server=server, client=ssl.create_default_context(cafile=str(ca_path)))
@@ -244,7 +153,12 @@ async def forwarders(kind: str) -> AsyncIterator[Callable[..., Forwarder]]:
     def make(base_url: str, **options: object) -> Forwarder:
         options.setdefault("read_timeout_s", 2.0)
         options.setdefault("proxies", {})
-        forwarder = Forwarder(base_url=base_url, keys=_Keys(), transport=kind, **options)  # type: ignore[arg-type]
+        forwarder = Forwarder(
+            base_url=base_url,
+            keys=_KEYS,
+            transport=kind,
+            **options,
+        )  # type: ignore[arg-type]
         assert forwarder.transport_kind == kind
         made.append(forwarder)
         return forwarder
@@ -310,7 +224,7 @@ class TestUpstreamTransport:
         forwarders: Callable[..., Forwarder],
     ) -> None:
         seen: list[bytes] = []
-        _, base_url = await servers(_answering(_OK, seen))
+        _, base_url = await servers(_answering(OK, seen))
         forwarder = forwarders(base_url)
 
         async def body() -> AsyncIterator[bytes]:
@@ -352,7 +266,7 @@ class TestUpstreamTransport:
         servers: Callable[..., Awaitable[tuple[_Server, str]]],
         forwarders: Callable[..., Forwarder],
     ) -> None:
-        server, base_url = await servers(_answering(_OK))
+        server, base_url = await servers(_answering(OK))
         forwarder = forwarders(base_url)
         for _ in range(5):
             assert await _chat(forwarder) == (200, b"{}")
@@ -367,8 +281,8 @@ class TestUpstreamTransport:
         forwarders: Callable[..., Forwarder],
     ) -> None:
         async def one_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await _read_request(reader)
-            writer.write(_OK)  # keep-alive by default in HTTP/1.1, then closed anyway
+            await read_request(reader)
+            writer.write(OK)  # keep-alive by default in HTTP/1.1, then closed anyway
             await writer.drain()
 
         server, base_url = await servers(one_answer)
@@ -394,7 +308,7 @@ class TestUpstreamTransport:
 
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             while True:
-                await _read_request(reader)
+                await read_request(reader)
                 writer.write(next(answers))
                 await writer.drain()
 
@@ -421,7 +335,7 @@ class TestUpstreamTransport:
         got_first = asyncio.Event()
 
         async def sse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await _read_request(reader)
+            await read_request(reader)
             writer.write(
                 b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
                 b"transfer-encoding: chunked\r\n\r\n"
@@ -462,7 +376,7 @@ class TestUpstreamTransport:
         )
 
         async def short(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await _read_request(reader)
+            await read_request(reader)
             writer.write(next(answers))
             await writer.drain()
             await asyncio.sleep(0.05)  # the client has the head; then the connection drops
@@ -516,7 +430,7 @@ class TestUpstreamTransport:
         forwarders: Callable[..., Forwarder],
     ) -> None:
         async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await _read_request(reader)
+            await read_request(reader)
             await reader.read()  # never answers
 
         _, base_url = await servers(silent)
@@ -564,14 +478,14 @@ class TestUpstreamTransport:
         closed_by_client = asyncio.Event()
 
         async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await _read_request(reader)
+            await read_request(reader)
             writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n")
             await writer.drain()
             if await reader.read() == b"":  # the client hung up: the provider's cancel
                 closed_by_client.set()
 
         async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await (endless if server.connections == 1 else _answering(_OK))(reader, writer)
+            await (endless if server.connections == 1 else _answering(OK))(reader, writer)
 
         server, base_url = await servers(answer)
         forwarder = forwarders(base_url, max_connections=1, connect_timeout_s=1.0)
@@ -592,7 +506,7 @@ class TestUpstreamTransport:
         closed_by_client = asyncio.Event()
 
         async def stalled(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await _read_request(reader)
+            await read_request(reader)
             writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n")
             writer.write(b"transfer-encoding: chunked\r\n\r\n")
             await writer.drain()
@@ -618,9 +532,9 @@ class TestUpstreamTransport:
         release = asyncio.Event()
 
         async def slow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await _read_request(reader)
+            await read_request(reader)
             await release.wait()
-            writer.write(_OK)
+            writer.write(OK)
             await writer.drain()
 
         _, base_url = await servers(slow)
@@ -660,7 +574,7 @@ class TestUpstreamTransport:
     ) -> None:
         pki = _pki(tmp_path)
         seen: list[bytes] = []
-        _, base_url = await servers(_answering(_OK, seen), pki.server)
+        _, base_url = await servers(_answering(OK, seen), pki.server)
         assert await _chat(forwarders(base_url, ssl_context=pki.client)) == (200, b"{}")
         # The system trust store does not know the test CA: no request is sent.
         with pytest.raises(UpstreamError) as caught:
@@ -677,7 +591,7 @@ class TestUpstreamTransport:
     ) -> None:
         pki = _pki(tmp_path)
         seen: list[bytes] = []
-        _, base_url = await servers(_answering(_OK, seen), pki.server)
+        _, base_url = await servers(_answering(OK, seen), pki.server)
         egress = EgressProxy()
         proxy_url = await egress.start()
         try:
@@ -703,7 +617,11 @@ class TestUpstreamTransport:
 
 async def test_auto_uses_httpx_exactly_when_an_egress_proxy_applies() -> None:
     async def chosen(proxies: dict[str, str]) -> str:
-        forwarder = Forwarder(base_url="https://api.openai.com/v1", keys=_Keys(), proxies=proxies)
+        forwarder = Forwarder(
+            base_url="https://api.openai.com/v1",
+            keys=_KEYS,
+            proxies=proxies,
+        )
         await forwarder.aclose()
         return forwarder.transport_kind
 

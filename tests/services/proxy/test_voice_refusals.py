@@ -19,6 +19,7 @@ from tests.sdp_samples import ANSWER, OFFER, offer
 from tests.support import FakeUpstream, ServiceProcess
 
 from .conftest import PREFIX, Browser, Token, proxy_env
+from .rawhttp import read_request
 
 LIVE = f"{PREFIX}/live/sessions"
 CALLS = f"{PREFIX}/realtime/calls"
@@ -203,14 +204,7 @@ async def test_a_provider_answer_in_the_wrong_shape_is_502_upstream_malformed(
     seen: list[bytes] = []
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = next(
-            int(line.split(b":", 1)[1])
-            for line in head.split(b"\r\n")
-            if line.lower().startswith(b"content-length:")
-        )
-        await reader.readexactly(length)
-        seen.append(head.split(b" ", 2)[1])
+        seen.append((await read_request(reader)).split(b" ", 2)[1])
         body = b'{"session": {"object": "live.session"}}'
         writer.write(
             b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\n"

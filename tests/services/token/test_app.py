@@ -17,6 +17,7 @@ from keyveil.servers import free_port
 from shared.crypto import b64url_decode
 from shared.signing import sign_request
 from shared.tokens import ProxyClaims, Scope, TokenKeyring, revoked_key
+from tests.services.proxy.rawhttp import read_request
 from tests.services.token.conftest import (
     ORIGIN,
     AppFactory,
@@ -508,13 +509,7 @@ async def test_realtime_names_a_provider_that_is_unreachable_or_answers_nonsense
     """Both are 502 with their own code; auto mode falls back to a proxy token for both."""
 
     async def nonsense(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = next(
-            int(line.split(b":", 1)[1])
-            for line in head.split(b"\r\n")
-            if line.lower().startswith(b"content-length:")
-        )
-        await reader.readexactly(length)
+        await read_request(reader)
         body = b'{"expires_at": 1}'  # no `value`: no secret to hand out
         writer.write(
             b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
