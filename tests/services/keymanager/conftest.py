@@ -6,10 +6,13 @@ seen any provider key used by the tests, raw or base64-encoded.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
+import logging
 import secrets
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -180,3 +183,43 @@ def kek(request: pytest.FixtureRequest) -> KekBackend:
 @pytest.fixture(params=["vault-transit", "aws-kms"])
 def remote_kek(request: pytest.FixtureRequest) -> KekBackend:
     return backend(request.param, request)
+
+
+# --- diagnostics for an answer that never comes ----------------------------------------
+
+
+@pytest.fixture(autouse=True, scope="package")
+async def loop_lag_watch() -> AsyncIterator[None]:
+    """Log every stall of the event loop over half a second: a key-manager that answers
+    nothing for 10 s is either not asked or cannot run, and this tells the two apart."""
+    log = logging.getLogger("tests.loop")
+    loop = asyncio.get_running_loop()
+
+    async def watch() -> None:
+        while True:
+            before = loop.time()
+            await asyncio.sleep(0.1)
+            lag = loop.time() - before - 0.1
+            if lag > 0.5:
+                log.warning("event loop stalled %.2fs", lag)
+
+    task = asyncio.create_task(watch(), name="loop-lag-watch")
+    yield
+    task.cancel()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """On a failed call, add the loop's tasks to the report (what was waiting on what)."""
+    report = yield
+    if call.when == "call" and report.failed:
+        with contextlib.suppress(RuntimeError):
+            lines = []
+            for task in asyncio.all_tasks(asyncio.get_event_loop_policy().get_event_loop()):
+                frames = task.get_stack(limit=3)
+                where = " <- ".join(f"{f.f_code.co_name}:{f.f_lineno}" for f in frames)
+                lines.append(f"{task.get_name()}: {where}")
+            report.sections.append(("asyncio tasks", "\n".join(sorted(lines))))
+    return report
