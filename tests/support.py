@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -21,6 +22,19 @@ REPO = Path(__file__).resolve().parent.parent
 TEST_KEY_ENCRYPTION_SECRET = "test-kek-9f2Kq7LmX4vN8pR3sT6wY1zB5cD0eG2h"
 TEST_PROXY_SIGNING_KEY = "test-psk-Qw3Er5Ty7Ui9Op1As2Df4Gh6Jk8Lz0Xc"
 TEST_PROVIDER_KEY = "sk-test-fake-provider-key-0123456789abcdefABCDEF"
+
+
+async def until(condition: Any, timeout: float = 15.0) -> None:
+    """Poll `condition` (sync or async) until true; fail the test after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 
 import pytest
@@ -16,9 +17,11 @@ from shared.keyadmin import KeyAdminClient
 from shared.leases import LeaseClient
 from tests.services.keymanager.conftest import (
     KeyManagerFactory,
+    Sniffer,
     make_settings,
     new_provider_key,
 )
+from tests.support import until
 
 OTHER_KEK = "other-kek-Vb7Nm3Qx9Lp2Wr5Ty8Zc1Hs4Jd6Kf0Ga"
 
@@ -163,3 +166,16 @@ async def test_rewrap_after_kek_change(
     with pytest.raises(bus.RemoteError) as duplicate:
         await admin.add(dev.encode(), environment="development")
     assert duplicate.value.code == "conflict"
+
+
+async def test_the_bus_sniffer_finds_a_planted_key_in_any_encoding(
+    sniffer: Sniffer, nc: NATS
+) -> None:
+    """The check every test here ends with can fail: a key inside a larger base64 blob."""
+    key = new_provider_key()
+    blob = base64.b64encode(b'{"note": "' + key.encode() + b'"}')
+    await nc.publish("keyveil.test.planted", b"prefix " + blob)
+    await nc.flush()
+    await until(lambda: any(b"planted" in seen for seen in sniffer.unchecked))
+    assert sniffer.leaks() == [key[:7] + "…"]
+    assert sniffer.leaks() == []  # each message is checked once
