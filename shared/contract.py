@@ -256,13 +256,22 @@ class Refusal(StrEnum):
     def error(
         self, message: str | None = None, *, headers: Mapping[str, str] | None = None
     ) -> ApiError:
-        """The `ApiError` to raise for this refusal (its class follows the status)."""
+        """The `ApiError` to raise for this refusal (its class follows the status).
+
+        An `unavailable` refusal always says when to try again (`Retry-After`, one second
+        unless the raiser knows better): clients and SDKs back off instead of hammering.
+        """
+        if self.category is Category.unavailable and not any(
+            name.lower() == "retry-after" for name in headers or {}
+        ):
+            headers = {**(headers or {}), "Retry-After": _UNAVAILABLE_RETRY_AFTER}
         kind = _ERROR_BY_STATUS.get(self.status, ApiError)
         error = kind(message or self.message, code=self.value, headers=headers)
         error.status = self.status
         return error
 
 
+_UNAVAILABLE_RETRY_AFTER: Final = "1"
 _BY_CODE: Final[dict[str, Refusal]] = {member.value: member for member in Refusal}
 _CATEGORIES: Final = frozenset(member.value for member in Category)
 

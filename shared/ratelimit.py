@@ -111,9 +111,21 @@ _REDIS_TROUBLE = (
     OSError,
     TimeoutError,
 )
-# Error replies that mean "cannot serve now", not "this command is wrong".
+# Error replies that mean "cannot serve now", not "this command is wrong". NOPERM is
+# here too: a Redis ACL that does not let this service write a key it must (a
+# least-privilege login set up too tight) is the server refusing, not the client's fault.
 _UNAVAILABLE_REPLIES: Final = frozenset(
-    {"OOM", "LOADING", "BUSY", "MASTERDOWN", "READONLY", "CLUSTERDOWN", "TRYAGAIN", "NOREPLICAS"}
+    {
+        "OOM",
+        "LOADING",
+        "BUSY",
+        "MASTERDOWN",
+        "READONLY",
+        "CLUSTERDOWN",
+        "TRYAGAIN",
+        "NOREPLICAS",
+        "NOPERM",
+    }
 )
 
 # redis-py's classes for some of them (it moves the code into `status_code`).

@@ -65,7 +65,7 @@ def budget_spent(exc: BudgetExceeded) -> ApiError:
 
 def budgets_unavailable() -> ApiError:
     """503 `budget_unavailable`: Redis away and the budget failure mode closed."""
-    return Refusal.BUDGET_UNAVAILABLE.error(headers={"Retry-After": "1"})
+    return Refusal.BUDGET_UNAVAILABLE.error()
 
 
 class SpendGuard:

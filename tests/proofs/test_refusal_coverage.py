@@ -42,10 +42,7 @@ SHARED = frozenset(
 # here so it cannot grow silently.
 KNOWN_GAPS: dict[str, frozenset[str]] = {
     "proxy": frozenset(),
-    # Only when Redis fails between the revocation's admission (which refuses first,
-    # security_unavailable, when Redis is already away) and its write: a race no test
-    # can place deterministically through the HTTP edge.
-    "token": frozenset({"revocation_unavailable"}),
+    "token": frozenset(),
 }
 
 

@@ -110,6 +110,17 @@ def test_a_refusal_raises_the_class_of_its_status() -> None:
     assert Refusal.METHOD_NOT_ALLOWED.error().status == 405
 
 
+def test_every_unavailable_refusal_says_when_to_retry() -> None:
+    unavailable = [r for r in Refusal if r.category is Category.unavailable]
+    assert len(unavailable) >= 8
+    for refusal in unavailable:
+        assert refusal.error().headers == {"Retry-After": "1"}, refusal
+    # The raiser's own value stands, whatever its case; other headers are kept.
+    kept = Refusal.IDENTITY_UNAVAILABLE.error(headers={"retry-after": "5", "X-A": "b"})
+    assert kept.headers == {"retry-after": "5", "X-A": "b"}
+    assert Refusal.TOKEN_MISSING.error().headers == {}
+
+
 def test_codes_are_unique_snake_case() -> None:
     values = [member.value for member in Refusal]
     assert len(values) == len(set(values))

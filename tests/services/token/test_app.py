@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -541,3 +542,32 @@ async def test_realtime_names_a_provider_that_is_unreachable_or_answers_nonsense
         assert realtime.json()["error"]["code"] == code
         _no_secret(realtime.text)
         assert (auto.json()["mode"], auto.json()["fallback_reason"]) == ("proxy", code)
+
+
+@pytest.fixture
+async def revoked_read_only(redis_url: str, redis_client: aioredis.Redis) -> AsyncIterator[str]:
+    """A Redis login that may do the token service's admission but only read revocations:
+    a least-privilege ACL set up one grant too tight (`~` alone: the empty key the
+    admission script passes for a layer it does not use). The URL logs in as it."""
+    user, password = f"token-ro-{uuid.uuid4().hex[:8]}", uuid.uuid4().hex
+    await redis_client.execute_command(
+        "ACL", "SETUSER", user, "on", f">{password}", "+@all", "%R~*",
+        "~", "~kv:rl:*", "~kv:nonce:*", "~kv:block:*", "~kv:strikes:*",
+    )  # fmt: skip
+    yield redis_url.replace("redis://", f"redis://{user}:{password}@", 1)
+    await redis_client.execute_command("ACL", "DELUSER", user)
+
+
+async def test_a_revocation_redis_will_not_store_is_unavailable_not_an_error(
+    token_app: AppFactory, redis_client: aioredis.Redis, revoked_read_only: str
+) -> None:
+    """The signed DELETE passes its checks, then Redis refuses the write (NOPERM): 503
+    `revocation_unavailable` with Retry-After, never a 500 or a claim that it worked."""
+    async with token_app(REDIS_URL=revoked_read_only) as client:
+        token = await _proxy_token(client)
+        path, headers = _signed_delete(token)
+        answer = await client.delete(path, headers=headers)
+    assert answer.status_code == 503, answer.text
+    assert answer.json()["error"]["code"] == "revocation_unavailable"
+    assert answer.headers["retry-after"]
+    assert await redis_client.exists(revoked_key(token["token_id"])) == 0
