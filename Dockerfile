@@ -35,7 +35,8 @@ LABEL org.opencontainers.image.title="keyveil" \
       org.opencontainers.image.description="keyveil services (token, proxy, keymanager, auditor)"
 # Read-only root filesystem: the only writable paths are /tmp (an emptyDir or tmpfs),
 # so HOME and every cache point there and Python writes no bytecode, and the auditor's
-# ledger checkpoint volume at /var/lib/keyveil/ledger.
+# ledger checkpoint volume at /var/lib/keyveil/ledger and the proxy's event outbox
+# at /var/lib/keyveil/outbox.
 ENV PATH=/opt/keyveil/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -46,7 +47,7 @@ ENV PATH=/opt/keyveil/bin:$PATH \
 RUN groupadd --system --gid 10001 keyveil \
  && useradd --system --uid 10001 --gid 10001 --home-dir /tmp --no-create-home \
       --shell /usr/sbin/nologin keyveil \
- && install -d -o 10001 -g 10001 -m 0700 /var/lib/keyveil/ledger
+ && install -d -o 10001 -g 10001 -m 0700 /var/lib/keyveil/ledger /var/lib/keyveil/outbox
 COPY --from=build --chown=root:root /opt/keyveil /opt/keyveil
 WORKDIR /opt/keyveil
 USER 10001:10001

@@ -246,6 +246,22 @@ def test_compose_runs_the_whole_system(compose: dict[str, Any]) -> None:
         assert services[name]["healthcheck"]["test"]
 
 
+def test_the_proxy_outbox_outlives_the_container(compose: dict[str, Any]) -> None:
+    """A proxy killed with events unacknowledged replays them at its next start: the
+    outbox must be on a volume (compose) or an emptyDir (k8s), never the container's /tmp."""
+    proxy = compose["services"]["proxy"]
+    outbox = proxy["environment"]["PROXY_OUTBOX_DIR"]
+    volume, _, mount = next(v for v in proxy["volumes"] if v.endswith(f":{outbox}")).partition(":")
+    assert volume in compose["volumes"] and mount == outbox
+    assert f"/var/lib/keyveil/ledger {outbox}" in (REPO / "Dockerfile").read_text()
+    deployment = yaml.safe_load((REPO / "deploy/k8s/base/deployment-proxy.yaml").read_text())
+    pod = deployment["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert {"name": "PROXY_OUTBOX_DIR", "value": outbox} in container["env"]
+    mounted = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    assert any(v["name"] == mounted[outbox] and "emptyDir" in v for v in pod["volumes"])
+
+
 def test_compose_demo_profile_adds_the_fake_upstream(compose: dict[str, Any]) -> None:
     fake = compose["services"]["fake-upstream"]
     assert fake["profiles"] == ["demo"]
