@@ -251,8 +251,8 @@ def test_the_proxy_outbox_outlives_the_container(compose: dict[str, Any]) -> Non
     outbox must be on a volume (compose) or an emptyDir (k8s), never the container's /tmp."""
     proxy = compose["services"]["proxy"]
     outbox = proxy["environment"]["PROXY_OUTBOX_DIR"]
-    volume, _, mount = next(v for v in proxy["volumes"] if v.endswith(f":{outbox}")).partition(":")
-    assert volume in compose["volumes"] and mount == outbox
+    volume = next(v for v in proxy["volumes"] if v.endswith(f":{outbox}")).partition(":")[0]
+    assert volume in compose["volumes"]
     assert f"/var/lib/keyveil/ledger {outbox}" in (REPO / "Dockerfile").read_text()
     deployment = yaml.safe_load((REPO / "deploy/k8s/base/deployment-proxy.yaml").read_text())
     pod = deployment["spec"]["template"]["spec"]
