@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import Callable
 from pathlib import Path
 
 import nats
@@ -21,6 +20,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from keyveil.servers import bootstrap_nats, start_nats_cluster
 from shared.events import EventPublisher, UsageEvent
 from tests.stack import Traffic, backlog, operator_nats, read_stream, running_stack
+from tests.support import until as _until
 
 pytestmark = pytest.mark.slow
 
@@ -131,11 +131,11 @@ async def test_services_lose_nothing_when_a_cluster_node_dies(tmp_path: Path) ->
             thread = threading.Thread(target=traffic.run)
             thread.start()
             try:
-                await _until(lambda: traffic.ok() >= 20)
+                await _until(lambda: traffic.ok() >= 20, timeout=45.0)
                 servers[0].kill()
                 killed_at = len(traffic.answers)
                 await asyncio.sleep(6)
-                await _until(lambda: traffic.ok() >= killed_at + 20)
+                await _until(lambda: traffic.ok() >= killed_at + 20, timeout=45.0)
             finally:
                 traffic.stop.set()
                 thread.join(15)
@@ -181,10 +181,3 @@ async def test_services_lose_nothing_when_a_cluster_node_dies(tmp_path: Path) ->
     finally:
         for server in servers:
             server.stop()
-
-
-async def _until(condition: Callable[[], bool], timeout: float = 45.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.1)

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,13 +19,7 @@ from services.auditor.ledger import LEDGER_SUBJECT, read_stream, verify_chain
 from services.auditor.ledgerkeys import LedgerSigner
 from shared.events import AuditEvent
 from tests.services.auditor.helpers import settings
-
-
-async def until(condition: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
+from tests.support import until
 
 
 async def publish(nc: NATS, event: AuditEvent) -> None:

@@ -3,11 +3,9 @@ auditor refusing (term + alert + counter, never the ledger) what a publisher may
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +18,7 @@ from services.auditor.ledger import LEDGER_SUBJECT, read_stream, verify_chain
 from services.auditor.publishers import PUBLISHERS, publisher_mismatch
 from shared.events import AuditEvent
 from tests.services.auditor.helpers import settings
+from tests.support import until
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -98,13 +97,6 @@ async def runtime(private_nats: ServerProcess) -> AsyncIterator[AuditorRuntime]:
     await until(lambda: all(consumer.bound for consumer in rt.consumers))
     yield rt
     await stop_runtime(rt)
-
-
-async def until(condition: Callable[[], bool], timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.05)
 
 
 async def publish_on(nc: NATS, subject: str, event: AuditEvent) -> None:

@@ -20,7 +20,7 @@ from services.auditor.consumers import DurableConsumer
 from services.auditor.ledger import read_stream, verify_chain
 from shared.events import AUDIT_STREAM, USAGE_STREAM, AlertEvent, Event, EventPublisher, UsageEvent
 from tests.services.auditor.helpers import T0, denied, normal_traffic, rotation_due, settings
-from tests.support import ServiceProcess
+from tests.support import ServiceProcess, until
 
 
 class AlertInbox:
@@ -72,19 +72,6 @@ async def publish(nc: NATS, events: list[Any]) -> None:
         publisher.emit(event)
     assert await publisher.flush(20.0)
     await publisher.close()
-
-
-async def until(condition: Any, timeout: float = 15.0) -> None:
-    """Poll `condition` (sync or async) until true."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = condition()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 def no_ack_pending(nc: NATS) -> Any:
