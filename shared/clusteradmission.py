@@ -103,12 +103,20 @@ class _SlotRouter:
     redis-py's cluster client checks a connection out of a per-node pool per call (and
     refuses when the pool is full); here concurrent checks share one pipelined
     connection per master (shared.ratelimit.PipelinedScript). The slot map is redis-py's
-    (`nodes_manager`), reloaded after a MOVED reply or a connection failure (at most
-    every `_REFRESH_S`), which is how a failover is followed. An ASK (a slot being
-    migrated) is answered as unavailable for that moment.
+    (`nodes_manager`), reloaded after a connection failure (at most every `_REFRESH_S`),
+    which is how a failover is followed. The redirects of a slot being migrated are
+    followed as redis-py's cluster client follows them:
+
+        MOVED      the slot map takes the node named, the script is sent there (once)
+        ASK        ASKING and the script on the named node's connection (once); the
+                   slot map is left alone (the slot has not moved yet)
+        TRYAGAIN   some of the script's keys moved, others not (a multi-key script is
+                   refused on both nodes then): sent again after `_PAUSE_S`, for up to
+                   the socket timeout, then raised (an outage)
     """
 
     _REFRESH_S: Final = 0.2
+    _PAUSE_S: Final = 0.01
 
     def __init__(self, cluster: RedisCluster, scripts: dict[str, str]) -> None:
         self._cluster = cluster
@@ -118,26 +126,44 @@ class _SlotRouter:
         self._stale = False
         self._refreshed_at = 0.0
         self._lock = asyncio.Lock()
+        self._patience_s = float(cluster.get_connection_kwargs().get("socket_timeout") or 0.5)
 
     async def call(self, name: str, slot: int, keys: Sequence[str], args: Sequence[Any]) -> Any:
-        for attempt in (0, 1):
+        give_up = time.monotonic() + self._patience_s
+        while True:
             await self._fresh()
             node = self._cluster.nodes_manager.get_node_from_slot(slot)
-            pipe = self._pipe(name, node)
-            try:
-                return await pipe(keys=keys, args=args)
-            except redis.exceptions.ResponseError as exc:
-                code = str(exc).split(" ", 1)[0]
-                if code in ("MOVED", "ASK", "CLUSTERDOWN", "TRYAGAIN", "READONLY"):
-                    self._stale = True
-                    if code == "MOVED" and attempt == 0:
+            asking = False
+            for hop in (0, 1):
+                pipe = self._pipe(name, node)
+                try:
+                    return await pipe(keys=keys, args=args, asking=asking)
+                except redis.exceptions.ResponseError as exc:
+                    code, _, detail = str(exc).partition(" ")
+                    if code in ("MOVED", "ASK") and hop == 0:
+                        redirect = redis.exceptions.AskError(detail)  # "slot host:port"
+                        if code == "MOVED":
+                            await self._cluster.nodes_manager.move_slot(redirect)
+                        node = self._node_at(redirect.host, redirect.port)
+                        asking = code == "ASK"
                         continue
-                raise
-            except redis.exceptions.ConnectionError:
-                pipe.reset()
-                self._stale = True
-                raise
-        raise AssertionError("unreachable")
+                    if code == "TRYAGAIN" and time.monotonic() < give_up:
+                        break
+                    if code in ("MOVED", "ASK", "CLUSTERDOWN", "TRYAGAIN", "READONLY"):
+                        self._stale = True
+                    raise
+                except redis.exceptions.ConnectionError:
+                    pipe.reset()
+                    self._stale = True
+                    raise
+            await asyncio.sleep(self._PAUSE_S)
+
+    def _node_at(self, host: str, port: int) -> ClusterNode:
+        """The node a redirect names (a new one gets the cluster's connection settings)."""
+        node = self._cluster.get_node(host=host, port=port)
+        if node is None:
+            node = ClusterNode(host, port, **self._cluster.nodes_manager.connection_kwargs)
+        return node
 
     def add(self, name: str, script: str) -> None:
         """Another script this router may send (a rider's)."""
@@ -180,10 +206,10 @@ class _SlotRouter:
         if isinstance(outcome, BaseException):
             raise outcome
         if isinstance(outcome, _ReplyError):
-            if outcome.startswith(("NOSCRIPT", "MOVED")):
-                # the script did not run: a new master without it, or a slot that moved
+            if outcome.startswith(("NOSCRIPT", "MOVED", "ASK", "TRYAGAIN")):
+                # the script did not run: a new master without it, or a slot that moves
                 return await self.call(name, slot, keys, args)
-            if outcome.split(" ", 1)[0] in ("ASK", "CLUSTERDOWN", "TRYAGAIN", "READONLY"):
+            if outcome.split(" ", 1)[0] in ("CLUSTERDOWN", "READONLY"):
                 self._stale = True
             raise redis.exceptions.ResponseError(outcome)
         return outcome

@@ -687,14 +687,27 @@ class PipelinedScript:
             return None
         return pipe.call(_pack("EVALSHA", self._sha, len(keys), *keys, *args))
 
-    async def __call__(self, *, keys: Sequence[str], args: Sequence[int | str]) -> Any:
+    async def __call__(
+        self, *, keys: Sequence[str], args: Sequence[int | str], asking: bool = False
+    ) -> Any:
+        """`asking`: `ASKING` first, on this same connection (the answer to a Cluster ASK
+        redirect: the node importing the slot serves the next command of this connection
+        only)."""
         pipe = await self._connected()
         tail: tuple[str | int, ...] = (len(keys), *keys, *args)
-        reply = await pipe.call(_pack("EVALSHA", self._sha, *tail))
+        reply = await self._run(pipe, asking, _pack("EVALSHA", self._sha, *tail))
         if isinstance(reply, _ReplyError) and reply.startswith("NOSCRIPT"):
-            reply = await pipe.call(_pack("EVAL", self._script, *tail))
+            reply = await self._run(pipe, asking, _pack("EVAL", self._script, *tail))
         if isinstance(reply, _ReplyError):
             raise redis.exceptions.ResponseError(reply)
+        return reply
+
+    @staticmethod
+    async def _run(pipe: _Pipe, asking: bool, packed: bytes) -> Any:
+        if not asking:
+            return await pipe.call(packed)
+        # Both written in this loop turn, nothing between them: the pair stays adjacent.
+        _, reply = await asyncio.gather(pipe.call(_pack("ASKING")), pipe.call(packed))
         return reply
 
     def reset(self) -> None:

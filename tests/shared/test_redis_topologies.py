@@ -11,6 +11,7 @@ window of doubt (writes acknowledged just before the kill, not yet replicated).
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -367,6 +368,216 @@ async def test_sentinel_master_killed_under_traffic(tmp_path: Path) -> None:
             )
     finally:
         servers.stop()
+
+
+# --- a slot migrated under traffic (ASK, TRYAGAIN, MOVED) -------------------------------
+
+
+def _node_id(client: sync_redis.Redis) -> str:
+    raw = client.execute_command("CLUSTER MYID")
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
+def _redirects(port: int) -> dict[str, int]:
+    """How many ASK, TRYAGAIN and MOVED replies the node at `port` has sent."""
+    client = sync_redis.Redis(port=port)
+    try:
+        stats = client.info("errorstats")
+    finally:
+        client.close()
+    return {code: int(stats.get(f"errorstat_{code}", {}).get("count", 0)) for code in _CODES}
+
+
+_CODES = ("ASK", "TRYAGAIN", "MOVED")
+
+
+@dataclass
+class _Migration:
+    """One slot moved by hand, as valkey-cli's resharding does (the wheel has no cli)."""
+
+    cluster: RedisClusterSet
+    slot: int
+    source: int = 0
+    target: int = 0
+    done_at: float = 0.0
+
+    def __post_init__(self) -> None:
+        self._clients = {
+            s.port: sync_redis.Redis(port=s.port, socket_timeout=5) for s in self.cluster.masters
+        }
+        self._ids = {port: _node_id(c) for port, c in self._clients.items()}
+        client = self._clients[self.cluster.masters[0].port]
+        for start, end, master, *_ in client.execute_command("CLUSTER SLOTS"):
+            if start <= self.slot <= end:
+                self.source = int(master[1])
+        self.target = next(port for port in self._clients if port != self.source)
+
+    def begin(self) -> None:
+        """IMPORTING on the target, then MIGRATING on the source."""
+        self._clients[self.target].execute_command(
+            "CLUSTER SETSLOT", self.slot, "IMPORTING", self._ids[self.source]
+        )
+        self._clients[self.source].execute_command(
+            "CLUSTER SETSLOT", self.slot, "MIGRATING", self._ids[self.target]
+        )
+
+    def move_keys(self, *, batch: int = 5, pause_s: float = 0.01) -> int:
+        """MIGRATE the slot's keys a few at a time (the window in which some have moved)."""
+        source, moved = self._clients[self.source], 0
+        while keys := source.execute_command("CLUSTER GETKEYSINSLOT", self.slot, batch):
+            source.execute_command("MIGRATE", "127.0.0.1", self.target, "", 0, 5000, "KEYS", *keys)
+            moved += len(keys)
+            time.sleep(pause_s)
+        return moved
+
+    def finish(self) -> None:
+        """The slot assigned to the target, told to the target first, then to the others."""
+        ports = [
+            self.target,
+            self.source,
+            *(p for p in self._clients if p not in (self.target, self.source)),
+        ]
+        for port in ports:
+            self._clients[port].execute_command(
+                "CLUSTER SETSLOT", self.slot, "NODE", self._ids[self.target]
+            )
+        self.done_at = time.monotonic()
+
+    def run(self, *, hold_s: float = 0.05) -> None:
+        self.begin()
+        self.move_keys()
+        time.sleep(hold_s)  # every key on the target, the slot still the source's: ASK
+        self.finish()
+
+    def close(self) -> None:
+        for client in self._clients.values():
+            client.close()
+
+
+@pytest.mark.slow
+async def test_a_slot_migrated_under_traffic_keeps_the_limit_exact(tmp_path: Path) -> None:
+    servers = start_redis_cluster(tmp_path, replicas=0)
+    jti, ip, limit = "tok-migrating", "198.51.100.140", 120
+    migration = _Migration(servers, slot(rate_key("per-token", jti)))
+    assert slot(rate_key("per-ip", ip)) != migration.slot
+    mover = threading.Thread(target=migration.run, name="migration")
+    try:
+        before = _redirects(migration.source)
+        async with Replicas(RedisTopology(servers.url, cluster=True)) as admissions:
+            outcomes, started_at = await _traffic(
+                admissions,
+                jti=jti,
+                ip=ip,
+                limit=limit,
+                rate=100,
+                duration_s=2.5,
+                kill_at_s=0.8,
+                kill=mover.start,  # returns at once: the keys move while requests go on
+            )
+            await asyncio.to_thread(mover.join)
+            allowed = [o for o in outcomes if o.decision.allowed]
+            replays = await asyncio.gather(
+                *(
+                    admissions[0].check(
+                        limits=[Limit("per-token", jti, limit, DAY)],
+                        client_ip=ip,
+                        nonce=o.nonce,
+                        nonce_ttl_s=600,
+                    )
+                    for o in allowed
+                )
+            )
+        after = _redirects(migration.source)
+        seen = {code: after[code] - before[code] for code in _CODES}
+        refusals = {o.decision.refusal for o in outcomes if not o.decision.allowed}
+        during = [
+            o for o in outcomes if o.started <= migration.done_at and o.finished >= started_at
+        ]
+        print(f"redirects from the source: {seen}; requests during the migration: {len(during)}")
+        assert seen["ASK"] + seen["TRYAGAIN"] > 0, "no request met the slot mid-move"
+        assert seen["MOVED"] > 0, "no request met the slot moved"
+        assert during, "no request was in flight while the slot moved"
+        # every request answered (no outage), and the limit exact across the move
+        assert refusals <= {Refusal.RATE_LIMITED}
+        assert len(allowed) == limit
+        assert any(o.started > migration.done_at for o in allowed), "admitted only before"
+        # the nonces moved with the slot: each one is a replay now
+        assert {d.refusal for d in replays} == {Refusal.REPLAY_DETECTED}
+        assert _cluster_master_of(servers, rate_key("per-token", jti)) == migration.target
+    finally:
+        migration.close()
+        servers.stop()
+
+
+@pytest.mark.slow
+async def test_an_ask_is_answered_on_the_node_it_names(cluster: RedisClusterSet) -> None:
+    """Deterministic: the slot MIGRATING, its keys already on the target."""
+    from shared.clusteradmission import SlotGroupedAdmission
+    from shared.ratelimit import _ADMIT_LUA
+
+    rider = "return {0, redis.call('INCR', KEYS[1])}"
+    counter = "kv:test:{asked}"
+    ip = "198.51.100.150"
+    migration = _Migration(cluster, slot(counter))
+    assert slot(rate_key("per-ip", ip)) != migration.slot
+    client = connect(RedisTopology(cluster.url, cluster=True))
+    assert isinstance(client, RedisCluster)
+    admit = SlotGroupedAdmission(client, _ADMIT_LUA)
+    keys = [block_key(ip), "", "", "", rate_key("per-ip", ip)]
+    args = [0, 0, int(DAY * 1e6), 10]
+    try:
+        first = await admit.ridden(rider, keys=[*keys, counter], args=args)
+        assert int(first[5]) == 1
+        migration.begin()
+        assert migration.move_keys() == 1
+        before = _redirects(migration.source)
+        # the one-key rider: ASK from the source, ASKING + the script on the target
+        asked = await admit.ridden(rider, keys=[*keys, counter], args=args)
+        assert int(asked[5]) == 2
+        assert _redirects(migration.source)["ASK"] == before["ASK"] + 1
+        # the slot map was left alone: the next call asks the source again
+        assert int((await admit.ridden(rider, keys=[*keys, counter], args=args))[5]) == 3
+        assert _redirects(migration.source)["ASK"] == before["ASK"] + 2
+    finally:
+        migration.finish()
+        migration.close()
+        await admit.aclose()
+        await client.aclose()
+    assert _cluster_master_of(cluster, counter) == migration.target
+
+
+@pytest.mark.slow
+async def test_an_admission_waits_out_a_slot_in_the_middle_of_its_move(
+    cluster: RedisClusterSet, replicas: list[Admission]
+) -> None:
+    """ASK, then TRYAGAIN from the target (a multi-key script with a key it lacks), until
+    the slot is assigned (MOVED): answered, with the state that moved."""
+    jti, ip = "tok-waits", "198.51.100.160"
+    migration = _Migration(cluster, slot(rate_key("per-token", jti)))
+    limits = [Limit("per-token", jti, 5, DAY), Limit("per-ip", ip, 100, DAY)]
+    one = replicas[0]
+    try:
+        assert (
+            await one.check(limits=limits, client_ip=ip, nonce=f"{jti}:1", nonce_ttl_s=600)
+        ).allowed
+        migration.begin()
+        assert migration.move_keys() == 2  # the per-token TAT and the nonce
+        before = _redirects(migration.source)
+        later = asyncio.get_running_loop().call_later(0.15, migration.finish)
+        started = time.monotonic()
+        second = await one.check(limits=limits, client_ip=ip, nonce=f"{jti}:2", nonce_ttl_s=600)
+        waited = time.monotonic() - started
+        later.cancel()
+        seen = _redirects(migration.source)
+        assert (second.allowed, second.remaining) == (True, 3)
+        assert seen["ASK"] > before["ASK"]
+        assert 0.1 <= waited < 1.0
+        replay = await one.check(limits=limits, client_ip=ip, nonce=f"{jti}:1", nonce_ttl_s=600)
+        assert replay.refusal is Refusal.REPLAY_DETECTED
+    finally:
+        if not migration.done_at:
+            migration.finish()
+        migration.close()
 
 
 # --- three proxy processes on the cluster ----------------------------------------------
