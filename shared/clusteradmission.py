@@ -113,6 +113,8 @@ class _SlotRouter:
         TRYAGAIN   some of the script's keys moved, others not (a multi-key script is
                    refused on both nodes then): sent again after `_PAUSE_S`, for up to
                    the socket timeout, then raised (an outage)
+
+    A redirect after the one followed is treated as TRYAGAIN (the map reloaded first).
     """
 
     _REFRESH_S: Final = 0.2
@@ -147,7 +149,9 @@ class _SlotRouter:
                         node = self._node_at(redirect.host, redirect.port)
                         asking = code == "ASK"
                         continue
-                    if code == "TRYAGAIN" and time.monotonic() < give_up:
+                    if code in ("MOVED", "ASK", "TRYAGAIN") and time.monotonic() < give_up:
+                        # a second redirect: the slot moved on again, the map is behind
+                        self._stale = self._stale or code != "TRYAGAIN"
                         break
                     if code in ("MOVED", "ASK", "CLUSTERDOWN", "TRYAGAIN", "READONLY"):
                         self._stale = True

@@ -114,8 +114,12 @@ _REDIS_TROUBLE = (
 # Error replies that mean "cannot serve now", not "this command is wrong". NOPERM is
 # here too: a Redis ACL that does not let this service write a key it must (a
 # least-privilege login set up too tight) is the server refusing, not the client's fault.
+# MOVED and ASK here are redirects still coming after the cluster path followed them
+# (shared.clusteradmission): a slot map in flux, which passes.
 _UNAVAILABLE_REPLIES: Final = frozenset(
     {
+        "MOVED",
+        "ASK",
         "OOM",
         "LOADING",
         "BUSY",

@@ -5,7 +5,9 @@ The servers are real (keyveil.servers.start_redis_cluster / start_redis_sentinel
 proved: limits exact across replicas on the cluster (the per-slot-group execution with
 refunds of shared.clusteradmission), and a kill -9 of the master under traffic: fail
 closed, back on its own after the failover, no nonce accepted twice outside the stated
-window of doubt (writes acknowledged just before the kill, not yet replicated).
+window of doubt (writes acknowledged just before the kill, not yet replicated); a slot
+migrated under traffic (ASK, TRYAGAIN, MOVED followed, the limit exact); and the TLS
+handshake on the cluster and behind Sentinel, through shared.testing.tlsrelay.
 """
 
 from __future__ import annotations
@@ -423,7 +425,7 @@ class _Migration:
             "CLUSTER SETSLOT", self.slot, "MIGRATING", self._ids[self.target]
         )
 
-    def move_keys(self, *, batch: int = 5, pause_s: float = 0.01) -> int:
+    def move_keys(self, *, batch: int = 20, pause_s: float = 0.01) -> int:
         """MIGRATE the slot's keys a few at a time (the window in which some have moved)."""
         source, moved = self._clients[self.source], 0
         while keys := source.execute_command("CLUSTER GETKEYSINSLOT", self.slot, batch):
