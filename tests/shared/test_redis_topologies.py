@@ -416,11 +416,12 @@ class _Migration:
                 self.source = int(master[1])
         self.target = next(port for port in self._clients if port != self.source)
 
-    def begin(self) -> None:
-        """IMPORTING on the target, then MIGRATING on the source."""
-        self._clients[self.target].execute_command(
-            "CLUSTER SETSLOT", self.slot, "IMPORTING", self._ids[self.source]
-        )
+    def begin(self, *, importing: bool = True) -> None:
+        """IMPORTING on the target (unless not `importing`), then MIGRATING on the source."""
+        if importing:
+            self._clients[self.target].execute_command(
+                "CLUSTER SETSLOT", self.slot, "IMPORTING", self._ids[self.source]
+            )
         self._clients[self.source].execute_command(
             "CLUSTER SETSLOT", self.slot, "MIGRATING", self._ids[self.target]
         )
@@ -446,6 +447,11 @@ class _Migration:
                 "CLUSTER SETSLOT", self.slot, "NODE", self._ids[self.target]
             )
         self.done_at = time.monotonic()
+
+    def abandon(self) -> None:
+        """The slot back to a stable state, where it was."""
+        for port in (self.source, self.target):
+            self._clients[port].execute_command("CLUSTER SETSLOT", self.slot, "STABLE")
 
     def run(self, *, hold_s: float = 0.05) -> None:
         self.begin()
@@ -582,6 +588,28 @@ async def test_an_admission_waits_out_a_slot_in_the_middle_of_its_move(
         if not migration.done_at:
             migration.finish()
         migration.close()
+
+
+@pytest.mark.slow
+async def test_redirects_that_never_settle_are_an_outage(
+    cluster: RedisClusterSet, replicas: list[Admission]
+) -> None:
+    """The source says ASK, the target (not importing) says MOVED back: followed for up to
+    the socket timeout, then a 503, not an error of the proxy's own."""
+    jti, ip = "tok-bounced", "198.51.100.190"
+    migration = _Migration(cluster, slot(rate_key("per-token", jti)))
+    limits = [Limit("per-token", jti, 5, DAY), Limit("per-ip", ip, 100, DAY)]
+    try:
+        migration.begin(importing=False)
+        started = time.monotonic()
+        bounced = await replicas[0].check(limits=limits, client_ip=ip)
+        waited = time.monotonic() - started
+        assert bounced.refusal is Refusal.SECURITY_UNAVAILABLE
+        assert 0.4 <= waited < 1.5  # the socket timeout (0.5 s), within the check's deadline
+    finally:
+        migration.abandon()
+        migration.close()
+    assert (await replicas[0].check(limits=limits, client_ip=ip)).allowed
 
 
 # --- the TLS handshake in the Cluster and Sentinel topologies --------------------------
