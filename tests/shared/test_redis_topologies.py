@@ -473,6 +473,7 @@ async def test_a_slot_migrated_under_traffic_keeps_the_limit_exact(tmp_path: Pat
     mover = threading.Thread(target=migration.run, name="migration")
     try:
         before = _redirects(migration.source)
+        target_before = _redirects(migration.target)["TRYAGAIN"]
         async with Replicas(RedisTopology(servers.url, cluster=True)) as admissions:
             outcomes, started_at = await _traffic(
                 admissions,
@@ -503,7 +504,12 @@ async def test_a_slot_migrated_under_traffic_keeps_the_limit_exact(tmp_path: Pat
         during = [
             o for o in outcomes if o.started <= migration.done_at and o.finished >= started_at
         ]
-        print(f"redirects from the source: {seen}; requests during the migration: {len(during)}")
+        waited = _redirects(migration.target)["TRYAGAIN"] - target_before
+        print(
+            f"redirects from the source: {seen}; TRYAGAIN from the target: {waited}; "
+            f"requests during the migration: {len(during)}, the slowest "
+            f"{max((o.finished - o.started for o in during), default=0) * 1000:.0f} ms"
+        )
         assert seen["ASK"] + seen["TRYAGAIN"] > 0, "no request met the slot mid-move"
         assert seen["MOVED"] > 0, "no request met the slot moved"
         assert during, "no request was in flight while the slot moved"
