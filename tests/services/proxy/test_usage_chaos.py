@@ -220,7 +220,8 @@ async def test_valkey_killed_under_traffic_loses_no_usage_event(
     mark = len(traffic.answers)
     await traffic.until(30, since=mark)
     assert any(status == 503 for status in refused), f"Redis away, yet: {refused}"
-    # Down and reloading (LOADING) alike: a 503 with a JSON code, never a 500.
+    # Away and back again: every refusal a 503 with a JSON code, never a 500 (LOADING and
+    # the other server-side refusals: tests/shared/test_ratelimit_outages.py).
     assert {status for status, _ in traffic.refusals} == {503}, traffic.refusals
     assert {code for _, code in traffic.refusals} <= {"security_unavailable"}, traffic.refusals
     await _assert_every_served_request_has_one_event(system, traffic)
