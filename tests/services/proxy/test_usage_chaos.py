@@ -77,12 +77,21 @@ def system(chaos: Chaos, fake_upstream: FakeUpstream) -> Iterator[Chaos]:
     chaos.revive()
 
 
+def _error_code(answer: httpx.Response) -> str:
+    try:
+        return str(answer.json()["error"]["code"])
+    except (ValueError, KeyError, TypeError):
+        return answer.text[:40]
+
+
 @dataclass
 class Traffic:
     """A few concurrent clients, each request with a fresh token; every answer recorded."""
 
     browser: Browser
     answers: list[tuple[str, int]] = field(default_factory=list)
+    # Every refusal as (status, JSON error code or the body's first bytes when not JSON).
+    refusals: list[tuple[int, str]] = field(default_factory=list)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
     def served(self) -> set[str]:
@@ -95,9 +104,13 @@ class Traffic:
         while not self.stop.is_set():
             token = self.browser.token()
             try:
-                status = (await self.browser.post(CHAT, chat_body(), token)).status_code
+                answer = await self.browser.post(CHAT, chat_body(), token)
             except httpx.HTTPError:
                 status = 0
+            else:
+                status = answer.status_code
+                if status >= 300:
+                    self.refusals.append((status, _error_code(answer)))
             self.answers.append((token.claims.jti, status))
             await asyncio.sleep(0.01)
 
@@ -207,4 +220,8 @@ async def test_valkey_killed_under_traffic_loses_no_usage_event(
     mark = len(traffic.answers)
     await traffic.until(30, since=mark)
     assert any(status == 503 for status in refused), f"Redis away, yet: {refused}"
+    # Away and back again: every refusal a 503 with a JSON code, never a 500 (LOADING and
+    # the other server-side refusals: tests/shared/test_ratelimit_outages.py).
+    assert {status for status, _ in traffic.refusals} == {503}, traffic.refusals
+    assert {code for _, code in traffic.refusals} <= {"security_unavailable"}, traffic.refusals
     await _assert_every_served_request_has_one_event(system, traffic)
